@@ -1,0 +1,51 @@
+"""Engine settings. Names follow vLLM's engine arguments where the meaning is the same."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # a local HF model directory or a preset name; None = the embedded tiny model
+    tokenizer: str | None = None  # defaults to the model directory
+    skip_tokenizer_init: bool = False  # prompts must then be token ids, and outputs carry no text
+    dtype: str = "auto"  # "auto" = the checkpoint's dtype; float32 | float16 | bfloat16
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    load_format: str = "auto"  # "auto" = safetensors from the model directory; "dummy" = seeded random
+    seed: int = 0
+    # Memory: the arena (decoder-layer parameters + KV blocks) is sized from the first of these set.
+    num_kv_blocks: int | None = None  # exact KV block count (tests, experiments)
+    memory_budget_bytes: int | None = None  # absolute budget for all of this engine's device memory
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory, as in vLLM
+    cpu_kv_cache_bytes: int = GiB  # KV bytes on CPU when no budget is given (as VLLM_CPU_KVCACHE_SPACE)
+    block_size: int = 16  # tokens per KV block
+    # Scheduling.
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: expected 'auto' or 'dummy', got {self.load_format!r}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

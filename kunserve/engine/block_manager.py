@@ -1,0 +1,83 @@
+"""KV block accounting: which blocks are free, and each sequence's block table.
+
+Control-plane only: block ids, never tensors. The pool can grow and shrink at run time,
+when a layer's parameter bytes are released to KV and reclaimed (kunserve/layout.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from kunserve.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, block_size: int, block_ids: Iterable[int]) -> None:
+        self.block_size = block_size
+        self._pool: set[int] = set()  # every block the KV cache may use now
+        self._free: set[int] = set()
+        # Max-heap (negated ids) of free blocks: the highest ids go first, so the blocks of
+        # released layers (the lowest ids) stay free longest and can be reclaimed sooner.
+        self._heap: list[int] = []
+        self.add_blocks(block_ids)
+
+    @property
+    def num_total_blocks(self) -> int:
+        return len(self._pool)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool in use, as vLLM's kv_cache_usage_perc reports it."""
+        return 1.0 - self.num_free_blocks / self.num_total_blocks if self._pool else 0.0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks `seq` still needs for its first `num_tokens` tokens to have KV slots."""
+        return max(0, self.blocks_for(num_tokens) - len(seq.block_ids))
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.num_missing_blocks(seq, num_tokens) <= len(self._free)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        missing = self.num_missing_blocks(seq, num_tokens)
+        if missing > len(self._free):
+            raise RuntimeError(f"{seq.request_id}: needs {missing} blocks, {len(self._free)} free")
+        for _ in range(missing):
+            block = -heapq.heappop(self._heap)
+            self._free.remove(block)
+            seq.block_ids.append(block)
+
+    def free(self, seq: Sequence) -> None:
+        for block in seq.block_ids:
+            self._free.add(block)
+            heapq.heappush(self._heap, -block)
+        seq.block_ids = []
+
+    def add_blocks(self, block_ids: Iterable[int]) -> None:
+        new = set(block_ids)
+        if new & self._pool:
+            raise ValueError(f"blocks {sorted(new & self._pool)[:8]} are already in the KV pool")
+        self._pool |= new
+        self._free |= new
+        for block in new:
+            heapq.heappush(self._heap, -block)
+
+    def remove_blocks(self, block_ids: Iterable[int]) -> None:
+        """Take blocks out of the pool; refused unless every one of them is free."""
+        ids = set(block_ids)
+        if not ids <= self._pool:
+            raise ValueError(f"blocks {sorted(ids - self._pool)[:8]} are not in the KV pool")
+        in_use = ids - self._free
+        if in_use:
+            raise RuntimeError(f"cannot remove {len(in_use)} blocks still in use, e.g. {sorted(in_use)[:8]}")
+        self._pool -= ids
+        self._free -= ids
+        self._heap = [-b for b in self._free]
+        heapq.heapify(self._heap)

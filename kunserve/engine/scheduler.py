@@ -1,0 +1,112 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step: running sequences first, in admission order (one token for a decode, the next
+chunk for an unfinished prefill), then waiting sequences in FCFS order while the budget,
+`max_num_seqs` and free blocks allow. When a running sequence cannot get a block, the most
+recently admitted running sequence is preempted (its blocks freed, recomputed later). The
+oldest running sequence is therefore never preempted by a younger one and, since no
+admitted sequence needs more blocks than the pool holds, always makes progress: no livelock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kunserve.engine.block_manager import BlockManager
+from kunserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]]  # (sequence, tokens to compute); decodes first
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it preempted itself: nothing after it is left either
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+
+        # Admit nothing in a step that had to preempt: the freed blocks go to the survivors.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+
+        scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
+        return SchedulerOutput(scheduled, preempted)
+
+    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
+        """Advance the scheduled sequences; append the sampled tokens (one per sequence that
+        reached its end this step, in step order). Returns those sequences."""
+        advanced: list[Sequence] = []
+        tokens = iter(sampled)
+        for seq, n in output.scheduled:
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == len(seq):
+                seq.token_ids.append(next(tokens))
+                advanced.append(seq)
+        return advanced
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.metrics.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

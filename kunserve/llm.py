@@ -1,0 +1,76 @@
+"""Offline batch generation with vLLM's interface: `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm import tqdm
+
+from kunserve.config import EngineConfig
+from kunserve.engine.llm_engine import LLMEngine, PromptInput
+from kunserve.outputs import RequestOutput
+from kunserve.sampling_params import SamplingParams
+
+# What `generate` accepts as prompts: one prompt or a list of them; a prompt is text, a list
+# of token ids, or vLLM's dict forms {"prompt": str} / {"prompt_token_ids": list[int]}.
+Prompts = str | list[int] | dict[str, Any] | Seq[str | list[int] | dict[str, Any]]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer, or None
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompts,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order. Bad input raises
+        ValueError before any request is queued."""
+        prompt_list = _normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompt_list) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        )
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompt_list)} prompts")
+        engine = self.engine
+        for prompt in prompt_list:
+            engine._validate_prompt(engine.tokenize(prompt))
+        ids = [str(next(self._ids)) for _ in prompt_list]
+        for rid, prompt, params in zip(ids, prompt_list, params_list):
+            engine.add_request(rid, prompt, params)
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    results[out.request_id] = out
+                    bar.update(1)
+        return [results[rid] for rid in ids]
+
+
+def _normalize_prompts(prompts: Prompts) -> list[PromptInput]:
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    out: list[PromptInput] = []
+    for p in prompts:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                out.append(list(p["prompt_token_ids"]))
+            elif "prompt" in p:
+                out.append(str(p["prompt"]))
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(p, str):
+            out.append(p)
+        else:
+            out.append(list(p))
+    return out

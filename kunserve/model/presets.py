@@ -1,0 +1,48 @@
+"""Model names a user may give instead of a directory.
+
+* `tiny-llama`, `tiny-qwen2`, `tiny-mistral`: the embedded default models, generated locally
+  on first use (kunserve/model/tiny.py). Nothing is downloaded.
+* Real architectures as bare configs (`llama-3-8b`, `qwen2.5-32b`, ...): for speed runs with
+  `load_format="dummy"`; they carry no weights and no tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kunserve.model.spec import ModelSpec
+from kunserve.model.tiny import TINY_ARCHS, default_model_dir
+
+DEFAULT_MODEL = "tiny-llama"
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    spec: ModelSpec
+    weights_dir: Path | None  # None: a bare config, dummy weights only
+    tokenizer_dir: Path | None
+
+
+def config_presets() -> list[str]:
+    return sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
+
+
+def resolve_model(name: str | None) -> ResolvedModel:
+    name = name or DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if path.is_dir():
+        has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
+        return ResolvedModel(name, ModelSpec.from_dir(path), path, path if has_tokenizer else None)
+    if name.startswith("tiny-") and name[len("tiny-") :] in TINY_ARCHS:
+        model_dir = default_model_dir(name[len("tiny-") :])
+        return ResolvedModel(name, ModelSpec.from_dir(model_dir), model_dir, model_dir)
+    config = _CONFIG_DIR / f"{name}.json"
+    if config.is_file():
+        return ResolvedModel(name, ModelSpec.from_dict(json.loads(config.read_text())), None, None)
+    known = [f"tiny-{a}" for a in TINY_ARCHS] + config_presets()
+    raise ValueError(f"model: {name!r} is neither a model directory nor a preset; presets: {known}")

@@ -1,0 +1,108 @@
+"""One device: its memory arena, the layers it holds, and the runner of its steps."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from kunserve.config import EngineConfig
+from kunserve.kernels.attention import TorchAttentionBackend
+from kunserve.layout import ArenaLayout, layer_param_slices
+from kunserve.model.decoder import DecoderStage
+from kunserve.model.rotary import cos_sin_cache
+from kunserve.model.spec import ModelSpec
+from kunserve.model.weights import WeightSource
+from kunserve.step import StepInput
+from kunserve.worker.arena import MemoryArena
+from kunserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# Scratch memory a step may take beyond the arena, per batched token: the widest
+# activations of one layer (residual, normed input, qkv, attention output, gate_up, the
+# SiLU product) with room for the allocator's rounding.
+ACTIVATION_SAFETY_FACTOR = 2
+# Logits are float32 and the sampler holds a few vocab-wide copies of them per sampled row.
+SAMPLER_LOGIT_COPIES = 4
+
+
+class Worker:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: WeightSource,
+        config: EngineConfig,
+        layer_range: tuple[int, int],
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        torch.manual_seed(config.seed)
+        self.spec = spec
+        self.weights = weights
+        self.device = device
+        self.start, self.end = layer_range
+        num_layers = self.end - self.start
+        elem_bytes = torch.finfo(dtype).bits // 8
+        if config.num_kv_blocks is not None:
+            layout = ArenaLayout.for_kv_blocks(spec, num_layers, config.block_size, elem_bytes, config.num_kv_blocks)
+        else:
+            arena_bytes = self._arena_bytes(config, num_layers, elem_bytes)
+            layout = ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes)
+        self.arena = MemoryArena(layout, dtype, device)
+        for k, layer_weights in enumerate(self.arena.layers):
+            weights.load_layer(self.start + k, layer_weights)
+        stage = weights.load_stage(self.start == 0, self.end == spec.num_layers, dtype, device)
+        logger.info(
+            "arena: %.2f GiB on %s, %d layers of %.1f MiB, %d KV blocks of %.2f MiB (%d tokens)",
+            layout.total_elems * elem_bytes / 2**30, device, num_layers, layout.layer_bytes / 2**20,
+            layout.num_initial_kv_blocks, layout.block_bytes / 2**20, layout.num_initial_kv_blocks * layout.block_size,
+        )
+        self.model = DecoderStage(
+            spec,
+            self.start,
+            self.end,
+            self.arena.layers,
+            stage,
+            [self.arena.kv_layer(k) for k in range(num_layers)],
+            cos_sin_cache(spec.rope, spec.head_dim, max_model_len, device),
+            TorchAttentionBackend(config.block_size),
+        )
+        self.runner = ModelRunner(self.model, device)
+
+    @property
+    def layout(self) -> ArenaLayout:
+        return self.arena.layout
+
+    def execute(self, step: StepInput) -> np.ndarray:
+        if self.arena.released:
+            raise RuntimeError(f"layers {sorted(self.arena.released)} are released; this stage cannot run")
+        return self.runner.execute(step)
+
+    def release_layer(self, layer: int) -> range:
+        """Drop the weights of local layer `layer`; returns the block ids its bytes provide."""
+        return self.arena.release(layer)
+
+    def reclaim_layer(self, layer: int) -> None:
+        """Take local layer `layer`'s slot back and refill its weights."""
+        self.weights.load_layer(self.start + layer, self.arena.reclaim(layer))
+
+    def _arena_bytes(self, config: EngineConfig, num_layers: int, elem_bytes: int) -> int:
+        spec = self.spec
+        _, layer_elems = layer_param_slices(spec, elem_bytes)
+        if config.memory_budget_bytes is None and self.device.type != "cuda":
+            return num_layers * layer_elems * elem_bytes + config.cpu_kv_cache_bytes
+        if config.memory_budget_bytes is not None:
+            budget = config.memory_budget_bytes
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * config.gpu_memory_utilization) - (total - free)
+        first, last = self.start == 0, self.end == spec.num_layers
+        vocab_rows = (first + (last and not (first and spec.tie_word_embeddings))) * spec.vocab_size
+        stage_bytes = (vocab_rows + last) * spec.hidden_size * elem_bytes
+        widest = 3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size
+        activations = ACTIVATION_SAFETY_FACTOR * config.max_num_batched_tokens * widest * elem_bytes
+        logits = SAMPLER_LOGIT_COPIES * config.max_num_seqs * spec.vocab_size * 4
+        return budget - stage_bytes - activations - logits
