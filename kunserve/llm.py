@@ -43,11 +43,10 @@ class LLM:
         if len(params_list) != len(prompt_list):
             raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompt_list)} prompts")
         engine = self.engine
-        for prompt in prompt_list:
-            engine._validate_prompt(engine.tokenize(prompt))
         ids = [str(next(self._ids)) for _ in prompt_list]
-        for rid, prompt, params in zip(ids, prompt_list, params_list):
-            engine.add_request(rid, prompt, params)
+        seqs = [engine.make_sequence(rid, p, params) for rid, p, params in zip(ids, prompt_list, params_list)]
+        for seq in seqs:
+            engine.add_sequence(seq)
         results: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while engine.has_unfinished_requests():

@@ -40,9 +40,10 @@ class LLMEngine:
         self.block_manager = BlockManager(config.block_size, layout.initial_kv_blocks())
         capacity = self.block_manager.num_total_blocks * config.block_size
         if capacity < self.max_model_len:
-            raise ValueError(
-                f"max_model_len: {self.max_model_len} tokens do not fit the KV cache ({capacity} tokens); "
-                "lower max_model_len or give the engine more memory"
+            logger.warning(
+                "the KV cache holds %d tokens, less than max_model_len=%d: longer requests will be refused",
+                capacity,
+                self.max_model_len,
             )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._sequences: dict[str, Sequence] = {}
@@ -85,6 +86,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> None:
         """Validate and queue a request; raises ValueError naming the offending field."""
+        self.add_sequence(self.make_sequence(request_id, prompt, params))
+
+    def make_sequence(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> Sequence:
+        """A validated, not yet queued request (so a batch can be checked whole first)."""
         if request_id in self._sequences:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
@@ -103,9 +108,13 @@ class LLMEngine:
                 f"max_tokens: the request may grow to {kv_tokens} tokens, more than the KV cache holds "
                 f"({self.block_manager.num_total_blocks * self.config.block_size})"
             )
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        params = seq.sampling_params
         if self.tokenizer is not None and params.stop:
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        self._sequences[request_id] = seq
+            self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        self._sequences[seq.request_id] = seq
         self.scheduler.add(seq)
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
@@ -179,10 +188,17 @@ class LLMEngine:
         self._finished_ids.append(seq.request_id)
         detok = self._detokenizers.pop(seq.request_id, None)
         output_ids = seq.output_token_ids
+        # As in vLLM, the text leaves out the token that stopped the request (eos or one of
+        # stop_token_ids) unless include_stop_str_in_output, with or without stop strings.
+        stopped_on_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+        keep_stop = seq.sampling_params.include_stop_str_in_output
         if detok is not None:
+            if stopped_on_token and keep_stop:
+                detok.step(output_ids[-1])  # _check_stop did not feed it
             text = detok.text
         elif self.tokenizer is not None:
-            text = self.tokenizer.decode(output_ids, skip_special_tokens=seq.sampling_params.skip_special_tokens)
+            text_ids = output_ids[:-1] if stopped_on_token and not keep_stop else output_ids
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=seq.sampling_params.skip_special_tokens)
         else:
             text = ""
         completion = CompletionOutput(0, text, output_ids, seq.finish_reason, seq.stop_reason)
