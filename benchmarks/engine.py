@@ -1,0 +1,231 @@
+"""Engine speed on one GPU against the hardware floor, in one run.
+
+Dummy Llama-3-8B weights in bf16 (`load_format="dummy"`), measured together with the
+device's copy bandwidth and bf16 GEMM rate so every ratio uses this run's ceilings:
+
+  (a) decode step time at batch 1, 32, 128, 256 with 1k-token contexts, against the HBM
+      floor = (weight bytes + KV bytes read) / measured copy bandwidth;
+  (b) prefill throughput of 4k-token prompts against the measured GEMM rate;
+  (c) end-to-end offline throughput: 256 requests, input and output lengths uniform in
+      100..1024, ignore_eos;
+  (d) with --peer: workload (c) through transformers' continuous batching (generate_batch).
+
+    python benchmarks/engine.py --out $OUT/engine.json [--peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kunserve import LLM, SamplingParams
+
+DECODE_BATCHES = (1, 32, 128, 256)
+DECODE_CONTEXT = 1024
+DECODE_STEPS = 30
+PREFILL_LEN = 4096
+E2E_REQUESTS = 256
+E2E_MIN_LEN, E2E_MAX_LEN = 100, 1024
+
+
+def timed_cuda(fn, repeats: int) -> float:
+    """Median seconds of `fn` over `repeats` calls after a warm-up, timed with CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes moved (read + written) per second by a large device-to-device copy."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / timed_cuda(lambda: dst.copy_(src), 10)
+
+
+def gemm_rate() -> float:
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    return 2 * n**3 / timed_cuda(lambda: a @ b, 10)
+
+
+def weight_bytes(llm: LLM) -> int:
+    """Bytes a decode step reads of the weights: every layer, the final norm and LM head
+    (the embedding is gathered, a few rows per step)."""
+    worker = llm.engine.executor.worker
+    layers = worker.layout.layer_bytes * worker.layout.num_layers
+    stage = worker.model.stage
+    return layers + sum(t.numel() * t.element_size() for t in (stage.final_norm, stage.lm_head))
+
+
+def kv_bytes_per_token(llm: LLM) -> int:
+    layout = llm.engine.executor.worker.layout
+    return layout.block_bytes // layout.block_size
+
+
+def run_steps_until_decoding(llm: LLM) -> None:
+    engine = llm.engine
+    while any(s.num_computed_tokens < len(s) - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+
+
+def bench_decode(llm: LLM, bw: float) -> list[dict]:
+    engine = llm.engine
+    vocab = engine.spec.vocab_size
+    rows = []
+    for batch in DECODE_BATCHES:
+        params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 8, ignore_eos=True)
+        rng = np.random.default_rng(batch)
+        for i in range(batch):
+            engine.add_request(f"d{batch}-{i}", rng.integers(0, vocab, DECODE_CONTEXT).tolist(), params)
+        run_steps_until_decoding(llm)
+        engine.step()  # warm-up decode
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            engine.step()
+        step_s = (time.perf_counter() - start) / DECODE_STEPS
+        for i in range(batch):
+            engine.abort_request(f"d{batch}-{i}")
+        context = DECODE_CONTEXT + DECODE_STEPS // 2
+        floor_bytes = weight_bytes(llm) + batch * context * kv_bytes_per_token(llm)
+        floor_s = floor_bytes / bw
+        rows.append(dict(batch=batch, step_ms=step_s * 1e3, floor_ms=floor_s * 1e3, ratio=step_s / floor_s))
+    return rows
+
+
+def bench_prefill(llm: LLM, gemm: float) -> dict:
+    engine = llm.engine
+    spec = engine.spec
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(4):
+        engine.add_request(f"p{i}", rng.integers(0, spec.vocab_size, PREFILL_LEN).tolist(), params)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    worker = engine.executor.worker
+    linear_params = worker.layout.layer_elems * spec.num_layers
+    attn_flops = 2 * 2 * spec.num_layers * spec.q_size * PREFILL_LEN * PREFILL_LEN / 2  # causal QK^T and PV
+    flops = 2 * linear_params * PREFILL_LEN + attn_flops + 2 * spec.vocab_size * spec.hidden_size
+    return dict(tokens=PREFILL_LEN, seconds=seconds, tok_per_s=PREFILL_LEN / seconds,
+                tflops=flops / seconds / 1e12, ratio_to_gemm=flops / seconds / gemm)
+
+
+def e2e_workload(vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = np.random.default_rng(2026)
+    in_lens = rng.integers(E2E_MIN_LEN, E2E_MAX_LEN + 1, E2E_REQUESTS)
+    out_lens = rng.integers(E2E_MIN_LEN, E2E_MAX_LEN + 1, E2E_REQUESTS)
+    prompts = [rng.integers(0, vocab, n).tolist() for n in in_lens]
+    return prompts, out_lens.tolist()
+
+
+def bench_e2e(llm: LLM) -> dict:
+    prompts, out_lens = e2e_workload(llm.engine.spec.vocab_size)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert generated == sum(out_lens)
+    return dict(requests=len(prompts), output_tokens=generated, seconds=seconds, output_tok_per_s=generated / seconds,
+                total_tok_per_s=(generated + sum(map(len, prompts))) / seconds)
+
+
+def bench_transformers_peer(model_name: str) -> dict:
+    """Workload (c) through transformers' continuous batching on the same GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from kunserve.model.presets import _CONFIG_DIR
+
+    config = AutoConfig.from_pretrained(_CONFIG_DIR / f"{model_name}.json")
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
+    model.eval()
+    prompts, out_lens = e2e_workload(config.vocab_size)
+    # generate_batch takes one generation config for the batch: the mean output length
+    # keeps the total output tokens of the workload.
+    gen = GenerationConfig(max_new_tokens=int(np.mean(out_lens)), do_sample=False, eos_token_id=-1, pad_token_id=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        results = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+    seconds = time.perf_counter() - start
+    generated = sum(len(r.generated_tokens) for r in results.values())
+    return dict(requests=len(prompts), output_tokens=generated, seconds=seconds, output_tok_per_s=generated / seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--parts", default="abc", help="which of a, b, c, d to run")
+    parser.add_argument("--out", default="results/engine.json")
+    args = parser.parse_args()
+
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "model": args.model,
+                    "torch": torch.__version__}
+    bw, gemm = copy_bandwidth(), gemm_rate()
+    report["copy_bandwidth_GBps"] = bw / 1e9
+    report["gemm_TFLOPs"] = gemm / 1e12
+    engine_args = dict(load_format="dummy", dtype="bfloat16", max_model_len=PREFILL_LEN + 64,
+                       max_num_batched_tokens=PREFILL_LEN, max_num_seqs=256, attention_backend=args.attention_backend)
+    if args.enforce_eager:
+        engine_args["enforce_eager"] = True
+    llm = LLM(args.model, **engine_args)
+    if "a" in args.parts:
+        report["decode"] = bench_decode(llm, bw)
+    if "b" in args.parts:
+        report["prefill"] = bench_prefill(llm, gemm)
+    if "c" in args.parts:
+        report["e2e"] = bench_e2e(llm)
+    del llm
+    torch.cuda.empty_cache()
+    if "d" in args.parts:
+        report["transformers_peer"] = bench_transformers_peer(args.model)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+    print(f"\n{report['device']}, {args.model} bf16 dummy weights; copy {bw / 1e12:.2f} TB/s, GEMM {gemm / 1e12:.0f} TFLOP/s")
+    if "decode" in report:
+        print(f"{'decode batch':>12} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
+        for r in report["decode"]:
+            print(f"{r['batch']:>12} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['ratio']:>8.2f}")
+    if "prefill" in report:
+        p = report["prefill"]
+        print(f"prefill {p['tokens']} tokens: {p['seconds'] * 1e3:.1f} ms, {p['tok_per_s']:.0f} tok/s, "
+              f"{p['tflops']:.0f} TFLOP/s = {p['ratio_to_gemm']:.2f} of GEMM")
+    if "e2e" in report:
+        e = report["e2e"]
+        print(f"e2e {e['requests']} requests: {e['output_tok_per_s']:.0f} output tok/s ({e['seconds']:.1f} s)")
+    if "transformers_peer" in report:
+        t = report["transformers_peer"]
+        print(f"transformers generate_batch: {t['output_tok_per_s']:.0f} output tok/s ({t['seconds']:.1f} s)")
+        if "e2e" in report:
+            print(f"kunserve / transformers = {report['e2e']['output_tok_per_s'] / t['output_tok_per_s']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

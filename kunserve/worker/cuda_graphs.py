@@ -1,0 +1,82 @@
+"""Decode steps replayed from CUDA graphs, one graph per bucketed batch size.
+
+A decode step of a large model is hundreds of small kernel launches; replaying them as one
+graph removes the launch cost that otherwise dominates small batches. Inputs live in static
+device buffers (staged in pinned host memory, one copy each per step), a batch is padded up
+to the next captured size, and the padding rows write no KV. Sampling stays outside the
+graph. Without CUDA the same static-buffer path runs eagerly: that is its CPU twin in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kunserve.kernels.attention import DecodeGraphBuffers
+from kunserve.model.decoder import DecoderStage
+from kunserve.step import StepInput
+
+# Captured batch sizes: every size up to 8 that is a power of two, then multiples of this.
+GRAPH_BATCH_STRIDE = 16
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = {b for b in (1, 2, 4, 8) if b <= max_batch}
+    sizes.update(range(GRAPH_BATCH_STRIDE, max_batch + 1, GRAPH_BATCH_STRIDE))
+    sizes.add(max_batch)
+    return sorted(sizes)
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderStage, buffers: DecodeGraphBuffers, max_batch: int, max_blocks: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.buffers = buffers
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks
+        self.sizes = graph_batch_sizes(max_batch)
+        staging = torch.zeros((2, max_batch), dtype=torch.int64)
+        self._staging = staging.pin_memory() if device.type == "cuda" else staging
+        self._inputs = self._staging.to(device)  # row 0: token ids, row 1: positions
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._hidden: dict[int, torch.Tensor] = {}
+        if device.type == "cuda":
+            self._capture()
+
+    def can_run(self, step: StepInput) -> bool:
+        batch = step.batch
+        return (
+            batch.num_decodes == batch.num_seqs <= self.max_batch
+            and batch.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def run(self, step: StepInput) -> torch.Tensor:
+        """Hidden states [num_seqs, hidden] of a decode-only step."""
+        n = step.batch.num_seqs
+        size = next(s for s in self.sizes if s >= n)
+        host = self._staging.numpy()
+        host[0, :n] = step.token_ids
+        host[1, :n] = step.positions
+        host[:, n:] = 0
+        self._inputs.copy_(self._staging, non_blocking=True)
+        self.buffers.fill(step.batch)
+        graph = self._graphs.get(size)
+        if graph is None:
+            return self._forward(size)[:n]
+        graph.replay()
+        return self._hidden[size][:n]
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model.forward(self._inputs[0, :size], self._inputs[1, :size], self.buffers.metadata(size))
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
+            self._forward(size)  # compiles the kernels outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._hidden[size] = self._forward(size)
+            self._graphs[size] = graph
+        torch.cuda.synchronize()
+
