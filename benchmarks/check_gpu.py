@@ -54,6 +54,7 @@ def check_tiny_models(root: Path) -> list[dict]:
                 got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
                 same = sum(g == e for g, e in zip(got, expected))
                 rows.append(dict(model=name, backend=backend, chunk=chunk, identical=same, prompts=len(prompts)))
+                print(rows[-1], flush=True)
                 del llm
     return rows
 

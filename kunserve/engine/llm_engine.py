@@ -55,9 +55,8 @@ class LLMEngine:
             return None
         source = self.config.tokenizer or model.tokenizer_dir
         if source is None:
-            raise ValueError(
-                f"tokenizer: model {model.name!r} ships no tokenizer; pass tokenizer=DIR or skip_tokenizer_init=True"
-            )
+            logger.info("model %r ships no tokenizer: prompts must be token ids", model.name)
+            return None
         return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
 
     def _build_executor(self, model: ResolvedModel) -> Executor:
