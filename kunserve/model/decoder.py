@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kunserve.kernels.attention import AttentionBackend
+from kunserve.kernels.fused import add_rms_norm, rms_norm, rotary_qk, silu_mul
 from kunserve.layout import ParamSlice
-from kunserve.model.rotary import apply_rotary
 from kunserve.model.spec import ModelSpec
 
 
@@ -53,13 +53,6 @@ class StageWeights:
     lm_head: torch.Tensor | None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # In float32, then back, as the reference checkpoints were trained.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class DecoderStage:
     def __init__(
         self,
@@ -93,13 +86,11 @@ class DecoderStage:
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, attn_meta: object) -> torch.Tensor:
         """inputs: token ids [T] on the first stage, else hidden states [T, hidden]."""
         h = F.embedding(inputs, self.stage.embed) if self.is_first else inputs
-        half = self.spec.head_dim // 2
-        cos_sin = self.cos_sin[positions]
-        cos, sin = cos_sin[:, :half], cos_sin[:, half:]
+        residual = None
         for local, weights in enumerate(self.layers):
             window = self.spec.sliding_windows[self.start + local]
-            h = self._layer(h, weights, self.kv_layers[local], cos, sin, attn_meta, window)
-        return h
+            h, residual = self._layer(h, residual, weights, self.kv_layers[local], positions, attn_meta, window)
+        return h + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given rows of the last stage's output."""
@@ -109,23 +100,28 @@ class DecoderStage:
     def _layer(
         self,
         h: torch.Tensor,
+        residual: torch.Tensor | None,
         w: LayerWeights,
         kv_layer: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
         attn_meta: object,
         window: int | None,
-    ) -> torch.Tensor:
-        spec = self.spec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer on the residual stream. `h` is the previous layer's MLP output, added to
+        `residual` by the fused add + norm (the stage's input when `residual` is None); returns
+        this layer's MLP output and the residual stream before it is added."""
+        spec, eps = self.spec, self.spec.rms_norm_eps
         tokens = h.shape[0]
-        x = rms_norm(h, w.input_norm, spec.rms_norm_eps)
-        q, k, v = F.linear(x, w.qkv, w.qkv_bias).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-        q = apply_rotary(q.view(tokens, spec.num_heads, spec.head_dim), cos, sin)
-        k = apply_rotary(k.view(tokens, spec.num_kv_heads, spec.head_dim), cos, sin)
-        v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
+        if residual is None:
+            x, residual = rms_norm(h, w.input_norm, eps), h
+        else:
+            x, residual = add_rms_norm(h, residual, w.input_norm, eps)
+        heads = [spec.num_heads, spec.num_kv_heads, spec.num_kv_heads]
+        qkv = F.linear(x, w.qkv, w.qkv_bias).view(tokens, sum(heads), spec.head_dim)
+        q, k, v = qkv.split(heads, dim=1)
+        q, k = rotary_qk(q, k, self.cos_sin, positions)  # in place, inside qkv
         self.backend.write_kv(kv_layer, k, v, attn_meta)
         attn = self.backend.attend(q, kv_layer, attn_meta, window)
-        h = h + F.linear(attn.reshape(tokens, spec.q_size), w.o, w.o_bias)
-        x = rms_norm(h, w.post_attention_norm, spec.rms_norm_eps)
-        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, w.down)
+        o = F.linear(attn.reshape(tokens, spec.q_size), w.o, w.o_bias)
+        x, residual = add_rms_norm(o, residual, w.post_attention_norm, eps)
+        return F.linear(silu_mul(F.linear(x, w.gate_up)), w.down), residual
