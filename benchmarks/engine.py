@@ -88,23 +88,28 @@ def bench_decode(llm: LLM, bw: float) -> list[dict]:
     vocab = engine.spec.vocab_size
     rows = []
     for batch in DECODE_BATCHES:
-        params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 8, ignore_eos=True)
+        # Early requests decode while later ones still prefill: leave them room to keep going.
+        params = SamplingParams(temperature=0.0, max_tokens=DECODE_CONTEXT, ignore_eos=True)
         rng = np.random.default_rng(batch)
         for i in range(batch):
             engine.add_request(f"d{batch}-{i}", rng.integers(0, vocab, DECODE_CONTEXT).tolist(), params)
         run_steps_until_decoding(llm)
         engine.step()  # warm-up decode
+        running = engine.scheduler.running
+        assert len(running) == batch, f"{len(running)} of {batch} requests are running"
+        context_tokens = 0
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(DECODE_STEPS):
+            context_tokens += sum(len(s) for s in running)
             engine.step()
         step_s = (time.perf_counter() - start) / DECODE_STEPS
         for i in range(batch):
             engine.abort_request(f"d{batch}-{i}")
-        context = DECODE_CONTEXT + DECODE_STEPS // 2
-        floor_bytes = weight_bytes(llm) + batch * context * kv_bytes_per_token(llm)
+        floor_bytes = weight_bytes(llm) + context_tokens / DECODE_STEPS * kv_bytes_per_token(llm)
         floor_s = floor_bytes / bw
-        rows.append(dict(batch=batch, step_ms=step_s * 1e3, floor_ms=floor_s * 1e3, ratio=step_s / floor_s))
+        rows.append(dict(batch=batch, mean_context=context_tokens / DECODE_STEPS / batch, step_ms=step_s * 1e3,
+                         floor_ms=floor_s * 1e3, ratio=step_s / floor_s))
     return rows
 
 
@@ -210,9 +215,9 @@ def main() -> None:
 
     print(f"\n{report['device']}, {args.model} bf16 dummy weights; copy {bw / 1e12:.2f} TB/s, GEMM {gemm / 1e12:.0f} TFLOP/s")
     if "decode" in report:
-        print(f"{'decode batch':>12} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
+        print(f"{'decode batch':>12} {'context':>8} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
         for r in report["decode"]:
-            print(f"{r['batch']:>12} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['ratio']:>8.2f}")
+            print(f"{r['batch']:>12} {r['mean_context']:>8.0f} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['ratio']:>8.2f}")
     if "prefill" in report:
         p = report["prefill"]
         print(f"prefill {p['tokens']} tokens: {p['seconds'] * 1e3:.1f} ms, {p['tok_per_s']:.0f} tok/s, "
