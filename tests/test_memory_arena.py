@@ -100,3 +100,20 @@ def test_new_kv_prefers_kv_region_blocks_over_released_layer_blocks(llm: LLM) ->
     seq = Sequence("probe", [0], GREEDY, max_total_tokens=1)
     engine.block_manager.allocate(seq, 10 * engine.config.block_size)
     assert not released & set(seq.block_ids)
+
+
+def test_an_absolute_memory_budget_bounds_the_arena_and_the_stage_weights(llama_dir: Path) -> None:
+    budget = 4 << 20
+    llm = LLM(str(llama_dir), memory_budget_bytes=budget, max_model_len=256, max_num_batched_tokens=256,
+              max_num_seqs=8)
+    worker = llm.engine.executor.worker
+    arena_bytes = worker.arena.buffer.numel() * worker.arena.buffer.element_size()
+    stage = worker.model.stage
+    stage_bytes = sum(t.numel() * t.element_size() for t in (stage.embed, stage.final_norm, stage.lm_head))
+    assert arena_bytes + stage_bytes <= budget
+    assert llm.engine.block_manager.num_total_blocks == worker.layout.num_initial_kv_blocks > 0
+
+
+def test_a_budget_too_small_for_the_layers_is_refused(llama_dir: Path) -> None:
+    with pytest.raises(ValueError, match="memory budget"):
+        LLM(str(llama_dir), memory_budget_bytes=300_000, max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4)
