@@ -6,6 +6,7 @@ in-process worker, pickled to worker processes, or read by a simulator the same 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,32 +50,42 @@ def build_step_input(
     seqs = [s for s, _ in scheduled]
     query_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=len(scheduled))
     computed = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=len(seqs))
-    token_ids: list[int] = []
-    for seq, n in scheduled:
-        token_ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
+    token_ids = np.fromiter(
+        itertools.chain.from_iterable(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] for s, n in scheduled),
+        dtype=np.int64,
+        count=int(query_lens.sum()),
+    )
     num_tokens = len(token_ids)
     # Position of token j of sequence i = computed[i] + j.
     query_starts = np.cumsum(query_lens) - query_lens
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(computed - query_starts, query_lens)
-    max_blocks = max(len(s.block_ids) for s in seqs)
-    block_tables = np.zeros((len(seqs), max_blocks), dtype=np.int64)
-    for i, seq in enumerate(seqs):
-        block_tables[i, : len(seq.block_ids)] = seq.block_ids
+    num_blocks = np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+    block_tables = np.zeros((len(seqs), int(num_blocks.max())), dtype=np.int64)
+    # Row-major fill of each row's prefix, in one scatter instead of a row-by-row copy.
+    used = np.arange(block_tables.shape[1]) < num_blocks[:, None]
+    block_tables[used] = np.fromiter(
+        itertools.chain.from_iterable(s.block_ids for s in seqs), dtype=np.int64, count=int(num_blocks.sum())
+    )
     seq_of_token = np.repeat(np.arange(len(seqs)), query_lens)
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     context_lens = computed + query_lens
 
-    samples = [i for i, s in enumerate(seqs) if context_lens[i] == len(s.token_ids)]
-    params = [seqs[i].sampling_params for i in samples]
+    lengths = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+    samples = np.flatnonzero(context_lens == lengths)
+    rows = np.array([seqs[i].sampling_row for i in samples], dtype=np.float64).reshape(-1, 4)
     sampling = SamplingBatch(
-        temperature=np.array([p.temperature for p in params], dtype=np.float32),
-        top_p=np.array([p.top_p for p in params], dtype=np.float32),
-        top_k=np.array([max(p.top_k, 0) for p in params], dtype=np.int64),
-        min_p=np.array([p.min_p for p in params], dtype=np.float32),
-        seeded=[(row, seqs[i].request_id, p.seed) for row, (i, p) in enumerate(zip(samples, params)) if p.seed is not None],
+        temperature=rows[:, 0].astype(np.float32),
+        top_p=rows[:, 1].astype(np.float32),
+        top_k=rows[:, 2].astype(np.int64),
+        min_p=rows[:, 3].astype(np.float32),
+        seeded=[
+            (row, seqs[i].request_id, seqs[i].sampling_params.seed)
+            for row, i in enumerate(samples)
+            if seqs[i].sampling_params.seed is not None
+        ],
     )
     return StepInput(
-        token_ids=np.array(token_ids, dtype=np.int64),
+        token_ids=token_ids,
         positions=positions,
         batch=BatchLayout(
             query_lens=query_lens,
@@ -83,7 +94,7 @@ def build_step_input(
             slot_mapping=slot_mapping,
             num_decodes=int(np.count_nonzero(query_lens == 1)),
         ),
-        sample_rows=np.array(samples, dtype=np.int64),
+        sample_rows=samples,
         sampling=sampling,
         finished_request_ids=finished_request_ids,
     )

@@ -42,17 +42,17 @@ class BlockManager:
         """Blocks `seq` still needs for its first `num_tokens` tokens to have KV slots."""
         return max(0, self.blocks_for(num_tokens) - len(seq.block_ids))
 
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.num_missing_blocks(seq, num_tokens) <= len(self._free)
-
-    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow `seq`'s table to cover `num_tokens` tokens; False (and nothing taken) when too
+        few blocks are free."""
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > len(self._free):
-            raise RuntimeError(f"{seq.request_id}: needs {missing} blocks, {len(self._free)} free")
+            return False
         for _ in range(missing):
             block = -heapq.heappop(self._heap)
             self._free.remove(block)
             seq.block_ids.append(block)
+        return True
 
     def free(self, seq: Sequence) -> None:
         for block in seq.block_ids:

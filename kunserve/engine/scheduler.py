@@ -51,8 +51,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq) - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -60,7 +60,6 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it preempted itself: nothing after it is left either
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             scheduled.append((seq, n))
             budget -= n
             i += 1
@@ -68,11 +67,10 @@ class Scheduler:
         # Admit nothing in a step that had to preempt: the freed blocks go to the survivors.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(len(seq) - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, n))
@@ -88,7 +86,7 @@ class Scheduler:
         tokens = iter(sampled)
         for seq, n in output.scheduled:
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq):
+            if seq.num_computed_tokens == len(seq.token_ids):
                 seq.token_ids.append(next(tokens))
                 advanced.append(seq)
         return advanced

@@ -29,6 +29,9 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
+        # This request's row of a step's sampling arrays (top_k 0 = no cut), built once.
+        p = sampling_params
+        self.sampling_row = (p.temperature, p.top_p, max(p.top_k, 0), p.min_p)
         # Prompt plus output never exceeds this (max_tokens and max_model_len folded in).
         self.max_total_tokens = max_total_tokens
         self.num_computed_tokens = 0  # tokens whose KV is in this sequence's blocks

@@ -18,9 +18,6 @@ only where float32 summation order or a transcendental's last bit differs:
 `BACKEND` picks the implementation: "auto" (Triton on CUDA tensors, torch elsewhere), "torch" or
 "triton". "triton" on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set before triton
 is imported): that is how the tests run the kernels without a GPU.
-
-Triton kernels call no @jit helper of triton.language (tl.sum, tl.sigmoid): see the note in
-kunserve/kernels/triton_attention.py; reductions go through tl.reduce with triton's combine function.
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ except ImportError:  # CPU-only installs: the torch versions only
 BACKEND = "auto"
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_sum_combine = None if tl is None else tl.standard._sum_combine
 
 
 def _jit(fn):  # type: ignore[no-untyped-def]
@@ -224,7 +220,7 @@ def _add_rms_norm_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(new_res_ptr + row * stride_nr + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    mean_sq = tl.reduce(xf * xf, 0, _sum_combine) / N
+    mean_sq = tl.sum(xf * xf, 0) / N
     normed = (xf * tl.rsqrt(mean_sq + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     # Products of two 16-bit floats are exact in float32: one rounding, as torch's.

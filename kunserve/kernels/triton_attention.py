@@ -40,14 +40,6 @@ _LOG2E = 1.0 / math.log(2.0)
 # Running max before any key is seen: finite, so exp2(m_old - m_new) never computes inf - inf.
 _NEG_BIG = tl.constexpr(-1.0e30)
 
-# The kernels call no @jit helper of triton.language (tl.max, tl.sum, tl.cdiv, tl.zeros): those
-# are created when triton is imported, and if that happened before TRITON_INTERPRET=1 was set
-# (torch._dynamo imports triton, for one), the interpreter cannot call them. Reductions go through
-# the builtin tl.reduce with triton's own combine functions, which is what tl.max / tl.sum do
-# when compiled and what the interpreter maps to numpy.
-_max_combine = tl.standard._elementwise_max
-_sum_combine = tl.standard._sum_combine
-
 
 def _patch_interpreter_scalar_index() -> None:
     """Triton <= 3.6's interpreter turns a scalar into a Python int with `int(array)`, which
@@ -117,21 +109,6 @@ def _write_kv_kernel(
 
 
 @triton.jit
-def _max(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _max_combine)
-
-
-@triton.jit
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _sum_combine)
-
-
-@triton.jit
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-@triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with float32 accumulation."""
     if UPCAST:
@@ -185,10 +162,10 @@ def _attend_keys(
             if USE_WINDOW:
                 visible = visible & (n[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, _max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + _sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(kv_ptr + stride_ckv + kv_off, mask=n_ok[:, None], other=0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
@@ -240,7 +217,7 @@ def _decode_kernel(
     lo = ctx * 0
     if USE_WINDOW:
         lo = tl.maximum(ctx - window, 0)
-    per_split = _cdiv(_cdiv(ctx - lo, SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(ctx - lo, SPLITS), BLOCK_N) * BLOCK_N
     key_start = lo + split * per_split
     key_end = tl.minimum(key_start + per_split, ctx)
 
@@ -301,8 +278,8 @@ def _decode_reduce_kernel(
     l = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     # Splits that saw no key hold m = _NEG_BIG and l = 0: their weight is exp2(-huge) = 0.
-    w = tl.math.exp2(m - _max(m, 0))
-    out = _sum(acc * w[:, None], 0) / _sum(l * w, 0)
+    w = tl.math.exp2(m - tl.max(m, 0))
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d * stride_od, out.to(out_ptr.dtype.element_ty))
 
 
@@ -342,7 +319,7 @@ def _prefill_kernel(
     seq = first_seq + tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    num_tiles = _cdiv(q_len * GROUP, BLOCK_M)
+    num_tiles = tl.cdiv(q_len * GROUP, BLOCK_M)
     if tl.program_id(0) >= num_tiles:
         return
     # Last tiles first: they see the most keys, so the long programs start early.
