@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import MODEL_VARIANTS, build_model_dir, make_prompts  # noqa: E402
+from conftest import MODEL_VARIANTS, build_model_dir, make_prompts
 
-from kunserve import LLM, SamplingParams  # noqa: E402
+from kunserve import LLM, SamplingParams
 
 NEW_TOKENS = 32
 

@@ -6,5 +6,5 @@ from kunserve.llm import LLM
 from kunserve.outputs import CompletionOutput, RequestOutput
 from kunserve.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

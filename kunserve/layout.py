@@ -74,7 +74,7 @@ class ArenaLayout:
     @classmethod
     def build(
         cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, arena_bytes: int
-    ) -> "ArenaLayout":
+    ) -> ArenaLayout:
         params, layer_elems = layer_param_slices(spec, elem_bytes)
         layout = cls(
             num_layers=num_layers,
@@ -97,7 +97,7 @@ class ArenaLayout:
     @classmethod
     def for_kv_blocks(
         cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, num_kv_blocks: int
-    ) -> "ArenaLayout":
+    ) -> ArenaLayout:
         """The smallest arena holding the layers plus exactly `num_kv_blocks` KV blocks."""
         block_elems = cls.kv_block_elems(spec, num_layers, block_size)
         _, layer_elems = layer_param_slices(spec, elem_bytes)

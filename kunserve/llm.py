@@ -7,6 +7,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from kunserve.config import EngineConfig
 from kunserve.engine.llm_engine import LLMEngine, PromptInput
@@ -23,7 +24,7 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
 
-    def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer, or None
+    def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.engine.tokenizer
 
     def generate(

@@ -15,9 +15,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
-from kunserve.model.tiny import make_tiny_model  # noqa: E402
+from kunserve.model.tiny import make_tiny_model
 
 NUM_NEW_TOKENS = 32
 PROMPT_LENGTHS = (1, 5, 17, 40, 100, 200, 300, 64)

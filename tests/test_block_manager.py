@@ -58,9 +58,9 @@ def test_allocation_beyond_the_free_blocks_is_refused() -> None:
 
 def test_added_blocks_are_allocatable_and_removed_ones_are_not() -> None:
     manager = BlockManager(BLOCK, range(10, 12))
-    manager.add_blocks(range(0, 3))
+    manager.add_blocks(range(3))
     assert manager.num_total_blocks == 5
-    manager.remove_blocks(range(0, 3))
+    manager.remove_blocks(range(3))
     seq = _seq()
     manager.allocate(seq, 8)
     assert sorted(seq.block_ids) == [10, 11]

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import make_prompts
+
 from kunserve import LLM, SamplingParams
 from kunserve.worker.cuda_graphs import graph_batch_sizes
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import MODEL_VARIANTS, NUM_NEW_TOKENS, build_model_dir, make_prompts, reference_greedy
+
 from kunserve import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_prompts
+
 from kunserve import LLM, SamplingParams
 from kunserve.engine.sequence import Sequence
 

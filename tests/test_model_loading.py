@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from conftest import make_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_prompts
 from kunserve import LLM, SamplingParams
 from kunserve.model.presets import config_presets, resolve_model
 

@@ -52,7 +52,7 @@ class AttentionBackend(ABC):
 
     def decode_graph_buffers(
         self, max_batch: int, max_blocks: int, max_context: int, device: torch.device
-    ) -> "DecodeGraphBuffers | None":
+    ) -> DecodeGraphBuffers | None:
         """Static metadata buffers for decode steps replayed from CUDA graphs; None when this
         backend cannot run inside a graph."""
         return None

@@ -31,7 +31,7 @@ class LayerWeights:
     down: torch.Tensor
 
     @classmethod
-    def view(cls, slot: torch.Tensor, params: dict[str, ParamSlice]) -> "LayerWeights":
+    def view(cls, slot: torch.Tensor, params: dict[str, ParamSlice]) -> LayerWeights:
         """Views of one layer's parameters inside its arena slot (no copy)."""
 
         def param(name: str) -> torch.Tensor | None:

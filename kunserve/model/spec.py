@@ -78,14 +78,14 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelSpec":
+    def from_dir(cls, model_dir: str | Path) -> ModelSpec:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"model: {str(model_dir)!r} is not a model directory (no config.json)")
         return cls.from_dict(json.loads(path.read_text()), _read_generation_eos(Path(model_dir)))
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], extra_eos: tuple[int, ...] = ()) -> "ModelSpec":
+    def from_dict(cls, cfg: dict[str, Any], extra_eos: tuple[int, ...] = ()) -> ModelSpec:
         archs = cfg.get("architectures") or []
         family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if family is None:
