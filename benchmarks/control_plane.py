@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kunserve import LLM, SamplingParams
+from kunserve.sampling_params import RequestOutputKind
 from kunserve.layout import ArenaLayout
 from kunserve.step import StepInput
 
@@ -39,7 +40,7 @@ def time_batch(batch: int) -> float:
               max_num_batched_tokens=8192)
     engine = llm.engine
     engine.executor = InstantExecutor(engine.executor.layout)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     rng = np.random.default_rng(0)
     for i in range(batch):
         engine.add_request(str(i), rng.integers(0, engine.spec.vocab_size, CONTEXT).tolist(), params)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kunserve import LLM, SamplingParams
+from kunserve.sampling_params import RequestOutputKind
 
 DECODE_BATCHES = (1, 32, 128, 256)
 DECODE_CONTEXT = 1024
@@ -89,7 +90,9 @@ def bench_decode(llm: LLM, bw: float) -> list[dict]:
     rows = []
     for batch in DECODE_BATCHES:
         # Early requests decode while later ones still prefill: leave them room to keep going.
-        params = SamplingParams(temperature=0.0, max_tokens=DECODE_CONTEXT, ignore_eos=True)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=DECODE_CONTEXT, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY
+        )
         rng = np.random.default_rng(batch)
         for i in range(batch):
             engine.add_request(f"d{batch}-{i}", rng.integers(0, vocab, DECODE_CONTEXT).tolist(), params)
@@ -116,7 +119,7 @@ def bench_decode(llm: LLM, bw: float) -> list[dict]:
 def bench_prefill(llm: LLM, gemm: float) -> dict:
     engine = llm.engine
     spec = engine.spec
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     rng = np.random.default_rng(0)
     times = []
     for i in range(4):

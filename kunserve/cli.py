@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
+import typing
 
+from kunserve.bench.run import add_bench_arguments, run_bench
+from kunserve.config import EngineConfig
 from kunserve.model.tiny import TINY_ARCHS, make_tiny_model
 
 
@@ -14,19 +18,33 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a tiny random {args.arch} model to {path}")
 
 
+def _add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model",)) -> None:
+    """One flag per EngineConfig field (`max_num_seqs` -> `--max-num-seqs`); see kunserve/config.py."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+        parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+
+
+def _engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**{**values, **overrides})
+
+
 def _generate(args: argparse.Namespace) -> None:
     from kunserve import LLM, SamplingParams
 
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        skip_tokenizer_init=args.input_len is not None,
-    )
-    if args.input_len is not None:
+    synthetic = args.input_len is not None
+    config = _engine_config(args, skip_tokenizer_init=args.skip_tokenizer_init or synthetic)
+    llm = LLM(**dataclasses.asdict(config))
+    if synthetic:
         # Synthetic load: fixed-length token-id prompts, outputs forced to full length.
         vocab = llm.engine.spec.vocab_size
         prompts = [[(7 * i + 13 * j) % vocab for j in range(args.input_len)] for i in range(args.num_prompts)]
@@ -38,10 +56,29 @@ def _generate(args: argparse.Namespace) -> None:
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if args.input_len is None:
+    if not synthetic:
         for out in outputs:
             print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
     print(f"{len(outputs)} requests, {generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} output tok/s")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from kunserve.server.api_server import ServerConfig, run_server
+
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_names=args.served_model_name or [],
+        max_waiting_requests=args.max_waiting_requests,
+        retry_after_s=args.retry_after_s,
+        log_level=args.log_level.lower(),
+    )
+    run_server(_engine_config(args), server)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    run_bench(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,15 +100,25 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
     gen.add_argument("--num-prompts", type=int, default=64, help="with --input-len: synthetic prompt count")
     gen.add_argument("--input-len", type=int, default=None, help="synthetic token-id prompts of this length")
+    _add_engine_args(gen)
     gen.set_defaults(run=_generate)
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible server (default: the embedded tiny model)")
+    serve.add_argument("model", nargs="?", default=None, help="model directory or preset (default: tiny-llama)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/*")
+    serve.add_argument("--served-model-name", nargs="+", default=None, help="names clients use (default: MODEL)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None, help="beyond it: 503 + Retry-After")
+    serve.add_argument("--retry-after-s", type=int, default=1, help="the Retry-After a 503 suggests")
+    _add_engine_args(serve)
+    serve.set_defaults(run=_serve)
+
+    bench = sub.add_parser("bench", help="replay a trace or synthetic arrivals against a server; report latencies")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -12,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from kunserve.config import EngineConfig
 from kunserve.engine.llm_engine import LLMEngine, PromptInput
 from kunserve.outputs import RequestOutput
-from kunserve.sampling_params import SamplingParams
+from kunserve.sampling_params import RequestOutputKind, SamplingParams
 
 # What `generate` accepts as prompts: one prompt or a list of them; a prompt is text, a list
 # of token ids, or vLLM's dict forms {"prompt": str} / {"prompt_token_ids": list[int]}.
@@ -43,6 +44,8 @@ class LLM:
         )
         if len(params_list) != len(prompt_list):
             raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompt_list)} prompts")
+        # Only finished outputs are collected: skip building per-step ones.
+        params_list = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
         engine = self.engine
         ids = [str(next(self._ids)) for _ in prompt_list]
         seqs = [engine.make_sequence(rid, p, params) for rid, p, params in zip(ids, prompt_list, params_list)]

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    """What a running request's outputs carry, as in vLLM."""
+
+    CUMULATIVE = "cumulative"  # every step: all tokens and text so far
+    DELTA = "delta"  # every step: only what is new since the last output (streaming)
+    FINAL_ONLY = "final_only"  # one output, when the request finishes (offline batches)
 
 
 @dataclass
@@ -18,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

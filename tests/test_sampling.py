@@ -353,7 +353,7 @@ def eos_case(llm: LLM, greedy_ref, monkeypatch: pytest.MonkeyPatch):
     """The engine's eos made X, a token PROMPTS[1]'s greedy continuation first produces at k."""
     ref = greedy_ref[1].token_ids
     k = first_fresh_token(ref, llm.get_tokenizer())
-    monkeypatch.setattr(llm.engine, "spec", dataclasses.replace(llm.engine.spec, eos_token_ids=(ref[k],)))
+    monkeypatch.setattr(llm.engine.output_processor, "eos_token_ids", frozenset({ref[k]}))
     return ref, k
 
 

@@ -9,15 +9,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kunserve.config import EngineConfig
 from kunserve.engine.block_manager import BlockManager
-from kunserve.engine.detokenizer import IncrementalDetokenizer
+from kunserve.engine.output_processor import OutputProcessor
 from kunserve.engine.scheduler import Scheduler
 from kunserve.engine.sequence import Sequence
+from kunserve.engine.stats import FinishedRequestStats, StatsListener, StepStats
 from kunserve.executor.base import Executor
 from kunserve.executor.in_process import InProcessExecutor
 from kunserve.model.presets import ResolvedModel, resolve_model
 from kunserve.model.spec import parse_dtype
 from kunserve.model.weights import CheckpointWeights, DummyWeights, WeightSource
-from kunserve.outputs import CompletionOutput, RequestOutput
+from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
 from kunserve.step import build_step_input
 from kunserve.worker.worker import Worker
@@ -46,9 +47,12 @@ class LLMEngine:
                 self.max_model_len,
             )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._finished_ids: list[str] = []
+        # Set by a server to receive StepStats after each step; offline runs skip the stats.
+        self.stats_listener: StatsListener | None = None
+        self._unreported: list[FinishedRequestStats] = []  # aborts between steps
 
     def _load_tokenizer(self, model: ResolvedModel) -> PreTrainedTokenizerBase | None:
         if self.config.skip_tokenizer_init:
@@ -110,9 +114,7 @@ class LLMEngine:
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
-        params = seq.sampling_params
-        if self.tokenizer is not None and params.stop:
-            self._detokenizers[seq.request_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        self.output_processor.add(seq)
         self._sequences[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -138,70 +140,64 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the requests that finished in it."""
+        """Run one step. Returns the finished requests' outputs, and the outputs of running
+        requests that got a token (unless their output kind is FINAL_ONLY)."""
         output = self.scheduler.schedule()
-        if output.is_empty:
-            return []
-        now = time.monotonic()
-        for seq, _ in output.scheduled:
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = now
-        step = build_step_input(output.scheduled, self.config.block_size, self._finished_ids)
-        self._finished_ids = []
-        sampled = self.executor.execute(step)
-        finished = []
-        now = time.monotonic()
-        for seq in self.scheduler.update(output, sampled.tolist()):
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
-            reason = self._check_stop(seq)
-            if reason is not None:
+        stats = None if self.stats_listener is None else StepStats(num_preemptions=len(output.preempted))
+        outputs: list[RequestOutput] = []
+        if not output.is_empty:
+            now = time.monotonic()
+            for seq, _ in output.scheduled:
+                if seq.metrics.first_scheduled_time is None:
+                    seq.metrics.first_scheduled_time = now
+            step = build_step_input(output.scheduled, self.config.block_size, self._finished_ids)
+            self._finished_ids = []
+            sampled = self.executor.execute(step)
+            now = time.monotonic()
+            for seq in self.scheduler.update(output, sampled.tolist()):
+                self._record_token_time(seq, now, stats)
+                reason = self.output_processor.check_stop(seq)
+                if reason is None:
+                    running = self.output_processor.running_output(seq)
+                    if running is not None:
+                        outputs.append(running)
+                    continue
                 self.scheduler.finish(seq, reason)
-                finished.append(self._finish_output(seq))
-        return finished
+                outputs.append(self._finish_output(seq))
+        if stats is not None and self.stats_listener is not None:
+            self._fill_step_stats(stats)
+            self.stats_listener(stats)
+        return outputs
 
-    def _check_stop(self, seq: Sequence) -> str | None:
-        params = seq.sampling_params
-        token = seq.token_ids[-1]
-        if not params.ignore_eos and token in self.spec.eos_token_ids:
-            return "stop"
-        if token in params.stop_token_ids:
-            seq.stop_reason = token
-            return "stop"
-        detok = self._detokenizers.get(seq.request_id)
-        if detok is not None:
-            new_chars = len(detok.step(token))
-            hit = detok.find_stop(new_chars, params.stop) if new_chars else None
-            if hit is not None:
-                index, stop = hit
-                detok.text = detok.text[: index + len(stop) if params.include_stop_str_in_output else index]
-                seq.stop_reason = stop
-                return "stop"
-        if len(seq) >= seq.max_total_tokens:
-            return "length"
-        return None
+    def _record_token_time(self, seq: Sequence, now: float, stats: StepStats | None) -> None:
+        m = seq.metrics
+        if stats is not None:
+            if m.first_token_time is None:
+                stats.time_to_first_token_s.append(now - m.arrival_time)
+                stats.num_prompt_tokens += seq.num_prompt_tokens
+            else:
+                assert m.last_token_time is not None
+                stats.inter_token_latency_s.append(now - m.last_token_time)
+            stats.num_generation_tokens += 1
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+
+    def _fill_step_stats(self, stats: StepStats) -> None:
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.block_manager.usage
+        stats.num_kv_blocks = self.block_manager.num_total_blocks
+        stats.finished = self._unreported
+        self._unreported = []
 
     def _finish_output(self, seq: Sequence) -> RequestOutput:
         seq.metrics.finished_time = time.monotonic()
         del self._sequences[seq.request_id]
         self._finished_ids.append(seq.request_id)
-        detok = self._detokenizers.pop(seq.request_id, None)
-        output_ids = seq.output_token_ids
-        # As in vLLM, the text leaves out the token that stopped the request (eos or one of
-        # stop_token_ids) unless include_stop_str_in_output, with or without stop strings.
-        stopped_on_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
-        keep_stop = seq.sampling_params.include_stop_str_in_output
-        if detok is not None:
-            if stopped_on_token and keep_stop:
-                detok.step(output_ids[-1])  # _check_stop did not feed it
-            text = detok.text
-        elif self.tokenizer is not None:
-            text_ids = output_ids[:-1] if stopped_on_token and not keep_stop else output_ids
-            text = self.tokenizer.decode(text_ids, skip_special_tokens=seq.sampling_params.skip_special_tokens)
-        else:
-            text = ""
-        completion = CompletionOutput(0, text, output_ids, seq.finish_reason, seq.stop_reason)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], True, seq.metrics)
+        if self.stats_listener is not None:
+            self._unreported.append(FinishedRequestStats.of(seq))
+        return self.output_processor.finished_output(seq)
 
     # ---- memory: parameters <-> KV ---------------------------------------------------------
 

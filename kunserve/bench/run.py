@@ -1,0 +1,166 @@
+"""The benchmark as a command: build a workload, replay it against a server, report. For example:
+
+python -m kunserve.bench.run --trace ../shared/traces/azure_llm_conv_2023.csv --time-scale 0.5 --out $OUT/bench.json
+python -m kunserve.bench.run --num-prompts 200 --request-rate 8 --arrival gamma --cv 4 --slo-ttft-ms 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from kunserve.bench.client import run_requests
+from kunserve.bench.report import MS_PER_S, format_table, scrape_histograms, server_delta, summarize
+from kunserve.bench.workload import RequestSpec, load_trace, prompt_token_ids, synthetic_workload
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_NUM_PROMPTS = 100
+DEFAULT_INPUT_LEN = 128
+DEFAULT_OUTPUT_LEN = 64
+# Ids below 256 are byte tokens in every byte-level BPE vocabulary, so any such model accepts them.
+DEFAULT_MAX_PROMPT_TOKEN_ID = 256
+DEFAULT_TIMEOUT_S = 600.0
+POISSON_CV = 1.0
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server address (default %(default)s)")
+    parser.add_argument("--model", default=None, help="model name to send (default: the server's default)")
+    parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--trace", default=None, help="replay this Azure LLM trace CSV instead of a synthetic workload")
+    parser.add_argument(
+        "--time-scale", type=float, default=None, help="trace: multiply arrival offsets (0.5: twice as fast)"
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="mean req/s; trace: rescale arrivals to it (default: as recorded); synthetic: default inf, all at once",
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help=f"trace: first N rows (default all); synthetic: N requests (default {DEFAULT_NUM_PROMPTS})",
+    )
+    parser.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="synthetic arrival process")
+    parser.add_argument("--cv", type=float, default=POISSON_CV, help="gamma arrivals' gap coefficient of variation")
+    parser.add_argument("--input-len", type=int, default=DEFAULT_INPUT_LEN, help="synthetic prompt length in tokens")
+    parser.add_argument("--output-len", type=int, default=DEFAULT_OUTPUT_LEN, help="synthetic output length in tokens")
+    parser.add_argument(
+        "--max-prompt-token-id",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_TOKEN_ID,
+        help="prompt token ids are drawn from [0, this) (default %(default)s: byte tokens of byte-level vocabularies)",
+    )
+    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for attainment")
+    parser.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for attainment")
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="per-request connect/read timeout")
+    parser.add_argument("--out", default=None, help="write the summary, arguments and per-request results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_workload(args: argparse.Namespace) -> list[RequestSpec]:
+    if args.trace is not None:
+        return load_trace(
+            args.trace, time_scale=args.time_scale, request_rate=args.request_rate, limit=args.num_prompts
+        )
+    if args.time_scale is not None:
+        raise ValueError("--time-scale applies to --trace only")
+    cv = POISSON_CV if args.arrival == "poisson" else args.cv
+    if args.arrival == "poisson" and args.cv != POISSON_CV:
+        logger.warning("--arrival poisson ignores --cv %s", args.cv)
+    return synthetic_workload(
+        DEFAULT_NUM_PROMPTS if args.num_prompts is None else args.num_prompts,
+        math.inf if args.request_rate is None else args.request_rate,
+        cv,
+        args.input_len,
+        args.output_len,
+        args.seed,
+    )
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Run the benchmark `args` describe; print the table, write --out, return the summary."""
+    specs = build_workload(args)
+    prompts = prompt_token_ids(specs, args.max_prompt_token_id, args.seed)
+    logger.info(
+        "%d requests over %.1f s, %d prompt tokens, %d output tokens requested",
+        len(specs),
+        specs[-1].arrival_s,
+        sum(s.prompt_len for s in specs),
+        sum(s.output_len for s in specs),
+    )
+    before = _try_scrape(args.base_url, args.api_key)
+    results, duration = asyncio.run(
+        run_requests(
+            args.base_url,
+            args.model,
+            specs,
+            prompts,
+            api_key=args.api_key,
+            max_concurrency=args.max_concurrency,
+            timeout_s=args.timeout_s,
+            show_progress=not args.no_progress,
+        )
+    )
+    after = _try_scrape(args.base_url, args.api_key)
+    failures = [r for r in results if r.error is not None]
+    if failures:
+        logger.warning("%d of %d requests failed; first: %s", len(failures), len(results), failures[0].error)
+    summary = summarize(
+        results,
+        duration,
+        slo_ttft_s=None if args.slo_ttft_ms is None else args.slo_ttft_ms / MS_PER_S,
+        slo_tpot_s=None if args.slo_tpot_ms is None else args.slo_tpot_ms / MS_PER_S,
+    )
+    summary["server"] = None if before is None or after is None else server_delta(before, after)
+    print(format_table(summary))
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"summary": summary, "args": _json_args(args), "results": [asdict(r) for r in results]}
+        out.write_text(json.dumps(record, indent=1))
+        logger.info("wrote %s", out)
+    return summary
+
+
+def _try_scrape(base_url: str, api_key: str | None) -> dict[str, dict] | None:
+    try:
+        return scrape_histograms(base_url, api_key)
+    except (httpx.HTTPError, ValueError) as exc:
+        logger.warning("no server metrics from %s/metrics: %s", base_url.rstrip("/"), exc)
+        return None
+
+
+def _json_args(args: argparse.Namespace) -> dict:
+    """The arguments as strict JSON: no callables (a CLI's handler) and infinities as strings."""
+    return {
+        key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in vars(args).items()
+        if not callable(value)
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kunserve.bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level)
+    run_bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""What a benchmark sends and when: request arrivals and lengths, from a trace or synthetic.
+
+Trace replay reads the Azure LLM inference trace format (`TIMESTAMP,ContextTokens,GeneratedTokens`).
+Synthetic arrivals have gamma-distributed gaps, so one coefficient of variation spans smooth
+(cv < 1), Poisson (cv = 1) and bursty (cv > 1) load at the same mean rate.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TIMESTAMP_COLUMN = "TIMESTAMP"
+PROMPT_COLUMN = "ContextTokens"
+OUTPUT_COLUMN = "GeneratedTokens"
+MIN_TOKENS = 1
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    arrival_s: float  # offset from the start of the run
+    prompt_len: int
+    output_len: int
+
+
+def load_trace(
+    path: str | Path,
+    *,
+    time_scale: float | None = None,
+    request_rate: float | None = None,
+    limit: int | None = None,
+) -> list[RequestSpec]:
+    """Requests of a trace CSV, arrivals relative to its first row.
+
+    `time_scale` multiplies every arrival offset (0.5 replays twice as fast); `request_rate`
+    instead rescales the offsets so the mean gap is 1/rate (inf: all at once). `limit` keeps
+    the first rows only.
+    """
+    if time_scale is not None and request_rate is not None:
+        raise ValueError("give at most one of time_scale and request_rate")
+    if time_scale is not None and not (math.isfinite(time_scale) and time_scale > 0):
+        raise ValueError(f"time_scale must be positive and finite, got {time_scale}")
+    if request_rate is not None and not request_rate > 0:
+        raise ValueError(f"request_rate must be positive, got {request_rate}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+
+    timestamps, prompt_lens, output_lens = _read_trace_rows(Path(path), limit)
+    # datetime64[ns] parses the trace's 7 fractional digits exactly (Python's datetime stops at 6).
+    times = np.array(timestamps, dtype="datetime64[ns]")
+    if np.any(np.diff(times) < np.timedelta64(0, "ns")):
+        raise ValueError(f"{path}: timestamps must be non-decreasing")
+    arrivals = (times - times[0]) / np.timedelta64(1, "s")
+    if time_scale is not None:
+        arrivals = arrivals * time_scale
+    elif request_rate is not None:
+        arrivals = _rescale_to_rate(arrivals, request_rate)
+    # The trace has rows with zero tokens; a request needs at least one prompt token and asks
+    # for at least one output token, so such rows are clamped rather than dropped, keeping arrivals intact.
+    return [
+        RequestSpec(float(a), max(p, MIN_TOKENS), max(o, MIN_TOKENS))
+        for a, p, o in zip(arrivals, prompt_lens, output_lens)
+    ]
+
+
+def _read_trace_rows(path: Path, limit: int | None) -> tuple[list[str], list[int], list[int]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise ValueError(f"{path}: empty trace file")
+        missing = [c for c in (TIMESTAMP_COLUMN, PROMPT_COLUMN, OUTPUT_COLUMN) if c not in reader.fieldnames]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; header is {reader.fieldnames}")
+        timestamps: list[str] = []
+        prompt_lens: list[int] = []
+        output_lens: list[int] = []
+        for row in reader:
+            if limit is not None and len(timestamps) == limit:
+                break
+            timestamps.append(row[TIMESTAMP_COLUMN].strip())
+            prompt_lens.append(int(row[PROMPT_COLUMN]))
+            output_lens.append(int(row[OUTPUT_COLUMN]))
+    if not timestamps:
+        raise ValueError(f"{path}: trace has a header but no rows")
+    return timestamps, prompt_lens, output_lens
+
+
+def _rescale_to_rate(arrivals: np.ndarray, request_rate: float) -> np.ndarray:
+    span = arrivals[-1]
+    if math.isinf(request_rate) or span == 0:
+        return np.zeros_like(arrivals)
+    target_span = (len(arrivals) - 1) / request_rate
+    return arrivals * (target_span / span)
+
+
+def synthetic_arrivals(num: int, request_rate: float, cv: float, seed: int) -> np.ndarray:
+    """`num` arrival offsets in seconds, the first at 0, with gamma-distributed gaps of mean
+    1/request_rate and coefficient of variation `cv` (cv = 1 is a Poisson process)."""
+    if num < 1:
+        raise ValueError(f"num must be at least 1, got {num}")
+    if not request_rate > 0:
+        raise ValueError(f"request_rate must be positive, got {request_rate}")
+    if not (math.isfinite(cv) and cv > 0):
+        raise ValueError(f"cv must be positive and finite, got {cv}")
+    if math.isinf(request_rate):
+        return np.zeros(num)
+    shape = 1.0 / cv**2
+    scale = cv**2 / request_rate
+    gaps = np.random.default_rng(seed).gamma(shape, scale, size=num - 1)
+    return np.concatenate(([0.0], np.cumsum(gaps)))
+
+
+def synthetic_workload(
+    num: int, request_rate: float, cv: float, input_len: int, output_len: int, seed: int
+) -> list[RequestSpec]:
+    """`num` requests of fixed prompt and output lengths at gamma arrivals (see `synthetic_arrivals`)."""
+    if input_len < MIN_TOKENS or output_len < MIN_TOKENS:
+        raise ValueError(f"input_len and output_len must be at least {MIN_TOKENS}, got {input_len}, {output_len}")
+    arrivals = synthetic_arrivals(num, request_rate, cv, seed)
+    return [RequestSpec(float(a), input_len, output_len) for a in arrivals]
+
+
+def prompt_token_ids(specs: list[RequestSpec], max_token_id: int, seed: int) -> list[list[int]]:
+    """Random token ids in [0, max_token_id) of each spec's prompt length.
+
+    Prompts go to the server as token ids so their lengths are exact whatever the tokenizer.
+    """
+    if max_token_id < 1:
+        raise ValueError(f"max_token_id must be at least 1, got {max_token_id}")
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, max_token_id, size=spec.prompt_len).tolist() for spec in specs]

@@ -1,0 +1,53 @@
+"""What an engine step did, for metrics: the engine fills these, a listener (the server's
+Prometheus metrics) consumes them. Nothing is built unless a listener is set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kunserve.engine.sequence import Sequence
+
+
+@dataclass
+class FinishedRequestStats:
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    e2e_latency_s: float
+    queue_time_s: float | None  # None: aborted before it was ever scheduled
+    time_per_output_token_s: float | None  # None below two output tokens
+
+    @classmethod
+    def of(cls, seq: Sequence) -> FinishedRequestStats:
+        m = seq.metrics
+        assert m.finished_time is not None and seq.finish_reason is not None
+        queue_time = None if m.first_scheduled_time is None else m.first_scheduled_time - m.arrival_time
+        tpot = None
+        if seq.num_output_tokens > 1 and m.first_token_time is not None:
+            tpot = (m.finished_time - m.first_token_time) / (seq.num_output_tokens - 1)
+        return cls(
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            m.finished_time - m.arrival_time,
+            queue_time,
+            tpot,
+        )
+
+
+@dataclass
+class StepStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks holding KV
+    num_kv_blocks: int = 0  # the KV pool's size: it grows when parameters are released
+    num_preemptions: int = 0  # in this step
+    num_prompt_tokens: int = 0  # prompts of the requests that got their first token
+    num_generation_tokens: int = 0
+    time_to_first_token_s: list[float] = field(default_factory=list)
+    inter_token_latency_s: list[float] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)
+
+
+StatsListener = Callable[[StepStats], None]

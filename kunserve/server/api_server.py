@@ -1,0 +1,129 @@
+"""The OpenAI-compatible HTTP server: routes, API-key check, errors as OpenAI shapes them,
+health and Prometheus metrics. The engine runs on its own thread (AsyncEngine)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+import kunserve
+from kunserve.config import EngineConfig
+from kunserve.engine.async_engine import AsyncEngine
+from kunserve.engine.llm_engine import LLMEngine
+from kunserve.server.metrics import ServerMetrics
+from kunserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from kunserve.server.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/* requires `Authorization: Bearer <key>`
+    served_model_names: list[str] = field(default_factory=list)  # empty: the model argument
+    max_waiting_requests: int | None = None  # beyond it, 503 with Retry-After; None: no limit
+    retry_after_s: int = 1  # the Retry-After a 503 suggests
+    log_level: str = "info"
+
+
+def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
+    names = config.served_model_names or [engine.config.model or engine.model.name]
+    async_engine = AsyncEngine(engine, config.max_waiting_requests)
+    metrics = ServerMetrics(names[0], CollectorRegistry())
+    engine.stats_listener = metrics.record_step
+    serving = OpenAIServing(
+        async_engine, names, engine.tokenizer, config.retry_after_s, metrics.requests_rejected_queue_full.inc
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async_engine.start(asyncio.get_running_loop())
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="kunserve", version=kunserve.__version__, lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+
+    def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            raise APIError(401, "a valid API key is required: `Authorization: Bearer <key>`")
+
+    authorized = [Depends(check_api_key)]
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, request)
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models() -> dict:
+        created = int(time.time())
+        cards = [
+            {"id": name, "object": "model", "created": created, "owned_by": "kunserve",
+             "root": engine.config.model or engine.model.name, "max_model_len": engine.max_model_len}
+            for name in names
+        ]
+        return {"object": "list", "data": cards}
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if async_engine.is_alive else 503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": kunserve.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _add_error_handlers(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        if first.get("type") == "json_invalid":
+            api = APIError(400, f"malformed JSON body: {first.get('msg')}")
+        else:
+            param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+            api = APIError(400, f"{param}: {first.get('msg')}", param)
+        return JSONResponse(api.body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error while serving a request")
+        return JSONResponse(APIError(500, f"internal error: {error!r}").body(), status_code=500)
+
+
+def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
+    engine = LLMEngine(engine_config)
+    app = build_app(engine, config)
+    logger.info("serving %s on http://%s:%d", engine.model.name, config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

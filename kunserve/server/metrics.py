@@ -1,0 +1,105 @@
+"""Prometheus metrics under vLLM's names, so dashboards built for vLLM work unchanged;
+what only kunserve has is prefixed `kunserve:`. Updated from the engine thread after each
+step (prometheus_client is thread-safe)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kunserve.engine.stats import StepStats
+
+# Bucket upper bounds, in seconds (latencies) or tokens (lengths).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                         2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=registry).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry).labels(model_name)
+
+        self.num_requests_running = gauge("vllm:num_requests_running", "Requests in model execution batches.")
+        self.num_requests_waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be processed.")
+        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
+        self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generation tokens processed.")
+        self.time_to_first_token = histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token, from arrival.", TTFT_BUCKETS
+        )
+        # vLLM keeps the older name beside the newer one for the same observations.
+        self.time_per_output_token = histogram(
+            "vllm:time_per_output_token_seconds", "Time between consecutive tokens.", TOKEN_LATENCY_BUCKETS
+        )
+        self.inter_token_latency = histogram(
+            "vllm:inter_token_latency_seconds", "Time between consecutive tokens.", TOKEN_LATENCY_BUCKETS
+        )
+        self.request_time_per_output_token = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Per request: (e2e - ttft) / (output tokens - 1).",
+            TOKEN_LATENCY_BUCKETS,
+        )
+        self.e2e_request_latency = histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", REQUEST_LATENCY_BUCKETS
+        )
+        self.request_queue_time = histogram(
+            "vllm:request_queue_time_seconds", "Time from arrival to first scheduling.", REQUEST_LATENCY_BUCKETS
+        )
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS
+        )
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Generated tokens per finished request.", TOKEN_COUNT_BUCKETS
+        )
+        self._request_success = Counter(
+            "vllm:request_success", "Finished requests, by finish reason.", [*labels, "finished_reason"],
+            registry=registry,
+        )
+        self._model_name = model_name
+        self.kv_cache_blocks = gauge(
+            "kunserve:kv_cache_blocks", "Blocks in the KV pool; it grows when parameters are released."
+        )
+        self.engine_steps = counter("kunserve:engine_steps", "Engine steps run.")
+        self.requests_rejected_queue_full = counter(
+            "kunserve:requests_rejected_queue_full", "Requests refused with 503 because the waiting queue was full."
+        )
+
+    def record_step(self, stats: StepStats) -> None:
+        self.engine_steps.inc()
+        self.num_requests_running.set(stats.num_running)
+        self.num_requests_waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.kv_cache_blocks.set(stats.num_kv_blocks)
+        self.num_preemptions.inc(stats.num_preemptions)
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        for ttft in stats.time_to_first_token_s:
+            self.time_to_first_token.observe(ttft)
+        for itl in stats.inter_token_latency_s:
+            self.time_per_output_token.observe(itl)
+            self.inter_token_latency.observe(itl)
+        for done in stats.finished:
+            self._request_success.labels(self._model_name, done.finish_reason).inc()
+            if done.finish_reason == "abort":
+                continue  # a client that left: its latencies describe nothing served
+            self.e2e_request_latency.observe(done.e2e_latency_s)
+            if done.queue_time_s is not None:
+                self.request_queue_time.observe(done.queue_time_s)
+            if done.time_per_output_token_s is not None:
+                self.request_time_per_output_token.observe(done.time_per_output_token_s)
+            self.request_prompt_tokens.observe(done.num_prompt_tokens)
+            self.request_generation_tokens.observe(done.num_generation_tokens)
