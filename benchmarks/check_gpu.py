@@ -53,7 +53,7 @@ def check_tiny_models(root: Path) -> list[dict]:
                           max_num_batched_tokens=chunk)
                 got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
                 same = sum(g == e for g, e in zip(got, expected))
-                rows.append(dict(model=name, backend=backend, chunk=chunk, identical=same, prompts=len(prompts)))
+                rows.append({"model": name, "backend": backend, "chunk": chunk, "identical": same, "prompts": len(prompts)})
                 print(rows[-1], flush=True)
                 del llm
     return rows
@@ -69,7 +69,7 @@ def check_graphs(model: str) -> dict:
         del llm
         torch.cuda.empty_cache()
     same = sum(a == b for a, b in zip(outs[True], outs[False]))
-    return dict(model=model, identical=same, prompts=len(prompts))
+    return {"model": model, "identical": same, "prompts": len(prompts)}
 
 
 def main() -> None:

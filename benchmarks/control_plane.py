@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from kunserve import LLM, SamplingParams
-from kunserve.sampling_params import RequestOutputKind
 from kunserve.layout import ArenaLayout
+from kunserve.sampling_params import RequestOutputKind
 from kunserve.step import StepInput
 
 CONTEXT = 1024

@@ -56,10 +56,10 @@ print("RESULT " + json.dumps({"seconds": times, "output_tokens": tokens,
 
 def run_engine(engine: str, python: str, env: dict[str, str], args: argparse.Namespace, model: str, vocab: int) -> dict:
     payload = json.dumps(
-        dict(engine=engine, model=model, vocab=vocab, num_prompts=args.num_prompts, input_len=args.input_len,
-             output_len=args.output_len, repeats=args.repeats, threads=args.threads)
+        {"engine": engine, "model": model, "vocab": vocab, "num_prompts": args.num_prompts, "input_len": args.input_len,
+             "output_len": args.output_len, "repeats": args.repeats, "threads": args.threads}
     )
-    proc = subprocess.run([python, "-c", ENGINE_SCRIPT, payload], env=env, capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", ENGINE_SCRIPT, payload], env=env, capture_output=True, text=True, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{engine} failed:\n{proc.stderr[-4000:]}")
@@ -88,7 +88,7 @@ def main() -> None:
     make_tiny_model(model_dir, "llama", hidden_size=args.hidden_size, num_layers=args.num_layers)
     vocab = ModelSpec.from_dir(model_dir).vocab_size
     with safe_open(model_dir / "model.safetensors", framework="pt") as f:
-        num_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+        num_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f)
     cores = ",".join(str(c) for c in range(args.threads))
     results = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))

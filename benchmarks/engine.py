@@ -111,8 +111,8 @@ def bench_decode(llm: LLM, bw: float) -> list[dict]:
             engine.abort_request(f"d{batch}-{i}")
         floor_bytes = weight_bytes(llm) + context_tokens / DECODE_STEPS * kv_bytes_per_token(llm)
         floor_s = floor_bytes / bw
-        rows.append(dict(batch=batch, mean_context=context_tokens / DECODE_STEPS / batch, step_ms=step_s * 1e3,
-                         floor_ms=floor_s * 1e3, ratio=step_s / floor_s))
+        rows.append({"batch": batch, "mean_context": context_tokens / DECODE_STEPS / batch, "step_ms": step_s * 1e3,
+                         "floor_ms": floor_s * 1e3, "ratio": step_s / floor_s})
     return rows
 
 
@@ -135,8 +135,8 @@ def bench_prefill(llm: LLM, gemm: float) -> dict:
     linear_params = worker.layout.layer_elems * spec.num_layers
     attn_flops = 2 * 2 * spec.num_layers * spec.q_size * PREFILL_LEN * PREFILL_LEN / 2  # causal QK^T and PV
     flops = 2 * linear_params * PREFILL_LEN + attn_flops + 2 * spec.vocab_size * spec.hidden_size
-    return dict(tokens=PREFILL_LEN, seconds=seconds, tok_per_s=PREFILL_LEN / seconds,
-                tflops=flops / seconds / 1e12, ratio_to_gemm=flops / seconds / gemm)
+    return {"tokens": PREFILL_LEN, "seconds": seconds, "tok_per_s": PREFILL_LEN / seconds,
+                "tflops": flops / seconds / 1e12, "ratio_to_gemm": flops / seconds / gemm}
 
 
 def e2e_workload(vocab: int) -> tuple[list[list[int]], list[int]]:
@@ -157,8 +157,8 @@ def bench_e2e(llm: LLM) -> dict:
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert generated == sum(out_lens)
-    return dict(requests=len(prompts), output_tokens=generated, seconds=seconds, output_tok_per_s=generated / seconds,
-                total_tok_per_s=(generated + sum(map(len, prompts))) / seconds)
+    return {"requests": len(prompts), "output_tokens": generated, "seconds": seconds, "output_tok_per_s": generated / seconds,
+                "total_tok_per_s": (generated + sum(map(len, prompts))) / seconds}
 
 
 def bench_transformers_peer(model_name: str) -> dict:
@@ -181,7 +181,7 @@ def bench_transformers_peer(model_name: str) -> dict:
         results = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
     seconds = time.perf_counter() - start
     generated = sum(len(r.generated_tokens) for r in results.values())
-    return dict(requests=len(prompts), output_tokens=generated, seconds=seconds, output_tok_per_s=generated / seconds)
+    return {"requests": len(prompts), "output_tokens": generated, "seconds": seconds, "output_tok_per_s": generated / seconds}
 
 
 def main() -> None:
@@ -198,8 +198,8 @@ def main() -> None:
     bw, gemm = copy_bandwidth(), gemm_rate()
     report["copy_bandwidth_GBps"] = bw / 1e9
     report["gemm_TFLOPs"] = gemm / 1e12
-    engine_args = dict(load_format="dummy", dtype="bfloat16", max_model_len=PREFILL_LEN + 64,
-                       max_num_batched_tokens=PREFILL_LEN, max_num_seqs=256, attention_backend=args.attention_backend)
+    engine_args = {"load_format": "dummy", "dtype": "bfloat16", "max_model_len": PREFILL_LEN + 64,
+                       "max_num_batched_tokens": PREFILL_LEN, "max_num_seqs": 256, "attention_backend": args.attention_backend}
     if args.enforce_eager:
         engine_args["enforce_eager"] = True
     llm = LLM(args.model, **engine_args)

@@ -83,7 +83,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kunserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", help="logging level (INFO shows the memory plan)")
+    parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO (the default), WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random model with a locally trained tokenizer")

@@ -13,7 +13,7 @@ from kunserve import LLM, SamplingParams
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
 # KV for 480 tokens: the 8 requests (727 prompt tokens, 32 new tokens each) must take
 # turns, so running requests get preempted. max_model_len is lowered to match.
-SMALL_KV = dict(num_kv_blocks=30, max_model_len=400)
+SMALL_KV = {"num_kv_blocks": 30, "max_model_len": 400}
 
 
 @pytest.fixture(scope="module", params=sorted(MODEL_VARIANTS))

@@ -13,7 +13,7 @@ from kunserve import LLM, SamplingParams
 from kunserve.model.presets import config_presets, resolve_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-SMALL = dict(num_kv_blocks=64, max_model_len=256)
+SMALL = {"num_kv_blocks": 64, "max_model_len": 256}
 
 
 def _greedy(model: str, prompts: list[list[int]], **kwargs) -> list[list[int]]:

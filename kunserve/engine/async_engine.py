@@ -10,6 +10,8 @@ import queue
 import threading
 from collections.abc import Sequence as Seq
 
+from typing_extensions import Self
+
 from kunserve.engine.llm_engine import LLMEngine, PromptInput
 from kunserve.engine.sequence import Sequence
 from kunserve.outputs import RequestOutput
@@ -38,7 +40,7 @@ class RequestStream:
         self._queue: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
         self.closed = False
 
-    def __aiter__(self) -> RequestStream:
+    def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> RequestOutput:
@@ -66,7 +68,7 @@ class RequestStream:
             self._engine.abort(request_id)
         self._queue.put_nowait(None)  # wakes a reader waiting on the queue
 
-    def __enter__(self) -> RequestStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -144,24 +144,24 @@ def _make_config(
         raise ValueError(f"hidden_size must be a positive multiple of {2 * num_heads}, got {hidden_size}")
     if num_layers <= 0:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
         # ~8/3 * hidden rounded up to a multiple of 16 (176 for 64), like Llama's
         # SwiGLU sizing; deliberately not a power of two.
-        intermediate_size=-(-hidden_size * 8 // (3 * 16)) * 16,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=2,  # GQA: 2 query heads share each kv head
-        head_dim=hidden_size // num_heads,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie_word_embeddings,
-        dtype=dtype,
-    )
+        "intermediate_size": -(-hidden_size * 8 // (3 * 16)) * 16,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": 2,  # GQA: 2 query heads share each kv head
+        "head_dim": hidden_size // num_heads,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": tie_word_embeddings,
+        "dtype": dtype,
+    }
     if arch == "llama":
         return LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
     if arch == "qwen2":

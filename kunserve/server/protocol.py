@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class APIError(Exception):
     """An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 500: "InternalServerError",
+    TYPES: ClassVar[dict[int, str]] = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 500: "InternalServerError",
              503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
