@@ -27,11 +27,17 @@ STEPS = 100
 class InstantExecutor:
     """Samples token 0 for every row without running a model."""
 
+    max_in_flight = 1
+
     def __init__(self, layout: ArenaLayout) -> None:
         self.layout = layout
+        self._rows = 0
 
-    def execute(self, step: StepInput) -> np.ndarray:
-        return np.zeros(len(step.sample_rows), dtype=np.int64)
+    def submit(self, step: StepInput) -> None:
+        self._rows = len(step.sample_rows)
+
+    def collect(self) -> np.ndarray:
+        return np.zeros(self._rows, dtype=np.int64)
 
 
 def time_batch(batch: int) -> float:

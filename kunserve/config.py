@@ -31,6 +31,10 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
+    # Devices.
+    pipeline_parallel_size: int = 1  # stages of the model, one device (and worker process) each
+    distributed_executor_backend: str = "auto"  # "uni": in this process; "mp": worker processes; auto: mp if > 1 stage
+    worker_threads: int | None = None  # torch CPU threads per worker process; None: torch's default
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -47,6 +51,14 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend: expected auto, torch or triton, got {self.attention_backend!r}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size: must be >= 1, got {self.pipeline_parallel_size}")
+        if self.distributed_executor_backend not in ("auto", "uni", "mp"):
+            raise ValueError(
+                f"distributed_executor_backend: expected auto, uni or mp, got {self.distributed_executor_backend!r}"
+            )
+        if self.distributed_executor_backend == "uni" and self.pipeline_parallel_size > 1:
+            raise ValueError("distributed_executor_backend: 'uni' runs one stage; pipelines need 'mp'")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: expected 'auto' or 'dummy', got {self.load_format!r}")
 
@@ -54,3 +66,15 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def stage_device(self, rank: int) -> torch.device:
+        """Pipeline stage `rank`'s device: on CUDA, the device after `device` by `rank`."""
+        device = self.resolve_device()
+        if device.type != "cuda":
+            return device
+        return torch.device("cuda", (device.index or 0) + rank)
+
+    def resolve_executor_backend(self) -> str:
+        if self.distributed_executor_backend != "auto":
+            return self.distributed_executor_backend
+        return "uni" if self.pipeline_parallel_size == 1 else "mp"

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kunserve.config import EngineConfig
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.output_processor import OutputProcessor
-from kunserve.engine.scheduler import Scheduler
+from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.stats import FinishedRequestStats, StatsListener, StepStats
 from kunserve.executor.base import Executor
 from kunserve.executor.in_process import InProcessExecutor
+from kunserve.executor.multiproc import MultiprocExecutor
 from kunserve.model.presets import ResolvedModel, resolve_model
-from kunserve.model.spec import parse_dtype
-from kunserve.model.weights import CheckpointWeights, DummyWeights, WeightSource
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
 from kunserve.step import build_step_input
-from kunserve.worker.worker import Worker
+from kunserve.worker.worker import build_worker
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer(model)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.executor = self._build_executor(model)
-        layout = self.executor.layout
-        self.block_manager = BlockManager(config.block_size, layout.initial_kv_blocks())
+        self.block_manager = BlockManager(config.block_size, self.executor.kv_block_ids())
         capacity = self.block_manager.num_total_blocks * config.block_size
         if capacity < self.max_model_len:
             logger.warning(
@@ -53,6 +53,7 @@ class LLMEngine:
         # Set by a server to receive StepStats after each step; offline runs skip the stats.
         self.stats_listener: StatsListener | None = None
         self._unreported: list[FinishedRequestStats] = []  # aborts between steps
+        self._in_flight: deque[SchedulerOutput] = deque()  # submitted steps, oldest first
 
     def _load_tokenizer(self, model: ResolvedModel) -> PreTrainedTokenizerBase | None:
         if self.config.skip_tokenizer_init:
@@ -65,18 +66,10 @@ class LLMEngine:
 
     def _build_executor(self, model: ResolvedModel) -> Executor:
         config = self.config
-        dtype = self.spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
-        weights: WeightSource
-        if config.load_format == "dummy":
-            weights = DummyWeights(self.spec, config.seed)
-        elif model.weights_dir is None:
-            raise ValueError(f"load_format: preset {model.name!r} has no weights; use load_format='dummy'")
-        else:
-            weights = CheckpointWeights(model.weights_dir, self.spec)
-        worker = Worker(
-            self.spec, weights, config, (0, self.spec.num_layers), self.max_model_len, dtype, config.resolve_device()
-        )
-        return InProcessExecutor(worker)
+        if config.resolve_executor_backend() == "uni":
+            device = config.resolve_device()
+            return InProcessExecutor(build_worker(config, model, (0, self.spec.num_layers), device))
+        return MultiprocExecutor(config, model)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -135,24 +128,24 @@ class LLMEngine:
         return self._finish_output(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._in_flight)
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (worker processes, when there are any)."""
+        self.executor.shutdown()
 
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns the finished requests' outputs, and the outputs of running
-        requests that got a token (unless their output kind is FINAL_ONLY)."""
-        output = self.scheduler.schedule()
-        stats = None if self.stats_listener is None else StepStats(num_preemptions=len(output.preempted))
+        requests that got a token (unless their output kind is FINAL_ONLY). With a pipeline,
+        it first fills the pipeline with micro-batches, then completes the oldest."""
+        stats = None if self.stats_listener is None else StepStats()
+        self._fill_pipeline(stats)
         outputs: list[RequestOutput] = []
-        if not output.is_empty:
-            now = time.monotonic()
-            for seq, _ in output.scheduled:
-                if seq.metrics.first_scheduled_time is None:
-                    seq.metrics.first_scheduled_time = now
-            step = build_step_input(output.scheduled, self.config.block_size, self._finished_ids)
-            self._finished_ids = []
-            sampled = self.executor.execute(step)
+        if self._in_flight:
+            output = self._in_flight.popleft()
+            sampled = self.executor.collect()
             now = time.monotonic()
             for seq in self.scheduler.update(output, sampled.tolist()):
                 self._record_token_time(seq, now, stats)
@@ -168,6 +161,24 @@ class LLMEngine:
             self._fill_step_stats(stats)
             self.stats_listener(stats)
         return outputs
+
+    def _fill_pipeline(self, stats: StepStats | None) -> None:
+        depth = self.executor.max_in_flight
+        while len(self._in_flight) < depth:
+            # Split the sequences evenly over the micro-batches a pipeline keeps in flight.
+            demand = len(self.scheduler.running) + len(self.scheduler.waiting)
+            output = self.scheduler.schedule(None if depth == 1 else max(1, math.ceil(demand / depth)))
+            if stats is not None:
+                stats.num_preemptions += len(output.preempted)
+            if output.is_empty:
+                return
+            now = time.monotonic()
+            for seq, _ in output.scheduled:
+                if seq.metrics.first_scheduled_time is None:
+                    seq.metrics.first_scheduled_time = now
+            self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids))
+            self._finished_ids = []
+            self._in_flight.append(output)
 
     def _record_token_time(self, seq: Sequence, now: float, stats: StepStats | None) -> None:
         m = seq.metrics

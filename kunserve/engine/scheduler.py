@@ -6,6 +6,10 @@ chunk for an unfinished prefill), then waiting sequences in FCFS order while the
 recently admitted running sequence is preempted (its blocks freed, recomputed later). The
 oldest running sequence is therefore never preempted by a younger one and, since no
 admitted sequence needs more blocks than the pool holds, always makes progress: no livelock.
+
+With a pipeline, several steps (micro-batches) are in flight at once: a sequence in one is
+neither scheduled again nor preempted until its step comes back, and each micro-batch
+takes at most `max_seqs` sequences so that the others get work too.
 """
 
 from __future__ import annotations
@@ -43,29 +47,36 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        seq_limit = self.max_num_seqs if max_seqs is None else max_seqs
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < seq_limit:
             seq = self.running[i]
+            if seq.in_flight:
+                i += 1
+                continue
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running[-1]
+                victim = next(s for s in reversed(self.running) if not s.in_flight)  # seq at the latest
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
-                break  # it preempted itself: nothing after it is left either
+                break  # it preempted itself: every sequence after it is gone or in flight
             scheduled.append((seq, n))
             budget -= n
             i += 1
 
         # Admit nothing in a step that had to preempt: the freed blocks go to the survivors.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while (
+            self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(scheduled) < seq_limit
+            and not preempted
+        ):
             seq = self.waiting[0]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
@@ -77,16 +88,25 @@ class Scheduler:
             budget -= n
 
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
+        for seq, _ in scheduled:
+            seq.in_flight = True
         return SchedulerOutput(scheduled, preempted)
 
     def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         """Advance the scheduled sequences; append the sampled tokens (one per sequence that
-        reached its end this step, in step order). Returns those sequences."""
+        reached its end this step, in step order). Returns those sequences. A sequence that
+        finished (was aborted) while its step was in flight is skipped, its token dropped."""
         advanced: list[Sequence] = []
         tokens = iter(sampled)
         for seq, n in output.scheduled:
+            seq.in_flight = False
+            reached_end = seq.num_computed_tokens + n == len(seq.token_ids)
+            if seq.is_finished:
+                if reached_end:
+                    next(tokens)
+                continue
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq.token_ids):
+            if reached_end:
                 seq.token_ids.append(next(tokens))
                 advanced.append(seq)
         return advanced

@@ -37,6 +37,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in this sequence's blocks
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING
+        self.in_flight = False  # in a submitted step whose tokens have not come back
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.metrics = RequestMetrics(arrival_time=time.monotonic())

@@ -1,4 +1,9 @@
-"""How a step reaches the devices. The control plane talks only to this interface."""
+"""How a step reaches the devices. The control plane talks only to this interface.
+
+Steps are submitted and their results collected in order. An executor whose devices form
+a pipeline accepts up to `max_in_flight` steps (micro-batches) before the oldest must be
+collected, so that every stage has work; a single device runs one at a time.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,28 @@ from kunserve.step import StepInput
 
 
 class Executor(ABC):
+    max_in_flight: int = 1
+
     @property
     @abstractmethod
     def layout(self) -> ArenaLayout:
-        """The arena layout of the devices (equal on all of them)."""
+        """The arena layout of the (first) device."""
 
     @abstractmethod
+    def kv_block_ids(self) -> range:
+        """The KV block ids the engine's block manager starts with."""
+
+    @abstractmethod
+    def submit(self, step: StepInput) -> None:
+        """Start one step (its KV blocks stay reserved until it is collected)."""
+
+    @abstractmethod
+    def collect(self) -> np.ndarray:
+        """The sampled token ids of the oldest submitted step, one per sampled row."""
+
     def execute(self, step: StepInput) -> np.ndarray:
-        """Run one step; returns the sampled token ids, one per sampled row."""
+        self.submit(step)
+        return self.collect()
 
     @abstractmethod
     def release_layer(self, layer: int) -> range:
@@ -27,3 +46,6 @@ class Executor(ABC):
     @abstractmethod
     def reclaim_layer(self, layer: int) -> None:
         """Take local layer `layer`'s bytes back from the KV pool and refill its weights."""
+
+    def shutdown(self) -> None:
+        """Stop the devices' workers (nothing to do in-process)."""

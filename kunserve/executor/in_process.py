@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from kunserve.executor.base import Executor
@@ -13,13 +15,20 @@ from kunserve.worker.worker import Worker
 class InProcessExecutor(Executor):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        self._results: deque[np.ndarray] = deque()
 
     @property
     def layout(self) -> ArenaLayout:
         return self.worker.layout
 
-    def execute(self, step: StepInput) -> np.ndarray:
-        return self.worker.execute(step)
+    def kv_block_ids(self) -> range:
+        return self.worker.layout.initial_kv_blocks()
+
+    def submit(self, step: StepInput) -> None:
+        self._results.append(self.worker.execute(step))
+
+    def collect(self) -> np.ndarray:
+        return self._results.popleft()
 
     def release_layer(self, layer: int) -> range:
         return self.worker.release_layer(layer)

@@ -37,6 +37,10 @@ class DecodeGraphs:
         staging = torch.zeros((2, max_batch), dtype=torch.int64)
         self._staging = staging.pin_memory() if device.type == "cuda" else staging
         self._inputs = self._staging.to(device)  # row 0: token ids, row 1: positions
+        # A later pipeline stage's input: the previous stage's hidden states.
+        self._hidden_in = None if model.is_first else torch.zeros(
+            (max_batch, model.spec.hidden_size), dtype=model.kv_layers[0].dtype, device=device
+        )
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._hidden: dict[int, torch.Tensor] = {}
         if device.type == "cuda":
@@ -49,8 +53,9 @@ class DecodeGraphs:
             and batch.block_tables.shape[1] <= self.max_blocks
         )
 
-    def run(self, step: StepInput) -> torch.Tensor:
-        """Hidden states [num_seqs, hidden] of a decode-only step."""
+    def run(self, step: StepInput, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [num_seqs, hidden] of a decode-only step (`hidden_in`: the previous
+        stage's output, on a later pipeline stage)."""
         n = step.batch.num_seqs
         size = next(s for s in self.sizes if s >= n)
         host = self._staging.numpy()
@@ -58,6 +63,9 @@ class DecodeGraphs:
         host[1, :n] = step.positions
         host[:, n:] = 0
         self._inputs.copy_(self._staging, non_blocking=True)
+        if self._hidden_in is not None:
+            assert hidden_in is not None
+            self._hidden_in[:n].copy_(hidden_in)
         self.buffers.fill(step.batch)
         graph = self._graphs.get(size)
         if graph is None:
@@ -66,7 +74,8 @@ class DecodeGraphs:
         return self._hidden[size][:n]
 
     def _forward(self, size: int) -> torch.Tensor:
-        return self.model.forward(self._inputs[0, :size], self._inputs[1, :size], self.buffers.metadata(size))
+        inputs = self._inputs[0, :size] if self._hidden_in is None else self._hidden_in[:size]
+        return self.model.forward(inputs, self._inputs[1, :size], self.buffers.metadata(size))
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -20,22 +20,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> np.ndarray:
-        """Returns the sampled token ids, one per row of `step.sample_rows`."""
-        self.sampler.forget(step.finished_request_ids)
+        """A whole model's step: returns the sampled token ids, one per row of `step.sample_rows`."""
         if step.num_tokens == 0:
+            self.sampler.forget(step.finished_request_ids)
             return np.empty(0, dtype=np.int64)
+        return self.sample(step, self.forward(step))
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's hidden states [T, hidden]; `hidden_in` is the previous stage's output
+        (None on the first stage, which embeds the step's token ids)."""
         if self.graphs is not None and self.graphs.can_run(step):
-            hidden = self.graphs.run(step)
-        else:
-            hidden = self._forward_eager(step)
+            return self.graphs.run(step, hidden_in)
+        inputs = torch.from_numpy(step.token_ids).to(self.device, non_blocking=True) if hidden_in is None else hidden_in
+        positions = torch.from_numpy(step.positions).to(self.device, non_blocking=True)
+        meta = self.model.backend.build_metadata(step.batch, self.device)
+        return self.model.forward(inputs, positions, meta)
+
+    @torch.inference_mode()
+    def sample(self, step: StepInput, hidden: torch.Tensor) -> np.ndarray:
+        """The last stage's sampling from its hidden states."""
+        self.sampler.forget(step.finished_request_ids)
         if len(step.sample_rows) == 0:
             return np.empty(0, dtype=np.int64)
         last_token = np.cumsum(step.batch.query_lens)[step.sample_rows] - 1
         logits = self.model.compute_logits(hidden[torch.from_numpy(last_token).to(self.device)])
         return self.sampler(logits, step.sampling).cpu().numpy()
-
-    def _forward_eager(self, step: StepInput) -> torch.Tensor:
-        tokens = torch.from_numpy(step.token_ids).to(self.device, non_blocking=True)
-        positions = torch.from_numpy(step.positions).to(self.device, non_blocking=True)
-        meta = self.model.backend.build_metadata(step.batch, self.device)
-        return self.model.forward(tokens, positions, meta)

@@ -11,9 +11,10 @@ from kunserve.config import EngineConfig
 from kunserve.kernels.attention import make_attention_backend
 from kunserve.layout import ArenaLayout, layer_param_slices
 from kunserve.model.decoder import DecoderStage
+from kunserve.model.presets import ResolvedModel
 from kunserve.model.rotary import cos_sin_cache
-from kunserve.model.spec import ModelSpec
-from kunserve.model.weights import WeightSource
+from kunserve.model.spec import ModelSpec, parse_dtype
+from kunserve.model.weights import CheckpointWeights, DummyWeights, WeightSource
 from kunserve.step import StepInput
 from kunserve.worker.arena import MemoryArena
 from kunserve.worker.cuda_graphs import DecodeGraphs
@@ -27,6 +28,23 @@ logger = logging.getLogger(__name__)
 ACTIVATION_SAFETY_FACTOR = 2
 # Logits are float32 and the sampler holds a few vocab-wide copies of them per sampled row.
 SAMPLER_LOGIT_COPIES = 4
+
+
+def build_worker(
+    config: EngineConfig, model: ResolvedModel, layer_range: tuple[int, int], device: torch.device
+) -> Worker:
+    """The worker of one device holding layers `layer_range` of `model`, weights loaded."""
+    spec = model.spec
+    dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
+    weights: WeightSource
+    if config.load_format == "dummy":
+        weights = DummyWeights(spec, config.seed)
+    elif model.weights_dir is None:
+        raise ValueError(f"load_format: preset {model.name!r} has no weights; use load_format='dummy'")
+    else:
+        weights = CheckpointWeights(model.weights_dir, spec)
+    max_model_len = config.max_model_len or spec.max_position_embeddings
+    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device)
 
 
 class Worker:
