@@ -9,6 +9,7 @@ import time
 import typing
 
 from kunserve.bench.run import add_bench_arguments, run_bench
+from kunserve.cluster.dispatcher import DISPATCH_POLICIES
 from kunserve.config import EngineConfig
 from kunserve.model.tiny import TINY_ARCHS, make_tiny_model
 
@@ -72,6 +73,8 @@ def _serve(args: argparse.Namespace) -> None:
         served_model_names=args.served_model_name or [],
         max_waiting_requests=args.max_waiting_requests,
         retry_after_s=args.retry_after_s,
+        num_replicas=args.replicas,
+        dispatch_policy=args.dispatch_policy,
         log_level=args.log_level.lower(),
     )
     run_server(_engine_config(args), server)
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--served-model-name", nargs="+", default=None, help="names clients use (default: MODEL)")
     serve.add_argument("--max-waiting-requests", type=int, default=None, help="beyond it: 503 + Retry-After")
     serve.add_argument("--retry-after-s", type=int, default=1, help="the Retry-After a 503 suggests")
+    serve.add_argument("--replicas", type=int, default=1, help="data-parallel replicas, each on its own device(s)")
+    serve.add_argument("--dispatch-policy", choices=DISPATCH_POLICIES, default="least_loaded")
+    serve.add_argument("--pipeline-size", type=int, dest="pipeline_parallel_size", default=1,
+                       help="pipeline stages per replica (same as --pipeline-parallel-size)")
     _add_engine_args(serve)
     serve.set_defaults(run=_serve)
 

@@ -10,52 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
+from server_harness import MAX_MODEL_LEN, RunningServer, scrape, wait_until
 
-from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
+from kunserve import LLM, SamplingParams
 from kunserve.cli import main
-from kunserve.server.api_server import ServerConfig, build_app
+from kunserve.server.api_server import ServerConfig
 
 MODEL = "tiny"
 API_KEY = "test-key"
-MAX_MODEL_LEN = 256
 PROMPT = "Once upon a time"
-WAIT_S = 30.0  # a liveness bound for things the server does in the background, not a timing
-
-
-class RunningServer:
-    """A kunserve server on an ephemeral loopback port, in a background thread."""
-
-    def __init__(self, model_dir: Path, server: ServerConfig, **engine_args: object) -> None:
-        self.engine = LLMEngine(EngineConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, **engine_args))
-        app = build_app(self.engine, server)
-        self.metrics = app.state.metrics
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        wait_until(lambda: self._server.started, "the server to start")
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join()
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +46,6 @@ def offline(llama_dir: Path) -> LLM:
 
 def greedy(max_tokens: int, **extra: object) -> dict:
     return {"model": MODEL, "temperature": 0.0, "max_tokens": max_tokens, "extra_body": {"ignore_eos": True, **extra}}
-
-
-def scrape(server: RunningServer) -> dict[str, float]:
-    """Every sample of /metrics by name and labels: `name{label="v",...}` -> value."""
-    text = httpx.get(f"{server.url}/metrics").text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "model_name")
-            samples[f"{s.name}{{{labels}}}"] = s.value
-    return samples
 
 
 # ---- completions and chat -------------------------------------------------------------------

@@ -85,6 +85,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._streams: dict[str, RequestStream] = {}  # touched on the event loop only
+        # KV demand of requests handed over but not yet queued, as two one-writer counters.
+        self._blocks_handed = 0  # written on the event loop
+        self._blocks_queued = 0  # written on the engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -100,12 +103,19 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self.engine.shutdown()
 
     @property
     def is_alive(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
     # ---- the event-loop side ----------------------------------------------------------------
+
+    def kv_demand_blocks(self) -> int | None:
+        """The engine's KV demand including requests still in hand-over; None when dead."""
+        if not self.is_alive:
+            return None
+        return self.engine.kv_demand_blocks() + self._blocks_handed - self._blocks_queued
 
     @property
     def num_waiting(self) -> int:
@@ -125,6 +135,7 @@ class AsyncEngine:
         stream = RequestStream(self, list(request_ids))
         for seq in seqs:
             self._streams[seq.request_id] = stream
+            self._blocks_handed += self.engine.block_manager.blocks_for(len(seq))
             self._adds.put(seq)
         self._wake.set()
         return stream
@@ -162,13 +173,16 @@ class AsyncEngine:
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as error:
-            logger.exception("engine step failed; failing all requests")
+            logger.exception("engine step failed; failing all its requests")
             self.error = error
             self._loop.call_soon_threadsafe(self._fail_all, error)
+            self.engine.shutdown()
 
     def _take_inbox(self) -> None:
         # Adds before aborts: an abort may name a request added in the same batch.
         while not self._adds.empty():
-            self.engine.add_sequence(self._adds.get())
+            seq = self._adds.get()
+            self.engine.add_sequence(seq)
+            self._blocks_queued += self.engine.block_manager.blocks_for(len(seq))
         while not self._aborts.empty():
             self.engine.abort_request(self._aborts.get())

@@ -127,6 +127,11 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         return self._finish_output(seq)
 
+    def kv_demand_blocks(self) -> int:
+        """Blocks in use plus the blocks the waiting requests need (safe to read from any thread)."""
+        bm = self.block_manager
+        return bm.num_total_blocks - bm.num_free_blocks + self.scheduler.num_waiting_blocks
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._in_flight)
 

@@ -39,6 +39,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Blocks the waiting sequences need to run their known tokens: a replica's queued
+        # KV demand, kept as a running sum so other threads can read it at any time.
+        self.num_waiting_blocks = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -46,6 +49,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
 
     def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
@@ -82,6 +86,7 @@ class Scheduler:
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
+            self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, n))
@@ -116,6 +121,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+            self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -127,4 +133,5 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.metrics.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
         self.num_preemptions += 1

@@ -7,6 +7,7 @@ the step fails with WorkerDiedError naming it, and the remaining workers are sto
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import pickle
@@ -39,7 +40,7 @@ def pipeline_stage_ranges(num_layers: int, num_stages: int) -> list[tuple[int, i
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"pipeline_parallel_size: must be in [1, {num_layers}] (the layers), got {num_stages}")
     bounds = [r * num_layers // num_stages for r in range(num_stages + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def _free_port() -> int:
@@ -60,7 +61,7 @@ class MultiprocExecutor(Executor):
             stage = StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), init_method,
                                     logical_block_ids=num_stages > 1)
             parent, child = context.Pipe()
-            process = context.Process(target=worker_main, args=(config, stage, child), name=f"kunserve-worker{rank}",
+            process = context.Process(target=worker_main, args=(config, model, stage, child), name=f"kunserve-worker{rank}",
                                       daemon=True)
             process.start()
             child.close()
@@ -82,6 +83,10 @@ class MultiprocExecutor(Executor):
     @property
     def layout(self) -> ArenaLayout:
         return self._layout
+
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [process.pid for process in self._processes]
 
     def kv_block_ids(self) -> range:
         return self._kv_block_ids

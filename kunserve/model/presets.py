@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kunserve.model.spec import ModelSpec
-from kunserve.model.tiny import TINY_ARCHS, default_model_dir
+
+TINY_ARCHS: tuple[str, ...] = ("llama", "qwen2", "mistral")  # architectures kunserve can build tiny models of
 
 DEFAULT_MODEL = "tiny-llama"
 _CONFIG_DIR = Path(__file__).parent / "configs"
@@ -39,6 +40,8 @@ def resolve_model(name: str | None) -> ResolvedModel:
         has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
         return ResolvedModel(name, ModelSpec.from_dir(path), path, path if has_tokenizer else None)
     if name.startswith("tiny-") and name[len("tiny-") :] in TINY_ARCHS:
+        from kunserve.model.tiny import default_model_dir  # transformers: imported only to build one
+
         model_dir = default_model_dir(name[len("tiny-") :])
         return ResolvedModel(name, ModelSpec.from_dir(model_dir), model_dir, model_dir)
     config = _CONFIG_DIR / f"{name}.json"

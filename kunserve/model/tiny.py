@@ -25,7 +25,7 @@ from transformers import (
     Qwen2Config,
 )
 
-TINY_ARCHS: tuple[str, ...] = ("llama", "qwen2", "mistral")
+from kunserve.model.presets import TINY_ARCHS
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"

@@ -18,9 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import kunserve
+from kunserve.cluster.cluster import Cluster
 from kunserve.config import EngineConfig
-from kunserve.engine.async_engine import AsyncEngine
-from kunserve.engine.llm_engine import LLMEngine
 from kunserve.server.metrics import ServerMetrics
 from kunserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from kunserve.server.serving import OpenAIServing
@@ -34,28 +33,32 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None  # when set, /v1/* requires `Authorization: Bearer <key>`
     served_model_names: list[str] = field(default_factory=list)  # empty: the model argument
-    max_waiting_requests: int | None = None  # beyond it, 503 with Retry-After; None: no limit
+    max_waiting_requests: int | None = None  # per replica; beyond it, 503 with Retry-After; None: no limit
+    num_replicas: int = 1  # data-parallel replicas, each on its own device(s)
+    dispatch_policy: str = "least_loaded"  # or "round_robin"
     retry_after_s: int = 1  # the Retry-After a 503 suggests
     log_level: str = "info"
 
 
-def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
+def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
+    engine = cluster.first
     names = config.served_model_names or [engine.config.model or engine.model.name]
-    async_engine = AsyncEngine(engine, config.max_waiting_requests)
     metrics = ServerMetrics(names[0], CollectorRegistry())
-    engine.stats_listener = metrics.record_step
+    for index, replica in enumerate(cluster.engines):
+        replica.stats_listener = metrics.for_engine(index).record_step
+    metrics.replicas_alive.set_function(lambda: cluster.num_alive)
     serving = OpenAIServing(
-        async_engine, names, engine.tokenizer, config.retry_after_s, metrics.requests_rejected_queue_full.inc
+        cluster, names, cluster.tokenizer, config.retry_after_s, metrics.requests_rejected_queue_full.inc
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async_engine.start(asyncio.get_running_loop())
+        cluster.start(asyncio.get_running_loop())
         yield
-        async_engine.shutdown()
+        cluster.shutdown()
 
     app = FastAPI(title="kunserve", version=kunserve.__version__, lifespan=lifespan)
-    app.state.async_engine = async_engine
+    app.state.cluster = cluster
     app.state.metrics = metrics
 
     def check_api_key(request: Request) -> None:
@@ -87,7 +90,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if async_engine.is_alive else 503)
+        return Response(status_code=200 if cluster.is_alive else 503)
 
     @app.get("/version")
     async def version() -> dict:
@@ -123,7 +126,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
-    engine = LLMEngine(engine_config)
-    app = build_app(engine, config)
-    logger.info("serving %s on http://%s:%d", engine.model.name, config.host, config.port)
+    cluster = Cluster.launch(engine_config, config.num_replicas, config.dispatch_policy, config.max_waiting_requests)
+    app = build_app(cluster, config)
+    logger.info("serving %s on http://%s:%d", cluster.first.model.name, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

@@ -19,25 +19,27 @@ TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 100
 
 
 class ServerMetrics:
+    """The metric families; `for_engine(i)` gives replica i's series (label `engine`, as vLLM)."""
+
     def __init__(self, model_name: str, registry: CollectorRegistry) -> None:
         self.registry = registry
-        labels = ["model_name"]
-
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=registry).labels(model_name)
-
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=registry).labels(model_name)
+        self.model_name = model_name
+        labels = ["model_name", "engine"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=registry).labels(model_name)
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
 
-        self.num_requests_running = gauge("vllm:num_requests_running", "Requests in model execution batches.")
-        self.num_requests_waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be processed.")
-        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
-        self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.")
-        self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed.")
-        self.generation_tokens = counter("vllm:generation_tokens", "Generation tokens processed.")
+        self.num_requests_running = Gauge("vllm:num_requests_running", "Requests in model execution batches.",
+                                          labels, registry=registry)
+        self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", labels,
+                                          registry=registry)
+        self.kv_cache_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", labels,
+                                    registry=registry)
+        self.num_preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemptions.", labels,
+                                       registry=registry)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels,
+                                         registry=registry)
         self.time_to_first_token = histogram(
             "vllm:time_to_first_token_seconds", "Time to first token, from arrival.", TTFT_BUCKETS
         )
@@ -65,18 +67,49 @@ class ServerMetrics:
         self.request_generation_tokens = histogram(
             "vllm:request_generation_tokens", "Generated tokens per finished request.", TOKEN_COUNT_BUCKETS
         )
-        self._request_success = Counter(
+        self.request_success = Counter(
             "vllm:request_success", "Finished requests, by finish reason.", [*labels, "finished_reason"],
             registry=registry,
         )
-        self._model_name = model_name
-        self.kv_cache_blocks = gauge(
-            "kunserve:kv_cache_blocks", "Blocks in the KV pool; it grows when parameters are released."
+        self.kv_cache_blocks = Gauge(
+            "kunserve:kv_cache_blocks", "Blocks in the KV pool; it grows when parameters are released.", labels,
+            registry=registry,
         )
-        self.engine_steps = counter("kunserve:engine_steps", "Engine steps run.")
-        self.requests_rejected_queue_full = counter(
-            "kunserve:requests_rejected_queue_full", "Requests refused with 503 because the waiting queue was full."
-        )
+        self.engine_steps = Counter("kunserve:engine_steps", "Engine steps run.", labels, registry=registry)
+        self.requests_rejected_queue_full = Counter(
+            "kunserve:requests_rejected_queue_full", "Requests refused with 503 because the waiting queue was full.",
+            ["model_name"], registry=registry,
+        ).labels(model_name)
+        self.replicas_alive = Gauge("kunserve:replicas_alive", "Replicas serving (a dead worker takes one down).",
+                                    ["model_name"], registry=registry).labels(model_name)
+
+    def for_engine(self, index: int) -> EngineMetrics:
+        return EngineMetrics(self, str(index))
+
+
+class EngineMetrics:
+    """One replica's series; `record_step` is its engine's stats listener (engine thread)."""
+
+    def __init__(self, families: ServerMetrics, engine: str) -> None:
+        self._families = families
+        self._labels = (families.model_name, engine)
+        f, labels = families, self._labels
+        self.num_requests_running = f.num_requests_running.labels(*labels)
+        self.num_requests_waiting = f.num_requests_waiting.labels(*labels)
+        self.kv_cache_usage = f.kv_cache_usage.labels(*labels)
+        self.kv_cache_blocks = f.kv_cache_blocks.labels(*labels)
+        self.num_preemptions = f.num_preemptions.labels(*labels)
+        self.prompt_tokens = f.prompt_tokens.labels(*labels)
+        self.generation_tokens = f.generation_tokens.labels(*labels)
+        self.engine_steps = f.engine_steps.labels(*labels)
+        self.time_to_first_token = f.time_to_first_token.labels(*labels)
+        self.time_per_output_token = f.time_per_output_token.labels(*labels)
+        self.inter_token_latency = f.inter_token_latency.labels(*labels)
+        self.request_time_per_output_token = f.request_time_per_output_token.labels(*labels)
+        self.e2e_request_latency = f.e2e_request_latency.labels(*labels)
+        self.request_queue_time = f.request_queue_time.labels(*labels)
+        self.request_prompt_tokens = f.request_prompt_tokens.labels(*labels)
+        self.request_generation_tokens = f.request_generation_tokens.labels(*labels)
 
     def record_step(self, stats: StepStats) -> None:
         self.engine_steps.inc()
@@ -93,7 +126,7 @@ class ServerMetrics:
             self.time_per_output_token.observe(itl)
             self.inter_token_latency.observe(itl)
         for done in stats.finished:
-            self._request_success.labels(self._model_name, done.finish_reason).inc()
+            self._families.request_success.labels(*self._labels, done.finish_reason).inc()
             if done.finish_reason == "abort":
                 continue  # a client that left: its latencies describe nothing served
             self.e2e_request_latency.observe(done.e2e_latency_s)

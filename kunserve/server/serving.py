@@ -17,7 +17,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
+from kunserve.cluster.cluster import Cluster
+from kunserve.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStream
 from kunserve.engine.llm_engine import PromptInput
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import RequestOutputKind, SamplingParams
@@ -50,7 +51,7 @@ class _Choices:
 class OpenAIServing:
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: Cluster,
         served_model_names: list[str],
         tokenizer: PreTrainedTokenizerBase | None,
         retry_after_s: int,

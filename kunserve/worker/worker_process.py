@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kunserve.config import EngineConfig
-from kunserve.model.presets import resolve_model
+from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
 from kunserve.worker.worker import Worker, build_worker
 
@@ -37,7 +37,7 @@ class StageAssignment:
     logical_block_ids: bool
 
 
-def worker_main(config: EngineConfig, stage: StageAssignment, conn: Connection) -> None:
+def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
     """The process's entry point: build the stage, report its layout, then serve commands."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.rank}: %(message)s")
     try:
@@ -50,7 +50,7 @@ def worker_main(config: EngineConfig, stage: StageAssignment, conn: Connection) 
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=stage.dist_init_method, rank=stage.rank,
                                     world_size=stage.num_stages)
-        worker = build_worker(config, resolve_model(config.model), stage.layer_range, device)
+        worker = build_worker(config, model, stage.layer_range, device)
         conn.send(("ready", worker.layout))
         _serve(worker, stage, conn)
     except BaseException:

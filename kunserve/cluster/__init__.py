@@ -1,0 +1,1 @@
+"""The control plane above one engine: replicas, dispatching, and (later) drop planning."""

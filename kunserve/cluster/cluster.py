@@ -1,0 +1,111 @@
+"""N data-parallel replicas of one model behind a dispatcher. Each replica is an engine with
+its own scheduler and block manager, its own devices (one, or a pipeline group of g) and its
+own loop thread; a replica whose worker dies fails its own requests and leaves the rest
+serving."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence as Seq
+
+from transformers import PreTrainedTokenizerBase
+
+from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
+from kunserve.config import EngineConfig
+from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from kunserve.engine.llm_engine import LLMEngine, PromptInput
+from kunserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfig]:
+    """Replica i's engine config: on CUDA, devices [i·g, (i+1)·g) after `config.device`; several
+    replicas always run in worker processes, whose CPU threads share the cores."""
+    if num_replicas < 1:
+        raise ValueError(f"replicas: must be >= 1, got {num_replicas}")
+    if num_replicas == 1:
+        return [config]
+    g = config.pipeline_parallel_size
+    device = config.resolve_device()
+    threads = config.worker_threads
+    if device.type != "cuda" and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // (num_replicas * g))
+    return [
+        dataclasses.replace(
+            config,
+            device=str(config.stage_device(i * g)),
+            distributed_executor_backend="mp",
+            worker_threads=threads,
+        )
+        for i in range(num_replicas)
+    ]
+
+
+class Cluster:
+    def __init__(
+        self, engines: list[LLMEngine], dispatch_policy: str = "least_loaded", max_waiting_requests: int | None = None
+    ) -> None:
+        if not engines:
+            raise ValueError("replicas: a cluster needs at least one engine")
+        self.engines = engines
+        self.replicas = [AsyncEngine(engine, max_waiting_requests) for engine in engines]
+        self.dispatcher = Dispatcher(dispatch_policy)
+
+    @classmethod
+    def launch(
+        cls,
+        config: EngineConfig,
+        num_replicas: int = 1,
+        dispatch_policy: str = "least_loaded",
+        max_waiting_requests: int | None = None,
+    ) -> Cluster:
+        engines = []
+        try:
+            for i, replica_config in enumerate(replica_configs(config, num_replicas)):
+                logger.info("starting replica %d of %d", i + 1, num_replicas)
+                engines.append(LLMEngine(replica_config))
+        except BaseException:
+            for engine in engines:
+                engine.shutdown()
+            raise
+        return cls(engines, dispatch_policy, max_waiting_requests)
+
+    # ---- what the server sees ---------------------------------------------------------------
+
+    @property
+    def first(self) -> LLMEngine:
+        return self.engines[0]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.first.tokenizer
+
+    @property
+    def is_alive(self) -> bool:
+        return any(replica.is_alive for replica in self.replicas)
+
+    @property
+    def num_alive(self) -> int:
+        return sum(replica.is_alive for replica in self.replicas)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        for replica in self.replicas:
+            replica.start(loop)
+
+    def shutdown(self) -> None:
+        for replica in self.replicas:
+            replica.shutdown()
+
+    def add_requests(
+        self, request_ids: Seq[str], prompts: Seq[PromptInput], params: Seq[SamplingParams]
+    ) -> RequestStream:
+        """Queue the requests on one replica, chosen by the dispatcher (see AsyncEngine)."""
+        try:
+            index = self.dispatcher.choose([replica.kv_demand_blocks() for replica in self.replicas])
+        except NoReplicaError as error:
+            raise EngineDeadError(str(error)) from None
+        return self.replicas[index].add_requests(request_ids, prompts, params)
