@@ -94,6 +94,19 @@ def test_a_pipeline_group_gives_the_single_device_tokens(
     assert [o.outputs[0].token_ids for o in outputs] == single_device
 
 
+def test_pipeline_busy_clocks_time_every_stage(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN, pipeline_parallel_size=2, worker_threads=1)
+    executor = llm.engine.executor
+    assert isinstance(executor, MultiprocExecutor)
+    try:
+        executor.start_busy_clocks()
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        busy = executor.stop_busy_clocks()
+    finally:
+        llm.engine.shutdown()
+    assert len(busy) == 2 and all(seconds > 0 for seconds in busy)
+
+
 def test_replicas_give_the_single_device_tokens_and_share_the_requests(
     llama_dir: Path, single_device: list[list[int]]
 ) -> None:

@@ -132,6 +132,11 @@ class LLMEngine:
         bm = self.block_manager
         return bm.num_total_blocks - bm.num_free_blocks + self.scheduler.num_waiting_blocks
 
+    @property
+    def num_in_flight(self) -> int:
+        """Steps submitted to the executor and not yet collected."""
+        return len(self._in_flight)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._in_flight)
 

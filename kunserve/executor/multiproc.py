@@ -105,6 +105,17 @@ class MultiprocExecutor(Executor):
     def reclaim_layer(self, layer: int) -> None:
         self._single_stage_call("reclaim", layer, "reclaimed")
 
+    def start_busy_clocks(self) -> None:
+        """Start timing each stage's compute (for the pipeline bubble; see BusyClock)."""
+        for rank, conn in enumerate(self._conns):
+            self._send_bytes(rank, conn, pickle.dumps(("busy_clock_start", None)))
+
+    def stop_busy_clocks(self) -> list[float]:
+        """Seconds each stage computed since `start_busy_clocks` (call with nothing in flight)."""
+        for rank, conn in enumerate(self._conns):
+            self._send_bytes(rank, conn, pickle.dumps(("busy_clock_stop", None)))
+        return [self._receive(rank, "busy_s") for rank in range(len(self._conns))]
+
     def shutdown(self) -> None:
         for rank, conn in enumerate(self._conns):
             if self._processes[rank].is_alive():

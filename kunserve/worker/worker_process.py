@@ -9,6 +9,7 @@ Every stage gets every step command, so each knows the batch's shape without ask
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -35,6 +36,45 @@ class StageAssignment:
     # different ids: the driver then speaks logical ids 0..B-1 and each stage adds its own
     # first KV block id. A single stage uses its physical ids (release/reclaim address them).
     logical_block_ids: bool
+
+
+class BusyClock:
+    """The time this stage spends computing, not waiting for its input: with the wall time
+    it gives the pipeline's bubble. GPU time comes from CUDA events (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.running = False
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._host_s = 0.0
+        self._host_start = 0.0
+
+    def reset(self) -> None:
+        self.running, self._events, self._host_s = True, [], 0.0
+
+    def begin(self) -> None:
+        if not self.running:
+            return
+        if self.cuda:
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
+        else:
+            self._host_start = time.perf_counter()
+
+    def end(self) -> None:
+        if not self.running:
+            return
+        if self.cuda:
+            self._events[-1][1].record()
+        else:
+            self._host_s += time.perf_counter() - self._host_start
+
+    def stop(self) -> float:
+        self.running = False
+        if not self.cuda:
+            return self._host_s
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1e3
 
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
@@ -65,6 +105,7 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
     block_offset = worker.layout.initial_kv_blocks().start if stage.logical_block_ids else 0
     is_last = stage.rank == stage.num_stages - 1
     dtype = worker.arena.buffer.dtype
+    clock = BusyClock(worker.device)
     while True:
         command, argument = conn.recv()
         if command == "execute":
@@ -76,16 +117,24 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
             if stage.rank > 0:
                 hidden_in = torch.empty((step.num_tokens, worker.spec.hidden_size), dtype=dtype, device=worker.device)
                 dist.recv(hidden_in, src=stage.rank - 1)
+            clock.begin()
             hidden = worker.runner.forward(step, hidden_in)
             if is_last:
-                conn.send(("sampled", worker.runner.sample(step, hidden)))
+                sampled = worker.runner.sample(step, hidden)
+                clock.end()
+                conn.send(("sampled", sampled))
             else:
+                clock.end()
                 dist.send(hidden.contiguous(), dst=stage.rank + 1)
         elif command == "release":
             conn.send(("released", worker.release_layer(argument)))
         elif command == "reclaim":
             worker.reclaim_layer(argument)
             conn.send(("reclaimed", None))
+        elif command == "busy_clock_start":
+            clock.reset()
+        elif command == "busy_clock_stop":
+            conn.send(("busy_s", clock.stop()))
         elif command == "shutdown":
             return
         else:
