@@ -6,7 +6,9 @@
   (b) decode time per batch token of a g=2 pipeline against one replica at equal batch:
       the time for every sequence of the batch to advance one token (1k-token contexts);
   (c) the pipeline's bubble: per stage, 1 - (time the stage computes) / (wall time), the
-      compute time taken from CUDA events around each stage's forward.
+      compute time taken from CUDA events around each stage's forward;
+  (k) a correctness check on the same devices: greedy tokens of the tiny float32 Llama
+      through a g=2 pipeline (NCCL between stages) equal those of one device.
 
     python benchmarks/cluster.py --out $OUT/cluster.json
     python benchmarks/cluster.py --model tiny-llama --device cpu --requests 16 --batches 8 \\
@@ -109,6 +111,23 @@ def decode(args: argparse.Namespace, batch: int, stages: int) -> dict:
         engine.shutdown()
 
 
+def check_tokens(args: argparse.Namespace) -> dict:
+    from kunserve import LLM
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 500, n).tolist() for n in (3, 19, 70, 130, 45, 8)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    outputs = {}
+    for stages in (1, 2):
+        llm = LLM("tiny-llama", device=args.device, max_model_len=256, max_num_batched_tokens=64, num_kv_blocks=512,
+                  pipeline_parallel_size=stages)
+        outputs[stages] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.engine.shutdown()
+    same = outputs[1] == outputs[2]
+    print(f"(k) g=2 pipeline tokens equal one device's: {same}")
+    return {"pipeline_equals_single_device": same}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3-8b")
@@ -119,10 +138,12 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--parts", default="abc")
+    parser.add_argument("--parts", default="kabc")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     results: dict = {"model": args.model}
+    if "k" in args.parts:
+        results["check"] = check_tokens(args)
     if "a" in args.parts:
         results["throughput"] = [throughput(args, n) for n in (1, 2)]
         one, two = (r["output_tok_s"] for r in results["throughput"])
