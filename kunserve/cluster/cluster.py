@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 
 from transformers import PreTrainedTokenizerBase
 
@@ -63,15 +64,17 @@ class Cluster:
         dispatch_policy: str = "least_loaded",
         max_waiting_requests: int | None = None,
     ) -> Cluster:
-        engines = []
-        try:
-            for i, replica_config in enumerate(replica_configs(config, num_replicas)):
-                logger.info("starting replica %d of %d", i + 1, num_replicas)
-                engines.append(LLMEngine(replica_config))
-        except BaseException:
+        configs = replica_configs(config, num_replicas)
+        logger.info("starting %d replica(s)", num_replicas)
+        # Replicas start side by side: most of a start is the workers loading weights.
+        with ThreadPoolExecutor(len(configs)) as pool:
+            futures = [pool.submit(LLMEngine, c) for c in configs]
+        errors = [error for f in futures if (error := f.exception()) is not None]
+        engines = [f.result() for f in futures if f.exception() is None]
+        if errors:
             for engine in engines:
                 engine.shutdown()
-            raise
+            raise errors[0]
         return cls(engines, dispatch_policy, max_waiting_requests)
 
     # ---- what the server sees ---------------------------------------------------------------

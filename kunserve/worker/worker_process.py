@@ -107,7 +107,11 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
     dtype = worker.arena.buffer.dtype
     clock = BusyClock(worker.device)
     while True:
-        command, argument = conn.recv()
+        try:
+            command, argument = conn.recv()
+        except EOFError:
+            logger.info("the driver is gone; exiting")
+            return
         if command == "execute":
             step: StepInput = argument
             if block_offset:
