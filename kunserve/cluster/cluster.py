@@ -18,7 +18,9 @@ from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
 from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kunserve.engine.llm_engine import LLMEngine, PromptInput
+from kunserve.executor.multiproc import free_port
 from kunserve.sampling_params import SamplingParams
+from kunserve.worker.worker_process import WorkerWorld
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,15 @@ class Cluster:
     ) -> Cluster:
         configs = replica_configs(config, num_replicas)
         logger.info("starting %d replica(s)", num_replicas)
-        # Replicas start side by side: most of a start is the workers loading weights.
+        worlds: list[WorkerWorld | None] = [None]
+        if num_replicas > 1:
+            g = config.pipeline_parallel_size
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            worlds = [WorkerWorld(init_method, num_replicas * g, i * g) for i in range(num_replicas)]
+        # Replicas start side by side (they also meet in one world): most of a start is
+        # the workers loading weights.
         with ThreadPoolExecutor(len(configs)) as pool:
-            futures = [pool.submit(LLMEngine, c) for c in configs]
+            futures = [pool.submit(LLMEngine, c, w) for c, w in zip(configs, worlds)]
         errors = [error for f in futures if (error := f.exception()) is not None]
         engines = [f.result() for f in futures if f.exception() is None]
         if errors:

@@ -23,6 +23,7 @@ from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
 from kunserve.step import build_step_input
 from kunserve.worker.worker import build_worker
+from kunserve.worker.worker_process import WorkerWorld
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ PromptInput = str | list[int]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, world: WorkerWorld | None = None) -> None:
+        """`world`: the torch.distributed world of a cluster's worker processes (see Cluster)."""
         self.config = config
+        self._world = world
         model = resolve_model(config.model)
         self.model = model
         self.spec = model.spec
@@ -69,7 +72,7 @@ class LLMEngine:
         if config.resolve_executor_backend() == "uni":
             device = config.resolve_device()
             return InProcessExecutor(build_worker(config, model, (0, self.spec.num_layers), device))
-        return MultiprocExecutor(config, model)
+        return MultiprocExecutor(config, model, self._world)
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from kunserve.executor.base import Executor
 from kunserve.layout import ArenaLayout
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
-from kunserve.worker.worker_process import StageAssignment, worker_main
+from kunserve.worker.worker_process import StageAssignment, WorkerWorld, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +43,23 @@ def pipeline_stage_ranges(num_layers: int, num_stages: int) -> list[tuple[int, i
     return list(itertools.pairwise(bounds))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, config: EngineConfig, model: ResolvedModel) -> None:
+    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
+        """`world`: the cluster's shared world; None: a world of this executor's stages alone."""
         num_stages = config.pipeline_parallel_size
         self.max_in_flight = num_stages
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", num_stages)
         self._processes: list[BaseProcess] = []
         self._conns: list[Connection] = []
         for rank, layers in enumerate(pipeline_stage_ranges(model.spec.num_layers, num_stages)):
-            stage = StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), init_method,
+            stage = StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), world,
                                     logical_block_ids=num_stages > 1)
             parent, child = context.Pipe()
             process = context.Process(target=worker_main, args=(config, model, stage, child), name=f"kunserve-worker{rank}",

@@ -26,16 +26,30 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class WorkerWorld:
+    """The torch.distributed world the workers of a whole cluster share, so any two can
+    exchange tensors (activations within a group; KV and weights between replicas)."""
+
+    init_method: str  # where the workers meet, e.g. tcp://127.0.0.1:port
+    size: int
+    first_rank: int = 0  # the global rank of this executor's stage 0
+
+
+@dataclass(frozen=True)
 class StageAssignment:
-    rank: int
+    rank: int  # the stage, within its group
     num_stages: int
     layer_range: tuple[int, int]
     device: str
-    dist_init_method: str  # where the stages of one group meet, e.g. tcp://127.0.0.1:port
+    world: WorkerWorld
     # Stages of a pipeline hold different layer counts, so their arenas place KV blocks at
     # different ids: the driver then speaks logical ids 0..B-1 and each stage adds its own
     # first KV block id. A single stage uses its physical ids (release/reclaim address them).
     logical_block_ids: bool
+
+    @property
+    def global_rank(self) -> int:
+        return self.world.first_rank + self.rank
 
 
 class BusyClock:
@@ -86,10 +100,10 @@ def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignme
         device = torch.device(stage.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if stage.num_stages > 1:
+        if stage.world.size > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=stage.dist_init_method, rank=stage.rank,
-                                    world_size=stage.num_stages)
+            dist.init_process_group(backend, init_method=stage.world.init_method, rank=stage.global_rank,
+                                    world_size=stage.world.size)
         worker = build_worker(config, model, stage.layer_range, device)
         conn.send(("ready", worker.layout))
         _serve(worker, stage, conn)
@@ -120,7 +134,7 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
             hidden_in = None
             if stage.rank > 0:
                 hidden_in = torch.empty((step.num_tokens, worker.spec.hidden_size), dtype=dtype, device=worker.device)
-                dist.recv(hidden_in, src=stage.rank - 1)
+                dist.recv(hidden_in, src=stage.global_rank - 1)
             clock.begin()
             hidden = worker.runner.forward(step, hidden_in)
             if is_last:
@@ -129,7 +143,7 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
                 conn.send(("sampled", sampled))
             else:
                 clock.end()
-                dist.send(hidden.contiguous(), dst=stage.rank + 1)
+                dist.send(hidden.contiguous(), dst=stage.global_rank + 1)
         elif command == "release":
             conn.send(("released", worker.release_layer(argument)))
         elif command == "reclaim":
