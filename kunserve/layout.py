@@ -144,5 +144,23 @@ class ArenaLayout:
         return range(first, first + self.layer_elems // self.block_elems)
 
 
+    # ---- a replica's arena seen as stage r of a g-stage group (block-major split) --------------
+
+    def check_split(self, num_stages: int) -> None:
+        if num_stages < 1 or self.num_layers % num_stages:
+            raise ValueError(f"num_stages: {num_stages} does not divide the {self.num_layers} layers held")
+
+    def sub_block_elems(self, num_stages: int) -> int:
+        """A block split into `num_stages` sub-blocks of num_layers / num_stages layers each:
+        sub-block j of block b (id b·g + j) holds the KV of layers [j·L/g, (j+1)·L/g)."""
+        self.check_split(num_stages)
+        return self.block_elems // num_stages
+
+    def released_sub_blocks(self, layer: int, num_stages: int) -> range:
+        """Sub-blocks lying wholly inside layer `layer`'s parameter bytes."""
+        first = layer * self.slot_blocks * num_stages
+        return range(first, first + self.layer_elems // self.sub_block_elems(num_stages))
+
+
 def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple

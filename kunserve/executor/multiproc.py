@@ -56,6 +56,7 @@ class MultiprocExecutor(Executor):
         self.max_in_flight = num_stages
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", num_stages)
+        self._world = world
         self._processes: list[BaseProcess] = []
         self._conns: list[Connection] = []
         for rank, layers in enumerate(pipeline_stage_ranges(model.spec.num_layers, num_stages)):
@@ -105,6 +106,23 @@ class MultiprocExecutor(Executor):
 
     def reclaim_layer(self, layer: int) -> None:
         self._single_stage_call("reclaim", layer, "reclaimed")
+
+    @property
+    def global_ranks(self) -> list[int]:
+        """Each stage's rank in the cluster's torch.distributed world."""
+        return [self._world.first_rank + rank for rank in range(len(self._conns))]
+
+    def post(self, rank: int, name: str, *args: Any) -> None:
+        """Start a named call on stage `rank`'s worker (see WORKER_CALLS); `result` collects it.
+        Posting first and collecting later lets two workers run the two ends of a transfer."""
+        self._send_bytes(rank, self._conns[rank], pickle.dumps(("call", (name, args))))
+
+    def result(self, rank: int) -> Any:
+        return self._receive(rank, "returned")
+
+    def call(self, rank: int, name: str, *args: Any) -> Any:
+        self.post(rank, name, *args)
+        return self.result(rank)
 
     def start_busy_clocks(self) -> None:
         """Start timing each stage's compute (for the pipeline bubble; see BusyClock)."""

@@ -34,6 +34,20 @@ class MemoryArena:
         """[num_blocks, 2, block_size, kv_heads, head_dim] view of one layer's KV."""
         return self.kv_cache[:, layer]
 
+    def stage_kv_cache(self, num_stages: int) -> torch.Tensor:
+        """The buffer as sub-blocks of L/g layers each: [total_blocks·g, L/g, 2, block, heads, dim].
+        A block's KV for stage r's layers is sub-block b·g + r, in place."""
+        layout = self.layout
+        layout.check_split(num_stages)
+        return self.buffer.view(
+            layout.total_blocks * num_stages, layout.num_layers // num_stages, 2, layout.block_size,
+            layout.num_kv_heads, layout.head_dim,
+        )
+
+    def slot(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s parameter bytes as one flat tensor (to send or receive whole)."""
+        return self._slot(layer)
+
     def release(self, layer: int) -> range:
         """Give up layer `layer`'s weights; returns the block ids its bytes now provide."""
         if layer in self.released:

@@ -90,6 +90,9 @@ class Worker:
             make_attention_backend(config.attention_backend, config.block_size, device),
         )
         self.runner = ModelRunner(self.model, device, self._decode_graphs(config, max_model_len))
+        # While this device is a stage of a group (kunserve/worker/drop.py): (stage, group size).
+        self.group: tuple[int, int] | None = None
+        self.replica_model, self.replica_runner = self.model, self.runner
 
     def _decode_graphs(self, config: EngineConfig, max_model_len: int) -> DecodeGraphs | None:
         if config.enforce_eager:
@@ -106,7 +109,7 @@ class Worker:
         return self.arena.layout
 
     def execute(self, step: StepInput) -> np.ndarray:
-        if self.arena.released:
+        if self.arena.released and self.group is None:
             raise RuntimeError(f"layers {sorted(self.arena.released)} are released; this stage cannot run")
         return self.runner.execute(step)
 

@@ -20,9 +20,22 @@ import torch.distributed as dist
 from kunserve.config import EngineConfig
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
+from kunserve.worker import drop
 from kunserve.worker.worker import Worker, build_worker
 
 logger = logging.getLogger(__name__)
+
+# What the driver may call on a worker by name (("call", (name, args)) -> ("returned", result)).
+WORKER_CALLS = {
+    "become_stage": drop.become_stage,
+    "become_replica": drop.become_replica,
+    "send_layers": drop.send_layers,
+    "send_kv": drop.send_kv,
+    "recv_kv": drop.recv_kv,
+    "move_kv": drop.move_kv,
+    "kv_digests": drop.kv_digests,
+    "weight_digests": drop.weight_digests,
+}
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,9 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
         elif command == "reclaim":
             worker.reclaim_layer(argument)
             conn.send(("reclaimed", None))
+        elif command == "call":
+            name, call_args = argument
+            conn.send(("returned", WORKER_CALLS[name](worker, *call_args)))
         elif command == "busy_clock_start":
             clock.reset()
         elif command == "busy_clock_stop":

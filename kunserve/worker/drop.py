@@ -1,0 +1,119 @@
+"""The drop mechanism on one device: a replica becomes stage r of a g-stage group and back.
+
+Dropping keeps layers [r·L/g, (r+1)·L/g) and releases the other layers' slots in the
+arena: no copy, no allocation, and their bytes are KV memory at once. The KV cache is then
+seen as sub-blocks of L/g layers (block b's KV for this stage's layers is sub-block b·g + r,
+in place), so the KV of requests that were running here stays where it is; the sub-blocks of
+the other stages' layers go to the devices that now own those layers (`send_kv`/`recv_kv`,
+batched point-to-point). Restoring reclaims the slots (the control plane has emptied their
+sub-blocks first) and refills the weights from the peer stage that holds them, or from the
+weight source when the peer is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from kunserve.model.decoder import DecoderStage
+from kunserve.worker.model_runner import ModelRunner
+from kunserve.worker.worker import Worker
+
+
+def stage_layers(num_layers: int, stage: int, num_stages: int) -> range:
+    per_stage = num_layers // num_stages
+    return range(stage * per_stage, (stage + 1) * per_stage)
+
+
+def become_stage(worker: Worker, stage: int, num_stages: int) -> list[int]:
+    """Keep stage `stage`'s layers, release the others; returns the sub-block ids the
+    released slots provide."""
+    if worker.group is not None:
+        raise RuntimeError(f"already stage {worker.group[0]} of a {worker.group[1]}-stage group")
+    layout, spec = worker.layout, worker.spec
+    if layout.num_layers != spec.num_layers:
+        raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
+    layout.check_split(num_stages)
+    keep = stage_layers(spec.num_layers, stage, num_stages)
+    released: list[int] = []
+    for layer in range(spec.num_layers):
+        if layer not in keep:
+            worker.arena.release(layer)
+            released.extend(layout.released_sub_blocks(layer, num_stages))
+    cache = worker.arena.stage_kv_cache(num_stages)
+    replica = worker.replica_model
+    worker.model = DecoderStage(
+        spec, keep.start, keep.stop, [worker.arena.layers[k] for k in keep], replica.stage,
+        [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend,
+    )
+    # Eager for now: a stage's decode graphs would have to be captured at every drop.
+    worker.runner = ModelRunner(worker.model, worker.device)
+    worker.runner.sampler = worker.replica_runner.sampler  # seeded requests keep their generators
+    worker.group = (stage, num_stages)
+    return released
+
+
+def become_replica(worker: Worker, refill_from: int | None) -> None:
+    """Reclaim the released slots and refill their weights: received from global rank
+    `refill_from` (which runs `send_layers` with the same layers), or from the weight source."""
+    if worker.group is None:
+        raise RuntimeError("not a stage of a group")
+    for layer in sorted(worker.arena.released):
+        weights = worker.arena.reclaim(layer)
+        if refill_from is None:
+            worker.weights.load_layer(layer, weights)
+        else:
+            dist.recv(worker.arena.slot(layer), src=refill_from)
+    worker.model, worker.runner = worker.replica_model, worker.replica_runner
+    worker.group = None
+
+
+def send_layers(worker: Worker, layers: list[int], dst: int) -> None:
+    """Send whole layer slots (weights) to global rank `dst`, in ascending layer order."""
+    for layer in sorted(layers):
+        dist.send(worker.arena.slot(layer), dst=dst)
+
+
+def kv_view(worker: Worker) -> torch.Tensor:
+    """The KV cache as this device addresses it now: blocks, or a stage's sub-blocks."""
+    if worker.group is None:
+        return worker.arena.kv_cache
+    return worker.arena.stage_kv_cache(worker.group[1])
+
+
+def send_kv(worker: Worker, ids: list[int], dst: int) -> None:
+    """Send the KV of these (sub-)blocks to global rank `dst` in one message."""
+    view = kv_view(worker)
+    dist.send(view.index_select(0, torch.tensor(ids, device=view.device)), dst=dst)
+
+
+def recv_kv(worker: Worker, ids: list[int], src: int) -> None:
+    """Receive KV from global rank `src` into these (sub-)blocks (the sender's order)."""
+    view = kv_view(worker)
+    buffer = torch.empty((len(ids), *view.shape[1:]), dtype=view.dtype, device=view.device)
+    dist.recv(buffer, src=src)
+    view.index_copy_(0, torch.tensor(ids, device=view.device), buffer)
+
+
+def move_kv(worker: Worker, src_ids: list[int], dst_ids: list[int]) -> None:
+    """Copy the KV of (sub-)blocks `src_ids` into `dst_ids` on this device."""
+    view = kv_view(worker)
+    index = torch.tensor(src_ids, device=view.device)
+    view.index_copy_(0, torch.tensor(dst_ids, device=view.device), view.index_select(0, index))
+
+
+def kv_digests(worker: Worker, ids: list[int]) -> list[str]:
+    """A digest of each (sub-)block's bytes, to check transfers bit for bit."""
+    view = kv_view(worker)
+    return [_digest(view[i]) for i in ids]
+
+
+def weight_digests(worker: Worker) -> list[str]:
+    """A digest of each layer slot's bytes (the weights, when the layer is held)."""
+    return [_digest(worker.arena.slot(layer)) for layer in range(worker.layout.num_layers)]
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
