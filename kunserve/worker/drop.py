@@ -27,9 +27,11 @@ def stage_layers(num_layers: int, stage: int, num_stages: int) -> range:
     return range(stage * per_stage, (stage + 1) * per_stage)
 
 
-def become_stage(worker: Worker, stage: int, num_stages: int) -> list[int]:
-    """Keep stage `stage`'s layers, release the others; returns the sub-block ids the
-    released slots provide."""
+def become_stage(
+    worker: Worker, stage: int, num_stages: int, prev_rank: int | None = None, next_rank: int | None = None
+) -> list[int]:
+    """Keep stage `stage`'s layers, release the others; activations then come from global rank
+    `prev_rank` and go to `next_rank`. Returns the sub-block ids the released slots provide."""
     if worker.group is not None:
         raise RuntimeError(f"already stage {worker.group[0]} of a {worker.group[1]}-stage group")
     layout, spec = worker.layout, worker.spec
@@ -52,6 +54,7 @@ def become_stage(worker: Worker, stage: int, num_stages: int) -> list[int]:
     worker.runner = ModelRunner(worker.model, worker.device)
     worker.runner.sampler = worker.replica_runner.sampler  # seeded requests keep their generators
     worker.group = (stage, num_stages)
+    worker.pipe_prev, worker.pipe_next = prev_rank, next_rank
     return released
 
 
@@ -68,6 +71,7 @@ def become_replica(worker: Worker, refill_from: int | None) -> None:
             dist.recv(worker.arena.slot(layer), src=refill_from)
     worker.model, worker.runner = worker.replica_model, worker.replica_runner
     worker.group = None
+    worker.pipe_prev = worker.pipe_next = None
 
 
 def send_layers(worker: Worker, layers: list[int], dst: int) -> None:

@@ -92,6 +92,9 @@ class Worker:
         self.runner = ModelRunner(self.model, device, self._decode_graphs(config, max_model_len))
         # While this device is a stage of a group (kunserve/worker/drop.py): (stage, group size).
         self.group: tuple[int, int] | None = None
+        # Global ranks of the neighbour stages (None: none, this stage embeds / samples).
+        self.pipe_prev: int | None = None
+        self.pipe_next: int | None = None
         self.replica_model, self.replica_runner = self.model, self.runner
 
     def _decode_graphs(self, config: EngineConfig, max_model_len: int) -> DecodeGraphs | None:

@@ -129,8 +129,11 @@ def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignme
 
 
 def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
+    # A static pipeline's logical block ids (see StageAssignment); a drop group's driver
+    # sends each stage its physical ids instead.
     block_offset = worker.layout.initial_kv_blocks().start if stage.logical_block_ids else 0
-    is_last = stage.rank == stage.num_stages - 1
+    worker.pipe_prev = stage.global_rank - 1 if stage.rank > 0 else None
+    worker.pipe_next = stage.global_rank + 1 if stage.rank < stage.num_stages - 1 else None
     dtype = worker.arena.buffer.dtype
     clock = BusyClock(worker.device)
     while True:
@@ -145,18 +148,18 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
                 step.batch.block_tables += block_offset
                 step.batch.slot_mapping += block_offset * worker.layout.block_size
             hidden_in = None
-            if stage.rank > 0:
+            if worker.pipe_prev is not None:
                 hidden_in = torch.empty((step.num_tokens, worker.spec.hidden_size), dtype=dtype, device=worker.device)
-                dist.recv(hidden_in, src=stage.global_rank - 1)
+                dist.recv(hidden_in, src=worker.pipe_prev)
             clock.begin()
             hidden = worker.runner.forward(step, hidden_in)
-            if is_last:
+            if worker.pipe_next is None:
                 sampled = worker.runner.sample(step, hidden)
                 clock.end()
                 conn.send(("sampled", sampled))
             else:
                 clock.end()
-                dist.send(hidden.contiguous(), dst=stage.global_rank + 1)
+                dist.send(hidden.contiguous(), dst=worker.pipe_next)
         elif command == "release":
             conn.send(("released", worker.release_layer(argument)))
         elif command == "reclaim":
