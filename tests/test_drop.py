@@ -106,11 +106,11 @@ def test_restoring_from_the_peer_gives_back_the_weights_and_the_tokens(cluster: 
         slots = [i for layer in released for i in executor.layout.released_sub_blocks(layer, STAGES)][:8]
         executor.call(0, "move_kv", some_kv, slots)
     e1.post(0, "send_layers", [2, 3], e0.global_ranks[0])
-    e0.post(0, "become_replica", e1.global_ranks[0])
+    e0.post(0, "become_replica", {2: e1.global_ranks[0], 3: e1.global_ranks[0]})
     e1.result(0)
     e0.result(0)
     e0.post(0, "send_layers", [0, 1], e1.global_ranks[0])
-    e1.post(0, "become_replica", e0.global_ranks[0])
+    e1.post(0, "become_replica", {0: e0.global_ranks[0], 1: e0.global_ranks[0]})
     e0.result(0)
     e1.result(0)
     assert [e.call(0, "weight_digests") for e in (e0, e1)] == weights_before

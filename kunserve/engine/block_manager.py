@@ -48,17 +48,40 @@ class BlockManager:
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > len(self._free):
             return False
-        for _ in range(missing):
-            block = -heapq.heappop(self._heap)
-            self._free.remove(block)
-            seq.block_ids.append(block)
+        seq.block_ids.extend(self.take(missing))
         return True
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_ids:
+        self.give(seq.block_ids)
+        seq.block_ids = []
+
+    def take(self, count: int) -> list[int]:
+        """`count` free blocks, now in use (the caller checked there are enough)."""
+        taken = [-heapq.heappop(self._heap) for _ in range(count)]
+        self._free.difference_update(taken)
+        return taken
+
+    def claim(self, block_ids: Iterable[int]) -> None:
+        """Mark these free blocks as in use (their KV is already there, e.g. after a drop)."""
+        ids = set(block_ids)
+        if not ids <= self._free:
+            raise ValueError(f"blocks {sorted(ids - self._free)[:8]} are not free")
+        self._free -= ids
+        self._heap = [-b for b in self._free]
+        heapq.heapify(self._heap)
+
+    def give(self, block_ids: Iterable[int]) -> None:
+        """Return blocks in use to the free pool."""
+        for block in block_ids:
             self._free.add(block)
             heapq.heappush(self._heap, -block)
-        seq.block_ids = []
+
+    def is_free(self, block: int) -> bool:
+        return block in self._free
+
+    @property
+    def pool(self) -> frozenset[int]:
+        return frozenset(self._pool)
 
     def add_blocks(self, block_ids: Iterable[int]) -> None:
         new = set(block_ids)

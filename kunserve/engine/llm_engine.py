@@ -14,6 +14,7 @@ from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.output_processor import OutputProcessor
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence
+from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.engine.stats import FinishedRequestStats, StatsListener, StepStats
 from kunserve.executor.base import Executor
 from kunserve.executor.in_process import InProcessExecutor
@@ -41,7 +42,7 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer(model)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.executor = self._build_executor(model)
-        self.block_manager = BlockManager(config.block_size, self.executor.kv_block_ids())
+        self._assemble(BlockManager(config.block_size, self.executor.kv_block_ids()))
         capacity = self.block_manager.num_total_blocks * config.block_size
         if capacity < self.max_model_len:
             logger.warning(
@@ -49,6 +50,25 @@ class LLMEngine:
                 capacity,
                 self.max_model_len,
             )
+
+    @classmethod
+    def from_parts(
+        cls, like: LLMEngine, config: EngineConfig, executor: Executor, block_manager: BlockManager | StagedBlockManager
+    ) -> LLMEngine:
+        """An engine of `like`'s model with `config` on another executor and block pool (a
+        group formed by a drop); it starts with no requests."""
+        engine = cls.__new__(cls)
+        engine.config, engine._world = config, None
+        engine.model, engine.spec, engine.tokenizer = like.model, like.spec, like.tokenizer
+        engine.max_model_len = like.max_model_len
+        engine.executor = executor
+        engine._assemble(block_manager)
+        engine.stats_listener = like.stats_listener
+        return engine
+
+    def _assemble(self, block_manager: BlockManager | StagedBlockManager) -> None:
+        config = self.config
+        self.block_manager = block_manager
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
@@ -135,6 +155,31 @@ class LLMEngine:
         bm = self.block_manager
         return bm.num_total_blocks - bm.num_free_blocks + self.scheduler.num_waiting_blocks
 
+    def hand_over(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Give up all requests (running, waiting) for another engine to `take_over`; nothing
+        may be in flight. Their blocks are the caller's to account for."""
+        if self._in_flight:
+            raise RuntimeError("hand_over: steps are in flight; drain() first")
+        return self.scheduler.release_all()
+
+    def take_over(self, source: LLMEngine, running: list[Sequence], waiting: list[Sequence]) -> None:
+        """Adopt requests handed over by `source`: their blocks already belong to this engine's
+        block pool; running keeps its order (preemption takes the last)."""
+        for seq in running + waiting:
+            self._sequences[seq.request_id] = source._sequences.pop(seq.request_id)
+            self.output_processor.adopt(source.output_processor, seq.request_id)
+        self._finished_ids.extend(source._finished_ids)
+        source._finished_ids = []
+        self.scheduler.adopt(running, waiting)
+
+    def reset_block_pool(self) -> None:
+        """A fresh block manager over the executor's KV blocks (after a group split); no
+        request may be here."""
+        if self._sequences:
+            raise RuntimeError("reset_block_pool: requests are still here")
+        self.block_manager = BlockManager(self.config.block_size, self.executor.kv_block_ids())
+        self.scheduler.block_manager = self.block_manager
+
     @property
     def num_in_flight(self) -> int:
         """Steps submitted to the executor and not yet collected."""
@@ -155,25 +200,40 @@ class LLMEngine:
         it first fills the pipeline with micro-batches, then completes the oldest."""
         stats = None if self.stats_listener is None else StepStats()
         self._fill_pipeline(stats)
+        outputs = self._complete_oldest(stats) if self._in_flight else []
+        self._report(stats)
+        return outputs
+
+    def drain(self) -> list[RequestOutput]:
+        """Complete every step in flight without starting new ones (before the devices change)."""
+        stats = None if self.stats_listener is None else StepStats()
         outputs: list[RequestOutput] = []
-        if self._in_flight:
-            output = self._in_flight.popleft()
-            sampled = self.executor.collect()
-            now = time.monotonic()
-            for seq in self.scheduler.update(output, sampled.tolist()):
-                self._record_token_time(seq, now, stats)
-                reason = self.output_processor.check_stop(seq)
-                if reason is None:
-                    running = self.output_processor.running_output(seq)
-                    if running is not None:
-                        outputs.append(running)
-                    continue
-                self.scheduler.finish(seq, reason)
-                outputs.append(self._finish_output(seq))
+        while self._in_flight:
+            outputs.extend(self._complete_oldest(stats))
+        self._report(stats)
+        return outputs
+
+    def _complete_oldest(self, stats: StepStats | None) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        output = self._in_flight.popleft()
+        sampled = self.executor.collect()
+        now = time.monotonic()
+        for seq in self.scheduler.update(output, sampled.tolist()):
+            self._record_token_time(seq, now, stats)
+            reason = self.output_processor.check_stop(seq)
+            if reason is None:
+                running = self.output_processor.running_output(seq)
+                if running is not None:
+                    outputs.append(running)
+                continue
+            self.scheduler.finish(seq, reason)
+            outputs.append(self._finish_output(seq))
+        return outputs
+
+    def _report(self, stats: StepStats | None) -> None:
         if stats is not None and self.stats_listener is not None:
             self._fill_step_stats(stats)
             self.stats_listener(stats)
-        return outputs
 
     def _fill_pipeline(self, stats: StepStats | None) -> None:
         depth = self.executor.max_in_flight

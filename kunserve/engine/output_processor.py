@@ -39,6 +39,10 @@ class OutputProcessor:
         holdback = max((len(s) for s in params.stop), default=1) - 1
         self._texts[seq.request_id] = _RequestText(detok, holdback)
 
+    def adopt(self, source: OutputProcessor, request_id: str) -> None:
+        """Take a request's text state over from another engine's processor."""
+        self._texts[request_id] = source._texts.pop(request_id)
+
     def check_stop(self, seq: Sequence) -> str | None:
         """The finish reason that the token just appended to `seq` triggers, if any."""
         params = seq.sampling_params

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.sequence import Sequence, SequenceStatus
+from kunserve.engine.staged_block_manager import StagedBlockManager
 
 
 @dataclass
@@ -32,7 +33,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager | StagedBlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -46,6 +47,18 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def release_all(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Empty the scheduler: (running, waiting), sequences untouched."""
+        running, waiting = self.running, list(self.waiting)
+        self.running, self.waiting, self.num_waiting_blocks = [], deque(), 0
+        return running, waiting
+
+    def adopt(self, running: list[Sequence], waiting: list[Sequence]) -> None:
+        """Take sequences over from another scheduler, as they are (blocks included)."""
+        self.running.extend(running)
+        for seq in waiting:
+            self.add(seq)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

@@ -58,9 +58,9 @@ def become_stage(
     return released
 
 
-def become_replica(worker: Worker, refill_from: int | None) -> None:
-    """Reclaim the released slots and refill their weights: received from global rank
-    `refill_from` (which runs `send_layers` with the same layers), or from the weight source."""
+def become_replica(worker: Worker, refill_from: dict[int, int] | None) -> None:
+    """Reclaim the released slots and refill their weights: layer k received from global rank
+    `refill_from[k]` (which runs `send_layers`), or all from the weight source when None."""
     if worker.group is None:
         raise RuntimeError("not a stage of a group")
     for layer in sorted(worker.arena.released):
@@ -68,7 +68,7 @@ def become_replica(worker: Worker, refill_from: int | None) -> None:
         if refill_from is None:
             worker.weights.load_layer(layer, weights)
         else:
-            dist.recv(worker.arena.slot(layer), src=refill_from)
+            dist.recv(worker.arena.slot(layer), src=refill_from[layer])
     worker.model, worker.runner = worker.replica_model, worker.replica_runner
     worker.group = None
     worker.pipe_prev = worker.pipe_next = None

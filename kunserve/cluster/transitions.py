@@ -1,0 +1,217 @@
+"""Drop and restore for a set of replicas: `fuse` turns g replica engines into one g-stage
+pipeline group engine, `split` turns it back. Each runs between steps, synchronously, on
+the engines' worker processes (kunserve/worker/drop.py does the device side).
+
+fuse: stage r keeps layers [r·L/g, (r+1)·L/g) and releases the rest; the freed bytes join
+its sub-block pool at once. A request that was running on replica h keeps its stage-h KV in
+place (sub-block b·g + h of each of its blocks) and sends the other stages' sub-blocks to
+their devices (the KV exchange: one batched transfer per device pair); no request is
+recomputed. Queued and running requests of all members move to the group's scheduler.
+
+split: KV lying in a dropped layer's memory is moved out; each running request gets a home
+replica, where every stage's sub-blocks of each of its blocks are gathered into one full
+block; the dropped weights come back from the stages that kept them; each replica takes
+its requests (and a share of the queue) back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+
+import numpy as np
+
+from kunserve.engine.block_manager import BlockManager
+from kunserve.engine.llm_engine import LLMEngine
+from kunserve.engine.sequence import Sequence
+from kunserve.engine.staged_block_manager import StagedBlockManager
+from kunserve.executor.group import GroupExecutor
+from kunserve.executor.multiproc import MultiprocExecutor
+from kunserve.outputs import RequestOutput
+from kunserve.worker.drop import stage_layers
+
+logger = logging.getLogger(__name__)
+
+Transfers = dict[tuple[int, int], tuple[list[int], list[int]]]  # (src stage, dst stage) -> (src ids, dst ids)
+
+
+def _replica_executor(engine: LLMEngine) -> MultiprocExecutor:
+    executor = engine.executor
+    if not isinstance(executor, MultiprocExecutor) or len(executor.workers) != 1:
+        raise ValueError("fuse: every member must be a one-device replica in a worker process")
+    return executor
+
+
+def fuse(members: list[LLMEngine]) -> LLMEngine:
+    """The group engine of `members` (their steps must all be collected)."""
+    start = time.perf_counter()
+    g = len(members)
+    executors = [_replica_executor(m) for m in members]
+    ranks = [e.global_ranks[0] for e in executors]
+    block_size = members[0].config.block_size
+    released = [
+        e.call(0, "become_stage", r, g, ranks[r - 1] if r else None, ranks[r + 1] if r < g - 1 else None)
+        for r, e in enumerate(executors)
+    ]
+    handed = [m.hand_over() for m in members]
+    stages = []
+    for r, member in enumerate(members):
+        pool = sorted(member.block_manager.pool)
+        stage = BlockManager(block_size, [b * g + j for b in pool for j in range(g)] + released[r])
+        stage.claim(b * g + j for b in pool if not member.block_manager.is_free(b) for j in range(g))
+        stages.append(stage)
+    blocks = StagedBlockManager(block_size, stages)
+    transfers: Transfers = {}
+    homed: list[list[int]] = [[] for _ in members]  # per home: the full blocks its requests held
+    for h, (running, _) in enumerate(handed):
+        for seq in running:
+            homed[h].extend(seq.block_ids)
+            physical = []
+            for r in range(g):
+                if r == h:
+                    physical.append([b * g + h for b in seq.block_ids])
+                    continue
+                target = stages[r].take(len(seq.block_ids))
+                sources, targets = transfers.setdefault((h, r), ([], []))
+                sources.extend(b * g + r for b in seq.block_ids)
+                targets.extend(target)
+                physical.append(target)
+            seq.block_ids = blocks.bind(physical)
+    moved = _exchange(executors, ranks, transfers)
+    for h, full_blocks in enumerate(homed):  # the other stages' sub-blocks were sent away
+        stages[h].give(b * g + j for b in full_blocks for j in range(g) if j != h)
+    # The group runs what its members ran: their sequence slots add up.
+    config = dataclasses.replace(members[0].config, max_num_seqs=sum(m.config.max_num_seqs for m in members),
+                                 pipeline_parallel_size=g)
+    group = LLMEngine.from_parts(members[0], config, GroupExecutor(executors, blocks), blocks)
+    for member, (running, waiting) in zip(members, handed):
+        group.take_over(member, running, waiting)
+    group.scheduler.running.sort(key=lambda s: s.metrics.first_scheduled_time or 0.0)
+    group.scheduler.waiting = deque(sorted(group.scheduler.waiting, key=lambda s: s.metrics.arrival_time))
+    logger.info(
+        "fused %d replicas into a pipeline in %.1f ms: %d running requests, %d KV sub-blocks exchanged",
+        g, (time.perf_counter() - start) * 1e3, len(group.scheduler.running), moved,
+    )
+    return group
+
+
+def split(group: LLMEngine, members: list[LLMEngine]) -> list[RequestOutput]:
+    """Turn the group back into its member replicas; returns the outputs of the steps that
+    were still in flight (the caller delivers them)."""
+    start = time.perf_counter()
+    outputs = group.drain()
+    blocks = group.block_manager
+    executor = group.executor
+    if not isinstance(blocks, StagedBlockManager) or not isinstance(executor, GroupExecutor):
+        raise TypeError("split: not a group made by fuse")
+    g = len(members)
+    executors = executor.members
+    ranks = [e.global_ranks[0] for e in executors]
+    layout = executors[0].layout
+    num_layers = layout.num_layers
+    running, waiting = group.hand_over()
+    _evacuate_dropped_memory(executors, blocks, running, num_layers)
+    homes = _choose_homes(running, g)
+    transfers: Transfers = {}
+    local: list[tuple[list[int], list[int]]] = [([], []) for _ in members]
+    home_blocks: dict[str, list[int]] = {}
+    for h, member in enumerate(members):
+        mine = [seq for seq, home in zip(running, homes) if home == h]
+        need = sum(len(seq.block_ids) for seq in mine)
+        free_full = [b for b in sorted(member.block_manager.pool, reverse=True)
+                     if all(blocks.stages[h].is_free(b * g + j) for j in range(g))]
+        if len(free_full) < need:
+            raise RuntimeError(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full)}")
+        targets = iter(free_full[:need])
+        for seq in mine:
+            full = [next(targets) for _ in seq.block_ids]
+            home_blocks[seq.request_id] = full
+            ids = np.asarray(seq.block_ids)
+            for r in range(g):
+                sources = blocks.physical[r, ids].tolist()
+                dests = [b * g + r for b in full]
+                pair = local[h] if r == h else transfers.setdefault((r, h), ([], []))
+                pair[0].extend(sources)
+                pair[1].extend(dests)
+    for h, (sources, dests) in enumerate(local):
+        if sources:
+            executors[h].call(0, "move_kv", sources, dests)
+    moved = _exchange(executors, ranks, transfers)
+    _restore_weights(executors, ranks, num_layers)
+    for h, member in enumerate(members):
+        member.reset_block_pool()
+        mine = [seq for seq, home in zip(running, homes) if home == h]
+        for seq in mine:
+            seq.block_ids = home_blocks[seq.request_id]
+            member.block_manager.claim(seq.block_ids)
+        member.take_over(group, mine, waiting[h::g])
+    logger.info(
+        "split a pipeline into %d replicas in %.1f ms: %d running requests, %d KV sub-blocks moved between devices",
+        g, (time.perf_counter() - start) * 1e3, len(running), moved,
+    )
+    return outputs
+
+
+def _exchange(executors: list[MultiprocExecutor], ranks: list[int], transfers: Transfers) -> int:
+    """Run each device pair's batched KV transfer; pairs one after another, so no two
+    workers wait on each other."""
+    for (src, dst), (sources, targets) in sorted(transfers.items()):
+        if not sources:
+            continue
+        executors[src].post(0, "send_kv", sources, ranks[dst])
+        executors[dst].post(0, "recv_kv", targets, ranks[src])
+        executors[src].result(0)
+        executors[dst].result(0)
+    return sum(len(sources) for sources, _ in transfers.values())
+
+
+def _evacuate_dropped_memory(
+    executors: list[MultiprocExecutor], blocks: StagedBlockManager, running: list[Sequence], num_layers: int
+) -> None:
+    """Move KV out of the sub-blocks that lie in dropped layers' slots, so the slots can be
+    reclaimed."""
+    g = len(executors)
+    layout = executors[0].layout
+    bound = np.asarray([b for seq in running for b in seq.block_ids], dtype=np.int64)
+    for r, (executor, stage) in enumerate(zip(executors, blocks.stages)):
+        keep = stage_layers(num_layers, r, g)
+        slot_ids = {i for layer in range(num_layers) if layer not in keep
+                    for i in layout.released_sub_blocks(layer, g)}
+        stage.claim(i for i in slot_ids if stage.is_free(i))  # so nothing is moved into them
+        inside = [int(logical) for logical in bound if int(blocks.physical[r, logical]) in slot_ids]
+        if not inside:
+            continue
+        if stage.num_free_blocks < len(inside):
+            raise RuntimeError(f"split: stage {r} has no room outside the dropped layers for {len(inside)} blocks")
+        targets = stage.take(len(inside))
+        executor.call(0, "move_kv", blocks.physical[r, inside].tolist(), targets)
+        blocks.physical[r, inside] = targets
+
+
+def _choose_homes(running: list[Sequence], num_replicas: int) -> list[int]:
+    """Each running request's replica after the split: the one with the fewest blocks so far."""
+    load = [0] * num_replicas
+    homes = []
+    for seq in running:
+        home = min(range(num_replicas), key=lambda h: load[h])
+        load[home] += len(seq.block_ids)
+        homes.append(home)
+    return homes
+
+
+def _restore_weights(executors: list[MultiprocExecutor], ranks: list[int], num_layers: int) -> None:
+    """Refill each member's dropped layers from the stage that kept them, one member at a time
+    (a member being refilled cannot send at the same time)."""
+    g = len(executors)
+    owner = {layer: r for r in range(g) for layer in stage_layers(num_layers, r, g)}
+    for h, executor in enumerate(executors):
+        missing = [layer for layer in range(num_layers) if owner[layer] != h]
+        senders = sorted({owner[layer] for layer in missing})
+        for r in senders:
+            executors[r].post(0, "send_layers", [k for k in missing if owner[k] == r], ranks[h])
+        executor.post(0, "become_replica", {layer: ranks[owner[layer]] for layer in missing})
+        for r in senders:
+            executors[r].result(0)
+        executor.result(0)

@@ -1,0 +1,75 @@
+"""KV accounting of a pipeline group formed by a drop: the scheduler sees logical block ids,
+as in one engine, and each logical block binds one physical sub-block on every stage's
+device (that stage's layers' KV for those tokens). Physical ids differ per stage because a
+request that was running on replica h keeps its stage-h KV in place and gets fresh
+sub-blocks on the other stages (filled by the KV exchange)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kunserve.engine.block_manager import BlockManager
+from kunserve.engine.sequence import Sequence
+
+
+class StagedBlockManager:
+    def __init__(self, block_size: int, stages: list[BlockManager]) -> None:
+        self.block_size = block_size
+        self.stages = stages  # per stage: its device's physical sub-blocks
+        self.physical = np.zeros((len(stages), 0), dtype=np.int64)  # [stage, logical id]
+        self._unbound: list[int] = []  # logical ids free to bind again
+
+    # ---- what the scheduler and engine use (as BlockManager) ----------------------------------
+
+    @property
+    def num_total_blocks(self) -> int:
+        return min(stage.num_total_blocks for stage in self.stages)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return min(stage.num_free_blocks for stage in self.stages)
+
+    @property
+    def usage(self) -> float:
+        return max(stage.usage for stage in self.stages)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, self.blocks_for(num_tokens) - len(seq.block_ids))
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        missing = self.num_missing_blocks(seq, num_tokens)
+        if missing > self.num_free_blocks:
+            return False
+        seq.block_ids.extend(self.bind([stage.take(missing) for stage in self.stages]))
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        ids = np.asarray(seq.block_ids, dtype=np.int64)
+        for stage, pool in enumerate(self.stages):
+            pool.give(self.physical[stage, ids].tolist())
+        self._unbound.extend(seq.block_ids)
+        seq.block_ids = []
+
+    # ---- binding ------------------------------------------------------------------------------
+
+    def bind(self, physical: list[list[int]]) -> list[int]:
+        """New logical ids for blocks whose physical sub-blocks (one list per stage, equally
+        long, already taken from the stages' pools) are given."""
+        count = len(physical[0])
+        ids = [self._unbound.pop() for _ in range(min(count, len(self._unbound)))]
+        start = self.physical.shape[1]
+        grow = count - len(ids)
+        if grow:
+            self.physical = np.concatenate([self.physical, np.zeros((len(self.stages), grow), np.int64)], axis=1)
+            ids.extend(range(start, start + grow))
+        self.physical[:, ids] = np.asarray(physical, dtype=np.int64)
+        return ids
+
+    def translate(self, stage: int, block_tables: np.ndarray, slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A step's logical block tables and KV slots as stage `stage`'s physical ones."""
+        table = self.physical[stage]
+        bs = self.block_size
+        return table[block_tables], table[slot_mapping // bs] * bs + slot_mapping % bs

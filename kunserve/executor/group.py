@@ -1,0 +1,48 @@
+"""Replicas' worker processes driven as the stages of one pipeline, after a drop fused them
+(kunserve/cluster/transitions.py). Each stage gets the step with its own physical sub-block
+ids; the last stage samples. The workers stay owned by their replicas' executors."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+
+from kunserve.engine.staged_block_manager import StagedBlockManager
+from kunserve.executor.base import Executor
+from kunserve.executor.multiproc import MultiprocExecutor
+from kunserve.executor.workers import WorkerSet
+from kunserve.layout import ArenaLayout
+from kunserve.step import StepInput
+
+
+class GroupExecutor(Executor):
+    def __init__(self, members: list[MultiprocExecutor], blocks: StagedBlockManager) -> None:
+        self.members = members
+        self.blocks = blocks
+        self.workers = WorkerSet([member.workers.handles[0] for member in members])
+        self.max_in_flight = len(members)
+
+    @property
+    def layout(self) -> ArenaLayout:
+        return self.members[0].layout
+
+    def kv_block_ids(self) -> range:
+        raise RuntimeError("a group's blocks are bound at the drop, not listed up front")
+
+    def submit(self, step: StepInput) -> None:
+        for stage in range(len(self.members)):
+            tables, slots = self.blocks.translate(stage, step.batch.block_tables, step.batch.slot_mapping)
+            staged = dataclasses.replace(step, batch=dataclasses.replace(step.batch, block_tables=tables,
+                                                                          slot_mapping=slots))
+            self.workers.send(stage, pickle.dumps(("execute", staged), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def collect(self) -> np.ndarray:
+        return self.workers.receive(len(self.members) - 1, "sampled")
+
+    def release_layer(self, layer: int) -> range:
+        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")
+
+    def reclaim_layer(self, layer: int) -> None:
+        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")
