@@ -9,6 +9,7 @@ import time
 import typing
 
 from kunserve.bench.run import add_bench_arguments, run_bench
+from kunserve.cluster.coordinator import OVERLOAD_POLICIES, CoordinatorConfig
 from kunserve.cluster.dispatcher import DISPATCH_POLICIES
 from kunserve.config import EngineConfig
 from kunserve.model.tiny import TINY_ARCHS, make_tiny_model
@@ -75,6 +76,10 @@ def _serve(args: argparse.Namespace) -> None:
         retry_after_s=args.retry_after_s,
         num_replicas=args.replicas,
         dispatch_policy=args.dispatch_policy,
+        coordinator=CoordinatorConfig(
+            overload_policy=args.overload_policy, group_size=args.group_size, drop_after_s=args.drop_after_s,
+            restore_after_s=args.restore_after_s,
+        ),
         log_level=args.log_level.lower(),
     )
     run_server(_engine_config(args), server)
@@ -118,6 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--retry-after-s", type=int, default=1, help="the Retry-After a 503 suggests")
     serve.add_argument("--replicas", type=int, default=1, help="data-parallel replicas, each on its own device(s)")
     serve.add_argument("--dispatch-policy", choices=DISPATCH_POLICIES, default="least_loaded")
+    serve.add_argument("--overload-policy", choices=OVERLOAD_POLICIES, default="kunserve",
+                       help="kunserve: drop replicated layers under KV overload; recompute: preempt as vLLM")
+    serve.add_argument("--group-size", type=int, default=2, help="replicas fused per pipeline group on a drop")
+    serve.add_argument("--drop-after-s", type=float, default=0.2, help="overload lasting this long triggers a drop")
+    serve.add_argument("--restore-after-s", type=float, default=2.0,
+                       help="demand fitting the replicas this long triggers a restore")
     serve.add_argument("--pipeline-size", type=int, dest="pipeline_parallel_size", default=1,
                        help="pipeline stages per replica (same as --pipeline-parallel-size)")
     _add_engine_args(serve)

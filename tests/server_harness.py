@@ -22,7 +22,8 @@ WAIT_S = 30.0  # a liveness bound for things the server does in the background, 
 class RunningServer:
     def __init__(self, model_dir: Path, server: ServerConfig, **engine_args: object) -> None:
         config = EngineConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, **engine_args)
-        self.cluster = Cluster.launch(config, server.num_replicas, server.dispatch_policy, server.max_waiting_requests)
+        self.cluster = Cluster.launch(config, server.num_replicas, server.dispatch_policy, server.max_waiting_requests,
+                                      server.coordinator)
         self.engine = self.cluster.first
         app = build_app(self.cluster, server)
         self.metrics = app.state.metrics

@@ -58,10 +58,10 @@ def test_requests_keep_their_tokens_across_drop_and_restore_cycles(
     finished: dict[str, list[int]] = {}
     run_steps(replicas, 6, finished)
     for _ in range(3):
-        group = fuse(replicas)
+        group, _ = fuse(replicas)
         assert isinstance(group.block_manager, StagedBlockManager)
         run_steps([group], 8, finished)
-        for out in split(group, replicas):
+        for out in split(group, replicas)[0]:
             finished[out.request_id] = out.outputs[0].token_ids
         run_steps(replicas, 4, finished)
     while any(engine.has_unfinished_requests() for engine in replicas):
@@ -74,7 +74,7 @@ def test_requests_keep_their_tokens_across_drop_and_restore_cycles(
 
 def test_a_drop_releases_memory_that_the_group_can_use(replicas: list[LLMEngine]) -> None:
     blocks_per_replica = replicas[0].block_manager.num_total_blocks
-    group = fuse(replicas)
+    group, _ = fuse(replicas)
     # A sub-block holds 1/g of the layers: each stage has g times the replica's blocks as
     # sub-blocks, plus the sub-blocks of the released layers.
     assert group.block_manager.num_total_blocks > len(replicas) * blocks_per_replica

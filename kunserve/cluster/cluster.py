@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from transformers import PreTrainedTokenizerBase
 
+from kunserve.cluster.coordinator import Coordinator, CoordinatorConfig
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
 from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
@@ -50,13 +51,19 @@ def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfi
 
 class Cluster:
     def __init__(
-        self, engines: list[LLMEngine], dispatch_policy: str = "least_loaded", max_waiting_requests: int | None = None
+        self,
+        engines: list[LLMEngine],
+        dispatch_policy: str = "least_loaded",
+        max_waiting_requests: int | None = None,
+        coordinator: CoordinatorConfig | None = None,
     ) -> None:
         if not engines:
             raise ValueError("replicas: a cluster needs at least one engine")
-        self.engines = engines
-        self.replicas = [AsyncEngine(engine, max_waiting_requests) for engine in engines]
+        self.engines = engines  # each replica's own engine (a group runs its members' requests)
+        streams: dict[str, RequestStream] = {}  # shared: a request's stream, whichever loop runs it
+        self.replicas = [AsyncEngine(engine, max_waiting_requests, streams) for engine in engines]
         self.dispatcher = Dispatcher(dispatch_policy)
+        self.coordinator = Coordinator(self, coordinator or CoordinatorConfig())
 
     @classmethod
     def launch(
@@ -65,6 +72,7 @@ class Cluster:
         num_replicas: int = 1,
         dispatch_policy: str = "least_loaded",
         max_waiting_requests: int | None = None,
+        coordinator: CoordinatorConfig | None = None,
     ) -> Cluster:
         configs = replica_configs(config, num_replicas)
         logger.info("starting %d replica(s)", num_replicas)
@@ -83,7 +91,7 @@ class Cluster:
             for engine in engines:
                 engine.shutdown()
             raise errors[0]
-        return cls(engines, dispatch_policy, max_waiting_requests)
+        return cls(engines, dispatch_policy, max_waiting_requests, coordinator)
 
     # ---- what the server sees ---------------------------------------------------------------
 
@@ -106,10 +114,14 @@ class Cluster:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         for replica in self.replicas:
             replica.start(loop)
+        self.coordinator.start()
 
     def shutdown(self) -> None:
+        self.coordinator.stop()
         for replica in self.replicas:
             replica.shutdown()
+        for engine in self.engines:  # a group's owner loop held the group engine, not its own
+            engine.shutdown()
 
     def add_requests(
         self, request_ids: Seq[str], prompts: Seq[PromptInput], params: Seq[SamplingParams]

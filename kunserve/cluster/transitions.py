@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +35,13 @@ from kunserve.worker.drop import stage_layers
 
 logger = logging.getLogger(__name__)
 
+@dataclass
+class TransitionStats:
+    duration_s: float  # decision to blocks usable (fuse) / to replicas running again (split)
+    exchange_s: float  # of that, moving KV between devices
+    sub_blocks_moved: int
+
+
 Transfers = dict[tuple[int, int], tuple[list[int], list[int]]]  # (src stage, dst stage) -> (src ids, dst ids)
 
 
@@ -44,7 +52,7 @@ def _replica_executor(engine: LLMEngine) -> MultiprocExecutor:
     return executor
 
 
-def fuse(members: list[LLMEngine]) -> LLMEngine:
+def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     """The group engine of `members` (their steps must all be collected)."""
     start = time.perf_counter()
     g = len(members)
@@ -79,7 +87,9 @@ def fuse(members: list[LLMEngine]) -> LLMEngine:
                 targets.extend(target)
                 physical.append(target)
             seq.block_ids = blocks.bind(physical)
+    exchange_start = time.perf_counter()
     moved = _exchange(executors, ranks, transfers)
+    exchange_s = time.perf_counter() - exchange_start
     for h, full_blocks in enumerate(homed):  # the other stages' sub-blocks were sent away
         stages[h].give(b * g + j for b in full_blocks for j in range(g) if j != h)
     # The group runs what its members ran: their sequence slots add up.
@@ -90,14 +100,15 @@ def fuse(members: list[LLMEngine]) -> LLMEngine:
         group.take_over(member, running, waiting)
     group.scheduler.running.sort(key=lambda s: s.metrics.first_scheduled_time or 0.0)
     group.scheduler.waiting = deque(sorted(group.scheduler.waiting, key=lambda s: s.metrics.arrival_time))
+    stats = TransitionStats(time.perf_counter() - start, exchange_s, moved)
     logger.info(
-        "fused %d replicas into a pipeline in %.1f ms: %d running requests, %d KV sub-blocks exchanged",
-        g, (time.perf_counter() - start) * 1e3, len(group.scheduler.running), moved,
+        "fused %d replicas into a pipeline in %.1f ms (KV exchange %.1f ms): %d running requests, %d sub-blocks",
+        g, stats.duration_s * 1e3, exchange_s * 1e3, len(group.scheduler.running), moved,
     )
-    return group
+    return group, stats
 
 
-def split(group: LLMEngine, members: list[LLMEngine]) -> list[RequestOutput]:
+def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutput], TransitionStats]:
     """Turn the group back into its member replicas; returns the outputs of the steps that
     were still in flight (the caller delivers them)."""
     start = time.perf_counter()
@@ -135,10 +146,12 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> list[RequestOutput]:
                 pair = local[h] if r == h else transfers.setdefault((r, h), ([], []))
                 pair[0].extend(sources)
                 pair[1].extend(dests)
+    exchange_start = time.perf_counter()
     for h, (sources, dests) in enumerate(local):
         if sources:
             executors[h].call(0, "move_kv", sources, dests)
     moved = _exchange(executors, ranks, transfers)
+    exchange_s = time.perf_counter() - exchange_start
     _restore_weights(executors, ranks, num_layers)
     for h, member in enumerate(members):
         member.reset_block_pool()
@@ -147,11 +160,12 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> list[RequestOutput]:
             seq.block_ids = home_blocks[seq.request_id]
             member.block_manager.claim(seq.block_ids)
         member.take_over(group, mine, waiting[h::g])
+    stats = TransitionStats(time.perf_counter() - start, exchange_s, moved)
     logger.info(
-        "split a pipeline into %d replicas in %.1f ms: %d running requests, %d KV sub-blocks moved between devices",
-        g, (time.perf_counter() - start) * 1e3, len(running), moved,
+        "split a pipeline into %d replicas in %.1f ms (KV moves %.1f ms): %d running requests, %d sub-blocks",
+        g, stats.duration_s * 1e3, exchange_s * 1e3, len(running), moved,
     )
-    return outputs
+    return outputs, stats
 
 
 def _exchange(executors: list[MultiprocExecutor], ranks: list[int], transfers: Transfers) -> int:

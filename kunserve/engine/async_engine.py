@@ -76,7 +76,14 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting_requests: int | None = None,
+        streams: dict[str, RequestStream] | None = None,
+    ) -> None:
+        """`streams`: a registry shared by a cluster's engines, so a request's outputs reach
+        its stream whichever engine runs it after a drop or restore."""
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.error: BaseException | None = None
@@ -84,10 +91,14 @@ class AsyncEngine:
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
-        self._streams: dict[str, RequestStream] = {}  # touched on the event loop only
-        # KV demand of requests handed over but not yet queued, as two one-writer counters.
-        self._blocks_handed = 0  # written on the event loop
-        self._blocks_queued = 0  # written on the engine thread
+        self._streams: dict[str, RequestStream] = {} if streams is None else streams  # event loop only
+        # Held by the loop around each step; a drop or restore holds it to change the engine.
+        self._step_lock = threading.Lock()
+        # After a drop made another engine run this one's requests: where requests now go.
+        self.forward_to: AsyncEngine | None = None
+        # KV demand of requests handed over but not yet in the engine's queue.
+        self._pending_blocks = 0
+        self._pending_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -112,10 +123,11 @@ class AsyncEngine:
     # ---- the event-loop side ----------------------------------------------------------------
 
     def kv_demand_blocks(self) -> int | None:
-        """The engine's KV demand including requests still in hand-over; None when dead."""
-        if not self.is_alive:
+        """The engine's KV demand including requests still in hand-over; None when dead or
+        merged into a group (not a replica to send requests to)."""
+        if not self.is_alive or self.forward_to is not None:
             return None
-        return self.engine.kv_demand_blocks() + self._blocks_handed - self._blocks_queued
+        return self.engine.kv_demand_blocks() + self._pending_blocks
 
     @property
     def num_waiting(self) -> int:
@@ -126,6 +138,8 @@ class AsyncEngine:
         self, request_ids: Seq[str], prompts: Seq[PromptInput], params: Seq[SamplingParams]
     ) -> RequestStream:
         """Validate all (ValueError names the field), then queue all; call from the event loop."""
+        if self.forward_to is not None:
+            return self.forward_to.add_requests(request_ids, prompts, params)
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.error!r}")
         seqs = [self.engine.make_sequence(rid, p, sp) for rid, p, sp in zip(request_ids, prompts, params)]
@@ -135,19 +149,66 @@ class AsyncEngine:
         stream = RequestStream(self, list(request_ids))
         for seq in seqs:
             self._streams[seq.request_id] = stream
-            self._blocks_handed += self.engine.block_manager.blocks_for(len(seq))
-            self._adds.put(seq)
+            self._hand(seq)
         self._wake.set()
         return stream
 
+    def _hand(self, seq: Sequence) -> None:
+        with self._pending_lock:
+            self._pending_blocks += self.engine.block_manager.blocks_for(len(seq))
+        self._adds.put(seq)
+
+    def _next_handed(self) -> Sequence:
+        seq = self._adds.get()
+        with self._pending_lock:
+            self._pending_blocks -= self.engine.block_manager.blocks_for(len(seq))
+        return seq
+
     def abort(self, request_id: str) -> None:
+        if self.forward_to is not None:
+            self.forward_to.abort(request_id)
+            return
         self._aborts.put(request_id)
         self._wake.set()
+
+    # ---- changing what this loop runs (a drop or restore, from the coordinator) --------------
+
+    def pause(self) -> None:
+        """Wait until the loop is between steps and keep it there; queued adds and aborts are
+        applied to the engine first, so the engine holds every request handed to this loop."""
+        self._step_lock.acquire()
+        self._take_inbox()
+
+    def resume(self) -> None:
+        self._step_lock.release()
+        self._wake.set()
+
+    def merge_into(self, owner: AsyncEngine) -> None:
+        """While paused: requests now go to `owner` (which runs this engine's requests)."""
+        self.forward_to = owner
+        self._forward_inbox()
+
+    def _forward_inbox(self) -> None:
+        """Pass requests and aborts that reached this loop after it was merged to the owner."""
+        assert self.forward_to is not None
+        while not self._adds.empty():
+            self.forward_to._hand(self._next_handed())
+        while not self._aborts.empty():
+            self.forward_to.abort(self._aborts.get())
+        self.forward_to._wake.set()
+
+    def unmerge(self) -> None:
+        self.forward_to = None
 
     def drop_stream(self, stream: RequestStream) -> None:
         for request_id in stream.request_ids:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
+
+    def deliver_from_thread(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs produced off the event loop (by a transition) to their streams."""
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -155,8 +216,8 @@ class AsyncEngine:
             if stream is not None:
                 stream.put(out)
 
-    def _fail_all(self, error: BaseException) -> None:
-        for stream in set(self._streams.values()):
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        for stream in {self._streams[rid] for rid in request_ids if rid in self._streams}:
             stream.put(EngineDeadError(f"the engine stopped after an error: {error!r}"))
 
     # ---- the engine thread ------------------------------------------------------------------
@@ -168,21 +229,26 @@ class AsyncEngine:
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait()
                 self._wake.clear()
-                self._take_inbox()
-                outputs = self.engine.step()
+                with self._step_lock:
+                    if self.forward_to is not None:  # merged: the owner runs everything
+                        self._forward_inbox()
+                        continue
+                    self._take_inbox()
+                    outputs = self.engine.step()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as error:
             logger.exception("engine step failed; failing all its requests")
             self.error = error
-            self._loop.call_soon_threadsafe(self._fail_all, error)
+            lost = self.engine.unfinished_request_ids()
+            while not self._adds.empty():
+                lost.append(self._next_handed().request_id)
+            self._loop.call_soon_threadsafe(self._fail, lost, error)
             self.engine.shutdown()
 
     def _take_inbox(self) -> None:
         # Adds before aborts: an abort may name a request added in the same batch.
         while not self._adds.empty():
-            seq = self._adds.get()
-            self.engine.add_sequence(seq)
-            self._blocks_queued += self.engine.block_manager.blocks_for(len(seq))
+            self.engine.add_sequence(self._next_handed())
         while not self._aborts.empty():
             self.engine.abort_request(self._aborts.get())

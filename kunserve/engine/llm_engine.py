@@ -155,6 +155,9 @@ class LLMEngine:
         bm = self.block_manager
         return bm.num_total_blocks - bm.num_free_blocks + self.scheduler.num_waiting_blocks
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._sequences)
+
     def hand_over(self) -> tuple[list[Sequence], list[Sequence]]:
         """Give up all requests (running, waiting) for another engine to `take_over`; nothing
         may be in flight. Their blocks are the caller's to account for."""

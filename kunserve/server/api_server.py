@@ -4,6 +4,7 @@ health and Prometheus metrics. The engine runs on its own thread (AsyncEngine)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -19,9 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import kunserve
 from kunserve.cluster.cluster import Cluster
+from kunserve.cluster.coordinator import CoordinatorConfig
 from kunserve.config import EngineConfig
 from kunserve.server.metrics import ServerMetrics
-from kunserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from kunserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, DropRequest, RestoreRequest
 from kunserve.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class ServerConfig:
     max_waiting_requests: int | None = None  # per replica; beyond it, 503 with Retry-After; None: no limit
     num_replicas: int = 1  # data-parallel replicas, each on its own device(s)
     dispatch_policy: str = "least_loaded"  # or "round_robin"
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)  # drop / restore policy
     retry_after_s: int = 1  # the Retry-After a 503 suggests
     log_level: str = "info"
 
@@ -47,6 +50,7 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
     for index, replica in enumerate(cluster.engines):
         replica.stats_listener = metrics.for_engine(index).record_step
     metrics.replicas_alive.set_function(lambda: cluster.num_alive)
+    metrics.watch_cluster(cluster.coordinator)
     serving = OpenAIServing(
         cluster, names, cluster.tokenizer, config.retry_after_s, metrics.requests_rejected_queue_full.inc
     )
@@ -88,6 +92,29 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
         ]
         return {"object": "list", "data": cards}
 
+    @app.get("/v1/cluster", dependencies=authorized)
+    async def cluster_state() -> dict:
+        return cluster.coordinator.describe()
+
+    @app.post("/v1/cluster/drop", dependencies=authorized)
+    async def cluster_drop(body: DropRequest) -> dict:
+        members = body.replicas or cluster.coordinator.replicas_in_replica_mode()[: cluster.coordinator.config.group_size]
+        try:
+            transition = await asyncio.to_thread(cluster.coordinator.drop, members, "operator")
+        except ValueError as error:
+            raise APIError(400, str(error), "replicas") from None
+        return dataclasses.asdict(transition)
+
+    @app.post("/v1/cluster/restore", dependencies=authorized)
+    async def cluster_restore(body: RestoreRequest) -> dict:
+        try:
+            transition = await asyncio.to_thread(cluster.coordinator.restore, body.group, "operator")
+        except ValueError as error:
+            raise APIError(400, str(error), "group") from None
+        except RuntimeError as error:
+            raise APIError(503, f"restore not possible now: {error}") from None
+        return dataclasses.asdict(transition)
+
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200 if cluster.is_alive else 503)
@@ -126,7 +153,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
-    cluster = Cluster.launch(engine_config, config.num_replicas, config.dispatch_policy, config.max_waiting_requests)
+    cluster = Cluster.launch(engine_config, config.num_replicas, config.dispatch_policy, config.max_waiting_requests,
+                             config.coordinator)
     app = build_app(cluster, config)
     logger.info("serving %s on http://%s:%d", cluster.first.model.name, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kunserve.cluster.coordinator import Coordinator, Transition
 from kunserve.engine.stats import StepStats
 
 # Bucket upper bounds, in seconds (latencies) or tokens (lengths).
@@ -15,6 +16,7 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.
                          2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TRANSITION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
@@ -82,6 +84,41 @@ class ServerMetrics:
         ).labels(model_name)
         self.replicas_alive = Gauge("kunserve:replicas_alive", "Replicas serving (a dead worker takes one down).",
                                     ["model_name"], registry=registry).labels(model_name)
+
+        self.drops = Counter("kunserve:drops", "Drops: replicas fused into a pipeline group.", ["model_name"],
+                             registry=registry).labels(model_name)
+        self.restores = Counter("kunserve:restores", "Restores: groups split back into replicas.", ["model_name"],
+                                registry=registry).labels(model_name)
+        self.drop_duration = Histogram("kunserve:drop_duration_seconds", "Drop decision to blocks usable.",
+                                       ["model_name"], buckets=TRANSITION_BUCKETS, registry=registry).labels(model_name)
+        self.kv_exchange_duration = Histogram(
+            "kunserve:kv_exchange_duration_seconds", "KV moved between devices in a drop or restore.", ["model_name"],
+            buckets=TRANSITION_BUCKETS, registry=registry,
+        ).labels(model_name)
+        self.restore_duration = Histogram("kunserve:restore_duration_seconds", "Restore until replicas run again.",
+                                          ["model_name"], buckets=TRANSITION_BUCKETS, registry=registry
+                                          ).labels(model_name)
+        self.group_mode = Gauge("kunserve:group_mode", "0: a replica; 1: a stage of a pipeline group.", labels,
+                                registry=registry)
+        self.layers_held = Gauge("kunserve:layers_held", "Decoder layers whose weights the replica's device holds.",
+                                 labels, registry=registry)
+
+    def watch_cluster(self, coordinator: Coordinator) -> None:
+        """Gauges read from the coordinator at scrape time; transitions counted as they happen."""
+        for index in range(len(coordinator.cluster.engines)):
+            labels = (self.model_name, str(index))
+            self.group_mode.labels(*labels).set_function(lambda i=index: coordinator.mode_of(i) == "pipeline")
+            self.layers_held.labels(*labels).set_function(lambda i=index: coordinator.layers_held(i))
+        coordinator.on_transition = self.record_transition
+
+    def record_transition(self, transition: Transition) -> None:
+        if transition.kind == "drop":
+            self.drops.inc()
+            self.drop_duration.observe(transition.duration_s)
+        else:
+            self.restores.inc()
+            self.restore_duration.observe(transition.duration_s)
+        self.kv_exchange_duration.observe(transition.exchange_s)
 
     def for_engine(self, index: int) -> EngineMetrics:
         return EngineMetrics(self, str(index))

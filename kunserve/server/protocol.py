@@ -112,3 +112,11 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     add_generation_prompt: bool = True
+
+
+class DropRequest(BaseModel):
+    replicas: list[int] | None = None  # None: the first replicas in replica mode, a group's worth
+
+
+class RestoreRequest(BaseModel):
+    group: int = 0

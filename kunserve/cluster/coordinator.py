@@ -1,0 +1,244 @@
+"""The coordinator: when to drop (fuse replicas into a pipeline group) and when to restore,
+and carrying it out on the live cluster while requests keep arriving.
+
+State per replica: replica → (drop) → stage of a group → (restore) → replica. A drop is
+decided when a replica's queued KV demand exceeds its free blocks for `drop_after_s`; a
+restore when a group's demand fits in `restore_fill` of its members' replica capacity for
+`restore_after_s` (hysteresis: the two thresholds and durations keep it from flapping). A
+transition pauses the members' engine loops between steps, runs kunserve/cluster/
+transitions.py, and points the members' loops at the group (or back)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from kunserve.cluster.transitions import TransitionStats, fuse, split
+from kunserve.engine.llm_engine import LLMEngine
+
+if TYPE_CHECKING:
+    from kunserve.cluster.cluster import Cluster
+
+logger = logging.getLogger(__name__)
+
+OVERLOAD_POLICIES = ("kunserve", "recompute")
+HISTORY_LENGTH = 32  # transitions kept for GET /v1/cluster
+
+
+@dataclass
+class CoordinatorConfig:
+    overload_policy: str = "kunserve"  # "recompute": never drop, preempt and recompute as vLLM does
+    group_size: int = 2  # replicas fused per group
+    check_interval_s: float = 0.05
+    drop_after_s: float = 0.2  # queued demand above free blocks this long: drop
+    restore_after_s: float = 2.0  # demand within restore_fill of replica capacity this long: restore
+    restore_fill: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.overload_policy not in OVERLOAD_POLICIES:
+            raise ValueError(f"overload_policy: expected one of {OVERLOAD_POLICIES}, got {self.overload_policy!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size: must be >= 2, got {self.group_size}")
+        if not 0 < self.restore_fill <= 1:
+            raise ValueError(f"restore_fill: must be in (0, 1], got {self.restore_fill}")
+
+
+@dataclass
+class Group:
+    members: list[int]  # replica indices; member r is stage r
+    engine: LLMEngine
+    formed_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Transition:
+    kind: str  # "drop" | "restore"
+    members: list[int]
+    at: float  # time.time()
+    duration_s: float
+    exchange_s: float
+    sub_blocks_moved: int
+    reason: str
+
+
+class Coordinator:
+    def __init__(
+        self, cluster: Cluster, config: CoordinatorConfig, on_transition: Callable[[Transition], None] | None = None
+    ) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.on_transition = on_transition
+        self.groups: list[Group] = []
+        self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
+        self._lock = threading.Lock()  # one transition at a time
+        self._overloaded_since: dict[int, float] = {}
+        self._calm_since: dict[int, float] = {}  # by id(group)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- the policy loop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.config.overload_policy != "kunserve" or len(self.cluster.engines) < self.config.group_size:
+            return
+        self._thread = threading.Thread(target=self._watch, name="kunserve-coordinator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.check_interval_s):
+            try:
+                self.check(time.monotonic())
+            except Exception:
+                logger.exception("coordinator check failed; will look again")
+
+    def check(self, now: float) -> None:
+        """One look at the cluster: drop or restore where the policy says so."""
+        config = self.config
+        free = self.replicas_in_replica_mode()
+        for i in free:
+            engine = self.cluster.engines[i]
+            if engine.scheduler.num_waiting_blocks > engine.block_manager.num_free_blocks:
+                self._overloaded_since.setdefault(i, now)
+            else:
+                self._overloaded_since.pop(i, None)
+        due = [i for i, since in self._overloaded_since.items() if now - since >= config.drop_after_s and i in free]
+        if due and len(free) >= config.group_size:
+            first = due[0]
+            others = sorted((i for i in free if i != first), key=self._replica_demand)
+            self.drop([first, *others[: config.group_size - 1]], reason=f"replica {first} overloaded")
+            return
+        for group in list(self.groups):
+            capacity = sum(self.cluster.engines[m].block_manager.num_total_blocks for m in group.members)
+            if group.engine.kv_demand_blocks() <= config.restore_fill * capacity:
+                since = self._calm_since.setdefault(id(group), now)
+                if now - since >= config.restore_after_s:
+                    try:
+                        self.restore(self.groups.index(group), reason="demand fits the replicas again")
+                    except RuntimeError as error:
+                        logger.warning("restore put off: %s", error)
+                        self._calm_since.pop(id(group), None)
+            else:
+                self._calm_since.pop(id(group), None)
+
+    def _replica_demand(self, index: int) -> int:
+        return self.cluster.engines[index].kv_demand_blocks()
+
+    # ---- transitions --------------------------------------------------------------------------
+
+    def replicas_in_replica_mode(self) -> list[int]:
+        grouped = {m for group in self.groups for m in group.members}
+        return [i for i, r in enumerate(self.cluster.replicas) if i not in grouped and r.is_alive]
+
+    def drop(self, members: list[int], reason: str = "requested") -> Transition:
+        """Fuse these replicas (member r becomes stage r) into a pipeline group."""
+        with self._lock:
+            free = self.replicas_in_replica_mode()
+            if len(members) < 2 or len(set(members)) != len(members) or not set(members) <= set(free):
+                raise ValueError(f"replicas: {members} must be two or more distinct replicas in replica mode {free}")
+            loops = [self.cluster.replicas[i] for i in members]
+            for loop in loops:
+                loop.pause()
+            try:
+                group_engine, stats = fuse([self.cluster.engines[i] for i in members])
+                owner = loops[0]
+                owner.engine = group_engine
+                for loop in loops[1:]:
+                    loop.merge_into(owner)
+            finally:
+                for loop in loops:
+                    loop.resume()
+            self.groups.append(Group(members, group_engine))
+            for i in members:
+                self._overloaded_since.pop(i, None)
+            return self._record("drop", members, stats, reason)
+
+    def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
+        """Split a group back into its replicas."""
+        with self._lock:
+            if not 0 <= group_index < len(self.groups):
+                raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
+            group = self.groups[group_index]
+            loops = [self.cluster.replicas[i] for i in group.members]
+            for loop in loops:
+                loop.pause()
+            try:
+                outputs, stats = split(group.engine, [self.cluster.engines[i] for i in group.members])
+                owner = loops[0]
+                owner.engine = self.cluster.engines[group.members[0]]
+                for loop in loops[1:]:
+                    loop.unmerge()
+                owner.deliver_from_thread(outputs)
+            finally:
+                for loop in loops:
+                    loop.resume()
+            self.groups.remove(group)
+            self._calm_since.pop(id(group), None)
+            return self._record("restore", group.members, stats, reason)
+
+    def _record(self, kind: str, members: list[int], stats: TransitionStats, reason: str) -> Transition:
+        transition = Transition(kind, list(members), time.time(), stats.duration_s, stats.exchange_s,
+                                stats.sub_blocks_moved, reason)
+        self.history.append(transition)
+        logger.info("transition %s", asdict(transition))
+        if self.on_transition is not None:
+            self.on_transition(transition)
+        return transition
+
+    # ---- what operators see -------------------------------------------------------------------
+
+    def mode_of(self, replica: int) -> str:
+        return "pipeline" if any(replica in group.members for group in self.groups) else "replica"
+
+    def engine_of(self, replica: int) -> LLMEngine:
+        """The engine running the replica's requests now: its own, or its group's."""
+        for group in self.groups:
+            if replica in group.members:
+                return group.engine
+        return self.cluster.engines[replica]
+
+    def layers_held(self, replica: int) -> int:
+        num_layers = self.cluster.engines[replica].spec.num_layers
+        for group in self.groups:
+            if replica in group.members:
+                return num_layers // len(group.members)
+        return num_layers
+
+    def describe(self) -> dict:
+        engines = self.cluster.engines
+        replicas = [
+            {
+                "replica": i,
+                "mode": self.mode_of(i),
+                "alive": self.cluster.replicas[i].is_alive,
+                "layers_held": self.layers_held(i),
+                "kv_usage": self.engine_of(i).block_manager.usage,
+                "queued_demand_blocks": self.engine_of(i).scheduler.num_waiting_blocks,
+            }
+            for i in range(len(engines))
+        ]
+        groups = [
+            {
+                "members": group.members,
+                "kv_usage": group.engine.block_manager.usage,
+                "kv_blocks": group.engine.block_manager.num_total_blocks,
+                "queued_demand_blocks": group.engine.scheduler.num_waiting_blocks,
+                "running": len(group.engine.scheduler.running),
+            }
+            for group in self.groups
+        ]
+        return {
+            "overload_policy": self.config.overload_policy,
+            "replicas": replicas,
+            "groups": groups,
+            "transitions": [asdict(t) for t in self.history],
+        }

@@ -1,0 +1,119 @@
+"""Drop and restore on a live cluster: engine loops keep running, requests keep arriving.
+
+Specified: requests sent in a steady stream while an operator drops and restores (through
+the HTTP endpoints) all complete with the tokens of an uninterrupted run; under a burst
+that overloads two KV-starved replicas, the kunserve policy drops on its own and admits
+queued requests that the recompute policy leaves waiting, then restores; metrics and
+GET /v1/cluster show it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from server_harness import MAX_MODEL_LEN, RunningServer, scrape
+
+from kunserve import LLM, EngineConfig, RequestOutput, SamplingParams
+from kunserve.cluster.cluster import Cluster
+from kunserve.cluster.coordinator import CoordinatorConfig
+from kunserve.engine.async_engine import RequestStream
+from kunserve.sampling_params import RequestOutputKind
+from kunserve.server.api_server import ServerConfig
+
+MAX_TOKENS = 24
+PROMPTS = [[(5 * i + 17 * j) % 500 for j in range(8 + 9 * (i % 7))] for i in range(24)]
+
+
+def test_requests_sent_through_drops_and_restores_all_complete_unchanged(llama_dir: Path) -> None:
+    expected = [o.outputs[0].text for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]
+    server = RunningServer(llama_dir, ServerConfig(num_replicas=2, coordinator=CoordinatorConfig("recompute")),
+                           max_num_batched_tokens=64)
+    texts: dict[int, str] = {}
+
+    def send(i: int) -> None:
+        body = {"prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        texts[i] = response.json()["choices"][0]["text"] if response.status_code == 200 else response.text
+
+    def steady_stream() -> None:
+        senders = []
+        for i in range(len(PROMPTS)):
+            senders.append(threading.Thread(target=send, args=(i,)))
+            senders[-1].start()
+            time.sleep(0.05)
+        for sender in senders:
+            sender.join()
+
+    try:
+        traffic = threading.Thread(target=steady_stream)
+        traffic.start()
+        kinds = []
+        for _ in range(2):
+            time.sleep(0.2)
+            kinds.append(httpx.post(f"{server.url}/v1/cluster/drop", json={}, timeout=60).json()["kind"])
+            assert httpx.get(f"{server.url}/v1/cluster").json()["replicas"][1]["mode"] == "pipeline"
+            time.sleep(0.3)
+            kinds.append(httpx.post(f"{server.url}/v1/cluster/restore", json={}, timeout=60).json()["kind"])
+        traffic.join()
+        metrics = scrape(server)
+    finally:
+        server.stop()
+    assert kinds == ["drop", "restore", "drop", "restore"]
+    assert [texts[i] for i in range(len(PROMPTS))] == expected
+    assert metrics["kunserve:drops_total{}"] == 2 and metrics["kunserve:restores_total{}"] == 2
+
+
+def run_burst(llama_dir: Path, policy: str) -> tuple[list[RequestOutput], int, list[str]]:
+    """A burst of 16 requests on two replicas whose KV holds 12 blocks (192 tokens) each.
+    Returns the outputs, the most requests running at once, and the transitions."""
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=12, max_num_seqs=16,
+                          max_num_batched_tokens=64, worker_threads=1)
+    coordinator = CoordinatorConfig(policy, check_interval_s=0.01, drop_after_s=0.02, restore_after_s=0.2)
+    cluster = Cluster.launch(config, num_replicas=2, dispatch_policy="round_robin", coordinator=coordinator)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    most_running = 0
+
+    async def final(stream: RequestStream) -> RequestOutput:
+        outputs = [out async for out in stream]
+        return outputs[-1]
+
+    async def watch(done: asyncio.Event) -> None:
+        nonlocal most_running
+        while not done.is_set():
+            engines = {id(e): e for e in map(cluster.coordinator.engine_of, range(2))}.values()
+            most_running = max(most_running, sum(len(e.scheduler.running) for e in engines))
+            await asyncio.sleep(0.002)
+
+    async def run() -> list[RequestOutput]:
+        cluster.start(asyncio.get_running_loop())
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch(done))
+        streams = [cluster.add_requests([f"b{i}"], [PROMPTS[i][:8] * 5], [params]) for i in range(16)]
+        outputs = [await final(stream) for stream in streams]
+        while cluster.coordinator.groups:  # let the restore happen
+            await asyncio.sleep(0.01)
+        done.set()
+        await watcher
+        return outputs
+
+    try:
+        outputs = asyncio.run(run())
+        transitions = [t.kind for t in cluster.coordinator.history]
+    finally:
+        cluster.shutdown()
+    return outputs, most_running, transitions
+
+
+def test_a_burst_is_admitted_after_a_drop_that_recompute_leaves_queued(llama_dir: Path) -> None:
+    recompute, recompute_running, recompute_transitions = run_burst(llama_dir, "recompute")
+    kunserve, kunserve_running, kunserve_transitions = run_burst(llama_dir, "kunserve")
+    assert recompute_transitions == [] and kunserve_transitions[:2] == ["drop", "restore"]
+    assert kunserve_running > recompute_running
+    assert [o.outputs[0].token_ids for o in kunserve] == [o.outputs[0].token_ids for o in recompute]
+    queue = {name: sum(o.metrics.first_scheduled_time - o.metrics.arrival_time for o in outs) / len(outs)
+             for name, outs in (("recompute", recompute), ("kunserve", kunserve))}
+    print(f"most running: recompute {recompute_running}, kunserve {kunserve_running}; mean queue time (s): {queue}")
