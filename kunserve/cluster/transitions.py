@@ -40,6 +40,7 @@ class TransitionStats:
     duration_s: float  # decision to blocks usable (fuse) / to replicas running again (split)
     exchange_s: float  # of that, moving KV between devices
     sub_blocks_moved: int
+    weights_s: float = 0.0  # of a split: refilling the dropped weights from the peers
 
 
 Transfers = dict[tuple[int, int], tuple[list[int], list[int]]]  # (src stage, dst stage) -> (src ids, dst ids)
@@ -66,9 +67,10 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     handed = [m.hand_over() for m in members]
     stages = []
     for r, member in enumerate(members):
-        pool = sorted(member.block_manager.pool)
-        stage = BlockManager(block_size, [b * g + j for b in pool for j in range(g)] + released[r])
-        stage.claim(b * g + j for b in pool if not member.block_manager.is_free(b) for j in range(g))
+        pool = np.fromiter(member.block_manager.pool, dtype=np.int64)
+        used = np.fromiter((b for (running, _) in [handed[r]] for s in running for b in s.block_ids), dtype=np.int64)
+        stage = BlockManager(block_size, _sub_blocks(pool, g).tolist() + released[r])
+        stage.claim(_sub_blocks(used, g).tolist())
         stages.append(stage)
     blocks = StagedBlockManager(block_size, stages)
     transfers: Transfers = {}
@@ -131,8 +133,11 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     for h, member in enumerate(members):
         mine = [seq for seq, home in zip(running, homes) if home == h]
         need = sum(len(seq.block_ids) for seq in mine)
-        free_full = [b for b in sorted(member.block_manager.pool, reverse=True)
-                     if all(blocks.stages[h].is_free(b * g + j) for j in range(g))]
+        pool = np.sort(np.fromiter(member.block_manager.pool, dtype=np.int64))[::-1]
+        free = np.zeros(int(pool.max()) * g + g, dtype=bool)
+        free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
+        free[free_ids[free_ids < len(free)]] = True
+        free_full = pool[free[_sub_blocks(pool, g)].reshape(-1, g).all(axis=1)].tolist()
         if len(free_full) < need:
             raise RuntimeError(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full)}")
         targets = iter(free_full[:need])
@@ -152,7 +157,9 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
             executors[h].call(0, "move_kv", sources, dests)
     moved = _exchange(executors, ranks, transfers)
     exchange_s = time.perf_counter() - exchange_start
+    weights_start = time.perf_counter()
     _restore_weights(executors, ranks, num_layers)
+    weights_s = time.perf_counter() - weights_start
     for h, member in enumerate(members):
         member.reset_block_pool()
         mine = [seq for seq, home in zip(running, homes) if home == h]
@@ -160,12 +167,17 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
             seq.block_ids = home_blocks[seq.request_id]
             member.block_manager.claim(seq.block_ids)
         member.take_over(group, mine, waiting[h::g])
-    stats = TransitionStats(time.perf_counter() - start, exchange_s, moved)
+    stats = TransitionStats(time.perf_counter() - start, exchange_s, moved, weights_s)
     logger.info(
         "split a pipeline into %d replicas in %.1f ms (KV moves %.1f ms): %d running requests, %d sub-blocks",
         g, stats.duration_s * 1e3, exchange_s * 1e3, len(running), moved,
     )
     return outputs, stats
+
+
+def _sub_blocks(blocks: np.ndarray, num_stages: int) -> np.ndarray:
+    """The sub-block ids of full blocks, block by block: b·g + 0, ..., b·g + g-1."""
+    return (blocks[:, None] * num_stages + np.arange(num_stages)).ravel()
 
 
 def _exchange(executors: list[MultiprocExecutor], ranks: list[int], transfers: Transfers) -> int:

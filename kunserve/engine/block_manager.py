@@ -9,6 +9,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
+import numpy as np
+
 from kunserve.engine.sequence import Sequence
 
 
@@ -57,24 +59,30 @@ class BlockManager:
 
     def take(self, count: int) -> list[int]:
         """`count` free blocks, now in use (the caller checked there are enough)."""
-        taken = [-heapq.heappop(self._heap) for _ in range(count)]
-        self._free.difference_update(taken)
+        taken: list[int] = []
+        while len(taken) < count:
+            block = -heapq.heappop(self._heap)
+            if block in self._free:  # else a stale entry: claimed or removed since it was pushed
+                self._free.remove(block)
+                taken.append(block)
         return taken
 
     def claim(self, block_ids: Iterable[int]) -> None:
-        """Mark these free blocks as in use (their KV is already there, e.g. after a drop)."""
+        """Mark these free blocks as in use (their KV is already there, e.g. after a drop);
+        their heap entries go stale and `take` skips them."""
         ids = set(block_ids)
         if not ids <= self._free:
             raise ValueError(f"blocks {sorted(ids - self._free)[:8]} are not free")
         self._free -= ids
-        self._heap = [-b for b in self._free]
-        heapq.heapify(self._heap)
 
     def give(self, block_ids: Iterable[int]) -> None:
         """Return blocks in use to the free pool."""
         for block in block_ids:
             self._free.add(block)
             heapq.heappush(self._heap, -block)
+
+    def free_ids(self) -> frozenset[int]:
+        return frozenset(self._free)
 
     def is_free(self, block: int) -> bool:
         return block in self._free
@@ -89,8 +97,13 @@ class BlockManager:
             raise ValueError(f"blocks {sorted(new & self._pool)[:8]} are already in the KV pool")
         self._pool |= new
         self._free |= new
-        for block in new:
-            heapq.heappush(self._heap, -block)
+        # An ascending list is a valid heap: sort the negated ids once instead of pushing each.
+        negated = np.sort(-np.fromiter(new, dtype=np.int64, count=len(new))).tolist()
+        if self._heap:
+            self._heap.extend(negated)
+            heapq.heapify(self._heap)
+        else:
+            self._heap = negated
 
     def remove_blocks(self, block_ids: Iterable[int]) -> None:
         """Take blocks out of the pool; refused unless every one of them is free."""
@@ -101,6 +114,4 @@ class BlockManager:
         if in_use:
             raise RuntimeError(f"cannot remove {len(in_use)} blocks still in use, e.g. {sorted(in_use)[:8]}")
         self._pool -= ids
-        self._free -= ids
-        self._heap = [-b for b in self._free]
-        heapq.heapify(self._heap)
+        self._free -= ids  # their heap entries go stale
