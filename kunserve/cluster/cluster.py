@@ -19,7 +19,7 @@ from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
 from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kunserve.engine.llm_engine import LLMEngine, PromptInput
-from kunserve.executor.multiproc import free_port
+from kunserve.executor.multiproc import MultiprocExecutor, free_port
 from kunserve.sampling_params import SamplingParams
 from kunserve.worker.worker_process import WorkerWorld
 
@@ -91,7 +91,21 @@ class Cluster:
             for engine in engines:
                 engine.shutdown()
             raise errors[0]
-        return cls(engines, dispatch_policy, max_waiting_requests, coordinator)
+        cluster = cls(engines, dispatch_policy, max_waiting_requests, coordinator)
+        cluster.warm_links()
+        return cluster
+
+    def warm_links(self) -> None:
+        """Open the device-to-device link of every pair of one-device replicas now, rather
+        than in the first drop (an NCCL communicator takes hundreds of ms to create)."""
+        executors = [e.executor for e in self.engines]
+        singles = [x for x in executors if isinstance(x, MultiprocExecutor) and len(x.workers) == 1]
+        for i, a in enumerate(singles):
+            for b in singles[i + 1 :]:
+                a.post(0, "warm_link", b.global_ranks[0], True)
+                b.post(0, "warm_link", a.global_ranks[0], False)
+                a.result(0)
+                b.result(0)
 
     # ---- what the server sees ---------------------------------------------------------------
 

@@ -181,15 +181,18 @@ def _sub_blocks(blocks: np.ndarray, num_stages: int) -> np.ndarray:
 
 
 def _exchange(executors: list[MultiprocExecutor], ranks: list[int], transfers: Transfers) -> int:
-    """Run each device pair's batched KV transfer; pairs one after another, so no two
-    workers wait on each other."""
-    for (src, dst), (sources, targets) in sorted(transfers.items()):
-        if not sources:
+    """Run the batched KV transfers, both directions of a device pair at once; pairs one
+    after another, so no two workers wait on each other."""
+    pairs = sorted({(min(src, dst), max(src, dst)) for src, dst in transfers})
+    for a, b in pairs:
+        a_to_b = transfers.get((a, b), ([], []))
+        b_to_a = transfers.get((b, a), ([], []))
+        if not a_to_b[0] and not b_to_a[0]:
             continue
-        executors[src].post(0, "send_kv", sources, ranks[dst])
-        executors[dst].post(0, "recv_kv", targets, ranks[src])
-        executors[src].result(0)
-        executors[dst].result(0)
+        executors[a].post(0, "exchange_kv", a_to_b[0], b_to_a[1], ranks[b])
+        executors[b].post(0, "exchange_kv", b_to_a[0], a_to_b[1], ranks[a])
+        executors[a].result(0)
+        executors[b].result(0)
     return sum(len(sources) for sources, _ in transfers.values())
 
 

@@ -69,6 +69,7 @@ def become_replica(worker: Worker, refill_from: dict[int, int] | None) -> None:
             worker.weights.load_layer(layer, weights)
         else:
             dist.recv(worker.arena.slot(layer), src=refill_from[layer])
+    _wait_for_device(worker)
     worker.model, worker.runner = worker.replica_model, worker.replica_runner
     worker.group = None
     worker.pipe_prev = worker.pipe_next = None
@@ -78,6 +79,25 @@ def send_layers(worker: Worker, layers: list[int], dst: int) -> None:
     """Send whole layer slots (weights) to global rank `dst`, in ascending layer order."""
     for layer in sorted(layers):
         dist.send(worker.arena.slot(layer), dst=dst)
+    _wait_for_device(worker)
+
+
+def warm_link(worker: Worker, peer: int, send: bool) -> None:
+    """One tiny transfer with global rank `peer`, so that the link (an NCCL communicator for
+    the pair, created lazily) exists before a drop needs it."""
+    probe = torch.zeros(1, dtype=worker.arena.buffer.dtype, device=worker.device)
+    if send:
+        dist.send(probe, dst=peer)
+    else:
+        dist.recv(probe, src=peer)
+    _wait_for_device(worker)
+
+
+def _wait_for_device(worker: Worker) -> None:
+    """NCCL transfers return to the host before the bytes have moved: wait for them, so the
+    reply to the driver means done (and transition timings mean what they say)."""
+    if worker.device.type == "cuda":
+        torch.cuda.synchronize(worker.device)
 
 
 def kv_view(worker: Worker) -> torch.Tensor:
@@ -91,6 +111,7 @@ def send_kv(worker: Worker, ids: list[int], dst: int) -> None:
     """Send the KV of these (sub-)blocks to global rank `dst` in one message."""
     view = kv_view(worker)
     dist.send(view.index_select(0, torch.tensor(ids, device=view.device)), dst=dst)
+    _wait_for_device(worker)
 
 
 def recv_kv(worker: Worker, ids: list[int], src: int) -> None:
@@ -99,6 +120,25 @@ def recv_kv(worker: Worker, ids: list[int], src: int) -> None:
     buffer = torch.empty((len(ids), *view.shape[1:]), dtype=view.dtype, device=view.device)
     dist.recv(buffer, src=src)
     view.index_copy_(0, torch.tensor(ids, device=view.device), buffer)
+    _wait_for_device(worker)
+
+
+def exchange_kv(worker: Worker, send_ids: list[int], recv_ids: list[int], peer: int) -> None:
+    """Both directions with global rank `peer` at once (the peer calls it with the lists
+    swapped): send the KV of `send_ids`, receive into `recv_ids`."""
+    view = kv_view(worker)
+    ops = []
+    if send_ids:
+        outgoing = view.index_select(0, torch.tensor(send_ids, device=view.device))
+        ops.append(dist.P2POp(dist.isend, outgoing, peer))
+    if recv_ids:
+        incoming = torch.empty((len(recv_ids), *view.shape[1:]), dtype=view.dtype, device=view.device)
+        ops.append(dist.P2POp(dist.irecv, incoming, peer))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    if recv_ids:
+        view.index_copy_(0, torch.tensor(recv_ids, device=view.device), incoming)
+    _wait_for_device(worker)
 
 
 def move_kv(worker: Worker, src_ids: list[int], dst_ids: list[int]) -> None:
@@ -106,6 +146,7 @@ def move_kv(worker: Worker, src_ids: list[int], dst_ids: list[int]) -> None:
     view = kv_view(worker)
     index = torch.tensor(src_ids, device=view.device)
     view.index_copy_(0, torch.tensor(dst_ids, device=view.device), view.index_select(0, index))
+    _wait_for_device(worker)
 
 
 def kv_digests(worker: Worker, ids: list[int]) -> list[str]:
