@@ -79,8 +79,9 @@ def test_kv_of_the_other_stage_moves_to_the_peer_bit_for_bit(cluster: Cluster) -
         e0.call(0, "become_stage", 0, STAGES)
         e1.call(0, "become_stage", 1, STAGES)
         sent = e0.call(0, "kv_digests", source)
-        e0.post(0, "send_kv", source, e1.global_ranks[0])
-        e1.post(0, "recv_kv", target, e0.global_ranks[0])
+        one_sub_block = e0.layout.sub_block_elems(STAGES) * e0.layout.elem_bytes  # many small messages
+        e0.post(0, "exchange_kv", source, [], e1.global_ranks[0], one_sub_block)
+        e1.post(0, "exchange_kv", [], target, e0.global_ranks[0], one_sub_block)
         e0.result(0)
         e1.result(0)
         received = e1.call(0, "kv_digests", target)

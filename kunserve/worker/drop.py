@@ -4,8 +4,8 @@ Dropping keeps layers [r·L/g, (r+1)·L/g) and releases the other layers' slots 
 arena: no copy, no allocation, and their bytes are KV memory at once. The KV cache is then
 seen as sub-blocks of L/g layers (block b's KV for this stage's layers is sub-block b·g + r,
 in place), so the KV of requests that were running here stays where it is; the sub-blocks of
-the other stages' layers go to the devices that now own those layers (`send_kv`/`recv_kv`,
-batched point-to-point). Restoring reclaims the slots (the control plane has emptied their
+the other stages' layers go to the devices that now own those layers (`exchange_kv`,
+batched point-to-point, both directions at once). Restoring reclaims the slots (the control plane has emptied their
 sub-blocks first) and refills the weights from the peer stage that holds them, or from the
 weight source when the peer is gone.
 """
@@ -20,6 +20,10 @@ import torch.distributed as dist
 from kunserve.model.decoder import DecoderStage
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.worker import Worker
+
+# Bytes of KV staged per transfer message each way during an exchange: large enough to run
+# at link speed, small enough to fit beside a full KV cache.
+KV_EXCHANGE_CHUNK_BYTES = 256 << 20
 
 
 def stage_layers(num_layers: int, stage: int, num_stages: int) -> range:
@@ -107,37 +111,27 @@ def kv_view(worker: Worker) -> torch.Tensor:
     return worker.arena.stage_kv_cache(worker.group[1])
 
 
-def send_kv(worker: Worker, ids: list[int], dst: int) -> None:
-    """Send the KV of these (sub-)blocks to global rank `dst` in one message."""
-    view = kv_view(worker)
-    dist.send(view.index_select(0, torch.tensor(ids, device=view.device)), dst=dst)
-    _wait_for_device(worker)
-
-
-def recv_kv(worker: Worker, ids: list[int], src: int) -> None:
-    """Receive KV from global rank `src` into these (sub-)blocks (the sender's order)."""
-    view = kv_view(worker)
-    buffer = torch.empty((len(ids), *view.shape[1:]), dtype=view.dtype, device=view.device)
-    dist.recv(buffer, src=src)
-    view.index_copy_(0, torch.tensor(ids, device=view.device), buffer)
-    _wait_for_device(worker)
-
-
-def exchange_kv(worker: Worker, send_ids: list[int], recv_ids: list[int], peer: int) -> None:
+def exchange_kv(
+    worker: Worker, send_ids: list[int], recv_ids: list[int], peer: int, chunk_bytes: int = KV_EXCHANGE_CHUNK_BYTES
+) -> None:
     """Both directions with global rank `peer` at once (the peer calls it with the lists
-    swapped): send the KV of `send_ids`, receive into `recv_ids`."""
+    swapped): send the KV of `send_ids`, receive into `recv_ids`. In chunks of at most
+    `chunk_bytes` each way (both sides must agree), so the staging memory stays small."""
     view = kv_view(worker)
-    ops = []
-    if send_ids:
-        outgoing = view.index_select(0, torch.tensor(send_ids, device=view.device))
-        ops.append(dist.P2POp(dist.isend, outgoing, peer))
-    if recv_ids:
-        incoming = torch.empty((len(recv_ids), *view.shape[1:]), dtype=view.dtype, device=view.device)
-        ops.append(dist.P2POp(dist.irecv, incoming, peer))
-    for request in dist.batch_isend_irecv(ops) if ops else []:
-        request.wait()
-    if recv_ids:
-        view.index_copy_(0, torch.tensor(recv_ids, device=view.device), incoming)
+    per_chunk = max(1, chunk_bytes // (view[0].numel() * view.element_size()))
+    for start in range(0, max(len(send_ids), len(recv_ids)), per_chunk):
+        sending, receiving = send_ids[start : start + per_chunk], recv_ids[start : start + per_chunk]
+        ops = []
+        if sending:
+            outgoing = view.index_select(0, torch.tensor(sending, device=view.device))
+            ops.append(dist.P2POp(dist.isend, outgoing, peer))
+        if receiving:
+            incoming = torch.empty((len(receiving), *view.shape[1:]), dtype=view.dtype, device=view.device)
+            ops.append(dist.P2POp(dist.irecv, incoming, peer))
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        if receiving:
+            view.index_copy_(0, torch.tensor(receiving, device=view.device), incoming)
     _wait_for_device(worker)
 
 

@@ -31,8 +31,6 @@ WORKER_CALLS = {
     "become_replica": drop.become_replica,
     "send_layers": drop.send_layers,
     "warm_link": drop.warm_link,
-    "send_kv": drop.send_kv,
-    "recv_kv": drop.recv_kv,
     "exchange_kv": drop.exchange_kv,
     "move_kv": drop.move_kv,
     "kv_digests": drop.kv_digests,
