@@ -22,14 +22,21 @@ from kunserve.sampling_params import RequestOutputKind
 
 MAX_MODEL_LEN = 256
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+# Seeded sampling: each request's random stream must survive moving between devices.
+SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True,
+                        output_kind=RequestOutputKind.FINAL_ONLY)
 PROMPTS = [[(7 * i + 13 * j) % 500 for j in range(n)] for i, n in enumerate((3, 19, 70, 130, 45, 8, 33, 90))]
+
+
+def single_device(llama_dir: Path, params: SamplingParams) -> dict[str, list[int]]:
+    llm = LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return {f"r{i}": out.outputs[0].token_ids for i, out in enumerate(outputs)}
 
 
 @pytest.fixture(scope="module")
 def reference(llama_dir: Path) -> dict[str, list[int]]:
-    llm = LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN)
-    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    return {f"r{i}": out.outputs[0].token_ids for i, out in enumerate(outputs)}
+    return single_device(llama_dir, GREEDY)
 
 
 @pytest.fixture(params=[2, 4], ids=["g2", "g4"])
@@ -49,12 +56,10 @@ def run_steps(engines: list[LLMEngine], steps: int, finished: dict[str, list[int
                 finished[out.request_id] = out.outputs[0].token_ids
 
 
-def test_requests_keep_their_tokens_across_drop_and_restore_cycles(
-    replicas: list[LLMEngine], reference: dict[str, list[int]]
-) -> None:
-    weights_before = [engine.executor.call(0, "weight_digests") for engine in replicas]  # type: ignore[attr-defined]
+def run_through_cycles(replicas: list[LLMEngine], params: SamplingParams) -> dict[str, list[int]]:
+    """Requests started on the replicas, then three drop → run → restore → run cycles."""
     for i, prompt in enumerate(PROMPTS):
-        replicas[i % len(replicas)].add_request(f"r{i}", prompt, GREEDY)
+        replicas[i % len(replicas)].add_request(f"r{i}", prompt, params)
     finished: dict[str, list[int]] = {}
     run_steps(replicas, 6, finished)
     for _ in range(3):
@@ -66,10 +71,23 @@ def test_requests_keep_their_tokens_across_drop_and_restore_cycles(
         run_steps(replicas, 4, finished)
     while any(engine.has_unfinished_requests() for engine in replicas):
         run_steps(replicas, 1, finished)
-    assert finished == reference
+    return finished
+
+
+def test_requests_keep_their_tokens_across_drop_and_restore_cycles(
+    replicas: list[LLMEngine], reference: dict[str, list[int]]
+) -> None:
+    weights_before = [engine.executor.call(0, "weight_digests") for engine in replicas]  # type: ignore[attr-defined]
+    assert run_through_cycles(replicas, GREEDY) == reference
     for engine in replicas:
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
     assert [engine.executor.call(0, "weight_digests") for engine in replicas] == weights_before  # type: ignore[attr-defined]
+
+
+def test_seeded_requests_keep_their_random_streams_across_cycles(
+    replicas: list[LLMEngine], llama_dir: Path
+) -> None:
+    assert run_through_cycles(replicas, SEEDED) == single_device(llama_dir, SEEDED)
 
 
 def test_a_drop_releases_memory_that_the_group_can_use(replicas: list[LLMEngine]) -> None:

@@ -65,6 +65,8 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
         for r, e in enumerate(executors)
     ]
     handed = [m.hand_over() for m in members]
+    for h, (running, waiting) in enumerate(handed[:-1]):  # the last stage samples for the group
+        _move_sampler_states(executors, h, g - 1, [s.request_id for s in running + waiting])
     stages = []
     for r, member in enumerate(members):
         pool = np.fromiter(member.block_manager.pool, dtype=np.int64)
@@ -160,6 +162,9 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     weights_start = time.perf_counter()
     _restore_weights(executors, ranks, num_layers)
     weights_s = time.perf_counter() - weights_start
+    for h in range(g - 1):  # the samplers' states follow the requests to their homes
+        mine = [seq for seq, home in zip(running, homes) if home == h] + waiting[h::g]
+        _move_sampler_states(executors, g - 1, h, [s.request_id for s in mine])
     for h, member in enumerate(members):
         member.reset_block_pool()
         mine = [seq for seq, home in zip(running, homes) if home == h]
@@ -173,6 +178,13 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
         g, stats.duration_s * 1e3, exchange_s * 1e3, len(running), moved,
     )
     return outputs, stats
+
+
+def _move_sampler_states(executors: list[MultiprocExecutor], src: int, dst: int, request_ids: list[str]) -> None:
+    """Seeded requests keep their random streams when another device samples for them."""
+    states = executors[src].call(0, "take_sampler_states", request_ids)
+    if states:
+        executors[dst].call(0, "give_sampler_states", states)
 
 
 def _sub_blocks(blocks: np.ndarray, num_stages: int) -> np.ndarray:

@@ -104,6 +104,15 @@ def _wait_for_device(worker: Worker) -> None:
         torch.cuda.synchronize(worker.device)
 
 
+def take_sampler_states(worker: Worker, request_ids: list[str]) -> dict[str, torch.Tensor]:
+    """Seeded requests' random-stream states, moving with them to the device that samples."""
+    return worker.replica_runner.sampler.take_states(request_ids)
+
+
+def give_sampler_states(worker: Worker, states: dict[str, torch.Tensor]) -> None:
+    worker.replica_runner.sampler.give_states(states)
+
+
 def kv_view(worker: Worker) -> torch.Tensor:
     """The KV cache as this device addresses it now: blocks, or a stage's sub-blocks."""
     if worker.group is None:

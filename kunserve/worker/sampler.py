@@ -21,6 +21,17 @@ class Sampler:
         for rid in request_ids:
             self._generators.pop(rid, None)
 
+    def take_states(self, request_ids: list[str]) -> dict[str, torch.Tensor]:
+        """The random-stream states of these requests' generators, which this sampler forgets
+        (their requests move to another device's sampler: `give_states` there)."""
+        return {rid: self._generators.pop(rid).get_state() for rid in request_ids if rid in self._generators}
+
+    def give_states(self, states: dict[str, torch.Tensor]) -> None:
+        for rid, state in states.items():
+            generator = torch.Generator(device=self.device)
+            generator.set_state(state)
+            self._generators[rid] = generator
+
     def __call__(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         """logits: [S, V] float32 -> token ids [S] int64."""
         greedy_tokens = logits.argmax(dim=-1)

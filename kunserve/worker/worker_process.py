@@ -33,6 +33,8 @@ WORKER_CALLS = {
     "warm_link": drop.warm_link,
     "exchange_kv": drop.exchange_kv,
     "move_kv": drop.move_kv,
+    "take_sampler_states": drop.take_sampler_states,
+    "give_sampler_states": drop.give_sampler_states,
     "kv_digests": drop.kv_digests,
     "weight_digests": drop.weight_digests,
 }
