@@ -64,6 +64,7 @@ def main() -> None:
                           gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.batch)
     cluster = Cluster.launch(config, num_replicas=2, coordinator=CoordinatorConfig("recompute"))
     engines = cluster.engines
+    cluster.open_links()  # as the coordinator does before its first drop
     try:
         rng = np.random.default_rng(0)
         params = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True,

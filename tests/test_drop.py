@@ -27,6 +27,7 @@ PROMPT = [(11 * j + 5) % 500 for j in range(40)]
 def cluster(llama_dir: Path) -> Iterator[Cluster]:
     config = EngineConfig(model=str(llama_dir), max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=64)
     launched = Cluster.launch(config, num_replicas=2, dispatch_policy="round_robin")
+    launched.open_links()
     yield launched
     launched.shutdown()
 
@@ -79,11 +80,8 @@ def test_kv_of_the_other_stage_moves_to_the_peer_bit_for_bit(cluster: Cluster) -
         e0.call(0, "become_stage", 0, STAGES)
         e1.call(0, "become_stage", 1, STAGES)
         sent = e0.call(0, "kv_digests", source)
-        one_sub_block = e0.layout.sub_block_elems(STAGES) * e0.layout.elem_bytes  # many small messages
-        e0.post(0, "exchange_kv", source, [], e1.global_ranks[0], one_sub_block)
-        e1.post(0, "exchange_kv", [], target, e0.global_ranks[0], one_sub_block)
-        e0.result(0)
-        e1.result(0)
+        one_sub_block = e0.layout.sub_block_elems(STAGES) * e0.layout.elem_bytes  # many small copies
+        e1.call(0, "pull_kv", e0.global_ranks[0], source, target, one_sub_block)
         received = e1.call(0, "kv_digests", target)
         untouched = e0.call(0, "kv_digests", [b * STAGES for b in blocks])
     finally:
@@ -106,11 +104,7 @@ def test_restoring_from_the_peer_gives_back_the_weights_and_the_tokens(cluster: 
     for executor, released in ((e0, [2, 3]), (e1, [0, 1])):
         slots = [i for layer in released for i in executor.layout.released_sub_blocks(layer, STAGES)][:8]
         executor.call(0, "move_kv", some_kv, slots)
-    e1.post(0, "send_layers", [2, 3], e0.global_ranks[0])
     e0.post(0, "become_replica", {2: e1.global_ranks[0], 3: e1.global_ranks[0]})
-    e1.result(0)
-    e0.result(0)
-    e0.post(0, "send_layers", [0, 1], e1.global_ranks[0])
     e1.post(0, "become_replica", {0: e0.global_ranks[0], 1: e0.global_ranks[0]})
     e0.result(0)
     e1.result(0)

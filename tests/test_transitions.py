@@ -45,6 +45,7 @@ def replicas(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[list[L
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=96,
                           max_num_seqs=6 // request.param, max_num_batched_tokens=64, worker_threads=1)
     cluster = Cluster.launch(config, num_replicas=request.param)
+    cluster.open_links()
     yield cluster.engines
     cluster.shutdown()
 

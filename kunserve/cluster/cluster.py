@@ -64,6 +64,8 @@ class Cluster:
         self.replicas = [AsyncEngine(engine, max_waiting_requests, streams) for engine in engines]
         self.dispatcher = Dispatcher(dispatch_policy)
         self.coordinator = Coordinator(self, coordinator or CoordinatorConfig())
+        self._arena_handles: dict[int, bytes] = {}
+        self._open_pairs: set[tuple[int, int]] = set()
 
     @classmethod
     def launch(
@@ -91,21 +93,35 @@ class Cluster:
             for engine in engines:
                 engine.shutdown()
             raise errors[0]
-        cluster = cls(engines, dispatch_policy, max_waiting_requests, coordinator)
-        cluster.warm_links()
-        return cluster
+        return cls(engines, dispatch_policy, max_waiting_requests, coordinator)
 
-    def warm_links(self) -> None:
-        """Open the device-to-device link of every pair of one-device replicas now, rather
-        than in the first drop (an NCCL communicator takes hundreds of ms to create)."""
-        executors = [e.executor for e in self.engines]
-        singles = [x for x in executors if isinstance(x, MultiprocExecutor) and len(x.workers) == 1]
-        for i, a in enumerate(singles):
-            for b in singles[i + 1 :]:
-                a.post(0, "warm_link", b.global_ranks[0], True)
-                b.post(0, "warm_link", a.global_ranks[0], False)
-                a.result(0)
-                b.result(0)
+    def open_links(self, members: list[int] | None = None) -> None:
+        """Map each member replica's arena into the other members' processes (once per
+        pair), so a drop copies device to device directly (mapping pays for a context on the
+        peer device), and open the pairs' activation links. Only when a drop needs them, not
+        at launch: a worker holding a dead peer's mapped arena hangs. The members' engine
+        loops must be paused (or not started)."""
+        indices = list(range(len(self.engines))) if members is None else members
+        executors: dict[int, MultiprocExecutor] = {}
+        for i in indices:
+            executor = self.engines[i].executor
+            if not isinstance(executor, MultiprocExecutor) or len(executor.workers) != 1:
+                raise ValueError("open_links: every replica must be one device in a worker process")
+            executors[i] = executor
+        for i, executor in executors.items():
+            if i not in self._arena_handles:
+                self._arena_handles[i] = executor.call(0, "export_arena")
+        for i in indices:
+            for j in indices:
+                if i < j and (i, j) not in self._open_pairs:
+                    a, b = executors[i], executors[j]
+                    a.call(0, "open_peer", b.global_ranks[0], self._arena_handles[j])
+                    b.call(0, "open_peer", a.global_ranks[0], self._arena_handles[i])
+                    a.post(0, "warm_link", b.global_ranks[0], True)
+                    b.post(0, "warm_link", a.global_ranks[0], False)
+                    a.result(0)
+                    b.result(0)
+                    self._open_pairs.add((i, j))
 
     # ---- what the server sees ---------------------------------------------------------------
 
@@ -133,8 +149,10 @@ class Cluster:
     def shutdown(self) -> None:
         self.coordinator.stop()
         for replica in self.replicas:
-            replica.shutdown()
-        for engine in self.engines:  # a group's owner loop held the group engine, not its own
+            replica.stop()
+        for engine in self.engines:  # all workers at once: they leave one shared world
+            engine.executor.request_shutdown()
+        for engine in self.engines:
             engine.shutdown()
 
     def add_requests(

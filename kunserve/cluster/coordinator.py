@@ -149,6 +149,7 @@ class Coordinator:
             for loop in loops:
                 loop.pause()
             try:
+                self.cluster.open_links(members)
                 group_engine, stats = fuse([self.cluster.engines[i] for i in members])
                 owner = loops[0]
                 owner.engine = group_engine

@@ -10,8 +10,9 @@ recomputed. Queued and running requests of all members move to the group's sched
 
 split: KV lying in a dropped layer's memory is moved out; each running request gets a home
 replica, where every stage's sub-blocks of each of its blocks are gathered into one full
-block; the dropped weights come back from the stages that kept them; each replica takes
-its requests (and a share of the queue) back.
+block; the dropped weights are copied back from the stages that kept them; each replica
+takes its requests (and a share of the queue) back. Devices copy from each other's arenas
+directly (mapped once, before the first drop: CUDA IPC, or shared memory on CPU).
 """
 
 from __future__ import annotations
@@ -193,18 +194,15 @@ def _sub_blocks(blocks: np.ndarray, num_stages: int) -> np.ndarray:
 
 
 def _exchange(executors: list[MultiprocExecutor], ranks: list[int], transfers: Transfers) -> int:
-    """Run the batched KV transfers, both directions of a device pair at once; pairs one
-    after another, so no two workers wait on each other."""
-    pairs = sorted({(min(src, dst), max(src, dst)) for src, dst in transfers})
-    for a, b in pairs:
-        a_to_b = transfers.get((a, b), ([], []))
-        b_to_a = transfers.get((b, a), ([], []))
-        if not a_to_b[0] and not b_to_a[0]:
-            continue
-        executors[a].post(0, "exchange_kv", a_to_b[0], b_to_a[1], ranks[b])
-        executors[b].post(0, "exchange_kv", b_to_a[0], a_to_b[1], ranks[a])
-        executors[a].result(0)
-        executors[b].result(0)
+    """Run the KV transfers: each destination pulls from the source's arena, all devices at
+    once (sources and destinations never overlap, so nothing races)."""
+    posted = []
+    for (src, dst), (sources, targets) in sorted(transfers.items()):
+        if sources:
+            executors[dst].post(0, "pull_kv", ranks[src], sources, targets)
+            posted.append(dst)
+    for dst in posted:
+        executors[dst].result(0)
     return sum(len(sources) for sources, _ in transfers.values())
 
 
@@ -243,16 +241,11 @@ def _choose_homes(running: list[Sequence], num_replicas: int) -> list[int]:
 
 
 def _restore_weights(executors: list[MultiprocExecutor], ranks: list[int], num_layers: int) -> None:
-    """Refill each member's dropped layers from the stage that kept them, one member at a time
-    (a member being refilled cannot send at the same time)."""
+    """Refill each member's dropped layers from the arenas of the stages that kept them, all
+    members at once (a kept layer's slot is only read)."""
     g = len(executors)
     owner = {layer: r for r in range(g) for layer in stage_layers(num_layers, r, g)}
     for h, executor in enumerate(executors):
-        missing = [layer for layer in range(num_layers) if owner[layer] != h]
-        senders = sorted({owner[layer] for layer in missing})
-        for r in senders:
-            executors[r].post(0, "send_layers", [k for k in missing if owner[k] == r], ranks[h])
-        executor.post(0, "become_replica", {layer: ranks[owner[layer]] for layer in missing})
-        for r in senders:
-            executors[r].result(0)
+        executor.post(0, "become_replica", {layer: ranks[r] for layer, r in owner.items() if r != h})
+    for executor in executors:
         executor.result(0)

@@ -109,11 +109,15 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="kunserve-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Stop the loop thread (the engine's workers keep running)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+
+    def shutdown(self) -> None:
+        self.stop()
         self.engine.shutdown()
 
     @property

@@ -47,5 +47,8 @@ class Executor(ABC):
     def reclaim_layer(self, layer: int) -> None:
         """Take local layer `layer`'s bytes back from the KV pool and refill its weights."""
 
+    def request_shutdown(self) -> None:
+        """Ask the workers to stop without waiting, so that many executors stop together."""
+
     def shutdown(self) -> None:
         """Stop the devices' workers (nothing to do in-process)."""

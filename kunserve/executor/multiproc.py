@@ -123,6 +123,9 @@ class MultiprocExecutor(Executor):
             self.workers.post(rank, "busy_clock_stop", None)
         return [self.workers.receive(rank, "busy_s") for rank in range(len(self.workers))]
 
+    def request_shutdown(self) -> None:
+        self.workers.request_shutdown()
+
     def shutdown(self) -> None:
         self.workers.shutdown()
 

@@ -70,13 +70,17 @@ class WorkerSet:
             self.fail(f"{handle.name} sent {kind!r} where {expected!r} was due")
         return payload
 
-    def shutdown(self) -> None:
+    def request_shutdown(self) -> None:
+        """Ask every worker to exit, without waiting (see `shutdown`)."""
         for handle in self.handles:
             if handle.process.is_alive():
                 try:
                     handle.conn.send(("shutdown", None))
                 except OSError:
                     pass  # it is exiting anyway
+
+    def shutdown(self) -> None:
+        self.request_shutdown()
         for handle in self.handles:
             handle.process.join(SHUTDOWN_GRACE_S)
             if handle.process.is_alive():

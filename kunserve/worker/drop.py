@@ -4,8 +4,9 @@ Dropping keeps layers [r·L/g, (r+1)·L/g) and releases the other layers' slots 
 arena: no copy, no allocation, and their bytes are KV memory at once. The KV cache is then
 seen as sub-blocks of L/g layers (block b's KV for this stage's layers is sub-block b·g + r,
 in place), so the KV of requests that were running here stays where it is; the sub-blocks of
-the other stages' layers go to the devices that now own those layers (`exchange_kv`,
-batched point-to-point, both directions at once). Restoring reclaims the slots (the control plane has emptied their
+the other stages' layers go to the devices that now own those layers: each device maps
+its peers' arenas once before the first drop (CUDA IPC; shared memory on CPU) and pulls what it needs
+(`pull_kv`), every device at once. Restoring reclaims the slots (the control plane has emptied their
 sub-blocks first) and refills the weights from the peer stage that holds them, or from the
 weight source when the peer is gone.
 """
@@ -13,6 +14,8 @@ weight source when the peer is gone.
 from __future__ import annotations
 
 import hashlib
+import pickle
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.distributed as dist
@@ -21,8 +24,8 @@ from kunserve.model.decoder import DecoderStage
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.worker import Worker
 
-# Bytes of KV staged per transfer message each way during an exchange: large enough to run
-# at link speed, small enough to fit beside a full KV cache.
+# Bytes of KV staged per copy during an exchange: large enough to run at link speed, small
+# enough to fit beside a full KV cache.
 KV_EXCHANGE_CHUNK_BYTES = 256 << 20
 
 
@@ -63,8 +66,9 @@ def become_stage(
 
 
 def become_replica(worker: Worker, refill_from: dict[int, int] | None) -> None:
-    """Reclaim the released slots and refill their weights: layer k received from global rank
-    `refill_from[k]` (which runs `send_layers`), or all from the weight source when None."""
+    """Reclaim the released slots and refill their weights: layer k copied from the arena of
+    global rank `refill_from[k]` (opened with `open_peer`), or all from the weight source when
+    None. Peers only read, so every member of a group can refill at once."""
     if worker.group is None:
         raise RuntimeError("not a stage of a group")
     for layer in sorted(worker.arena.released):
@@ -72,23 +76,36 @@ def become_replica(worker: Worker, refill_from: dict[int, int] | None) -> None:
         if refill_from is None:
             worker.weights.load_layer(layer, weights)
         else:
-            dist.recv(worker.arena.slot(layer), src=refill_from[layer])
+            peer = _peer_arena(worker, refill_from[layer])
+            start = worker.layout.slot_start_elem(layer)
+            worker.arena.slot(layer).copy_(peer[start : start + worker.layout.layer_elems], non_blocking=True)
     _wait_for_device(worker)
     worker.model, worker.runner = worker.replica_model, worker.replica_runner
     worker.group = None
     worker.pipe_prev = worker.pipe_next = None
 
 
-def send_layers(worker: Worker, layers: list[int], dst: int) -> None:
-    """Send whole layer slots (weights) to global rank `dst`, in ascending layer order."""
-    for layer in sorted(layers):
-        dist.send(worker.arena.slot(layer), dst=dst)
-    _wait_for_device(worker)
+def export_arena(worker: Worker) -> bytes:
+    """A handle to this device's arena that another worker process can map (CUDA IPC on a
+    GPU; shared memory on CPU, where the buffer moves into shared memory the first time)."""
+    buffer = worker.arena.buffer
+    if buffer.device.type == "cpu" and not buffer.is_shared():
+        buffer.share_memory_()  # in place: every view of the arena follows
+    return bytes(ForkingPickler.dumps(buffer))
+
+
+def open_peer(worker: Worker, peer: int, handle: bytes) -> None:
+    """Map global rank `peer`'s arena (from its `export_arena`) for direct copies."""
+    worker.peer_arenas[peer] = pickle.loads(handle)
 
 
 def warm_link(worker: Worker, peer: int, send: bool) -> None:
-    """One tiny transfer with global rank `peer`, so that the link (an NCCL communicator for
-    the pair, created lazily) exists before a drop needs it."""
+    """One tiny transfer with global rank `peer` over torch.distributed, so that the link a
+    pipeline's activations take (an NCCL communicator per pair, created lazily, hundreds of
+    ms) exists before the first step of a group needs it. Gloo (CPU) connects pairs fast
+    and would only tie the two processes' fates together early: nothing to do there."""
+    if worker.device.type != "cuda":
+        return
     probe = torch.zeros(1, dtype=worker.arena.buffer.dtype, device=worker.device)
     if send:
         dist.send(probe, dst=peer)
@@ -97,11 +114,18 @@ def warm_link(worker: Worker, peer: int, send: bool) -> None:
     _wait_for_device(worker)
 
 
+def _peer_arena(worker: Worker, peer: int) -> torch.Tensor:
+    if peer not in worker.peer_arenas:
+        raise RuntimeError(f"the arena of worker {peer} is not open here (open_peer)")
+    return worker.peer_arenas[peer]
+
+
 def _wait_for_device(worker: Worker) -> None:
-    """NCCL transfers return to the host before the bytes have moved: wait for them, so the
-    reply to the driver means done (and transition timings mean what they say)."""
+    """Copies return to the host before the bytes have moved: wait for every device this
+    process touched, so the reply to the driver means done (and timings mean what they say)."""
     if worker.device.type == "cuda":
-        torch.cuda.synchronize(worker.device)
+        for device in {worker.device, *(t.device for t in worker.peer_arenas.values())}:
+            torch.cuda.synchronize(device)
 
 
 def take_sampler_states(worker: Worker, request_ids: list[str]) -> dict[str, torch.Tensor]:
@@ -120,27 +144,19 @@ def kv_view(worker: Worker) -> torch.Tensor:
     return worker.arena.stage_kv_cache(worker.group[1])
 
 
-def exchange_kv(
-    worker: Worker, send_ids: list[int], recv_ids: list[int], peer: int, chunk_bytes: int = KV_EXCHANGE_CHUNK_BYTES
+def pull_kv(
+    worker: Worker, peer: int, src_ids: list[int], dst_ids: list[int], chunk_bytes: int = KV_EXCHANGE_CHUNK_BYTES
 ) -> None:
-    """Both directions with global rank `peer` at once (the peer calls it with the lists
-    swapped): send the KV of `send_ids`, receive into `recv_ids`. In chunks of at most
-    `chunk_bytes` each way (both sides must agree), so the staging memory stays small."""
+    """Copy the KV of (sub-)blocks `src_ids` of global rank `peer`'s arena (seen as this
+    device sees its own now) into `dst_ids` here: a gather on the peer's device, one
+    device-to-device copy, a scatter here; in chunks of at most `chunk_bytes` of staging."""
     view = kv_view(worker)
+    peer_view = _peer_arena(worker, peer).view(view.shape)
     per_chunk = max(1, chunk_bytes // (view[0].numel() * view.element_size()))
-    for start in range(0, max(len(send_ids), len(recv_ids)), per_chunk):
-        sending, receiving = send_ids[start : start + per_chunk], recv_ids[start : start + per_chunk]
-        ops = []
-        if sending:
-            outgoing = view.index_select(0, torch.tensor(sending, device=view.device))
-            ops.append(dist.P2POp(dist.isend, outgoing, peer))
-        if receiving:
-            incoming = torch.empty((len(receiving), *view.shape[1:]), dtype=view.dtype, device=view.device)
-            ops.append(dist.P2POp(dist.irecv, incoming, peer))
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        if receiving:
-            view.index_copy_(0, torch.tensor(receiving, device=view.device), incoming)
+    for start in range(0, len(src_ids), per_chunk):
+        sources = torch.tensor(src_ids[start : start + per_chunk], device=peer_view.device)
+        gathered = peer_view.index_select(0, sources).to(view.device, non_blocking=True)
+        view.index_copy_(0, torch.tensor(dst_ids[start : start + per_chunk], device=view.device), gathered)
     _wait_for_device(worker)
 
 

@@ -95,6 +95,8 @@ class Worker:
         # Global ranks of the neighbour stages (None: none, this stage embeds / samples).
         self.pipe_prev: int | None = None
         self.pipe_next: int | None = None
+        # Other workers' arenas mapped into this process, by global rank (kunserve/worker/drop.py).
+        self.peer_arenas: dict[int, torch.Tensor] = {}
         self.replica_model, self.replica_runner = self.model, self.runner
 
     def _decode_graphs(self, config: EngineConfig, max_model_len: int) -> DecodeGraphs | None:

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing
 
 from kunserve.config import EngineConfig
 from kunserve.model.presets import ResolvedModel
@@ -29,9 +30,10 @@ logger = logging.getLogger(__name__)
 WORKER_CALLS = {
     "become_stage": drop.become_stage,
     "become_replica": drop.become_replica,
-    "send_layers": drop.send_layers,
+    "export_arena": drop.export_arena,
+    "open_peer": drop.open_peer,
     "warm_link": drop.warm_link,
-    "exchange_kv": drop.exchange_kv,
+    "pull_kv": drop.pull_kv,
     "move_kv": drop.move_kv,
     "take_sampler_states": drop.take_sampler_states,
     "give_sampler_states": drop.give_sampler_states,
@@ -110,6 +112,9 @@ def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignme
     """The process's entry point: build the stage, report its layout, then serve commands."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.rank}: %(message)s")
     try:
+        # Shared CPU tensors travel as shared-memory file names: plain bytes the driver can
+        # pass on between workers (see drop.export_arena).
+        torch.multiprocessing.set_sharing_strategy("file_system")
         if config.worker_threads is not None:
             torch.set_num_threads(config.worker_threads)
         device = torch.device(stage.device)
@@ -125,9 +130,8 @@ def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignme
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # No destroy_process_group: it waits for the other workers of the world, which may be
+    # shutting down one replica at a time; the process exit frees the group.
 
 
 def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
@@ -175,6 +179,7 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
         elif command == "busy_clock_stop":
             conn.send(("busy_s", clock.stop()))
         elif command == "shutdown":
+            worker.peer_arenas.clear()  # unmap peers' memory before the process exits
             return
         else:
             raise ValueError(f"unknown worker command {command!r}")
