@@ -68,19 +68,18 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     handed = [m.hand_over() for m in members]
     for h, (running, waiting) in enumerate(handed[:-1]):  # the last stage samples for the group
         _move_sampler_states(executors, h, g - 1, [s.request_id for s in running + waiting])
+    # Per member: the full blocks its running requests hold.
+    homed = [np.asarray([b for s in running for b in s.block_ids], dtype=np.int64) for running, _ in handed]
     stages = []
     for r, member in enumerate(members):
         pool = np.fromiter(member.block_manager.pool, dtype=np.int64)
-        used = np.fromiter((b for (running, _) in [handed[r]] for s in running for b in s.block_ids), dtype=np.int64)
         stage = BlockManager(block_size, _sub_blocks(pool, g).tolist() + released[r])
-        stage.claim(_sub_blocks(used, g).tolist())
+        stage.claim(_sub_blocks(homed[r], g).tolist())
         stages.append(stage)
     blocks = StagedBlockManager(block_size, stages)
     transfers: Transfers = {}
-    homed: list[list[int]] = [[] for _ in members]  # per home: the full blocks its requests held
     for h, (running, _) in enumerate(handed):
         for seq in running:
-            homed[h].extend(seq.block_ids)
             physical = []
             for r in range(g):
                 if r == h:
@@ -96,7 +95,8 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     moved = _exchange(executors, ranks, transfers)
     exchange_s = time.perf_counter() - exchange_start
     for h, full_blocks in enumerate(homed):  # the other stages' sub-blocks were sent away
-        stages[h].give(b * g + j for b in full_blocks for j in range(g) if j != h)
+        sent = _sub_blocks(full_blocks, g)
+        stages[h].give(sent[sent % g != h].tolist())
     # The group runs what its members ran: their sequence slots add up.
     config = dataclasses.replace(members[0].config, max_num_seqs=sum(m.config.max_num_seqs for m in members),
                                  pipeline_parallel_size=g)

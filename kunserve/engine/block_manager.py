@@ -7,6 +7,7 @@ when a layer's parameter bytes are released to KV and reclaimed (kunserve/layout
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 import numpy as np
@@ -14,9 +15,45 @@ import numpy as np
 from kunserve.engine.sequence import Sequence
 
 
-class BlockManager:
-    def __init__(self, block_size: int, block_ids: Iterable[int]) -> None:
+class BlockAccounting(ABC):
+    """What the scheduler asks of a block pool: one device's (BlockManager) or a pipeline
+    group's (StagedBlockManager)."""
+
+    def __init__(self, block_size: int) -> None:
         self.block_size = block_size
+
+    @property
+    @abstractmethod
+    def num_total_blocks(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_free_blocks(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def usage(self) -> float:
+        """Fraction of the pool in use, as vLLM's kv_cache_usage_perc reports it."""
+
+    @abstractmethod
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow `seq`'s table to cover `num_tokens` tokens; False (and nothing taken) when too
+        few blocks are free."""
+
+    @abstractmethod
+    def free(self, seq: Sequence) -> None: ...
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks `seq` still needs for its first `num_tokens` tokens to have KV slots."""
+        return max(0, self.blocks_for(num_tokens) - len(seq.block_ids))
+
+
+class BlockManager(BlockAccounting):
+    def __init__(self, block_size: int, block_ids: Iterable[int]) -> None:
+        super().__init__(block_size)
         self._pool: set[int] = set()  # every block the KV cache may use now
         self._free: set[int] = set()
         # Max-heap (negated ids) of free blocks: the highest ids go first, so the blocks of
@@ -34,19 +71,9 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of the pool in use, as vLLM's kv_cache_usage_perc reports it."""
         return 1.0 - self.num_free_blocks / self.num_total_blocks if self._pool else 0.0
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
-        """Blocks `seq` still needs for its first `num_tokens` tokens to have KV slots."""
-        return max(0, self.blocks_for(num_tokens) - len(seq.block_ids))
-
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow `seq`'s table to cover `num_tokens` tokens; False (and nothing taken) when too
-        few blocks are free."""
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > len(self._free):
             return False

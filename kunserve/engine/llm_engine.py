@@ -10,11 +10,10 @@ from collections import deque
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kunserve.config import EngineConfig
-from kunserve.engine.block_manager import BlockManager
+from kunserve.engine.block_manager import BlockAccounting, BlockManager
 from kunserve.engine.output_processor import OutputProcessor
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence
-from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.engine.stats import FinishedRequestStats, StatsListener, StepStats
 from kunserve.executor.base import Executor
 from kunserve.executor.in_process import InProcessExecutor
@@ -53,7 +52,7 @@ class LLMEngine:
 
     @classmethod
     def from_parts(
-        cls, like: LLMEngine, config: EngineConfig, executor: Executor, block_manager: BlockManager | StagedBlockManager
+        cls, like: LLMEngine, config: EngineConfig, executor: Executor, block_manager: BlockAccounting
     ) -> LLMEngine:
         """An engine of `like`'s model with `config` on another executor and block pool (a
         group formed by a drop); it starts with no requests."""
@@ -66,7 +65,7 @@ class LLMEngine:
         engine.stats_listener = like.stats_listener
         return engine
 
-    def _assemble(self, block_manager: BlockManager | StagedBlockManager) -> None:
+    def _assemble(self, block_manager: BlockAccounting) -> None:
         config = self.config
         self.block_manager = block_manager
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kunserve.engine.block_manager import BlockManager
+from kunserve.engine.block_manager import BlockAccounting
 from kunserve.engine.sequence import Sequence, SequenceStatus
-from kunserve.engine.staged_block_manager import StagedBlockManager
 
 
 @dataclass
@@ -33,7 +32,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager | StagedBlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockAccounting, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from kunserve.engine.block_manager import BlockManager
+from kunserve.engine.block_manager import BlockAccounting, BlockManager
 from kunserve.engine.sequence import Sequence
 
 
-class StagedBlockManager:
+class StagedBlockManager(BlockAccounting):
     def __init__(self, block_size: int, stages: list[BlockManager]) -> None:
-        self.block_size = block_size
+        super().__init__(block_size)
         self.stages = stages  # per stage: its device's physical sub-blocks
         self.physical = np.zeros((len(stages), 0), dtype=np.int64)  # [stage, logical id]
         self._unbound: list[int] = []  # logical ids free to bind again
@@ -32,12 +32,6 @@ class StagedBlockManager:
     @property
     def usage(self) -> float:
         return max(stage.usage for stage in self.stages)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, self.blocks_for(num_tokens) - len(seq.block_ids))
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         missing = self.num_missing_blocks(seq, num_tokens)
