@@ -93,7 +93,7 @@ def decode(args: argparse.Namespace, batch: int, stages: int) -> dict:
         for _ in range(2 * stages):
             engine.step()  # warm-up decodes
         assert len(running) == batch, f"{len(running)} of {batch} requests are running"
-        executor.start_busy_clocks()
+        executor.take_busy_seconds()  # the clocks count from here
         start = time.perf_counter()
         for _ in range(DECODE_STEPS * stages):  # each step completes one micro-batch
             engine.step()
@@ -103,7 +103,7 @@ def decode(args: argparse.Namespace, batch: int, stages: int) -> dict:
         while engine.num_in_flight:
             engine.step()
         wall = time.perf_counter() - start  # the busy clocks also count the micro-batches drained
-        busy = executor.stop_busy_clocks()
+        busy = executor.take_busy_seconds()
         return {"batch": batch, "stages": stages, "context": args.context,
                 "ms_per_batch_token": decode_s / DECODE_STEPS * 1e3,
                 "stage_busy_s": busy, "wall_s": wall, "bubble": [1 - b / wall for b in busy]}

@@ -64,7 +64,9 @@ def main() -> None:
                           gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.batch)
     cluster = Cluster.launch(config, num_replicas=2, coordinator=CoordinatorConfig("recompute"))
     engines = cluster.engines
+    links_start = time.perf_counter()
     cluster.open_links()  # as the coordinator does before its first drop
+    links_s = time.perf_counter() - links_start
     try:
         rng = np.random.default_rng(0)
         params = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True,
@@ -103,7 +105,7 @@ def main() -> None:
         weight_bytes = layout.layer_bytes * layout.num_layers // 2  # each replica refills half its layers
         result = {
             "model": args.model, "batch_per_replica": args.batch, "context": args.context,
-            "drop_s": drop.duration_s, "kv_exchange_s": drop.exchange_s, "kv_exchanged_bytes": exchanged,
+            "open_links_s": links_s, "drop_s": drop.duration_s, "kv_exchange_s": drop.exchange_s, "kv_exchanged_bytes": exchanged,
             "kv_exchange_gb_s": exchanged / drop.exchange_s / 1e9 if drop.exchange_s else None,
             "stall_s": stall, "replica_step_s": replica_step,
             "restore_s": restore.duration_s, "restore_kv_moves_s": restore.exchange_s,

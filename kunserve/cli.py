@@ -77,7 +77,8 @@ def _serve(args: argparse.Namespace) -> None:
         num_replicas=args.replicas,
         dispatch_policy=args.dispatch_policy,
         coordinator=CoordinatorConfig(
-            overload_policy=args.overload_policy, group_size=args.group_size, drop_after_s=args.drop_after_s,
+            overload_policy=args.overload_policy, max_group_size=args.max_group_size,
+            drop_after_s=args.drop_after_s,
             restore_after_s=args.restore_after_s,
         ),
         log_level=args.log_level.lower(),
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--dispatch-policy", choices=DISPATCH_POLICIES, default="least_loaded")
     serve.add_argument("--overload-policy", choices=OVERLOAD_POLICIES, default="kunserve",
                        help="kunserve: drop replicated layers under KV overload; recompute: preempt as vLLM")
-    serve.add_argument("--group-size", type=int, default=2, help="replicas fused per pipeline group on a drop")
+    serve.add_argument("--max-group-size", type=int, default=None,
+                       help="most replicas a drop fuses into one pipeline group (default: as many as needed)")
     serve.add_argument("--drop-after-s", type=float, default=0.2, help="overload lasting this long triggers a drop")
     serve.add_argument("--restore-after-s", type=float, default=2.0,
                        help="demand fitting the replicas this long triggers a restore")

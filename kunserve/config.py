@@ -31,6 +31,12 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
+    # Pipelines: balance micro-batches by predicted step time (kunserve/engine/lookahead.py);
+    # False splits the sequences evenly by count.
+    lookahead_batching: bool = True
+    lookahead_min_chunk_tokens: int = 32  # shortest prefill chunk a balanced micro-batch cuts
+    cost_profile: str | None = None  # a cost-model file (benchmarks/profile_steps.py); None: packaged or estimated
+    bubble_window_s: float = 5.0  # the pipeline bubble metric covers this much time
     # Devices.
     pipeline_parallel_size: int = 1  # stages of the model, one device (and worker process) each
     distributed_executor_backend: str = "auto"  # "uni": in this process; "mp": worker processes; auto: mp if > 1 stage
@@ -51,6 +57,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend: expected auto, torch or triton, got {self.attention_backend!r}")
+        if self.lookahead_min_chunk_tokens < 1:
+            raise ValueError(f"lookahead_min_chunk_tokens: must be >= 1, got {self.lookahead_min_chunk_tokens}")
+        if self.bubble_window_s <= 0:
+            raise ValueError(f"bubble_window_s: must be > 0, got {self.bubble_window_s}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"pipeline_parallel_size: must be >= 1, got {self.pipeline_parallel_size}")
         if self.distributed_executor_backend not in ("auto", "uni", "mp"):

@@ -21,6 +21,7 @@ from kunserve import LLM, EngineConfig, RequestOutput, SamplingParams
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
 from kunserve.engine.async_engine import RequestStream
+from kunserve.engine.stats import StepStats
 from kunserve.executor.multiproc import MultiprocExecutor, pipeline_stage_ranges
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
@@ -80,12 +81,12 @@ def test_an_unknown_dispatch_policy_is_refused() -> None:
 # ---- the same tokens as one device --------------------------------------------------------
 
 
-@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize(("stages", "lookahead"), [(2, True), (4, True), (2, False)])
 def test_a_pipeline_group_gives_the_single_device_tokens(
-    llama_dir: Path, single_device: list[list[int]], stages: int
+    llama_dir: Path, single_device: list[list[int]], stages: int, lookahead: bool
 ) -> None:
     llm = LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=64,
-              pipeline_parallel_size=stages, worker_threads=1)
+              pipeline_parallel_size=stages, worker_threads=1, lookahead_batching=lookahead)
     try:
         assert isinstance(llm.engine.executor, MultiprocExecutor) and llm.engine.executor.max_in_flight == stages
         outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -94,17 +95,32 @@ def test_a_pipeline_group_gives_the_single_device_tokens(
     assert [o.outputs[0].token_ids for o in outputs] == single_device
 
 
-def test_pipeline_busy_clocks_time_every_stage(llama_dir: Path) -> None:
+def test_a_pipeline_measures_its_bubble_from_every_stages_busy_clock(llama_dir: Path) -> None:
     llm = LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN, pipeline_parallel_size=2, worker_threads=1)
-    executor = llm.engine.executor
-    assert isinstance(executor, MultiprocExecutor)
     try:
-        executor.start_busy_clocks()
+        llm.engine.measure_pipeline()
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-        busy = executor.stop_busy_clocks()
+        measured = llm.engine.measure_pipeline()
+        assert len(llm.engine.executor.take_busy_seconds()) == 2
     finally:
         llm.engine.shutdown()
-    assert len(busy) == 2 and all(seconds > 0 for seconds in busy)
+    # Each stage computes only while steps are in flight: busy within the available time.
+    assert 0 < measured.busy_s < measured.stage_s
+    assert measured.bubble_fraction is not None and 0 < measured.bubble_fraction < 1
+
+
+def test_a_pipeline_reports_its_bubble_to_the_stats_listener_each_window(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN, pipeline_parallel_size=2, worker_threads=1,
+              bubble_window_s=0.01)
+    reported: list[StepStats] = []
+    llm.engine.stats_listener = reported.append
+    try:
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    windows = [stats.pipeline for stats in reported if stats.pipeline is not None]
+    assert windows and all(w.busy_s >= 0 and w.stage_s >= 0 for w in windows)
+    assert 0 < sum(w.busy_s for w in windows) < sum(w.stage_s for w in windows)
 
 
 def test_replicas_give_the_single_device_tokens_and_share_the_requests(

@@ -2,11 +2,13 @@
 and carrying it out on the live cluster while requests keep arriving.
 
 State per replica: replica → (drop) → stage of a group → (restore) → replica. A drop is
-decided when a replica's queued KV demand exceeds its free blocks for `drop_after_s`; a
-restore when a group's demand fits in `restore_fill` of its members' replica capacity for
-`restore_after_s` (hysteresis: the two thresholds and durations keep it from flapping). A
-transition pauses the members' engine loops between steps, runs kunserve/cluster/
-transitions.py, and points the members' loops at the group (or back)."""
+due when a replica's queued KV demand exceeds its free blocks for `drop_after_s`; the
+planner (kunserve/cluster/planner.py) then picks its partners and the group's size. A
+restore is due when the planner finds a group's demand fits in `restore_fill` of its
+members' replica capacity for `restore_after_s` (hysteresis: the two thresholds and
+durations keep it from flapping). A transition pauses the members' engine loops between
+steps, runs kunserve/cluster/transitions.py, and points the members' loops at the group (or
+back)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from kunserve.cluster.planner import Planner, PlannerConfig, ReplicaLoad
 from kunserve.cluster.transitions import TransitionStats, fuse, split
 from kunserve.engine.llm_engine import LLMEngine
 
@@ -33,7 +36,8 @@ HISTORY_LENGTH = 32  # transitions kept for GET /v1/cluster
 @dataclass
 class CoordinatorConfig:
     overload_policy: str = "kunserve"  # "recompute": never drop, preempt and recompute as vLLM does
-    group_size: int = 2  # replicas fused per group
+    max_group_size: int | None = None  # largest group a drop forms; None: as large as the deficit needs
+    drop_headroom: float = 0.1  # a drop's group keeps this fraction of its KV blocks free
     check_interval_s: float = 0.05
     drop_after_s: float = 0.2  # queued demand above free blocks this long: drop
     restore_after_s: float = 2.0  # demand within restore_fill of replica capacity this long: restore
@@ -42,10 +46,10 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if self.overload_policy not in OVERLOAD_POLICIES:
             raise ValueError(f"overload_policy: expected one of {OVERLOAD_POLICIES}, got {self.overload_policy!r}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size: must be >= 2, got {self.group_size}")
-        if not 0 < self.restore_fill <= 1:
-            raise ValueError(f"restore_fill: must be in (0, 1], got {self.restore_fill}")
+
+    def planner_config(self, num_layers: int) -> PlannerConfig:
+        """The planner's settings (it checks the shared ones)."""
+        return PlannerConfig(num_layers, self.max_group_size, self.drop_headroom, self.restore_fill)
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Coordinator:
         self.cluster = cluster
         self.config = config
         self.on_transition = on_transition
+        first = cluster.engines[0]
+        self.planner = Planner(config.planner_config(first.spec.num_layers), first.cost_model)
         self.groups: list[Group] = []
         self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
         self._lock = threading.Lock()  # one transition at a time
@@ -84,7 +90,7 @@ class Coordinator:
     # ---- the policy loop ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.overload_policy != "kunserve" or len(self.cluster.engines) < self.config.group_size:
+        if self.config.overload_policy != "kunserve" or not self.planner.config.group_sizes(len(self.cluster.engines)):
             return
         self._thread = threading.Thread(target=self._watch, name="kunserve-coordinator", daemon=True)
         self._thread.start()
@@ -111,15 +117,16 @@ class Coordinator:
                 self._overloaded_since.setdefault(i, now)
             else:
                 self._overloaded_since.pop(i, None)
-        due = [i for i, since in self._overloaded_since.items() if now - since >= config.drop_after_s and i in free]
-        if due and len(free) >= config.group_size:
-            first = due[0]
-            others = sorted((i for i in free if i != first), key=self._replica_demand)
-            self.drop([first, *others[: config.group_size - 1]], reason=f"replica {first} overloaded")
+        due = {i for i, since in self._overloaded_since.items() if now - since >= config.drop_after_s and i in free}
+        if due:
+            for planned in self.planner.plan_drops([self.replica_load(i) for i in free]):
+                if due & set(planned.members):
+                    self.drop(planned.members, reason=f"replicas {sorted(due & set(planned.members))} overloaded; "
+                                                      f"predicted slowdown {planned.predicted_slowdown:.2f}x")
             return
         for group in list(self.groups):
-            capacity = sum(self.cluster.engines[m].block_manager.num_total_blocks for m in group.members)
-            if group.engine.kv_demand_blocks() <= config.restore_fill * capacity:
+            members = [self.replica_load(m) for m in group.members]
+            if self.planner.restore_is_worth(group.engine.kv_demand_blocks(), members):
                 since = self._calm_since.setdefault(id(group), now)
                 if now - since >= config.restore_after_s:
                     try:
@@ -130,8 +137,29 @@ class Coordinator:
             else:
                 self._calm_since.pop(id(group), None)
 
-    def _replica_demand(self, index: int) -> int:
-        return self.cluster.engines[index].kv_demand_blocks()
+    def replica_load(self, index: int) -> ReplicaLoad:
+        """Replica `index` as the planner sees it (its own engine: in a group, its replica-mode
+        capacity)."""
+        engine = self.cluster.engines[index]
+        layout = engine.executor.layout
+        running = engine.scheduler.running
+        return ReplicaLoad(
+            index,
+            engine.kv_demand_blocks(),
+            engine.block_manager.num_total_blocks,
+            weight_blocks=layout.num_layers * len(layout.released_blocks(0)),
+            running=len(running),
+            context_tokens=sum(seq.num_computed_tokens for seq in running),
+        )
+
+    def default_drop_members(self) -> list[int]:
+        """The replicas a drop takes when an operator names none: the largest group the
+        replicas in replica mode allow."""
+        free = self.replicas_in_replica_mode()
+        sizes = self.planner.config.group_sizes(len(free))
+        if not sizes:
+            raise ValueError(f"replicas: the {len(free)} replica(s) in replica mode can form no group")
+        return free[: sizes[-1]]
 
     # ---- transitions --------------------------------------------------------------------------
 

@@ -61,10 +61,9 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     executors = [_replica_executor(m) for m in members]
     ranks = [e.global_ranks[0] for e in executors]
     block_size = members[0].config.block_size
-    released = [
-        e.call(0, "become_stage", r, g, ranks[r - 1] if r else None, ranks[r + 1] if r < g - 1 else None)
-        for r, e in enumerate(executors)
-    ]
+    for r, e in enumerate(executors):  # all members at once
+        e.post(0, "become_stage", r, g, ranks[r - 1] if r else None, ranks[r + 1] if r < g - 1 else None)
+    released = [e.result(0) for e in executors]
     handed = [m.hand_over() for m in members]
     for h, (running, waiting) in enumerate(handed[:-1]):  # the last stage samples for the group
         _move_sampler_states(executors, h, g - 1, [s.request_id for s in running + waiting])

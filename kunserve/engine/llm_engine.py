@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -11,10 +12,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kunserve.config import EngineConfig
 from kunserve.engine.block_manager import BlockAccounting, BlockManager
+from kunserve.engine.cost_model import CostModel, resolve_cost_model
+from kunserve.engine.lookahead import LookaheadBudget, cycle_target_s
 from kunserve.engine.output_processor import OutputProcessor
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence
-from kunserve.engine.stats import FinishedRequestStats, StatsListener, StepStats
+from kunserve.engine.stats import FinishedRequestStats, PipelineBusy, StatsListener, StepStats
 from kunserve.executor.base import Executor
 from kunserve.executor.in_process import InProcessExecutor
 from kunserve.executor.multiproc import MultiprocExecutor
@@ -41,6 +44,8 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer(model)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.executor = self._build_executor(model)
+        self.cost_model: CostModel = resolve_cost_model(config.cost_profile, self.spec, model.name,
+                                                        self.executor.layout.elem_bytes)
         self._assemble(BlockManager(config.block_size, self.executor.kv_block_ids()))
         capacity = self.block_manager.num_total_blocks * config.block_size
         if capacity < self.max_model_len:
@@ -61,6 +66,7 @@ class LLMEngine:
         engine.model, engine.spec, engine.tokenizer = like.model, like.spec, like.tokenizer
         engine.max_model_len = like.max_model_len
         engine.executor = executor
+        engine.cost_model = like.cost_model
         engine._assemble(block_manager)
         engine.stats_listener = like.stats_listener
         return engine
@@ -76,7 +82,12 @@ class LLMEngine:
         self.stats_listener: StatsListener | None = None
         self._unreported: list[FinishedRequestStats] = []  # aborts between steps
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted steps, oldest first
-
+        # The pipeline bubble: time with steps in flight, against the stages' busy clocks.
+        self._in_flight_s = 0.0
+        self._in_flight_since: float | None = None
+        self._bubble_window_start = time.monotonic()
+        if self.executor.max_in_flight > 1:
+            self.executor.take_busy_seconds()  # start the stages' clocks from here
     def _load_tokenizer(self, model: ResolvedModel) -> PreTrainedTokenizerBase | None:
         if self.config.skip_tokenizer_init:
             return None
@@ -203,8 +214,23 @@ class LLMEngine:
         stats = None if self.stats_listener is None else StepStats()
         self._fill_pipeline(stats)
         outputs = self._complete_oldest(stats) if self._in_flight else []
+        window_closed = time.monotonic() - self._bubble_window_start >= self.config.bubble_window_s
+        if stats is not None and self.executor.max_in_flight > 1 and window_closed:
+            stats.pipeline = self.measure_pipeline()
         self._report(stats)
         return outputs
+
+    def measure_pipeline(self) -> PipelineBusy:
+        """The pipeline's busy and available stage time since the last measurement (or since
+        the engine started): its bubble. Reads the stages' clocks (one message each)."""
+        now = time.monotonic()
+        if self._in_flight_since is not None:
+            self._in_flight_s += now - self._in_flight_since
+            self._in_flight_since = now
+        busy = self.executor.take_busy_seconds()
+        measured = PipelineBusy(sum(busy), len(busy) * self._in_flight_s)
+        self._in_flight_s, self._bubble_window_start = 0.0, now
+        return measured
 
     def drain(self) -> list[RequestOutput]:
         """Complete every step in flight without starting new ones (before the devices change)."""
@@ -220,6 +246,9 @@ class LLMEngine:
         output = self._in_flight.popleft()
         sampled = self.executor.collect()
         now = time.monotonic()
+        if not self._in_flight and self._in_flight_since is not None:
+            self._in_flight_s += now - self._in_flight_since
+            self._in_flight_since = None
         for seq in self.scheduler.update(output, sampled.tolist()):
             self._record_token_time(seq, now, stats)
             reason = self.output_processor.check_stop(seq)
@@ -240,9 +269,7 @@ class LLMEngine:
     def _fill_pipeline(self, stats: StepStats | None) -> None:
         depth = self.executor.max_in_flight
         while len(self._in_flight) < depth:
-            # Split the sequences evenly over the micro-batches a pipeline keeps in flight.
-            demand = len(self.scheduler.running) + len(self.scheduler.waiting)
-            output = self.scheduler.schedule(None if depth == 1 else max(1, math.ceil(demand / depth)))
+            output = self.scheduler.schedule(*self._micro_batch_limits(depth))
             if stats is not None:
                 stats.num_preemptions += len(output.preempted)
             if output.is_empty:
@@ -253,7 +280,24 @@ class LLMEngine:
                     seq.metrics.first_scheduled_time = now
             self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids))
             self._finished_ids = []
+            if not self._in_flight:
+                self._in_flight_since = now
             self._in_flight.append(output)
+
+    def _micro_batch_limits(self, depth: int) -> tuple[int | None, LookaheadBudget | None]:
+        """(max sequences, time budget) of the next step: one device takes what the token
+        budget allows; a pipeline's micro-batch takes 1/depth of the pending work, balanced by
+        predicted time (lookahead batch formulation) or else by sequence count."""
+        if depth == 1:
+            return None, None
+        scheduler, config = self.scheduler, self.config
+        if config.lookahead_batching:
+            predict = functools.partial(self.cost_model.step_time, layers=self.spec.num_layers // depth)
+            target = cycle_target_s(predict, scheduler.running, scheduler.waiting, depth,
+                                    config.max_num_batched_tokens)
+            return None, LookaheadBudget(predict, target, config.lookahead_min_chunk_tokens)
+        demand = len(scheduler.running) + len(scheduler.waiting)
+        return max(1, math.ceil(demand / depth)), None
 
     def _record_token_time(self, seq: Sequence, now: float, stats: StepStats | None) -> None:
         m = seq.metrics

@@ -9,7 +9,8 @@ admitted sequence needs more blocks than the pool holds, always makes progress: 
 
 With a pipeline, several steps (micro-batches) are in flight at once: a sequence in one is
 neither scheduled again nor preempted until its step comes back, and each micro-batch
-takes at most `max_seqs` sequences so that the others get work too.
+takes at most `max_seqs` sequences so that the others get work too, or, with lookahead batch
+formulation, as much work as its time budget allows (kunserve/engine/lookahead.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kunserve.engine.block_manager import BlockAccounting
+from kunserve.engine.lookahead import LookaheadBudget
 from kunserve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -63,7 +65,7 @@ class Scheduler:
         self.waiting.append(seq)
         self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
 
-    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None, time_budget: LookaheadBudget | None = None) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         seq_limit = self.max_num_seqs if max_seqs is None else max_seqs
         scheduled: list[tuple[Sequence, int]] = []
@@ -76,6 +78,11 @@ class Scheduler:
                 i += 1
                 continue
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if time_budget is not None:
+                n = time_budget.grant(seq, n)
+                if n == 0:
+                    i += 1
+                    continue
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 victim = next(s for s in reversed(self.running) if not s.in_flight)  # seq at the latest
                 self._preempt(victim)
@@ -86,6 +93,8 @@ class Scheduler:
                 break  # it preempted itself: every sequence after it is gone or in flight
             scheduled.append((seq, n))
             budget -= n
+            if time_budget is not None:
+                time_budget.commit(seq, n)
             i += 1
 
         # Admit nothing in a step that had to preempt: the freed blocks go to the survivors.
@@ -95,7 +104,9 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            if time_budget is not None:
+                n = time_budget.grant(seq, n)
+            if n == 0 or not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
             self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
@@ -103,6 +114,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
+            if time_budget is not None:
+                time_budget.commit(seq, n)
 
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
         for seq, _ in scheduled:

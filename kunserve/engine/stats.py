@@ -36,6 +36,25 @@ class FinishedRequestStats:
         )
 
 
+@dataclass(frozen=True)
+class PipelineBusy:
+    """A pipeline's stage time over a period: computed (`busy_s`, summed over stages) and
+    available (`stage_s`: stages x the time its steps were in flight). The rest is bubble."""
+
+    busy_s: float = 0.0
+    stage_s: float = 0.0
+
+    def __add__(self, other: PipelineBusy) -> PipelineBusy:
+        return PipelineBusy(self.busy_s + other.busy_s, self.stage_s + other.stage_s)
+
+    @property
+    def bubble_fraction(self) -> float | None:
+        """Idle stage time / total; None when the pipeline had nothing in flight."""
+        if self.stage_s <= 0:
+            return None
+        return min(1.0, max(0.0, 1.0 - self.busy_s / self.stage_s))
+
+
 @dataclass
 class StepStats:
     num_running: int = 0
@@ -48,6 +67,7 @@ class StepStats:
     time_to_first_token_s: list[float] = field(default_factory=list)
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    pipeline: PipelineBusy | None = None  # set when a bubble window (config.bubble_window_s) closes
 
 
 StatsListener = Callable[[StepStats], None]

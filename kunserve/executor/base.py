@@ -39,6 +39,11 @@ class Executor(ABC):
         self.submit(step)
         return self.collect()
 
+    def take_busy_seconds(self) -> list[float]:
+        """Seconds each pipeline stage computed since the last take (the bubble metric);
+        empty where the devices form no pipeline."""
+        return []
+
     @abstractmethod
     def release_layer(self, layer: int) -> range:
         """Drop local layer `layer`'s weights; returns the block ids its bytes provide."""

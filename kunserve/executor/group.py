@@ -39,7 +39,10 @@ class GroupExecutor(Executor):
             self.workers.send(stage, pickle.dumps(("execute", staged), protocol=pickle.HIGHEST_PROTOCOL))
 
     def collect(self) -> np.ndarray:
-        return self.workers.receive(len(self.members) - 1, "sampled")
+        return self.workers.receive_sampled()
+
+    def take_busy_seconds(self) -> list[float]:
+        return self.workers.take_busy_seconds()
 
     def release_layer(self, layer: int) -> range:
         raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")

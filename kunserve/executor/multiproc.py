@@ -92,7 +92,7 @@ class MultiprocExecutor(Executor):
             self.workers.send(rank, message)
 
     def collect(self) -> np.ndarray:
-        return self.workers.receive(len(self.workers) - 1, "sampled")
+        return self.workers.receive_sampled()
 
     def release_layer(self, layer: int) -> range:
         return self._single_stage_call("release", layer, "released")
@@ -112,16 +112,8 @@ class MultiprocExecutor(Executor):
         self.post(rank, name, *args)
         return self.result(rank)
 
-    def start_busy_clocks(self) -> None:
-        """Start timing each stage's compute (for the pipeline bubble; see BusyClock)."""
-        for rank in range(len(self.workers)):
-            self.workers.post(rank, "busy_clock_start", None)
-
-    def stop_busy_clocks(self) -> list[float]:
-        """Seconds each stage computed since `start_busy_clocks` (call with nothing in flight)."""
-        for rank in range(len(self.workers)):
-            self.workers.post(rank, "busy_clock_stop", None)
-        return [self.workers.receive(rank, "busy_s") for rank in range(len(self.workers))]
+    def take_busy_seconds(self) -> list[float]:
+        return self.workers.take_busy_seconds()
 
     def request_shutdown(self) -> None:
         self.workers.request_shutdown()

@@ -36,11 +36,14 @@ class WorkerHandle:
 class WorkerSet:
     def __init__(self, handles: list[WorkerHandle]) -> None:
         self.handles = handles
+        self.failure: str | None = None  # why the set failed; every later call raises it
+        self._last_stage_busy_s = 0.0  # computed by the last stage, reported with its steps
 
     def __len__(self) -> int:
         return len(self.handles)
 
     def send(self, index: int, message: bytes) -> None:
+        self._raise_if_failed()
         try:
             self.handles[index].conn.send_bytes(message)
         except OSError as error:
@@ -52,6 +55,7 @@ class WorkerSet:
     def receive(self, index: int, expected: str) -> Any:
         """The next message of worker `index`, watching every worker of the set: one that
         dies or reports an error fails the call at once instead of leaving it waiting."""
+        self._raise_if_failed()
         handle = self.handles[index]
         sentinels = {h.process.sentinel: h for h in self.handles}
         while not handle.inbox:
@@ -69,6 +73,22 @@ class WorkerSet:
         if kind != expected:
             self.fail(f"{handle.name} sent {kind!r} where {expected!r} was due")
         return payload
+
+    def receive_sampled(self) -> Any:
+        """The last worker's answer to the oldest step: its sampled tokens."""
+        sampled, busy_s = self.receive(len(self.handles) - 1, "sampled")
+        self._last_stage_busy_s += busy_s
+        return sampled
+
+    def take_busy_seconds(self) -> list[float]:
+        """Seconds each worker computed since the last take. The last stage reports with its
+        steps; the others answer once the steps sent to them before this call have run."""
+        for index in range(len(self.handles) - 1):
+            self.post(index, "take_busy_s", None)
+        taken = [self.receive(index, "busy_s") for index in range(len(self.handles) - 1)]
+        taken.append(self._last_stage_busy_s)
+        self._last_stage_busy_s = 0.0
+        return taken
 
     def request_shutdown(self) -> None:
         """Ask every worker to exit, without waiting (see `shutdown`)."""
@@ -89,12 +109,18 @@ class WorkerSet:
 
     def fail(self, reason: str) -> NoReturn:
         """Stop every worker of the set at once and raise."""
+        self.failure = reason
         logger.error("%s; stopping its workers", reason)
         for handle in self.handles:
             if handle.process.is_alive():
                 handle.process.kill()
             handle.process.join()
         raise WorkerDiedError(reason)
+
+    def _raise_if_failed(self) -> None:
+        # A failed set's processes are gone: a wait on them would never end.
+        if self.failure is not None:
+            raise WorkerDiedError(self.failure)
 
     def _recv(self, handle: WorkerHandle) -> tuple[str, Any]:
         try:

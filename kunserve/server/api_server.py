@@ -98,8 +98,8 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/cluster/drop", dependencies=authorized)
     async def cluster_drop(body: DropRequest) -> dict:
-        members = body.replicas or cluster.coordinator.replicas_in_replica_mode()[: cluster.coordinator.config.group_size]
         try:
+            members = body.replicas or cluster.coordinator.default_drop_members()
             transition = await asyncio.to_thread(cluster.coordinator.drop, members, "operator")
         except ValueError as error:
             raise APIError(400, str(error), "replicas") from None

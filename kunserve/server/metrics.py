@@ -78,6 +78,16 @@ class ServerMetrics:
             registry=registry,
         )
         self.engine_steps = Counter("kunserve:engine_steps", "Engine steps run.", labels, registry=registry)
+        self.pipeline_bubble = Gauge(
+            "kunserve:pipeline_bubble_fraction", "Idle stage time / total in the last bubble window of a pipeline.",
+            labels, registry=registry,
+        )
+        self.pipeline_busy = Counter("kunserve:pipeline_busy_seconds", "Stage time spent computing, all stages.",
+                                     labels, registry=registry)
+        self.pipeline_stage = Counter(
+            "kunserve:pipeline_stage_seconds", "Stage time available (stages x time with steps in flight).", labels,
+            registry=registry,
+        )
         self.requests_rejected_queue_full = Counter(
             "kunserve:requests_rejected_queue_full", "Requests refused with 503 because the waiting queue was full.",
             ["model_name"], registry=registry,
@@ -139,6 +149,9 @@ class EngineMetrics:
         self.prompt_tokens = f.prompt_tokens.labels(*labels)
         self.generation_tokens = f.generation_tokens.labels(*labels)
         self.engine_steps = f.engine_steps.labels(*labels)
+        self.pipeline_bubble = f.pipeline_bubble.labels(*labels)
+        self.pipeline_busy = f.pipeline_busy.labels(*labels)
+        self.pipeline_stage = f.pipeline_stage.labels(*labels)
         self.time_to_first_token = f.time_to_first_token.labels(*labels)
         self.time_per_output_token = f.time_per_output_token.labels(*labels)
         self.inter_token_latency = f.inter_token_latency.labels(*labels)
@@ -157,6 +170,11 @@ class EngineMetrics:
         self.num_preemptions.inc(stats.num_preemptions)
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
+        if stats.pipeline is not None:
+            self.pipeline_busy.inc(stats.pipeline.busy_s)
+            self.pipeline_stage.inc(stats.pipeline.stage_s)
+            if stats.pipeline.bubble_fraction is not None:
+                self.pipeline_bubble.set(stats.pipeline.bubble_fraction)
         for ttft in stats.time_to_first_token_s:
             self.time_to_first_token.observe(ttft)
         for itl in stats.inter_token_latency_s:

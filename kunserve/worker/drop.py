@@ -20,13 +20,12 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.distributed as dist
 
+from kunserve.kernels.kv_copy import TORCH_STAGING_BYTES, copy_sub_blocks
 from kunserve.model.decoder import DecoderStage
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.worker import Worker
 
-# Bytes of KV staged per copy during an exchange: large enough to run at link speed, small
-# enough to fit beside a full KV cache.
-KV_EXCHANGE_CHUNK_BYTES = 256 << 20
+WARM_UP_ELEMS = 1024  # a row copied from a newly mapped peer arena, to set up the path
 
 
 def stage_layers(num_layers: int, stage: int, num_stages: int) -> range:
@@ -95,8 +94,16 @@ def export_arena(worker: Worker) -> bytes:
 
 
 def open_peer(worker: Worker, peer: int, handle: bytes) -> None:
-    """Map global rank `peer`'s arena (from its `export_arena`) for direct copies."""
-    worker.peer_arenas[peer] = pickle.loads(handle)
+    """Map global rank `peer`'s arena (from its `export_arena`) for direct copies, and copy
+    one row from it: the first copy from a peer GPU creates this process's context there,
+    loads the gather kernel and enables peer access (~0.2 s), which the first exchange
+    would otherwise pay while requests wait."""
+    arena = pickle.loads(handle)
+    worker.peer_arenas[peer] = arena
+    first = torch.zeros(1, dtype=torch.long)
+    row = torch.empty(1, WARM_UP_ELEMS, dtype=arena.dtype, device=worker.device)
+    copy_sub_blocks(arena[:WARM_UP_ELEMS].view(1, -1), first, row, first)
+    _wait_for_device(worker)
 
 
 def warm_link(worker: Worker, peer: int, send: bool) -> None:
@@ -145,26 +152,22 @@ def kv_view(worker: Worker) -> torch.Tensor:
 
 
 def pull_kv(
-    worker: Worker, peer: int, src_ids: list[int], dst_ids: list[int], chunk_bytes: int = KV_EXCHANGE_CHUNK_BYTES
+    worker: Worker, peer: int, src_ids: list[int], dst_ids: list[int], staging_bytes: int = TORCH_STAGING_BYTES
 ) -> None:
     """Copy the KV of (sub-)blocks `src_ids` of global rank `peer`'s arena (seen as this
-    device sees its own now) into `dst_ids` here: a gather on the peer's device, one
-    device-to-device copy, a scatter here; in chunks of at most `chunk_bytes` of staging."""
+    device sees its own now) into `dst_ids` here, at most `staging_bytes` at a time
+    (kunserve/kernels/kv_copy.py)."""
     view = kv_view(worker)
     peer_view = _peer_arena(worker, peer).view(view.shape)
-    per_chunk = max(1, chunk_bytes // (view[0].numel() * view.element_size()))
-    for start in range(0, len(src_ids), per_chunk):
-        sources = torch.tensor(src_ids[start : start + per_chunk], device=peer_view.device)
-        gathered = peer_view.index_select(0, sources).to(view.device, non_blocking=True)
-        view.index_copy_(0, torch.tensor(dst_ids[start : start + per_chunk], device=view.device), gathered)
+    copy_sub_blocks(peer_view, torch.tensor(src_ids), view, torch.tensor(dst_ids), staging_bytes=staging_bytes)
     _wait_for_device(worker)
 
 
 def move_kv(worker: Worker, src_ids: list[int], dst_ids: list[int]) -> None:
-    """Copy the KV of (sub-)blocks `src_ids` into `dst_ids` on this device."""
+    """Copy the KV of (sub-)blocks `src_ids` into `dst_ids` on this device (they must not
+    overlap: the copy runs in place)."""
     view = kv_view(worker)
-    index = torch.tensor(src_ids, device=view.device)
-    view.index_copy_(0, torch.tensor(dst_ids, device=view.device), view.index_select(0, index))
+    copy_sub_blocks(view, torch.tensor(src_ids), view, torch.tensor(dst_ids))
     _wait_for_device(worker)
 
 

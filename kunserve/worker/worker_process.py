@@ -2,7 +2,8 @@
 
 Commands come from the driver over a pipe (the light control channel: pickled host
 arrays). Activations go from stage to stage through torch.distributed point-to-point
-(gloo on CPU, NCCL on GPU); only the last stage answers a step, with its sampled tokens.
+(gloo on CPU, NCCL on GPU); only the last stage answers a step, with its sampled tokens
+(and its compute time, for the bubble metric).
 Every stage gets every step command, so each knows the batch's shape without asking.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -71,41 +73,35 @@ class StageAssignment:
 
 class BusyClock:
     """The time this stage spends computing, not waiting for its input: with the wall time
-    it gives the pipeline's bubble. GPU time comes from CUDA events (no host sync per step)."""
+    it gives the pipeline's bubble. On a GPU, CUDA events time each step and `take` reads
+    only those already done (no host sync); on CPU the host clock does."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.running = False
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._host_s = 0.0
+        self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._done_s = 0.0
         self._host_start = 0.0
 
-    def reset(self) -> None:
-        self.running, self._events, self._host_s = True, [], 0.0
-
     def begin(self) -> None:
-        if not self.running:
-            return
         if self.cuda:
-            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            self._events[-1][0].record()
+            self._pending.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._pending[-1][0].record()
         else:
             self._host_start = time.perf_counter()
 
     def end(self) -> None:
-        if not self.running:
-            return
         if self.cuda:
-            self._events[-1][1].record()
+            self._pending[-1][1].record()
         else:
-            self._host_s += time.perf_counter() - self._host_start
+            self._done_s += time.perf_counter() - self._host_start
 
-    def stop(self) -> float:
-        self.running = False
-        if not self.cuda:
-            return self._host_s
-        torch.cuda.synchronize()
-        return sum(start.elapsed_time(end) for start, end in self._events) / 1e3
+    def take(self) -> float:
+        """Seconds computed since the last take (steps still running count at a later take)."""
+        while self._pending and self._pending[0][1].query():
+            start, end = self._pending.popleft()
+            self._done_s += start.elapsed_time(end) / 1e3
+        taken, self._done_s = self._done_s, 0.0
+        return taken
 
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
@@ -162,7 +158,7 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
             if worker.pipe_next is None:
                 sampled = worker.runner.sample(step, hidden)
                 clock.end()
-                conn.send(("sampled", sampled))
+                conn.send(("sampled", (sampled, clock.take())))
             else:
                 clock.end()
                 dist.send(hidden.contiguous(), dst=worker.pipe_next)
@@ -174,10 +170,8 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
         elif command == "call":
             name, call_args = argument
             conn.send(("returned", WORKER_CALLS[name](worker, *call_args)))
-        elif command == "busy_clock_start":
-            clock.reset()
-        elif command == "busy_clock_stop":
-            conn.send(("busy_s", clock.stop()))
+        elif command == "take_busy_s":
+            conn.send(("busy_s", clock.take()))
         elif command == "shutdown":
             worker.peer_arenas.clear()  # unmap peers' memory before the process exits
             return

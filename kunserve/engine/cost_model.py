@@ -1,0 +1,261 @@
+"""Predicted step and transfer times: what the drop planner and the lookahead batch
+formulation plan with.
+
+A step of a stage holding `layers` decoder layers costs
+
+    step_s + layers · (layer_s + layer_token_s · max(0, tokens − knee_tokens)
+                       + layer_context_s · decode context + layer_attention_s · prefill pairs)
+           + sample_s · samples        (on the stage holding the LM head)
+
+Below `knee_tokens` a layer's GEMMs are bound by reading its weights, so its time hardly
+depends on the batch; above, every token adds its FLOPs. Decodes read their KV (one term
+per context token); prefill chunks attend causally (one term per query-key pair). The
+coefficients are fitted to step times measured on the device (benchmarks/profile_steps.py) and
+saved as a small JSON file per (model, device); `default` estimates them from the model's
+sizes and nominal H100-class rates when no profile exists.
+
+A transfer of n bytes over a link costs latency_s + n / bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceOf
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kunserve.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from kunserve.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+PROFILES_DIR = Path(__file__).with_name("profiles")
+KNEE_CANDIDATES = (0, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+# Nominal rates of the default model (an H100-class GPU), used only when no profile exists.
+NOMINAL_MEMORY_BYTES_S = 3.0e12
+NOMINAL_FLOPS = 6.0e14
+NOMINAL_STEP_S = 1.0e-3
+NOMINAL_SAMPLE_S = 2.0e-6
+NOMINAL_LINKS = {
+    "device": (370e9, 20e-6),  # GPU to GPU on one host (NVLink)
+    "host": (55e9, 10e-6),  # pinned host memory <-> GPU
+    "network": (12.5e9, 50e-6),  # across hosts (100 Gb/s)
+}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step computes, as the cost model sees it."""
+
+    num_tokens: int = 0  # tokens computed: prefill chunks + one per decode
+    decode_context: int = 0  # KV tokens the decodes attend to, summed
+    prefill_pairs: int = 0  # causal query-key pairs of the prefill chunks, summed
+    num_samples: int = 0  # sequences that sample a token
+
+    def __add__(self, other: StepShape) -> StepShape:
+        return StepShape(self.num_tokens + other.num_tokens, self.decode_context + other.decode_context,
+                         self.prefill_pairs + other.prefill_pairs, self.num_samples + other.num_samples)
+
+    def scaled(self, factor: float) -> StepShape:
+        return StepShape(round(self.num_tokens * factor), round(self.decode_context * factor),
+                         round(self.prefill_pairs * factor), round(self.num_samples * factor))
+
+    @staticmethod
+    def of_chunk(computed: int, num_tokens: int, samples: bool) -> StepShape:
+        """A sequence with `computed` tokens of KV computing `num_tokens` more."""
+        if num_tokens == 1:
+            return StepShape(1, computed, 0, 1)
+        pairs = num_tokens * computed + num_tokens * (num_tokens + 1) // 2
+        return StepShape(num_tokens, 0, pairs, int(samples))
+
+    @staticmethod
+    def of_step(scheduled: Iterable[tuple[Sequence, int]]) -> StepShape:
+        shape = StepShape()
+        for seq, n in scheduled:
+            shape += StepShape.of_chunk(seq.num_computed_tokens, n, seq.num_computed_tokens + n == len(seq))
+        return shape
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    step_s: float
+    layer_s: float
+    knee_tokens: int
+    layer_token_s: float
+    layer_context_s: float
+    layer_attention_s: float
+    sample_s: float
+
+    def predict(self, shape: StepShape, layers: int, samples: bool = True) -> float:
+        per_layer = (self.layer_s + self.layer_token_s * max(0, shape.num_tokens - self.knee_tokens)
+                     + self.layer_context_s * shape.decode_context + self.layer_attention_s * shape.prefill_pairs)
+        return self.step_s + layers * per_layer + (self.sample_s * shape.num_samples if samples else 0.0)
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth_bytes_s: float
+    latency_s: float
+
+    def transfer_time(self, num_bytes: float) -> float:
+        return self.latency_s + num_bytes / self.bandwidth_bytes_s
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    """One measured step: its shape, the layers the stage held, whether it sampled."""
+
+    shape: StepShape
+    layers: int
+    samples: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CostModel:
+    model: str
+    device: str
+    step: StepCoefficients
+    links: dict[str, Link]
+    holdout_error: float | None = None  # mean relative error on profile points left out of the fit
+    layer_bytes: int = 0  # a decoder layer's weights
+    kv_bytes_per_token_layer: int = 0
+    activation_bytes_per_token: int = 0  # hidden state sent between pipeline stages
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def step_time(self, shape: StepShape, layers: int, samples: bool = True) -> float:
+        return self.step.predict(shape, layers, samples)
+
+    def stage_time(self, shape: StepShape, num_layers: int, num_stages: int, stage: int, link: str = "device") -> float:
+        """A micro-batch's time on stage `stage` of a `num_stages` pipeline: its layers (the
+        last stage samples) and, after the first, receiving the activations over `link`."""
+        compute = self.step_time(shape, num_layers // num_stages, samples=stage == num_stages - 1)
+        if stage == 0:
+            return compute
+        return compute + self.transfer_time(shape.num_tokens * self.activation_bytes_per_token, link)
+
+    def pipeline_cycle_time(self, shape: StepShape, num_layers: int, num_stages: int, link: str = "device") -> float:
+        """The time for a batch of `shape` to advance one step in a g-stage group, split into
+        g equal micro-batches: the slowest stage, once per micro-batch."""
+        if num_stages == 1:
+            return self.step_time(shape, num_layers)
+        micro = shape.scaled(1 / num_stages)
+        slowest = max(self.stage_time(micro, num_layers, num_stages, s, link) for s in range(num_stages))
+        return num_stages * slowest
+
+    def transfer_time(self, num_bytes: float, link: str = "device") -> float:
+        if link not in self.links:
+            raise ValueError(f"link: expected one of {sorted(self.links)}, got {link!r}")
+        return self.links[link].transfer_time(num_bytes)
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel:
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(
+                raw["model"], raw["device"], StepCoefficients(**raw["step"]),
+                {name: Link(**link) for name, link in raw["links"].items()}, raw.get("holdout_error"),
+                raw.get("layer_bytes", 0), raw.get("kv_bytes_per_token_layer", 0),
+                raw.get("activation_bytes_per_token", 0), raw.get("notes", {}),
+            )
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"cost_profile: cannot read a cost model from {path}: {error}") from error
+
+    @classmethod
+    def default(cls, spec: ModelSpec, model_name: str, elem_bytes: int = 2) -> CostModel:
+        """Estimated from the model's sizes and nominal rates (see NOMINAL_*)."""
+        layer_params = (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.q_size * spec.hidden_size
+                        + 3 * spec.hidden_size * spec.intermediate_size)
+        layer_bytes = layer_params * elem_bytes
+        kv_bytes = 2 * spec.kv_size * elem_bytes
+        step = StepCoefficients(
+            step_s=NOMINAL_STEP_S,
+            layer_s=layer_bytes / NOMINAL_MEMORY_BYTES_S,
+            knee_tokens=round(NOMINAL_FLOPS / NOMINAL_MEMORY_BYTES_S * elem_bytes / 2),
+            layer_token_s=2 * layer_params / NOMINAL_FLOPS,
+            layer_context_s=kv_bytes / NOMINAL_MEMORY_BYTES_S,
+            layer_attention_s=4 * spec.q_size / NOMINAL_FLOPS,
+            sample_s=NOMINAL_SAMPLE_S + 2 * spec.hidden_size * spec.vocab_size / NOMINAL_FLOPS,
+        )
+        links = {name: Link(bw, lat) for name, (bw, lat) in NOMINAL_LINKS.items()}
+        return cls(model_name, "nominal", step, links, None, layer_bytes, kv_bytes,
+                   spec.hidden_size * elem_bytes, {"source": "estimated from the model's sizes; no profile"})
+
+
+def profile_path(model_name: str) -> Path:
+    """Where the packaged profile of a model (measured by benchmarks/profile_steps.py) lives: by
+    preset name, or by a model directory's name."""
+    return PROFILES_DIR / f"{Path(model_name).name}.json"
+
+
+def resolve_cost_model(profile: str | None, spec: ModelSpec, model_name: str, elem_bytes: int) -> CostModel:
+    """`profile`: a cost-model file; None = the packaged profile of the model, else the default."""
+    if profile is not None:
+        return CostModel.load(Path(profile))
+    packaged = profile_path(model_name)
+    if packaged.exists():
+        return CostModel.load(packaged)
+    return CostModel.default(spec, model_name, elem_bytes)
+
+
+# ---- fitting ----------------------------------------------------------------------------------
+
+def _features(points: SequenceOf[ProfilePoint], knee: int) -> np.ndarray:
+    """Columns: step_s, layer_s, layer_token_s, layer_context_s, layer_attention_s, sample_s."""
+    rows = [
+        (1.0, p.layers, p.layers * max(0, p.shape.num_tokens - knee), p.layers * p.shape.decode_context,
+         p.layers * p.shape.prefill_pairs, p.shape.num_samples if p.samples else 0.0)
+        for p in points
+    ]
+    return np.asarray(rows, dtype=np.float64)
+
+
+def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (times cannot be negative): refit without
+    the most negative coefficient until none is; columns that carry nothing stay 0."""
+    active = [j for j in range(a.shape[1]) if np.any(a[:, j])]
+    while True:
+        solution = np.zeros(a.shape[1])
+        if active:
+            solution[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if solution.min() >= 0:
+            return solution
+        active.remove(int(np.argmin(solution)))
+
+
+def relative_errors(coefficients: StepCoefficients, points: SequenceOf[ProfilePoint]) -> np.ndarray:
+    predicted = np.asarray([coefficients.predict(p.shape, p.layers, p.samples) for p in points])
+    measured = np.asarray([p.seconds for p in points])
+    return np.abs(predicted - measured) / measured
+
+
+def fit_step_coefficients(points: SequenceOf[ProfilePoint]) -> StepCoefficients:
+    """Fit to measured steps, minimizing relative error (each row weighted by 1/time), with
+    the knee chosen from KNEE_CANDIDATES."""
+    if len(points) < 6:
+        raise ValueError(f"points: need at least 6 profile points to fit, got {len(points)}")
+    measured = np.asarray([p.seconds for p in points])
+    best: tuple[float, StepCoefficients] | None = None
+    for knee in KNEE_CANDIDATES:
+        a = _features(points, knee) / measured[:, None]
+        c = _nonnegative_least_squares(a, np.ones(len(points)))
+        c = [float(x) for x in c]
+        coefficients = StepCoefficients(c[0], c[1], knee, c[2], c[3], c[4], c[5])
+        error = float(relative_errors(coefficients, points).mean())
+        if best is None or error < best[0]:
+            best = (error, coefficients)
+    assert best is not None
+    return best[1]
