@@ -2,8 +2,9 @@
 
 One engine with `--stages` pipeline stages (dummy Llama-3-8B in bf16, one GPU each) serves
 a seeded open-loop stream of mixed-length requests: most prompts short, some long (chunked
-prefill), outputs of varied length, arrivals Poisson at `--rate`. The same stream runs with
-micro-batches balanced by the cost model (lookahead) and split by sequence count (off).
+prefill), outputs of varied length, arrivals Poisson at each of `--rates` (a steady load
+and a burst). The same stream runs with micro-batches balanced by the cost model
+(lookahead) and split by sequence count (off).
 Measured per mode: the pipeline bubble (1 - stage busy time / (stages x time with steps in
 flight), from the stages' CUDA-event clocks), output throughput, TTFT and TPOT.
 
@@ -27,7 +28,7 @@ from kunserve import EngineConfig, LLMEngine, SamplingParams
 from kunserve.sampling_params import RequestOutputKind
 
 LONG_FRACTION = 0.3  # of prompts drawn from the long range
-WARM_UP_REQUESTS = 4
+WARM_UP_FRACTIONS = (0.0, 0.125, 0.25, 0.5, 1.0)  # of the longest prompt: warm-up prompt lengths
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ class Request:
     output_len: int
 
 
-def make_workload(args: argparse.Namespace, vocab_size: int) -> list[Request]:
+def make_workload(args: argparse.Namespace, rate: float, vocab_size: int) -> list[Request]:
     rng = np.random.default_rng(args.seed)
-    arrivals = np.cumsum(rng.exponential(1 / args.rate, args.requests))
+    arrivals = np.cumsum(rng.exponential(1 / rate, args.requests))
     short = rng.integers(args.min_prompt, args.max_prompt // 8 + 1, args.requests)
     long = rng.integers(args.max_prompt // 4, args.max_prompt + 1, args.requests)
     lengths = np.where(rng.random(args.requests) < LONG_FRACTION, long, short)
@@ -55,10 +56,11 @@ def params(output_len: int) -> SamplingParams:
 
 def serve(engine: LLMEngine, workload: list[Request]) -> dict:
     """Replay the stream in real time; latencies from the engine's request metrics."""
-    for i in range(WARM_UP_REQUESTS):  # CUDA graphs, NCCL links, Triton kernels
-        engine.add_request(f"warm{i}", workload[i].prompt, params(8))
-    while engine.has_unfinished_requests():
-        engine.step()
+    longest = max(workload, key=lambda r: len(r.prompt)).prompt
+    for i, fraction in enumerate(WARM_UP_FRACTIONS):  # NCCL links, kernels of every prompt size
+        engine.add_request(f"warm{i}", longest[: max(1, int(fraction * len(longest)))], params(8))
+        while engine.has_unfinished_requests():
+            engine.step()
     engine.measure_pipeline()
     finished = []
     start = time.perf_counter()
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--cost-profile", default=None, help="cost-model file (default: packaged or estimated)")
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--rate", type=float, default=8.0, help="arrivals per second (Poisson)")
+    parser.add_argument("--rates", type=float, nargs="+", default=[8.0, 32.0], help="arrivals per second (Poisson)")
     parser.add_argument("--min-prompt", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=4096)
     parser.add_argument("--min-output", type=int, default=16)
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    rows = {}
+    rows = []
     for lookahead in (True, False):
         config = EngineConfig(model=args.model, load_format="dummy", device=args.device, skip_tokenizer_init=True,
                               pipeline_parallel_size=args.stages, max_model_len=args.max_prompt + args.max_output,
@@ -111,23 +113,24 @@ def main() -> None:
                               cost_profile=args.cost_profile)
         engine = LLMEngine(config)
         try:
-            workload = make_workload(args, engine.spec.vocab_size)
-            rows["lookahead" if lookahead else "by_count"] = serve(engine, workload)
             cost_model = engine.cost_model.device
+            for rate in args.rates:
+                workload = make_workload(args, rate, engine.spec.vocab_size)
+                row = serve(engine, workload)
+                rows.append({"rate": rate, "mode": "lookahead" if lookahead else "by_count", **row})
+                print(f"rate {rate}/s, {rows[-1]['mode']}: bubble {row['bubble_fraction']:.3f}", flush=True)
         finally:
             engine.shutdown()
 
-    on, off = rows["lookahead"], rows["by_count"]
-    print(f"{'micro-batches':<14} {'bubble':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} "
+    print(f"\n{'rate/s':>6} {'micro-batches':<14} {'bubble':>7} {'out tok/s':>10} {'TTFT mean':>10} {'TTFT p99':>9} "
           f"{'TPOT mean':>10}")
-    for name, row in rows.items():
-        print(f"{name:<14} {row['bubble_fraction']:>7.3f} {row['output_tok_s']:>10.1f} "
+    for row in sorted(rows, key=lambda r: (r["rate"], r["mode"] != "lookahead")):
+        print(f"{row['rate']:>6.1f} {row['mode']:<14} {row['bubble_fraction']:>7.3f} {row['output_tok_s']:>10.1f} "
               f"{row['ttft_mean_s'] * 1e3:>8.1f}ms {row['ttft_p99_s'] * 1e3:>7.1f}ms {row['tpot_mean_s'] * 1e3:>8.2f}ms")
-    print(f"\n{args.model}, {args.stages} stages, cost model: {cost_model}; {args.requests} requests at "
-          f"{args.rate}/s: bubble {off['bubble_fraction']:.3f} by count -> {on['bubble_fraction']:.3f} with lookahead")
+    print(f"\n{args.model}, {args.stages} stages, cost model: {cost_model}, {args.requests} requests per rate")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cost_model": cost_model,
-                                    "modes": rows}, indent=1))
+                                    "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

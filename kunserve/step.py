@@ -46,12 +46,14 @@ class StepInput:
 def build_step_input(
     scheduled: list[tuple[Sequence, int]], block_size: int, finished_request_ids: list[str]
 ) -> StepInput:
-    """`scheduled`: (sequence, tokens to compute) with decodes (1 token) first."""
+    """`scheduled`: (sequence, tokens to compute) with decodes (1 token) first, built before
+    the sequences' tokens are marked in flight: each chunk starts after the tokens computed
+    or in flight."""
     seqs = [s for s, _ in scheduled]
     query_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=len(scheduled))
-    computed = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+    computed = np.fromiter((s.num_scheduled_tokens for s in seqs), dtype=np.int64, count=len(seqs))
     token_ids = np.fromiter(
-        itertools.chain.from_iterable(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] for s, n in scheduled),
+        itertools.chain.from_iterable(s.token_ids[start : start + n] for start, (s, n) in zip(computed.tolist(), scheduled, strict=True)),
         dtype=np.int64,
         count=int(query_lens.sum()),
     )

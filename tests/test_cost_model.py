@@ -20,7 +20,7 @@ from kunserve.worker.profiler import ProfileCase, profile_worker, split_holdout
 from kunserve.worker.worker import build_worker
 
 TRUE = StepCoefficients(step_s=4e-4, layer_s=2e-4, knee_tokens=64, layer_token_s=3e-7, layer_context_s=2e-9,
-                        layer_attention_s=1e-11, sample_s=5e-6)
+                        layer_attention_s=1e-11, sample_s=5e-6, layer_prefill_s=1.5e-4)
 
 
 def synthetic_points(noise: float = 0.0) -> list[ProfilePoint]:

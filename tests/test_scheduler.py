@@ -6,6 +6,7 @@ from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.scheduler import Scheduler
 from kunserve.engine.sequence import Sequence, SequenceStatus
 from kunserve.sampling_params import SamplingParams
+from kunserve.step import build_step_input
 
 BLOCK = 4
 
@@ -18,6 +19,7 @@ def _run_step(scheduler: Scheduler) -> list[tuple[str, int]]:
     """Schedule a step and pretend the model sampled token 7 for every finished prefill."""
     out = scheduler.schedule()
     sampled = [7 for seq, n in out.scheduled if seq.num_computed_tokens + n == len(seq)]
+    scheduler.launch(out)
     scheduler.update(out, sampled)
     return [(seq.request_id, n) for seq, n in out.scheduled]
 
@@ -102,3 +104,25 @@ def test_nothing_is_admitted_in_a_step_that_preempted() -> None:
     scheduler.add(_seq("c", 1))
     out = scheduler.schedule()
     assert out.preempted and "c" not in {seq.request_id for seq, _ in out.scheduled}
+
+
+def test_a_prompts_next_chunk_is_scheduled_while_the_previous_one_is_in_flight() -> None:
+    scheduler = Scheduler(BlockManager(BLOCK, range(100)), max_num_seqs=8, max_num_batched_tokens=6)
+    scheduler.add(_seq("long", 15))
+    steps = []
+    for _ in range(3):
+        out = scheduler.schedule()
+        steps.append(build_step_input(out.scheduled, BLOCK, []).positions.tolist())
+        scheduler.launch(out)
+    assert steps == [list(range(6)), list(range(6, 12)), list(range(12, 15))]
+
+
+def test_a_sequence_waiting_for_its_token_is_not_scheduled_again() -> None:
+    scheduler = Scheduler(BlockManager(BLOCK, range(100)), max_num_seqs=8, max_num_batched_tokens=100)
+    seq = _seq("a", 5)
+    scheduler.add(seq)
+    first = scheduler.schedule()
+    scheduler.launch(first)
+    assert scheduler.schedule().is_empty
+    scheduler.update(first, [7])
+    assert len(seq) == 6 and seq.num_computed_tokens == 5 and not seq.in_flight

@@ -4,12 +4,15 @@ formulation plan with.
 A step of a stage holding `layers` decoder layers costs
 
     step_s + layers · (layer_s + layer_token_s · max(0, tokens − knee_tokens)
-                       + layer_context_s · decode context + layer_attention_s · prefill pairs)
+                       + layer_context_s · decode context + layer_attention_s · prefill pairs
+                       + layer_prefill_s · [the step has a prefill chunk])
            + sample_s · samples        (on the stage holding the LM head)
 
 Below `knee_tokens` a layer's GEMMs are bound by reading its weights, so its time hardly
 depends on the batch; above, every token adds its FLOPs. Decodes read their KV (one term
-per context token); prefill chunks attend causally (one term per query-key pair). The
+per context token); prefill chunks attend causally (one term per query-key pair). A step
+with a prefill chunk runs eagerly (decode-only steps replay CUDA graphs), paying kernel
+launches per layer: measured at ~0.2 ms per Llama-3-8B layer on an H200. The
 coefficients are fitted to step times measured on the device (benchmarks/profile_steps.py) and
 saved as a small JSON file per (model, device); `default` estimates them from the model's
 sizes and nominal H100-class rates when no profile exists.
@@ -52,20 +55,21 @@ NOMINAL_LINKS = {
 
 @dataclass(frozen=True)
 class StepShape:
-    """What a step computes, as the cost model sees it."""
+    """What a step computes, as the cost model sees it: counts, fractional in a share of a
+    step (`scaled`)."""
 
-    num_tokens: int = 0  # tokens computed: prefill chunks + one per decode
-    decode_context: int = 0  # KV tokens the decodes attend to, summed
-    prefill_pairs: int = 0  # causal query-key pairs of the prefill chunks, summed
-    num_samples: int = 0  # sequences that sample a token
+    num_tokens: float = 0  # tokens computed: prefill chunks + one per decode
+    decode_context: float = 0  # KV tokens the decodes attend to, summed
+    prefill_pairs: float = 0  # causal query-key pairs of the prefill chunks, summed
+    num_samples: float = 0  # sequences that sample a token
 
     def __add__(self, other: StepShape) -> StepShape:
         return StepShape(self.num_tokens + other.num_tokens, self.decode_context + other.decode_context,
                          self.prefill_pairs + other.prefill_pairs, self.num_samples + other.num_samples)
 
     def scaled(self, factor: float) -> StepShape:
-        return StepShape(round(self.num_tokens * factor), round(self.decode_context * factor),
-                         round(self.prefill_pairs * factor), round(self.num_samples * factor))
+        return StepShape(self.num_tokens * factor, self.decode_context * factor, self.prefill_pairs * factor,
+                         self.num_samples * factor)
 
     @staticmethod
     def of_chunk(computed: int, num_tokens: int, samples: bool) -> StepShape:
@@ -79,7 +83,8 @@ class StepShape:
     def of_step(scheduled: Iterable[tuple[Sequence, int]]) -> StepShape:
         shape = StepShape()
         for seq, n in scheduled:
-            shape += StepShape.of_chunk(seq.num_computed_tokens, n, seq.num_computed_tokens + n == len(seq))
+            start = seq.num_scheduled_tokens  # the step's input is built before it is marked in flight
+            shape += StepShape.of_chunk(start, n, start + n == len(seq))
         return shape
 
 
@@ -92,10 +97,12 @@ class StepCoefficients:
     layer_context_s: float
     layer_attention_s: float
     sample_s: float
+    layer_prefill_s: float = 0.0
 
     def predict(self, shape: StepShape, layers: int, samples: bool = True) -> float:
         per_layer = (self.layer_s + self.layer_token_s * max(0, shape.num_tokens - self.knee_tokens)
-                     + self.layer_context_s * shape.decode_context + self.layer_attention_s * shape.prefill_pairs)
+                     + self.layer_context_s * shape.decode_context + self.layer_attention_s * shape.prefill_pairs
+                     + (self.layer_prefill_s if shape.prefill_pairs else 0.0))
         return self.step_s + layers * per_layer + (self.sample_s * shape.num_samples if samples else 0.0)
 
 
@@ -214,10 +221,12 @@ def resolve_cost_model(profile: str | None, spec: ModelSpec, model_name: str, el
 # ---- fitting ----------------------------------------------------------------------------------
 
 def _features(points: SequenceOf[ProfilePoint], knee: int) -> np.ndarray:
-    """Columns: step_s, layer_s, layer_token_s, layer_context_s, layer_attention_s, sample_s."""
+    """Columns: step_s, layer_s, layer_token_s, layer_context_s, layer_attention_s, sample_s,
+    layer_prefill_s."""
     rows = [
         (1.0, p.layers, p.layers * max(0, p.shape.num_tokens - knee), p.layers * p.shape.decode_context,
-         p.layers * p.shape.prefill_pairs, p.shape.num_samples if p.samples else 0.0)
+         p.layers * p.shape.prefill_pairs, p.shape.num_samples if p.samples else 0.0,
+         p.layers * (p.shape.prefill_pairs > 0))
         for p in points
     ]
     return np.asarray(rows, dtype=np.float64)
@@ -253,7 +262,7 @@ def fit_step_coefficients(points: SequenceOf[ProfilePoint]) -> StepCoefficients:
         a = _features(points, knee) / measured[:, None]
         c = _nonnegative_least_squares(a, np.ones(len(points)))
         c = [float(x) for x in c]
-        coefficients = StepCoefficients(c[0], c[1], knee, c[2], c[3], c[4], c[5])
+        coefficients = StepCoefficients(c[0], c[1], knee, c[2], c[3], c[4], c[5], c[6])
         error = float(relative_errors(coefficients, points).mean())
         if best is None or error < best[0]:
             best = (error, coefficients)

@@ -279,6 +279,7 @@ class LLMEngine:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
             self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids))
+            self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:
                 self._in_flight_since = now
@@ -293,7 +294,8 @@ class LLMEngine:
         scheduler, config = self.scheduler, self.config
         if config.lookahead_batching:
             predict = functools.partial(self.cost_model.step_time, layers=self.spec.num_layers // depth)
-            target = cycle_target_s(predict, scheduler.running, scheduler.waiting, depth,
+            in_flight = (step.shape for step in self._in_flight if step.shape is not None)
+            target = cycle_target_s(predict, in_flight, scheduler.running, scheduler.waiting, depth,
                                     config.max_num_batched_tokens)
             return None, LookaheadBudget(predict, target, config.lookahead_min_chunk_tokens)
         demand = len(scheduler.running) + len(scheduler.waiting)

@@ -5,12 +5,13 @@ them, so a micro-batch that carries a long prefill chunk while the others carry 
 decodes leaves the other stages idle (the bubble). Splitting the sequences evenly by count
 ignores that a chunk of 2,000 prompt tokens costs as much as hundreds of decodes.
 
-Instead, before forming a micro-batch the engine looks ahead at the work of the next
-pipeline cycle (every running sequence's next chunk, plus waiting prompts up to what g
-micro-batches can take) and sets the micro-batch's target time to the cost model's
-prediction for 1/g of it (or for its largest chunk with 1/g of the decodes: no split can
-shorten a single sequence's chunk). The scheduler then fills the micro-batch while its predicted
-time stays within the target, cutting a prefill into the largest chunk that fits.
+Instead, before forming a micro-batch the engine looks ahead at the work of the pipeline
+cycle (the micro-batches in flight, every running sequence's next chunk, and waiting
+prompts up to what g micro-batches can take) and sets the micro-batch's target time to the
+cost model's prediction for 1/g of it. The scheduler then fills the micro-batch while its
+predicted time stays within the target, cutting a prefill into the largest chunk that fits;
+the prompt's next chunk may go into the next micro-batch at once (kunserve/engine/
+scheduler.py), so g micro-batches can share one long prefill.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ class LookaheadBudget:
 
     def grant(self, seq: Sequence, wanted: int) -> int:
         """Tokens of the `wanted` next ones that `seq` may compute in this micro-batch (0:
-        none). An empty micro-batch always gets something, so every step makes progress."""
+        none). A prefill is cut to the target; what cannot be cut (a decode, a chunk at the
+        minimum) goes in if that brings the micro-batch closer to the target than leaving it
+        out, so a micro-batch is not one decode short of its share. An empty micro-batch
+        always gets something, so every step makes progress."""
         if self._fits(seq, wanted):
+            return wanted
+        if wanted <= self.min_chunk_tokens and self._closer_with(seq, wanted):
             return wanted
         floor = min(wanted, self.min_chunk_tokens)
         if self.shape.num_tokens == 0:
@@ -61,37 +67,36 @@ class LookaheadBudget:
     def _fits(self, seq: Sequence, num_tokens: int) -> bool:
         return self.predict(self.shape + _chunk(seq, num_tokens)) <= self.target_s
 
+    def _closer_with(self, seq: Sequence, num_tokens: int) -> bool:
+        over = self.predict(self.shape + _chunk(seq, num_tokens)) - self.target_s
+        return over < self.target_s - self.predict(self.shape)
+
 
 def cycle_target_s(
     predict: Predictor,
+    in_flight: Iterable[StepShape],
     running: Iterable[Sequence],
     waiting: Iterable[Sequence],
     num_stages: int,
     max_num_batched_tokens: int,
 ) -> float:
-    """The predicted time of 1/g of the next pipeline cycle's work: each running sequence's
-    next chunk and the waiting prompts, together at most g micro-batches' token budget.
-
-    A sequence's chunks run one after another, never in two micro-batches at once, so the
-    cycle takes at least as long as a micro-batch holding the largest chunk (with its share
-    of the decodes): the target never asks to cut that chunk, which would only add a cycle
-    to its request's time to first token."""
+    """The predicted time of 1/g of a pipeline cycle's work: the micro-batches in flight, the
+    rest of every running sequence not waiting for its token, and the waiting prompts;
+    together at most g micro-batches' token budget (a prompt's chunks may fill them all)."""
     cycle_tokens = num_stages * max_num_batched_tokens
-    shape = decodes = largest = StepShape()
+    shape = StepShape()
+    for step in in_flight:
+        shape += step
     for seq in itertools.chain(running, waiting):
         if shape.num_tokens >= cycle_tokens:
             break
-        remaining = max(1, len(seq) - seq.num_computed_tokens)
-        chunk = _chunk(seq, min(remaining, max_num_batched_tokens, cycle_tokens - shape.num_tokens))
-        shape += chunk
-        if chunk.num_tokens == 1:
-            decodes += chunk
-        elif chunk.num_tokens > largest.num_tokens:
-            largest = chunk
-    share = 1 / num_stages
-    return max(predict(shape.scaled(share)), predict(largest + decodes.scaled(share)))
+        if seq.awaits_token:
+            continue
+        remaining = len(seq) - seq.num_scheduled_tokens
+        shape += _chunk(seq, min(remaining, cycle_tokens - shape.num_tokens))
+    return predict(shape.scaled(1 / num_stages))
 
 
 def _chunk(seq: Sequence, num_tokens: int) -> StepShape:
-    computed = seq.num_computed_tokens
-    return StepShape.of_chunk(computed, num_tokens, computed + num_tokens >= len(seq))
+    start = seq.num_scheduled_tokens
+    return StepShape.of_chunk(start, num_tokens, start + num_tokens >= len(seq))

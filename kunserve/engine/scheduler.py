@@ -7,8 +7,11 @@ recently admitted running sequence is preempted (its blocks freed, recomputed la
 oldest running sequence is therefore never preempted by a younger one and, since no
 admitted sequence needs more blocks than the pool holds, always makes progress: no livelock.
 
-With a pipeline, several steps (micro-batches) are in flight at once: a sequence in one is
-neither scheduled again nor preempted until its step comes back, and each micro-batch
+With a pipeline, several steps (micro-batches) are in flight at once: a sequence waiting for
+its sampled token is neither scheduled again nor preempted until its step comes back; a
+prompt's next chunk may go into the next micro-batch while the previous chunk is still in
+flight (every stage runs micro-batches in order, so the chunk finds the KV it attends to),
+which lets g micro-batches share one long prefill. Each micro-batch
 takes at most `max_seqs` sequences so that the others get work too, or, with lookahead batch
 formulation, as much work as its time budget allows (kunserve/engine/lookahead.py).
 """
@@ -19,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kunserve.engine.block_manager import BlockAccounting
+from kunserve.engine.cost_model import StepShape
 from kunserve.engine.lookahead import LookaheadBudget
 from kunserve.engine.sequence import Sequence, SequenceStatus
 
@@ -27,6 +31,7 @@ from kunserve.engine.sequence import Sequence, SequenceStatus
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]]  # (sequence, tokens to compute); decodes first
     preempted: list[Sequence] = field(default_factory=list)
+    shape: StepShape | None = None  # as a lookahead budget formed it (the cost model's view)
 
     @property
     def is_empty(self) -> bool:
@@ -74,16 +79,20 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < seq_limit:
             seq = self.running[i]
-            if seq.in_flight:
+            if seq.awaits_token:
                 i += 1
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_scheduled_tokens, budget)
             if time_budget is not None:
                 n = time_budget.grant(seq, n)
                 if n == 0:
                     i += 1
                     continue
-            while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            # A pipelined chunk waits for blocks rather than preempting.
+            if seq.in_flight and not self.block_manager.allocate(seq, seq.num_scheduled_tokens + n):
+                i += 1
+                continue
+            while not self.block_manager.allocate(seq, seq.num_scheduled_tokens + n):
                 victim = next(s for s in reversed(self.running) if not s.in_flight)  # seq at the latest
                 self._preempt(victim)
                 preempted.append(victim)
@@ -118,9 +127,12 @@ class Scheduler:
                 time_budget.commit(seq, n)
 
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
-        for seq, _ in scheduled:
-            seq.in_flight = True
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, None if time_budget is None else time_budget.shape)
+
+    def launch(self, output: SchedulerOutput) -> None:
+        """Mark the step's tokens in flight (after its input is built: see build_step_input)."""
+        for seq, n in output.scheduled:
+            seq.num_in_flight_tokens += n
 
     def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         """Advance the scheduled sequences; append the sampled tokens (one per sequence that
@@ -129,7 +141,7 @@ class Scheduler:
         advanced: list[Sequence] = []
         tokens = iter(sampled)
         for seq, n in output.scheduled:
-            seq.in_flight = False
+            seq.num_in_flight_tokens -= n
             reached_end = seq.num_computed_tokens + n == len(seq.token_ids)
             if seq.is_finished:
                 if reached_end:

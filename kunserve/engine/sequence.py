@@ -37,13 +37,29 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in this sequence's blocks
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING
-        self.in_flight = False  # in a submitted step whose tokens have not come back
+        # Tokens in submitted steps not yet come back: a pipeline may run a prompt's next
+        # chunk while the previous one is still in flight (each stage runs them in order).
+        self.num_in_flight_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.num_in_flight_tokens > 0
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens computed or in flight: where the next chunk starts."""
+        return self.num_computed_tokens + self.num_in_flight_tokens
+
+    @property
+    def awaits_token(self) -> bool:
+        """Its last scheduled chunk samples and has not come back: nothing to schedule."""
+        return self.in_flight and self.num_scheduled_tokens >= len(self.token_ids)
 
     @property
     def prompt_token_ids(self) -> list[int]:
