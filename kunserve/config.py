@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 GiB = 1 << 30
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass
@@ -31,6 +32,10 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
+    # What a preempted request loses: "recompute" frees its KV (recomputed when it runs again),
+    # "swap" copies its KV to host memory and back (swap_space_bytes per device, pinned on GPUs).
+    preemption_mode: str = "recompute"
+    swap_space_bytes: int = 4 * GiB
     # Pipelines: balance micro-batches by predicted step time (kunserve/engine/lookahead.py);
     # False splits the sequences evenly by count.
     lookahead_batching: bool = True
@@ -57,6 +62,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend: expected auto, torch or triton, got {self.attention_backend!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode: expected one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes: must be >= 0, got {self.swap_space_bytes}")
         if self.lookahead_min_chunk_tokens < 1:
             raise ValueError(f"lookahead_min_chunk_tokens: must be >= 1, got {self.lookahead_min_chunk_tokens}")
         if self.bubble_window_s <= 0:

@@ -135,6 +135,10 @@ class ArenaLayout:
     def initial_kv_blocks(self) -> range:
         return range(self.num_layers * self.slot_blocks, self.total_blocks)
 
+    def swap_blocks(self, swap_space_bytes: int) -> int:
+        """Host blocks (each as large as a KV block here) that `swap_space_bytes` holds."""
+        return swap_space_bytes // self.block_bytes
+
     def slot_start_elem(self, layer: int) -> int:
         return layer * self.slot_blocks * self.block_elems
 

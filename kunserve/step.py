@@ -37,6 +37,10 @@ class StepInput:
     sample_rows: np.ndarray  # [S] indices of the sequences whose next token is sampled
     sampling: SamplingBatch
     finished_request_ids: list[str] = field(default_factory=list)
+    # KV copies before the step computes (kunserve/worker/swap.py): [n, 2] pairs of
+    # (device block, host block) to swap out, then (host block, device block) to swap in.
+    swap_out: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
+    swap_in: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -44,11 +48,15 @@ class StepInput:
 
 
 def build_step_input(
-    scheduled: list[tuple[Sequence, int]], block_size: int, finished_request_ids: list[str]
+    scheduled: list[tuple[Sequence, int]],
+    block_size: int,
+    finished_request_ids: list[str],
+    swap_out: list[tuple[int, int]] | None = None,
+    swap_in: list[tuple[int, int]] | None = None,
 ) -> StepInput:
     """`scheduled`: (sequence, tokens to compute) with decodes (1 token) first, built before
     the sequences' tokens are marked in flight: each chunk starts after the tokens computed
-    or in flight."""
+    or in flight. A step may carry only swaps (no tokens)."""
     seqs = [s for s, _ in scheduled]
     query_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=len(scheduled))
     computed = np.fromiter((s.num_scheduled_tokens for s in seqs), dtype=np.int64, count=len(seqs))
@@ -62,7 +70,7 @@ def build_step_input(
     query_starts = np.cumsum(query_lens) - query_lens
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(computed - query_starts, query_lens)
     num_blocks = np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=len(seqs))
-    block_tables = np.zeros((len(seqs), int(num_blocks.max())), dtype=np.int64)
+    block_tables = np.zeros((len(seqs), int(num_blocks.max(initial=0))), dtype=np.int64)
     # Row-major fill of each row's prefix, in one scatter instead of a row-by-row copy.
     used = np.arange(block_tables.shape[1]) < num_blocks[:, None]
     block_tables[used] = np.fromiter(
@@ -99,4 +107,10 @@ def build_step_input(
         sample_rows=samples,
         sampling=sampling,
         finished_request_ids=finished_request_ids,
+        swap_out=_pairs(swap_out),
+        swap_in=_pairs(swap_in),
     )
+
+
+def _pairs(pairs: list[tuple[int, int]] | None) -> np.ndarray:
+    return np.asarray(pairs or [], dtype=np.int64).reshape(-1, 2)

@@ -62,6 +62,8 @@ class Cluster:
         self.engines = engines  # each replica's own engine (a group runs its members' requests)
         streams: dict[str, RequestStream] = {}  # shared: a request's stream, whichever loop runs it
         self.replicas = [AsyncEngine(engine, max_waiting_requests, streams) for engine in engines]
+        for replica in self.replicas:
+            replica.peers = self.replicas
         self.dispatcher = Dispatcher(dispatch_policy)
         self.coordinator = Coordinator(self, coordinator or CoordinatorConfig())
         self._arena_handles: dict[int, bytes] = {}
@@ -76,6 +78,11 @@ class Cluster:
         max_waiting_requests: int | None = None,
         coordinator: CoordinatorConfig | None = None,
     ) -> Cluster:
+        coordinator = coordinator or CoordinatorConfig()
+        if config.preemption_mode != coordinator.preemption_mode:
+            logger.info("overload policy %r: preemption_mode=%r", coordinator.overload_policy,
+                        coordinator.preemption_mode)
+            config = dataclasses.replace(config, preemption_mode=coordinator.preemption_mode)
         configs = replica_configs(config, num_replicas)
         logger.info("starting %d replica(s)", num_replicas)
         worlds: list[WorkerWorld | None] = [None]
@@ -122,6 +129,10 @@ class Cluster:
                     a.result(0)
                     b.result(0)
                     self._open_pairs.add((i, j))
+
+    def links_open(self, a: int, b: int) -> bool:
+        """Whether replicas a and b can copy from each other's arenas (open_links)."""
+        return (min(a, b), max(a, b)) in self._open_pairs
 
     # ---- what the server sees ---------------------------------------------------------------
 

@@ -20,32 +20,49 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from kunserve.cluster import migration
 from kunserve.cluster.planner import Planner, PlannerConfig, ReplicaLoad
 from kunserve.cluster.transitions import TransitionStats, fuse, split
 from kunserve.engine.llm_engine import LLMEngine
+from kunserve.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from kunserve.cluster.cluster import Cluster
 
 logger = logging.getLogger(__name__)
 
-OVERLOAD_POLICIES = ("kunserve", "recompute")
+# What a cluster does when a replica's KV cache overloads: kunserve drops replicated layers
+# (fuses replicas into a pipeline group); the KV-centric baselines preempt and recompute
+# (vLLM), preempt and swap KV to host memory (InferCept), or migrate running requests to
+# lighter replicas (Llumnix).
+OVERLOAD_POLICIES = ("kunserve", "recompute", "swap", "migrate")
 HISTORY_LENGTH = 32  # transitions kept for GET /v1/cluster
 
 
 @dataclass
 class CoordinatorConfig:
-    overload_policy: str = "kunserve"  # "recompute": never drop, preempt and recompute as vLLM does
+    overload_policy: str = "kunserve"
     max_group_size: int | None = None  # largest group a drop forms; None: as large as the deficit needs
     drop_headroom: float = 0.1  # a drop's group keeps this fraction of its KV blocks free
     check_interval_s: float = 0.05
-    drop_after_s: float = 0.2  # queued demand above free blocks this long: drop
+    drop_after_s: float = 0.2  # queued demand above free blocks this long: drop (or migrate)
     restore_after_s: float = 2.0  # demand within restore_fill of replica capacity this long: restore
     restore_fill: float = 0.5
+    migrate_headroom: float = 0.1  # a migration's destination keeps this fraction of its KV blocks free
+    max_migrations_per_check: int = 8
 
     def __post_init__(self) -> None:
         if self.overload_policy not in OVERLOAD_POLICIES:
             raise ValueError(f"overload_policy: expected one of {OVERLOAD_POLICIES}, got {self.overload_policy!r}")
+        if not 0 <= self.migrate_headroom < 1:
+            raise ValueError(f"migrate_headroom: must be in [0, 1), got {self.migrate_headroom}")
+        if self.max_migrations_per_check < 1:
+            raise ValueError(f"max_migrations_per_check: must be >= 1, got {self.max_migrations_per_check}")
+
+    @property
+    def preemption_mode(self) -> str:
+        """How the engines preempt under this policy (EngineConfig.preemption_mode)."""
+        return "swap" if self.overload_policy == "swap" else "recompute"
 
     def planner_config(self, num_layers: int) -> PlannerConfig:
         """The planner's settings (it checks the shared ones)."""
@@ -61,13 +78,14 @@ class Group:
 
 @dataclass
 class Transition:
-    kind: str  # "drop" | "restore"
-    members: list[int]
+    kind: str  # "drop" | "restore" | "migrate"
+    members: list[int]  # a group's replicas; a migration's (source, destination)
     at: float  # time.time()
     duration_s: float
-    exchange_s: float
+    exchange_s: float  # KV moved between devices
     sub_blocks_moved: int
     reason: str
+    pause_s: float  # how long the requests involved could not run
 
 
 class Coordinator:
@@ -90,7 +108,9 @@ class Coordinator:
     # ---- the policy loop ----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.overload_policy != "kunserve" or not self.planner.config.group_sizes(len(self.cluster.engines)):
+        policy, num_replicas = self.config.overload_policy, len(self.cluster.engines)
+        drops = policy == "kunserve" and self.planner.config.group_sizes(num_replicas)
+        if not drops and not (policy == "migrate" and num_replicas > 1):
             return
         self._thread = threading.Thread(target=self._watch, name="kunserve-coordinator", daemon=True)
         self._thread.start()
@@ -108,16 +128,19 @@ class Coordinator:
                 logger.exception("coordinator check failed; will look again")
 
     def check(self, now: float) -> None:
-        """One look at the cluster: drop or restore where the policy says so."""
+        """One look at the cluster: drop, restore or migrate where the policy says so."""
         config = self.config
         free = self.replicas_in_replica_mode()
         for i in free:
-            engine = self.cluster.engines[i]
-            if engine.scheduler.num_waiting_blocks > engine.block_manager.num_free_blocks:
+            if self._deficit(i) > 0:
                 self._overloaded_since.setdefault(i, now)
             else:
                 self._overloaded_since.pop(i, None)
         due = {i for i, since in self._overloaded_since.items() if now - since >= config.drop_after_s and i in free}
+        if config.overload_policy == "migrate":
+            for src in sorted(due, key=self._deficit, reverse=True):
+                self._relieve_by_migration(src, free)
+            return
         if due:
             for planned in self.planner.plan_drops([self.replica_load(i) for i in free]):
                 if due & set(planned.members):
@@ -136,6 +159,38 @@ class Coordinator:
                         self._calm_since.pop(id(group), None)
             else:
                 self._calm_since.pop(id(group), None)
+
+    def _deficit(self, replica: int) -> int:
+        """Blocks replica's queued requests need beyond its free blocks (> 0: overloaded)."""
+        engine = self.cluster.engines[replica]
+        return engine.scheduler.num_waiting_blocks - engine.block_manager.num_free_blocks
+
+    def _spare(self, replica: int) -> int:
+        """Blocks a migration may bring to `replica`: free, less its queue and headroom."""
+        blocks = self.cluster.engines[replica].block_manager
+        headroom = int(self.config.migrate_headroom * blocks.num_total_blocks)
+        return -self._deficit(replica) - headroom
+
+    def _relieve_by_migration(self, src: int, free: list[int]) -> None:
+        """Migrate the youngest of `src`'s running requests to the replicas with the most spare
+        blocks, while `src` is short of blocks for its queue and a destination has room."""
+        for _ in range(self.config.max_migrations_per_check):
+            if self._deficit(src) <= 0:
+                return
+            others = [i for i in free if i != src and self.cluster.replicas[i].is_alive]
+            if not others:
+                return
+            dst = max(others, key=self._spare)
+            target = self.cluster.engines[dst]
+            if len(target.scheduler.running) >= target.config.max_num_seqs:
+                return
+            spare = self._spare(dst)
+            # Read while the source steps (its requests are in flight then): the migration
+            # checks again with the source paused.
+            candidates = [seq for seq in reversed(list(self.cluster.engines[src].scheduler.running))
+                          if len(seq.block_ids) < spare]
+            if not candidates or self.migrate(candidates[0], src, dst, f"replica {src} overloaded") is None:
+                return
 
     def replica_load(self, index: int) -> ReplicaLoad:
         """Replica `index` as the planner sees it (its own engine: in a group, its replica-mode
@@ -214,9 +269,32 @@ class Coordinator:
             self._calm_since.pop(id(group), None)
             return self._record("restore", group.members, stats, reason)
 
+    def migrate(self, seq: Sequence, src: int, dst: int, reason: str = "requested") -> Transition | None:
+        """Move running `seq` from replica `src` to `dst` (kunserve/cluster/migration.py);
+        None when it was called off (the request moved on meanwhile)."""
+        with self._lock:
+            pair = [self.cluster.replicas[i] for i in sorted((src, dst))]
+            if not self.cluster.links_open(src, dst):
+                for loop in pair:
+                    loop.pause()
+                try:
+                    self.cluster.open_links([src, dst])
+                finally:
+                    for loop in pair:
+                        loop.resume()
+            stats = migration.migrate(self.cluster, seq, src, dst)
+            if stats is None:
+                return None
+            transition = Transition("migrate", [src, dst], time.time(), stats.duration_s, stats.pause_s,
+                                    stats.blocks_moved, f"{reason}; request {stats.request_id}", stats.pause_s)
+            return self._log(transition)
+
     def _record(self, kind: str, members: list[int], stats: TransitionStats, reason: str) -> Transition:
-        transition = Transition(kind, list(members), time.time(), stats.duration_s, stats.exchange_s,
-                                stats.sub_blocks_moved, reason)
+        # The members' loops pause for the whole transition: so do their requests.
+        return self._log(Transition(kind, list(members), time.time(), stats.duration_s, stats.exchange_s,
+                                    stats.sub_blocks_moved, reason, stats.duration_s))
+
+    def _log(self, transition: Transition) -> Transition:
         self.history.append(transition)
         logger.info("transition %s", asdict(transition))
         if self.on_transition is not None:
@@ -252,6 +330,8 @@ class Coordinator:
                 "layers_held": self.layers_held(i),
                 "kv_usage": self.engine_of(i).block_manager.usage,
                 "queued_demand_blocks": self.engine_of(i).scheduler.num_waiting_blocks,
+                "num_running": len(self.engine_of(i).scheduler.running),
+                "num_waiting": len(self.engine_of(i).scheduler.waiting),
             }
             for i in range(len(engines))
         ]

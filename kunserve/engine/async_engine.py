@@ -88,7 +88,10 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self.error: BaseException | None = None
         self._adds: queue.SimpleQueue[Sequence] = queue.SimpleQueue()  # validated, not yet queued
-        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # (request id, passed on from another loop): requests move between engines (drops,
+        # restores, migrations), so an abort this engine does not know goes to the others once.
+        self._aborts: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self.peers: list[AsyncEngine] = []  # a cluster's loops, this one included
         self._wake = threading.Event()
         self._stopping = False
         self._streams: dict[str, RequestStream] = {} if streams is None else streams  # event loop only
@@ -168,11 +171,11 @@ class AsyncEngine:
             self._pending_blocks -= self.engine.block_manager.blocks_for(len(seq))
         return seq
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, passed_on: bool = False) -> None:
         if self.forward_to is not None:
-            self.forward_to.abort(request_id)
+            self.forward_to.abort(request_id, passed_on)
             return
-        self._aborts.put(request_id)
+        self._aborts.put((request_id, passed_on))
         self._wake.set()
 
     # ---- changing what this loop runs (a drop or restore, from the coordinator) --------------
@@ -198,7 +201,7 @@ class AsyncEngine:
         while not self._adds.empty():
             self.forward_to._hand(self._next_handed())
         while not self._aborts.empty():
-            self.forward_to.abort(self._aborts.get())
+            self.forward_to.abort(*self._aborts.get())
         self.forward_to._wake.set()
 
     def unmerge(self) -> None:
@@ -255,4 +258,10 @@ class AsyncEngine:
         while not self._adds.empty():
             self.engine.add_sequence(self._next_handed())
         while not self._aborts.empty():
-            self.engine.abort_request(self._aborts.get())
+            request_id, passed_on = self._aborts.get()
+            if self.engine.has_request(request_id):
+                self.engine.abort_request(request_id)
+            elif not passed_on:
+                for peer in self.peers:
+                    if peer is not self:
+                        peer.abort(request_id, passed_on=True)

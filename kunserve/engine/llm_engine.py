@@ -74,7 +74,9 @@ class LLMEngine:
     def _assemble(self, block_manager: BlockAccounting) -> None:
         config = self.config
         self.block_manager = block_manager
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        swap_blocks = self.executor.num_swap_blocks
+        swap_pool = BlockManager(config.block_size, range(swap_blocks)) if swap_blocks else None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, swap_pool)
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._finished_ids: list[str] = []
@@ -168,6 +170,10 @@ class LLMEngine:
     def unfinished_request_ids(self) -> list[str]:
         return list(self._sequences)
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is here and unfinished."""
+        return request_id in self._sequences
+
     def hand_over(self) -> tuple[list[Sequence], list[Sequence]]:
         """Give up all requests (running, waiting) for another engine to `take_over`; nothing
         may be in flight. Their blocks are the caller's to account for."""
@@ -176,14 +182,29 @@ class LLMEngine:
         return self.scheduler.release_all()
 
     def take_over(self, source: LLMEngine, running: list[Sequence], waiting: list[Sequence]) -> None:
-        """Adopt requests handed over by `source`: their blocks already belong to this engine's
-        block pool; running keeps its order (preemption takes the last)."""
+        """Adopt requests handed over by `source` (which now runs on this engine's devices):
+        their blocks already belong to this engine's block pool; running keeps its order
+        (preemption takes the last)."""
         for seq in running + waiting:
-            self._sequences[seq.request_id] = source._sequences.pop(seq.request_id)
-            self.output_processor.adopt(source.output_processor, seq.request_id)
+            self._adopt_bookkeeping(source, seq)
         self._finished_ids.extend(source._finished_ids)
         source._finished_ids = []
         self.scheduler.adopt(running, waiting)
+
+    def release_running(self, seq: Sequence) -> None:
+        """Let running `seq` go (between steps, to migrate it): out of the scheduler, its
+        blocks here freed; the destination's `adopt_running` takes the rest."""
+        self.scheduler.detach(seq)
+
+    def adopt_running(self, source: LLMEngine, seq: Sequence) -> None:
+        """Run `seq`, released by `source`, here; its blocks already belong to this engine's
+        pool and hold its KV."""
+        self._adopt_bookkeeping(source, seq)
+        self.scheduler.insert_running(seq)
+
+    def _adopt_bookkeeping(self, source: LLMEngine, seq: Sequence) -> None:
+        self._sequences[seq.request_id] = source._sequences.pop(seq.request_id)
+        self.output_processor.adopt(source.output_processor, seq.request_id)
 
     def reset_block_pool(self) -> None:
         """A fresh block manager over the executor's KV blocks (after a group split); no
@@ -278,7 +299,8 @@ class LLMEngine:
             for seq, _ in output.scheduled:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
-            self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids))
+            self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids,
+                                                  output.swap_out, output.swap_in))
             self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:

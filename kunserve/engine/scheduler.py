@@ -3,7 +3,10 @@
 Each step: running sequences first, in admission order (one token for a decode, the next
 chunk for an unfinished prefill), then waiting sequences in FCFS order while the budget,
 `max_num_seqs` and free blocks allow. When a running sequence cannot get a block, the most
-recently admitted running sequence is preempted (its blocks freed, recomputed later). The
+recently admitted running sequence is preempted: its blocks are freed and its tokens
+recomputed later (vLLM's default), or, given a host swap pool, its KV is copied to host
+memory and back when blocks free up (InferCept-like swapping; the copies ride on the step,
+see kunserve/worker/swap.py). Swapped sequences come back before new ones are admitted. The
 oldest running sequence is therefore never preempted by a younger one and, since no
 admitted sequence needs more blocks than the pool holds, always makes progress: no livelock.
 
@@ -18,10 +21,11 @@ formulation, as much work as its time budget allows (kunserve/engine/lookahead.p
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from kunserve.engine.block_manager import BlockAccounting
+from kunserve.engine.block_manager import BlockAccounting, BlockManager
 from kunserve.engine.cost_model import StepShape
 from kunserve.engine.lookahead import LookaheadBudget
 from kunserve.engine.sequence import Sequence, SequenceStatus
@@ -32,30 +36,48 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]]  # (sequence, tokens to compute); decodes first
     preempted: list[Sequence] = field(default_factory=list)
     shape: StepShape | None = None  # as a lookahead budget formed it (the cost model's view)
+    # KV copies the step carries out before computing: (device block, host block) pairs.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing to send: no tokens and no KV to copy (a swap-out must reach the device
+        before its blocks are reused)."""
+        return not self.scheduled and not self.swap_out
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockAccounting, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockAccounting,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        swap_pool: BlockManager | None = None,
+    ) -> None:
+        """`swap_pool`: host blocks for preempted sequences' KV; None preempts by recompute."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.swap_pool = swap_pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()  # preempted with their KV in host memory, oldest first
         self.num_preemptions = 0
-        # Blocks the waiting sequences need to run their known tokens: a replica's queued
-        # KV demand, kept as a running sum so other threads can read it at any time.
+        self.num_swap_outs = 0  # preemptions that kept their KV in host memory
+        # Blocks the waiting and swapped sequences need to run their known tokens: a
+        # replica's queued KV demand, kept as a running sum so other threads can read it.
         self.num_waiting_blocks = 0
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def release_all(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Empty the scheduler: (running, waiting), sequences untouched."""
+        """Empty the scheduler: (running, waiting), sequences untouched. Refused while
+        sequences are swapped out: their KV is in this device's host memory."""
+        if self.swapped:
+            raise RuntimeError(f"{len(self.swapped)} sequences are swapped out; they cannot be handed over")
         running, waiting = self.running, list(self.waiting)
         self.running, self.waiting, self.num_waiting_blocks = [], deque(), 0
         return running, waiting
@@ -66,6 +88,18 @@ class Scheduler:
         for seq in waiting:
             self.add(seq)
 
+    def detach(self, seq: Sequence) -> None:
+        """Take running `seq` out (it moves to another scheduler), its blocks freed here."""
+        if seq.in_flight:
+            raise RuntimeError(f"{seq.request_id}: a sequence in flight cannot leave")
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+
+    def insert_running(self, seq: Sequence) -> None:
+        """Run `seq` (its blocks already here) in its place by age, so preemption still
+        takes the youngest first."""
+        bisect.insort(self.running, seq, key=lambda s: s.metrics.first_scheduled_time or 0.0)
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
         self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
@@ -75,6 +109,7 @@ class Scheduler:
         seq_limit = self.max_num_seqs if max_seqs is None else max_seqs
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
+        output = SchedulerOutput(scheduled, preempted)
 
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < seq_limit:
@@ -94,7 +129,7 @@ class Scheduler:
                 continue
             while not self.block_manager.allocate(seq, seq.num_scheduled_tokens + n):
                 victim = next(s for s in reversed(self.running) if not s.in_flight)  # seq at the latest
-                self._preempt(victim)
+                self._preempt(victim, output)
                 preempted.append(victim)
                 if victim is seq:
                     break
@@ -106,10 +141,26 @@ class Scheduler:
                 time_budget.commit(seq, n)
             i += 1
 
-        # Admit nothing in a step that had to preempt: the freed blocks go to the survivors.
+        # Bring nothing back and admit nothing in a step that had to preempt: the freed
+        # blocks go to the survivors. Swapped sequences come back before new ones enter.
+        while (
+            self.swapped and budget > 0 and len(self.running) < self.max_num_seqs and len(scheduled) < seq_limit
+            and not preempted
+        ):
+            seq = self.swapped[0]
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if time_budget is not None:
+                n = time_budget.grant(seq, n)
+            if n == 0 or not self._swap_in(seq, n, output):
+                break
+            scheduled.append((seq, n))
+            budget -= n
+            if time_budget is not None:
+                time_budget.commit(seq, n)
+
         while (
             self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(scheduled) < seq_limit
-            and not preempted
+            and not preempted and not self.swapped
         ):
             seq = self.waiting[0]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
@@ -127,7 +178,8 @@ class Scheduler:
                 time_budget.commit(seq, n)
 
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
-        return SchedulerOutput(scheduled, preempted, None if time_budget is None else time_budget.shape)
+        output.shape = None if time_budget is None else time_budget.shape
+        return output
 
     def launch(self, output: SchedulerOutput) -> None:
         """Mark the step's tokens in flight (after its input is built: see build_step_input)."""
@@ -159,16 +211,47 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
             self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
+        elif seq.status is SequenceStatus.SWAPPED:
+            assert self.swap_pool is not None
+            self.swapped.remove(seq)
+            self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
+            self.swap_pool.give(seq.host_block_ids)
+            seq.host_block_ids = []
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
+        """Swap `seq` out when the host pool has room for its blocks, else recompute it later."""
         self.running.remove(seq)
+        seq.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
+        pool = self.swap_pool
+        if pool is not None and seq.num_computed_tokens and len(seq.block_ids) <= pool.num_free_blocks:
+            seq.host_block_ids = pool.take(len(seq.block_ids))
+            output.swap_out.extend(zip(seq.block_ids, seq.host_block_ids))
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq)
+            self.num_swap_outs += 1
+            return
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        seq.metrics.num_preemptions += 1
         self.waiting.appendleft(seq)
-        self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
-        self.num_preemptions += 1
+
+    def _swap_in(self, seq: Sequence, num_tokens: int, output: SchedulerOutput) -> bool:
+        """Give swapped `seq` device blocks for its KV and its next `num_tokens` tokens, the
+        copy back riding on this step; False (nothing changed) when too few are free."""
+        if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens):
+            return False
+        assert self.swap_pool is not None
+        output.swap_in.extend(zip(seq.host_block_ids, seq.block_ids))
+        self.swap_pool.give(seq.host_block_ids)
+        seq.host_block_ids = []
+        self.swapped.popleft()
+        self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return True

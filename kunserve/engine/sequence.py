@@ -12,6 +12,7 @@ from kunserve.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted, its KV in host memory (host_block_ids)
     FINISHED = "finished"
 
 
@@ -36,6 +37,7 @@ class Sequence:
         self.max_total_tokens = max_total_tokens
         self.num_computed_tokens = 0  # tokens whose KV is in this sequence's blocks
         self.block_ids: list[int] = []
+        self.host_block_ids: list[int] = []  # while swapped out: where block_ids' KV went
         self.status = SequenceStatus.WAITING
         # Tokens in submitted steps not yet come back: a pipeline may run a prompt's next
         # chunk while the previous one is still in flight (each stage runs them in order).

@@ -23,6 +23,11 @@ class Executor(ABC):
     def layout(self) -> ArenaLayout:
         """The arena layout of the (first) device."""
 
+    @property
+    def num_swap_blocks(self) -> int:
+        """Host blocks every device holds for swapped-out KV (0: preemption recomputes)."""
+        return 0
+
     @abstractmethod
     def kv_block_ids(self) -> range:
         """The KV block ids the engine's block manager starts with."""

@@ -32,6 +32,8 @@ class GroupExecutor(Executor):
         raise RuntimeError("a group's blocks are bound at the drop, not listed up front")
 
     def submit(self, step: StepInput) -> None:
+        if len(step.swap_out) or len(step.swap_in):
+            raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
         for stage in range(len(self.members)):
             tables, slots = self.blocks.translate(stage, step.batch.block_tables, step.batch.slot_mapping)
             staged = dataclasses.replace(step, batch=dataclasses.replace(step.batch, block_tables=tables,

@@ -21,6 +21,11 @@ class InProcessExecutor(Executor):
     def layout(self) -> ArenaLayout:
         return self.worker.layout
 
+    @property
+    def num_swap_blocks(self) -> int:
+        swap = self.worker.swap_space
+        return 0 if swap is None else swap.num_blocks
+
     def kv_block_ids(self) -> range:
         return self.worker.layout.initial_kv_blocks()
 

@@ -64,6 +64,8 @@ class MultiprocExecutor(Executor):
             self.shutdown()
             raise
         self._layout = layouts[0]
+        swaps = config.preemption_mode == "swap"
+        self._num_swap_blocks = min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts) if swaps else 0
         if num_stages == 1:
             self._kv_block_ids = layouts[0].initial_kv_blocks()
         else:
@@ -82,6 +84,10 @@ class MultiprocExecutor(Executor):
     def global_ranks(self) -> list[int]:
         """Each stage's rank in the cluster's torch.distributed world."""
         return [handle.global_rank for handle in self.workers.handles]
+
+    @property
+    def num_swap_blocks(self) -> int:
+        return self._num_swap_blocks
 
     def kv_block_ids(self) -> range:
         return self._kv_block_ids

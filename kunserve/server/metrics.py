@@ -108,6 +108,12 @@ class ServerMetrics:
         self.restore_duration = Histogram("kunserve:restore_duration_seconds", "Restore until replicas run again.",
                                           ["model_name"], buckets=TRANSITION_BUCKETS, registry=registry
                                           ).labels(model_name)
+        self.migrations = Counter("kunserve:migrations", "Running requests migrated to another replica.",
+                                  ["model_name"], registry=registry).labels(model_name)
+        self.migration_pause = Histogram(
+            "kunserve:migration_pause_seconds", "How long a migrated request stalled (the last copy stage).",
+            ["model_name"], buckets=TRANSITION_BUCKETS, registry=registry,
+        ).labels(model_name)
         self.group_mode = Gauge("kunserve:group_mode", "0: a replica; 1: a stage of a pipeline group.", labels,
                                 registry=registry)
         self.layers_held = Gauge("kunserve:layers_held", "Decoder layers whose weights the replica's device holds.",
@@ -122,6 +128,10 @@ class ServerMetrics:
         coordinator.on_transition = self.record_transition
 
     def record_transition(self, transition: Transition) -> None:
+        if transition.kind == "migrate":
+            self.migrations.inc()
+            self.migration_pause.observe(transition.pause_s)
+            return
         if transition.kind == "drop":
             self.drops.inc()
             self.drop_duration.observe(transition.duration_s)

@@ -19,6 +19,7 @@ from kunserve.step import StepInput
 from kunserve.worker.arena import MemoryArena
 from kunserve.worker.cuda_graphs import DecodeGraphs
 from kunserve.worker.model_runner import ModelRunner
+from kunserve.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class Worker:
             make_attention_backend(config.attention_backend, config.block_size, device),
         )
         self.runner = ModelRunner(self.model, device, self._decode_graphs(config, max_model_len))
+        # Host memory for swapped-out KV: only for the swap preemption mode.
+        self.swap_space = (SwapSpace(self.arena.kv_cache, layout.swap_blocks(config.swap_space_bytes))
+                           if config.preemption_mode == "swap" else None)
         # While this device is a stage of a group (kunserve/worker/drop.py): (stage, group size).
         self.group: tuple[int, int] | None = None
         # Global ranks of the neighbour stages (None: none, this stage embeds / samples).
@@ -116,7 +120,17 @@ class Worker:
     def execute(self, step: StepInput) -> np.ndarray:
         if self.arena.released and self.group is None:
             raise RuntimeError(f"layers {sorted(self.arena.released)} are released; this stage cannot run")
+        self.swap(step)
         return self.runner.execute(step)
+
+    def swap(self, step: StepInput) -> None:
+        """Start the step's KV copies to and from host memory, ahead of its compute."""
+        if not len(step.swap_out) and not len(step.swap_in):
+            return
+        if self.swap_space is None:
+            raise RuntimeError("the step swaps KV, but this worker has no swap space (preemption_mode='swap')")
+        written = np.unique(step.batch.slot_mapping // self.layout.block_size)
+        self.swap_space.apply(step.swap_out, step.swap_in, written)
 
     def release_layer(self, layer: int) -> range:
         """Drop the weights of local layer `layer`; returns the block ids its bytes provide."""

@@ -149,6 +149,13 @@ def _serve(worker: Worker, stage: StageAssignment, conn: Connection) -> None:
             if block_offset:
                 step.batch.block_tables += block_offset
                 step.batch.slot_mapping += block_offset * worker.layout.block_size
+                step.swap_out[:, 0] += block_offset
+                step.swap_in[:, 1] += block_offset
+            worker.swap(step)
+            if step.num_tokens == 0:  # swaps only: nothing flows down the pipeline
+                if worker.pipe_next is None:
+                    conn.send(("sampled", (worker.runner.execute(step), 0.0)))
+                continue
             hidden_in = None
             if worker.pipe_prev is not None:
                 hidden_in = torch.empty((step.num_tokens, worker.spec.hidden_size), dtype=dtype, device=worker.device)

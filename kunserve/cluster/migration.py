@@ -1,0 +1,94 @@
+"""Live migration of a running request from one replica to another (the `migrate` overload
+policy, after Llumnix): the KV-centric answer to an overloaded replica, which moves load to
+a lighter one instead of making memory.
+
+The copy runs in stages while the request keeps decoding at its source. Stage one copies
+the blocks that are already full (their KV never changes again) while only the destination
+pauses between two of its steps. The last stage pauses both engines between steps, copies
+the blocks filled since and the partly filled last one, and moves the request (its
+sampler's random stream too) to the destination's scheduler: the request stalls for this
+stage only. The destination pulls the KV straight from the source's arena (mapped into its
+process, as for a drop: kunserve/worker/drop.py). If the request finished, was preempted or
+aborted meanwhile, the migration is called off and the destination's blocks freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kunserve.engine.llm_engine import LLMEngine
+from kunserve.engine.sequence import Sequence, SequenceStatus
+from kunserve.executor.multiproc import MultiprocExecutor
+
+if TYPE_CHECKING:
+    from kunserve.cluster.cluster import Cluster
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MigrationStats:
+    request_id: str
+    duration_s: float  # first copy to the request running at its destination
+    pause_s: float  # the last stage: the request neither decodes at its source nor at its destination
+    blocks_moved: int
+
+
+def migrate(cluster: Cluster, seq: Sequence, src: int, dst: int) -> MigrationStats | None:
+    """Move running `seq` from replica `src` to replica `dst` (both in replica mode, their
+    engine loops running); None when it was called off."""
+    start = time.perf_counter()
+    source, target = cluster.engines[src], cluster.engines[dst]
+    src_loop, dst_loop = cluster.replicas[src], cluster.replicas[dst]
+    src_rank = _replica_executor(source).global_ranks[0]
+    preemptions = seq.metrics.num_preemptions
+    full = seq.num_computed_tokens // source.config.block_size
+    early = list(seq.block_ids[:full])  # read while the source runs: full blocks do not change
+    dst_loop.pause()
+    try:
+        if len(early) > target.block_manager.num_free_blocks:
+            return None
+        reserved = target.block_manager.take(len(early))
+        if early:
+            _replica_executor(target).call(0, "pull_kv", src_rank, early, reserved)
+    finally:
+        dst_loop.resume()
+    pause_start = time.perf_counter()
+    for loop in sorted((src_loop, dst_loop), key=cluster.replicas.index):  # one order: no deadlock
+        loop.pause()
+    try:
+        still_here = (seq.status is SequenceStatus.RUNNING and seq.metrics.num_preemptions == preemptions
+                      and seq.block_ids[:full] == early and not seq.in_flight)
+        late = list(seq.block_ids[full:])
+        if not still_here or len(late) > target.block_manager.num_free_blocks:
+            target.block_manager.give(reserved)
+            return None
+        rest = target.block_manager.take(len(late))
+        if late:
+            _replica_executor(target).call(0, "pull_kv", src_rank, late, rest)
+        _move_sampler_state(source, target, seq.request_id)
+        source.release_running(seq)
+        seq.block_ids = reserved + rest
+        target.adopt_running(source, seq)
+    finally:
+        for loop in (src_loop, dst_loop):
+            loop.resume()
+    end = time.perf_counter()
+    return MigrationStats(seq.request_id, end - start, end - pause_start, len(early) + len(late))
+
+
+def _replica_executor(engine: LLMEngine) -> MultiprocExecutor:
+    executor = engine.executor
+    if not isinstance(executor, MultiprocExecutor) or len(executor.workers) != 1:
+        raise ValueError("migrate: replicas must be one device each, in worker processes")
+    return executor
+
+
+def _move_sampler_state(source: LLMEngine, target: LLMEngine, request_id: str) -> None:
+    """A seeded request keeps its random stream on its new device."""
+    states = _replica_executor(source).call(0, "take_sampler_states", [request_id])
+    if states:
+        _replica_executor(target).call(0, "give_sampler_states", states)
