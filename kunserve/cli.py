@@ -6,13 +6,16 @@ import argparse
 import dataclasses
 import logging
 import time
-import typing
 
+from kunserve.bench.demo import run_demo
+from kunserve.bench.launch import add_launch_arguments, run_launch
 from kunserve.bench.run import add_bench_arguments, run_bench
 from kunserve.cluster.coordinator import OVERLOAD_POLICIES, CoordinatorConfig
 from kunserve.cluster.dispatcher import DISPATCH_POLICIES
-from kunserve.config import EngineConfig
+from kunserve.config import EXECUTOR_BACKENDS
+from kunserve.engine_args import add_engine_arguments, engine_config
 from kunserve.model.tiny import TINY_ARCHS, make_tiny_model
+from kunserve.sim.run import add_simulate_arguments, run_simulate
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
@@ -20,31 +23,11 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a tiny random {args.arch} model to {path}")
 
 
-def _add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model",)) -> None:
-    """One flag per EngineConfig field (`max_num_seqs` -> `--max-num-seqs`); see kunserve/config.py."""
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            continue
-        kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
-        parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
-
-
-def _engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
-    return EngineConfig(**{**values, **overrides})
-
-
 def _generate(args: argparse.Namespace) -> None:
     from kunserve import LLM, SamplingParams
 
     synthetic = args.input_len is not None
-    config = _engine_config(args, skip_tokenizer_init=args.skip_tokenizer_init or synthetic)
+    config = engine_config(args, skip_tokenizer_init=args.skip_tokenizer_init or synthetic)
     llm = LLM(**dataclasses.asdict(config))
     if synthetic:
         # Synthetic load: fixed-length token-id prompts, outputs forced to full length.
@@ -83,11 +66,18 @@ def _serve(args: argparse.Namespace) -> None:
         ),
         log_level=args.log_level.lower(),
     )
-    run_server(_engine_config(args), server)
+    run_server(engine_config(args), server)
 
 
 def _bench(args: argparse.Namespace) -> None:
-    run_bench(args)
+    if args.demo:
+        run_demo(args)
+    elif args.launch:
+        run_launch(args)
+    elif args.compare or args.out_dir is not None:
+        raise SystemExit("kunserve bench: --compare and --out-dir need --launch (or --demo)")
+    else:
+        run_bench(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--num-prompts", type=int, default=64, help="with --input-len: synthetic prompt count")
     gen.add_argument("--input-len", type=int, default=None, help="synthetic token-id prompts of this length")
-    _add_engine_args(gen)
+    add_engine_arguments(gen)
     gen.set_defaults(run=_generate)
 
     serve = sub.add_parser("serve", help="the OpenAI-compatible server (default: the embedded tiny model)")
@@ -125,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--replicas", type=int, default=1, help="data-parallel replicas, each on its own device(s)")
     serve.add_argument("--dispatch-policy", choices=DISPATCH_POLICIES, default="least_loaded")
     serve.add_argument("--overload-policy", choices=OVERLOAD_POLICIES, default="kunserve",
-                       help="kunserve: drop replicated layers under KV overload; recompute: preempt as vLLM")
+                       help="kunserve: drop replicated layers under KV overload; recompute: preempt and recompute (vLLM); "
+                            "swap: preempt to host memory (InferCept); migrate: move running requests to lighter "
+                            "replicas (Llumnix)")
     serve.add_argument("--max-group-size", type=int, default=None,
                        help="most replicas a drop fuses into one pipeline group (default: as many as needed)")
     serve.add_argument("--drop-after-s", type=float, default=0.2, help="overload lasting this long triggers a drop")
@@ -133,12 +125,24 @@ def main(argv: list[str] | None = None) -> None:
                        help="demand fitting the replicas this long triggers a restore")
     serve.add_argument("--pipeline-size", type=int, dest="pipeline_parallel_size", default=1,
                        help="pipeline stages per replica (same as --pipeline-parallel-size)")
-    _add_engine_args(serve)
+    serve.add_argument("--executor", dest="distributed_executor_backend", choices=EXECUTOR_BACKENDS, default="auto",
+                       help="mp: worker processes on this host; ray: Ray actors on the nodes of a Ray cluster "
+                            "(--ray-address; pip install kunserve[ray]); same as --distributed-executor-backend")
+    add_engine_arguments(serve)
     serve.set_defaults(run=_serve)
 
-    bench = sub.add_parser("bench", help="replay a trace or synthetic arrivals against a server; report latencies")
+    bench = sub.add_parser(
+        "bench", help="replay a trace or synthetic arrivals against a server (or --launch a cluster); report latencies"
+    )
     add_bench_arguments(bench)
+    add_launch_arguments(bench)
     bench.set_defaults(run=_bench)
+
+    simulate = sub.add_parser(
+        "simulate", help="a trace or synthetic workload on N simulated GPUs per overload policy (same outputs as bench)"
+    )
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(run=run_simulate)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -8,6 +8,9 @@ import torch
 
 GiB = 1 << 30
 PREEMPTION_MODES = ("recompute", "swap")
+EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
+# Ray's placement group strategies: STRICT_PACK puts all of a replica's devices on one node.
+RAY_PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass
@@ -44,7 +47,10 @@ class EngineConfig:
     bubble_window_s: float = 5.0  # the pipeline bubble metric covers this much time
     # Devices.
     pipeline_parallel_size: int = 1  # stages of the model, one device (and worker process) each
-    distributed_executor_backend: str = "auto"  # "uni": in this process; "mp": worker processes; auto: mp if > 1 stage
+    # "uni": in this process; "mp": worker processes; "ray": Ray actors, on several hosts; auto: mp if > 1 stage
+    distributed_executor_backend: str = "auto"
+    ray_address: str | None = None  # the Ray cluster "ray" attaches to; None: RAY_ADDRESS, else a new local one
+    ray_placement_strategy: str = "STRICT_PACK"  # how a replica's (or pipeline's) devices spread over Ray nodes
     worker_threads: int | None = None  # torch CPU threads per worker process; None: torch's default
 
     def __post_init__(self) -> None:
@@ -72,12 +78,18 @@ class EngineConfig:
             raise ValueError(f"bubble_window_s: must be > 0, got {self.bubble_window_s}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"pipeline_parallel_size: must be >= 1, got {self.pipeline_parallel_size}")
-        if self.distributed_executor_backend not in ("auto", "uni", "mp"):
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(
-                f"distributed_executor_backend: expected auto, uni or mp, got {self.distributed_executor_backend!r}"
+                f"distributed_executor_backend: expected one of {EXECUTOR_BACKENDS}, "
+                f"got {self.distributed_executor_backend!r}"
+            )
+        if self.ray_placement_strategy not in RAY_PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"ray_placement_strategy: expected one of {RAY_PLACEMENT_STRATEGIES}, "
+                f"got {self.ray_placement_strategy!r}"
             )
         if self.distributed_executor_backend == "uni" and self.pipeline_parallel_size > 1:
-            raise ValueError("distributed_executor_backend: 'uni' runs one stage; pipelines need 'mp'")
+            raise ValueError("distributed_executor_backend: 'uni' runs one stage; pipelines need 'mp' or 'ray'")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: expected 'auto' or 'dummy', got {self.load_format!r}")
 

@@ -58,7 +58,7 @@ def test_a_swapped_sequence_comes_back_with_its_kv_copied_in() -> None:
 
 
 def test_swapped_sequences_come_back_before_new_ones_are_admitted() -> None:
-    scheduler, old, young = _two_full_sequences(host_blocks=4)
+    scheduler, old, _ = _two_full_sequences(host_blocks=4)
     _complete(scheduler, scheduler.schedule())
     scheduler.finish(old, "stop")
     scheduler.add(_seq("new", 2))

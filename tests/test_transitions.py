@@ -13,18 +13,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.transitions import fuse, split
 from kunserve.engine.staged_block_manager import StagedBlockManager
+from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import RequestOutputKind
+from kunserve.worker.drop import become_replica, become_stage
+from kunserve.worker.worker import build_worker
 
 MAX_MODEL_LEN = 256
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
 # Seeded sampling: each request's random stream must survive moving between devices.
 SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True,
                         output_kind=RequestOutputKind.FINAL_ONLY)
+# A full cache: FULL_REQUESTS prompts of FULL_PROMPT tokens take all FULL_BLOCKS blocks
+# (12 blocks of 16 tokens each), more than the released layers give a stage as sub-blocks.
+FULL_BLOCKS, FULL_REQUESTS, FULL_PROMPT = 96, 8, 190
 PROMPTS = [[(7 * i + 13 * j) % 500 for j in range(n)] for i, n in enumerate((3, 19, 70, 130, 45, 8, 33, 90))]
 
 
@@ -91,6 +98,33 @@ def test_seeded_requests_keep_their_random_streams_across_cycles(
     assert run_through_cycles(replicas, SEEDED) == single_device(llama_dir, SEEDED)
 
 
+def test_a_drop_into_a_full_cache_exchanges_in_rounds_and_keeps_the_tokens(llama_dir: Path) -> None:
+    prompts = [[(11 * i + 5 * j) % 500 for j in range(FULL_PROMPT)] for i in range(2 * FULL_REQUESTS)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
+        prompts, params, use_tqdm=False)]
+    # One step prefills all of a replica's prompts: then every block is in use.
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=FULL_BLOCKS,
+                          max_num_seqs=FULL_REQUESTS, max_num_batched_tokens=FULL_REQUESTS * FULL_PROMPT,
+                          worker_threads=1)
+    cluster = Cluster.launch(config, num_replicas=2)
+    try:
+        cluster.open_links()
+        replicas = cluster.engines
+        for i, prompt in enumerate(prompts):
+            replicas[i % 2].add_request(f"r{i}", prompt, params)
+        finished: dict[str, list[int]] = {}
+        run_steps(replicas, 1, finished)
+        assert [engine.block_manager.num_free_blocks for engine in replicas] == [0, 0]
+        group, stats = fuse(replicas)
+        assert stats.exchange_rounds > 1
+        while group.has_unfinished_requests():
+            run_steps([group], 1, finished)
+        assert [finished[f"r{i}"] for i in range(len(prompts))] == expected
+    finally:
+        cluster.shutdown()
+
+
 def test_a_drop_releases_memory_that_the_group_can_use(replicas: list[LLMEngine]) -> None:
     blocks_per_replica = replicas[0].block_manager.num_total_blocks
     group, _ = fuse(replicas)
@@ -99,3 +133,38 @@ def test_a_drop_releases_memory_that_the_group_can_use(replicas: list[LLMEngine]
     assert group.block_manager.num_total_blocks > len(replicas) * blocks_per_replica
     split(group, replicas)
     assert replicas[0].block_manager.num_total_blocks == blocks_per_replica
+
+
+def test_stages_of_a_group_decode_through_graphs_captured_as_sizes_come(llama_dir: Path) -> None:
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=64,
+                          attention_backend="triton")
+    worker = build_worker(config, resolve_model(str(llama_dir)), (0, 4), torch.device("cpu"))
+    become_stage(worker, 0, 2)
+    assert worker.runner.graphs is not None and worker.runner.graphs is not worker.replica_runner.graphs
+    become_replica(worker, None)
+    become_stage(worker, 0, 2)  # the stage, and its graphs, are kept for the next drop
+    assert worker.runner is worker.stage_runners[(0, 2)][1]
+
+
+def test_a_group_on_the_graph_decode_path_keeps_the_tokens(llama_dir: Path) -> None:
+    prompts = PROMPTS[:4]
+    expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)]
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=64,
+                          attention_backend="triton", worker_threads=1)
+    cluster = Cluster.launch(config, num_replicas=2)
+    try:
+        cluster.open_links()
+        replicas = cluster.engines
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        for i, prompt in enumerate(prompts):
+            replicas[i % 2].add_request(f"r{i}", prompt, params)
+        finished: dict[str, list[int]] = {}
+        run_steps(replicas, 2, finished)
+        group, _ = fuse(replicas)
+        while group.has_unfinished_requests():
+            run_steps([group], 1, finished)
+        assert [finished[f"r{i}"] for i in range(len(prompts))] == expected
+    finally:
+        cluster.shutdown()

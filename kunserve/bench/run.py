@@ -34,11 +34,36 @@ POISSON_CV = 1.0
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server address (default %(default)s)")
-    parser.add_argument("--model", default=None, help="model name to send (default: the server's default)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model name to send (default: the server's default); with --launch: the model directory or preset "
+        "to serve (default: the embedded tiny-llama)",
+    )
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default none)")
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="per-request connect/read timeout")
+    add_workload_arguments(parser)
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is sent and when, the SLOs, and where results go: shared by `kunserve bench` and
+    `kunserve simulate`."""
     parser.add_argument("--trace", default=None, help="replay this Azure LLM trace CSV instead of a synthetic workload")
     parser.add_argument(
         "--time-scale", type=float, default=None, help="trace: multiply arrival offsets (0.5: twice as fast)"
+    )
+    parser.add_argument(
+        "--rate-scale",
+        type=float,
+        default=None,
+        help="trace: F times its rate, bursts kept (each arrival: ceil(F) copies, each kept with prob. F/ceil(F))",
+    )
+    parser.add_argument(
+        "--trace-start-s", type=float, default=None, help="trace: replay from this recorded offset (s)"
+    )
+    parser.add_argument(
+        "--trace-duration-s", type=float, default=None, help="trace: replay this much recorded time (s)"
     )
     parser.add_argument(
         "--request-rate",
@@ -62,11 +87,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PROMPT_TOKEN_ID,
         help="prompt token ids are drawn from [0, this) (default %(default)s: byte tokens of byte-level vocabularies)",
     )
-    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for attainment")
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for attainment")
-    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="per-request connect/read timeout")
     parser.add_argument("--out", default=None, help="write the summary, arguments and per-request results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -74,10 +97,20 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def build_workload(args: argparse.Namespace) -> list[RequestSpec]:
     if args.trace is not None:
         return load_trace(
-            args.trace, time_scale=args.time_scale, request_rate=args.request_rate, limit=args.num_prompts
+            args.trace,
+            time_scale=args.time_scale,
+            request_rate=args.request_rate,
+            limit=args.num_prompts,
+            start_s=args.trace_start_s,
+            duration_s=args.trace_duration_s,
+            rate_scale=args.rate_scale,
+            seed=args.seed,
         )
-    if args.time_scale is not None:
-        raise ValueError("--time-scale applies to --trace only")
+    trace_only = {"--time-scale": args.time_scale, "--rate-scale": args.rate_scale,
+                  "--trace-start-s": args.trace_start_s, "--trace-duration-s": args.trace_duration_s}
+    given = [flag for flag, value in trace_only.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --trace")
     cv = POISSON_CV if args.arrival == "poisson" else args.cv
     if args.arrival == "poisson" and args.cv != POISSON_CV:
         logger.warning("--arrival poisson ignores --cv %s", args.cv)
@@ -130,7 +163,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.out is not None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"summary": summary, "args": _json_args(args), "results": [asdict(r) for r in results]}
+        record = {"summary": summary, "args": json_args(args), "results": [asdict(r) for r in results]}
         out.write_text(json.dumps(record, indent=1))
         logger.info("wrote %s", out)
     return summary
@@ -144,7 +177,7 @@ def _try_scrape(base_url: str, api_key: str | None) -> dict[str, dict] | None:
         return None
 
 
-def _json_args(args: argparse.Namespace) -> dict:
+def json_args(args: argparse.Namespace) -> dict:
     """The arguments as strict JSON: no callables (a CLI's handler) and infinities as strings."""
     return {
         key: str(value) if isinstance(value, float) and not math.isfinite(value) else value

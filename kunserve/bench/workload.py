@@ -1,6 +1,8 @@
 """What a benchmark sends and when: request arrivals and lengths, from a trace or synthetic.
 
 Trace replay reads the Azure LLM inference trace format (`TIMESTAMP,ContextTokens,GeneratedTokens`).
+A trace can be cut to a window of its recorded time and its rate multiplied while keeping its
+burst shape (TraceUpscaler-style sampling, see `scale_rate`).
 Synthetic arrivals have gamma-distributed gaps, so one coefficient of variation spans smooth
 (cv < 1), Poisson (cv = 1) and bursty (cv > 1) load at the same mean rate.
 """
@@ -33,15 +35,27 @@ def load_trace(
     time_scale: float | None = None,
     request_rate: float | None = None,
     limit: int | None = None,
+    start_s: float | None = None,
+    duration_s: float | None = None,
+    rate_scale: float | None = None,
+    seed: int = 0,
 ) -> list[RequestSpec]:
     """Requests of a trace CSV, arrivals relative to its first row.
 
-    `time_scale` multiplies every arrival offset (0.5 replays twice as fast); `request_rate`
-    instead rescales the offsets so the mean gap is 1/rate (inf: all at once). `limit` keeps
-    the first rows only.
+    `start_s`/`duration_s` keep the rows recorded in [start_s, start_s + duration_s) after the
+    first row, arrivals then relative to the first row kept. `limit` keeps the first rows (of the window)
+    only. `time_scale` multiplies every arrival offset (0.5 replays twice as fast); `request_rate`
+    instead rescales the offsets so the mean gap is 1/rate (inf: all at once). `rate_scale`
+    multiplies the rate by sampling arrivals (`scale_rate`, seeded by `seed`).
     """
     if time_scale is not None and request_rate is not None:
         raise ValueError("give at most one of time_scale and request_rate")
+    if rate_scale is not None and request_rate is not None:
+        raise ValueError("give at most one of rate_scale and request_rate")
+    if start_s is not None and not (math.isfinite(start_s) and start_s >= 0):
+        raise ValueError(f"start_s must be non-negative and finite, got {start_s}")
+    if duration_s is not None and not duration_s > 0:
+        raise ValueError(f"duration_s must be positive, got {duration_s}")
     if time_scale is not None and not (math.isfinite(time_scale) and time_scale > 0):
         raise ValueError(f"time_scale must be positive and finite, got {time_scale}")
     if request_rate is not None and not request_rate > 0:
@@ -49,22 +63,50 @@ def load_trace(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
 
-    timestamps, prompt_lens, output_lens = _read_trace_rows(Path(path), limit)
+    windowed = start_s is not None or duration_s is not None
+    # A window's first rows are not the file's: read it all, cut the window, then apply the limit.
+    timestamps, prompt_lens, output_lens = _read_trace_rows(Path(path), None if windowed else limit)
     # datetime64[ns] parses the trace's 7 fractional digits exactly (Python's datetime stops at 6).
     times = np.array(timestamps, dtype="datetime64[ns]")
     if np.any(np.diff(times) < np.timedelta64(0, "ns")):
         raise ValueError(f"{path}: timestamps must be non-decreasing")
     arrivals = (times - times[0]) / np.timedelta64(1, "s")
+    lens = np.array([prompt_lens, output_lens])
+    if windowed:
+        arrivals, lens = _window(arrivals, lens, start_s or 0.0, math.inf if duration_s is None else duration_s)
+        if len(arrivals) == 0:
+            raise ValueError(f"{path}: no rows in the window start_s={start_s}, duration_s={duration_s}")
+        arrivals, lens = arrivals[:limit] - arrivals[0], lens[:, :limit]
     if time_scale is not None:
         arrivals = arrivals * time_scale
     elif request_rate is not None:
         arrivals = _rescale_to_rate(arrivals, request_rate)
     # The trace has rows with zero tokens; a request needs at least one prompt token and asks
     # for at least one output token, so such rows are clamped rather than dropped, keeping arrivals intact.
-    return [
-        RequestSpec(float(a), max(p, MIN_TOKENS), max(o, MIN_TOKENS))
-        for a, p, o in zip(arrivals, prompt_lens, output_lens)
+    specs = [
+        RequestSpec(float(a), max(int(p), MIN_TOKENS), max(int(o), MIN_TOKENS)) for a, p, o in zip(arrivals, *lens)
     ]
+    return specs if rate_scale is None else scale_rate(specs, rate_scale, seed)
+
+
+def _window(arrivals: np.ndarray, lens: np.ndarray, start_s: float, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The arrivals in [start_s, start_s + duration_s) and their lengths."""
+    keep = (arrivals >= start_s) & (arrivals < start_s + duration_s)
+    return arrivals[keep], lens[:, keep]
+
+
+def scale_rate(specs: list[RequestSpec], factor: float, seed: int) -> list[RequestSpec]:
+    """TraceUpscaler-style rate scaling: each request becomes ceil(factor) candidates at its
+    arrival, each kept with probability factor / ceil(factor), so the expected rate is `factor`
+    times the original's and bursts stay where they were (factor < 1 thins the trace)."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"rate scale must be positive and finite, got {factor}")
+    candidates = math.ceil(factor)
+    kept = np.random.default_rng(seed).random((len(specs), candidates)) < factor / candidates
+    scaled = [spec for spec, copies in zip(specs, kept.sum(axis=1)) for _ in range(copies)]
+    if not scaled:
+        raise ValueError(f"rate scale {factor} kept none of the {len(specs)} requests")
+    return scaled
 
 
 def _read_trace_rows(path: Path, limit: int | None) -> tuple[list[str], list[int], list[int]]:

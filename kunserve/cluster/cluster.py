@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,10 +17,12 @@ from transformers import PreTrainedTokenizerBase
 
 from kunserve.cluster.coordinator import Coordinator, CoordinatorConfig
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
+from kunserve.cluster.links import share_host
 from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from kunserve.engine.llm_engine import LLMEngine, PromptInput
-from kunserve.executor.multiproc import MultiprocExecutor, free_port
+from kunserve.engine.llm_engine import Clock, LLMEngine, PromptInput
+from kunserve.executor.base import WorkerExecutor
+from kunserve.executor.multiproc import free_port
 from kunserve.sampling_params import SamplingParams
 from kunserve.worker.worker_process import WorkerWorld
 
@@ -28,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfig]:
     """Replica i's engine config: on CUDA, devices [i·g, (i+1)·g) after `config.device`; several
-    replicas always run in worker processes, whose CPU threads share the cores."""
+    replicas always run in worker processes (or Ray actors), whose CPU threads share the cores."""
     if num_replicas < 1:
         raise ValueError(f"replicas: must be >= 1, got {num_replicas}")
     if num_replicas == 1:
@@ -38,15 +41,25 @@ def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfi
     threads = config.worker_threads
     if device.type != "cuda" and threads is None:
         threads = max(1, (os.cpu_count() or 1) // (num_replicas * g))
+    backend = "ray" if config.resolve_executor_backend() == "ray" else "mp"
     return [
         dataclasses.replace(
             config,
             device=str(config.stage_device(i * g)),
-            distributed_executor_backend="mp",
+            distributed_executor_backend=backend,
             worker_threads=threads,
         )
         for i in range(num_replicas)
     ]
+
+
+def cluster_world(config: EngineConfig, size: int) -> WorkerWorld:
+    """The torch.distributed world of all of a cluster's devices (its first rank is 0)."""
+    if config.resolve_executor_backend() == "ray":
+        from kunserve.executor.ray_executor import ray_world  # ray: an optional extra
+
+        return ray_world(config, size)
+    return WorkerWorld(f"tcp://127.0.0.1:{free_port()}", size)
 
 
 class Cluster:
@@ -60,6 +73,8 @@ class Cluster:
         if not engines:
             raise ValueError("replicas: a cluster needs at least one engine")
         self.engines = engines  # each replica's own engine (a group runs its members' requests)
+        self.clock: Clock = time.monotonic  # what the coordinator times overloads by
+        self.wall_clock: Clock = time.time  # what transitions are stamped with
         streams: dict[str, RequestStream] = {}  # shared: a request's stream, whichever loop runs it
         self.replicas = [AsyncEngine(engine, max_waiting_requests, streams) for engine in engines]
         for replica in self.replicas:
@@ -88,8 +103,8 @@ class Cluster:
         worlds: list[WorkerWorld | None] = [None]
         if num_replicas > 1:
             g = config.pipeline_parallel_size
-            init_method = f"tcp://127.0.0.1:{free_port()}"
-            worlds = [WorkerWorld(init_method, num_replicas * g, i * g) for i in range(num_replicas)]
+            world = cluster_world(config, num_replicas * g)
+            worlds = [dataclasses.replace(world, first_rank=i * g) for i in range(num_replicas)]
         # Replicas start side by side (they also meet in one world): most of a start is
         # the workers loading weights.
         with ThreadPoolExecutor(len(configs)) as pool:
@@ -103,35 +118,39 @@ class Cluster:
         return cls(engines, dispatch_policy, max_waiting_requests, coordinator)
 
     def open_links(self, members: list[int] | None = None) -> None:
-        """Map each member replica's arena into the other members' processes (once per
-        pair), so a drop copies device to device directly (mapping pays for a context on the
-        peer device), and open the pairs' activation links. Only when a drop needs them, not
-        at launch: a worker holding a dead peer's mapped arena hangs. The members' engine
-        loops must be paused (or not started)."""
+        """Map each member replica's arena into the other members' processes on its host
+        (once per pair), so a drop copies device to device directly (mapping pays for a context
+        on the peer device), and open the pairs' activation links (pairs on two hosts send
+        over them: kunserve/cluster/links.py). Only when a drop needs them, not at launch: a
+        worker holding a dead peer's mapped arena hangs. The members' engine loops must be
+        paused (or not started)."""
         indices = list(range(len(self.engines))) if members is None else members
-        executors: dict[int, MultiprocExecutor] = {}
+        executors: dict[int, WorkerExecutor] = {}
         for i in indices:
             executor = self.engines[i].executor
-            if not isinstance(executor, MultiprocExecutor) or len(executor.workers) != 1:
-                raise ValueError("open_links: every replica must be one device in a worker process")
+            if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
+                raise ValueError("open_links: every replica must be one device whose device takes calls")
             executors[i] = executor
-        for i, executor in executors.items():
-            if i not in self._arena_handles:
-                self._arena_handles[i] = executor.call(0, "export_arena")
         for i in indices:
             for j in indices:
                 if i < j and (i, j) not in self._open_pairs:
                     a, b = executors[i], executors[j]
-                    a.call(0, "open_peer", b.global_ranks[0], self._arena_handles[j])
-                    b.call(0, "open_peer", a.global_ranks[0], self._arena_handles[i])
+                    if share_host(a, b):
+                        a.call(0, "open_peer", b.global_ranks[0], self._arena_handle(j, b))
+                        b.call(0, "open_peer", a.global_ranks[0], self._arena_handle(i, a))
                     a.post(0, "warm_link", b.global_ranks[0], True)
                     b.post(0, "warm_link", a.global_ranks[0], False)
                     a.result(0)
                     b.result(0)
                     self._open_pairs.add((i, j))
 
+    def _arena_handle(self, replica: int, executor: WorkerExecutor) -> bytes:
+        if replica not in self._arena_handles:
+            self._arena_handles[replica] = executor.call(0, "export_arena")
+        return self._arena_handles[replica]
+
     def links_open(self, a: int, b: int) -> bool:
-        """Whether replicas a and b can copy from each other's arenas (open_links)."""
+        """Whether replicas a and b can copy between their devices (open_links)."""
         return (min(a, b), max(a, b)) in self._open_pairs
 
     # ---- what the server sees ---------------------------------------------------------------

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from kunserve.cluster import migration
+from kunserve.cluster.links import host_of
 from kunserve.cluster.planner import Planner, PlannerConfig, ReplicaLoad
 from kunserve.cluster.transitions import TransitionStats, fuse, split
 from kunserve.engine.llm_engine import LLMEngine
@@ -73,14 +73,14 @@ class CoordinatorConfig:
 class Group:
     members: list[int]  # replica indices; member r is stage r
     engine: LLMEngine
-    formed_at: float = field(default_factory=time.monotonic)
+    formed_at: float  # the cluster's clock
 
 
 @dataclass
 class Transition:
     kind: str  # "drop" | "restore" | "migrate"
     members: list[int]  # a group's replicas; a migration's (source, destination)
-    at: float  # time.time()
+    at: float  # the cluster's wall clock (time.time() on a live cluster)
     duration_s: float
     exchange_s: float  # KV moved between devices
     sub_blocks_moved: int
@@ -102,6 +102,7 @@ class Coordinator:
         self._lock = threading.Lock()  # one transition at a time
         self._overloaded_since: dict[int, float] = {}
         self._calm_since: dict[int, float] = {}  # by id(group)
+        self._host_numbers: dict[str, int] = {}  # the planner's number of each host, in order of first sight
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -123,13 +124,15 @@ class Coordinator:
     def _watch(self) -> None:
         while not self._stop.wait(self.config.check_interval_s):
             try:
-                self.check(time.monotonic())
+                self.check(self.cluster.clock())
             except Exception:
                 logger.exception("coordinator check failed; will look again")
 
     def check(self, now: float) -> None:
         """One look at the cluster: drop, restore or migrate where the policy says so."""
         config = self.config
+        if config.overload_policy not in ("kunserve", "migrate"):
+            return  # the engines handle overload on their own (preemption)
         free = self.replicas_in_replica_mode()
         for i in free:
             if self._deficit(i) > 0:
@@ -159,6 +162,15 @@ class Coordinator:
                         self._calm_since.pop(id(group), None)
             else:
                 self._calm_since.pop(id(group), None)
+
+    def is_idle(self) -> bool:
+        """Whether a check now would change nothing: the policy never acts, or no replica
+        waits for blocks, no overload is being timed and no group exists (a simulation skips
+        its checks then)."""
+        if self.config.overload_policy not in ("kunserve", "migrate"):
+            return True
+        return not self.groups and not self._overloaded_since and all(
+            engine.scheduler.num_waiting_blocks == 0 for engine in self.cluster.engines)
 
     def _deficit(self, replica: int) -> int:
         """Blocks replica's queued requests need beyond its free blocks (> 0: overloaded)."""
@@ -205,6 +217,7 @@ class Coordinator:
             weight_blocks=layout.num_layers * len(layout.released_blocks(0)),
             running=len(running),
             context_tokens=sum(seq.num_computed_tokens for seq in running),
+            host=self._host_numbers.setdefault(host_of(engine.executor), len(self._host_numbers)),
         )
 
     def default_drop_members(self) -> list[int]:
@@ -229,6 +242,7 @@ class Coordinator:
             if len(members) < 2 or len(set(members)) != len(members) or not set(members) <= set(free):
                 raise ValueError(f"replicas: {members} must be two or more distinct replicas in replica mode {free}")
             loops = [self.cluster.replicas[i] for i in members]
+            paused_at = self.cluster.clock()
             for loop in loops:
                 loop.pause()
             try:
@@ -241,10 +255,10 @@ class Coordinator:
             finally:
                 for loop in loops:
                     loop.resume()
-            self.groups.append(Group(members, group_engine))
+            self.groups.append(Group(members, group_engine, self.cluster.clock()))
             for i in members:
                 self._overloaded_since.pop(i, None)
-            return self._record("drop", members, stats, reason)
+            return self._record("drop", members, stats, reason, self.cluster.clock() - paused_at)
 
     def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
         """Split a group back into its replicas."""
@@ -253,6 +267,7 @@ class Coordinator:
                 raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
             group = self.groups[group_index]
             loops = [self.cluster.replicas[i] for i in group.members]
+            paused_at = self.cluster.clock()
             for loop in loops:
                 loop.pause()
             try:
@@ -267,7 +282,7 @@ class Coordinator:
                     loop.resume()
             self.groups.remove(group)
             self._calm_since.pop(id(group), None)
-            return self._record("restore", group.members, stats, reason)
+            return self._record("restore", group.members, stats, reason, self.cluster.clock() - paused_at)
 
     def migrate(self, seq: Sequence, src: int, dst: int, reason: str = "requested") -> Transition | None:
         """Move running `seq` from replica `src` to `dst` (kunserve/cluster/migration.py);
@@ -285,14 +300,16 @@ class Coordinator:
             stats = migration.migrate(self.cluster, seq, src, dst)
             if stats is None:
                 return None
-            transition = Transition("migrate", [src, dst], time.time(), stats.duration_s, stats.pause_s,
+            transition = Transition("migrate", [src, dst], self.cluster.wall_clock(), stats.duration_s, stats.pause_s,
                                     stats.blocks_moved, f"{reason}; request {stats.request_id}", stats.pause_s)
             return self._log(transition)
 
-    def _record(self, kind: str, members: list[int], stats: TransitionStats, reason: str) -> Transition:
-        # The members' loops pause for the whole transition: so do their requests.
-        return self._log(Transition(kind, list(members), time.time(), stats.duration_s, stats.exchange_s,
-                                    stats.sub_blocks_moved, reason, stats.duration_s))
+    def _record(self, kind: str, members: list[int], stats: TransitionStats, reason: str, pause_s: float
+                ) -> Transition:
+        """`pause_s`: how long the members' loops were held (their running steps ending, links
+        opening, the transition itself): their requests' stall."""
+        return self._log(Transition(kind, list(members), self.cluster.wall_clock(), stats.duration_s, stats.exchange_s,
+                                    stats.sub_blocks_moved, reason, pause_s))
 
     def _log(self, transition: Transition) -> Transition:
         self.history.append(transition)
@@ -343,11 +360,11 @@ class Coordinator:
                 "queued_demand_blocks": group.engine.scheduler.num_waiting_blocks,
                 "running": len(group.engine.scheduler.running),
             }
-            for group in self.groups
+            for group in list(self.groups)
         ]
         return {
             "overload_policy": self.config.overload_policy,
             "replicas": replicas,
             "groups": groups,
-            "transitions": [asdict(t) for t in self.history],
+            "transitions": [asdict(t) for t in list(self.history)],  # a copy: the coordinator thread appends
         }

@@ -8,20 +8,22 @@ pauses between two of its steps. The last stage pauses both engines between step
 the blocks filled since and the partly filled last one, and moves the request (its
 sampler's random stream too) to the destination's scheduler: the request stalls for this
 stage only. The destination pulls the KV straight from the source's arena (mapped into its
-process, as for a drop: kunserve/worker/drop.py). If the request finished, was preempted or
-aborted meanwhile, the migration is called off and the destination's blocks freed.
+process, as for a drop: kunserve/worker/drop.py); from another host the source sends it over
+the network (kunserve/cluster/links.py), so then stage one pauses the source too. If the
+request finished, was preempted or aborted meanwhile, the migration is called off and the
+destination's blocks freed.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kunserve.cluster.links import post_kv_copy, share_host
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence, SequenceStatus
-from kunserve.executor.multiproc import MultiprocExecutor
+from kunserve.executor.base import WorkerExecutor
 
 if TYPE_CHECKING:
     from kunserve.cluster.cluster import Cluster
@@ -40,24 +42,30 @@ class MigrationStats:
 def migrate(cluster: Cluster, seq: Sequence, src: int, dst: int) -> MigrationStats | None:
     """Move running `seq` from replica `src` to replica `dst` (both in replica mode, their
     engine loops running); None when it was called off."""
-    start = time.perf_counter()
+    clock = cluster.engines[src].clock
+    start = clock()
     source, target = cluster.engines[src], cluster.engines[dst]
     src_loop, dst_loop = cluster.replicas[src], cluster.replicas[dst]
-    src_rank = _replica_executor(source).global_ranks[0]
+    src_device, dst_device = _replica_executor(source), _replica_executor(target)
+    both = sorted((src_loop, dst_loop), key=cluster.replicas.index)  # one order: no deadlock
+    # A send is a call on the source's device, which its running loop must not interleave with steps.
+    early_pauses = [dst_loop] if share_host(src_device, dst_device) else both
     preemptions = seq.metrics.num_preemptions
     full = seq.num_computed_tokens // source.config.block_size
     early = list(seq.block_ids[:full])  # read while the source runs: full blocks do not change
-    dst_loop.pause()
+    for loop in early_pauses:
+        loop.pause()
     try:
         if len(early) > target.block_manager.num_free_blocks:
             return None
         reserved = target.block_manager.take(len(early))
         if early:
-            _replica_executor(target).call(0, "pull_kv", src_rank, early, reserved)
+            _copy_kv(src_device, dst_device, early, reserved)
     finally:
-        dst_loop.resume()
-    pause_start = time.perf_counter()
-    for loop in sorted((src_loop, dst_loop), key=cluster.replicas.index):  # one order: no deadlock
+        for loop in early_pauses:
+            loop.resume()
+    pause_start = clock()
+    for loop in both:
         loop.pause()
     try:
         still_here = (seq.status is SequenceStatus.RUNNING and seq.metrics.num_preemptions == preemptions
@@ -68,7 +76,7 @@ def migrate(cluster: Cluster, seq: Sequence, src: int, dst: int) -> MigrationSta
             return None
         rest = target.block_manager.take(len(late))
         if late:
-            _replica_executor(target).call(0, "pull_kv", src_rank, late, rest)
+            _copy_kv(src_device, dst_device, late, rest)
         _move_sampler_state(source, target, seq.request_id)
         source.release_running(seq)
         seq.block_ids = reserved + rest
@@ -76,15 +84,20 @@ def migrate(cluster: Cluster, seq: Sequence, src: int, dst: int) -> MigrationSta
     finally:
         for loop in (src_loop, dst_loop):
             loop.resume()
-    end = time.perf_counter()
+    end = clock()
     return MigrationStats(seq.request_id, end - start, end - pause_start, len(early) + len(late))
 
 
-def _replica_executor(engine: LLMEngine) -> MultiprocExecutor:
+def _replica_executor(engine: LLMEngine) -> WorkerExecutor:
     executor = engine.executor
-    if not isinstance(executor, MultiprocExecutor) or len(executor.workers) != 1:
-        raise ValueError("migrate: replicas must be one device each, in worker processes")
+    if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
+        raise ValueError("migrate: replicas must be one device each, whose devices take calls")
     return executor
+
+
+def _copy_kv(source: WorkerExecutor, target: WorkerExecutor, src_ids: list[int], dst_ids: list[int]) -> None:
+    for executor in post_kv_copy(source, target, src_ids, dst_ids):
+        executor.result(0)
 
 
 def _move_sampler_state(source: LLMEngine, target: LLMEngine, request_id: str) -> None:

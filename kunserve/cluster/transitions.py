@@ -12,25 +12,25 @@ split: KV lying in a dropped layer's memory is moved out; each running request g
 replica, where every stage's sub-blocks of each of its blocks are gathered into one full
 block; the dropped weights are copied back from the stages that kept them; each replica
 takes its requests (and a share of the queue) back. Devices copy from each other's arenas
-directly (mapped once, before the first drop: CUDA IPC, or shared memory on CPU).
+directly (mapped once, before the first drop: CUDA IPC, or shared memory on CPU); devices on
+two hosts send and receive over torch.distributed instead (kunserve/cluster/links.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from kunserve.cluster.links import post_kv_copy, share_host
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.staged_block_manager import StagedBlockManager
-from kunserve.executor.group import GroupExecutor
-from kunserve.executor.multiproc import MultiprocExecutor
+from kunserve.executor.base import FusedGroupExecutor, WorkerExecutor
 from kunserve.outputs import RequestOutput
 from kunserve.worker.drop import stage_layers
 
@@ -42,21 +42,23 @@ class TransitionStats:
     exchange_s: float  # of that, moving KV between devices
     sub_blocks_moved: int
     weights_s: float = 0.0  # of a split: refilling the dropped weights from the peers
+    exchange_rounds: int = 1  # a drop into a full cache exchanges in rounds (see _exchange_in_rounds)
 
 
 Transfers = dict[tuple[int, int], tuple[list[int], list[int]]]  # (src stage, dst stage) -> (src ids, dst ids)
 
 
-def _replica_executor(engine: LLMEngine) -> MultiprocExecutor:
+def _replica_executor(engine: LLMEngine) -> WorkerExecutor:
     executor = engine.executor
-    if not isinstance(executor, MultiprocExecutor) or len(executor.workers) != 1:
-        raise ValueError("fuse: every member must be a one-device replica in a worker process")
+    if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
+        raise ValueError("fuse: every member must be a one-device replica whose device takes calls")
     return executor
 
 
 def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     """The group engine of `members` (their steps must all be collected)."""
-    start = time.perf_counter()
+    clock = members[0].clock
+    start = clock()
     g = len(members)
     executors = [_replica_executor(m) for m in members]
     ranks = [e.global_ranks[0] for e in executors]
@@ -76,38 +78,23 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
         stage.claim(_sub_blocks(homed[r], g).tolist())
         stages.append(stage)
     blocks = StagedBlockManager(block_size, stages)
-    transfers: Transfers = {}
-    for h, (running, _) in enumerate(handed):
-        for seq in running:
-            physical = []
-            for r in range(g):
-                if r == h:
-                    physical.append([b * g + h for b in seq.block_ids])
-                    continue
-                target = stages[r].take(len(seq.block_ids))
-                sources, targets = transfers.setdefault((h, r), ([], []))
-                sources.extend(b * g + r for b in seq.block_ids)
-                targets.extend(target)
-                physical.append(target)
-            seq.block_ids = blocks.bind(physical)
-    exchange_start = time.perf_counter()
-    moved = _exchange(executors, ranks, transfers)
-    exchange_s = time.perf_counter() - exchange_start
-    for h, full_blocks in enumerate(homed):  # the other stages' sub-blocks were sent away
-        sent = _sub_blocks(full_blocks, g)
-        stages[h].give(sent[sent % g != h].tolist())
+    exchange_start = clock()
+    seqs = [seq for running, _ in handed for seq in running]
+    moved, rounds = _exchange_in_rounds(executors, blocks, seqs,
+                                        [h for h, (run, _) in enumerate(handed) for _ in run])
+    exchange_s = clock() - exchange_start
     # The group runs what its members ran: their sequence slots add up.
     config = dataclasses.replace(members[0].config, max_num_seqs=sum(m.config.max_num_seqs for m in members),
                                  pipeline_parallel_size=g)
-    group = LLMEngine.from_parts(members[0], config, GroupExecutor(executors, blocks), blocks)
+    group = LLMEngine.from_parts(members[0], config, executors[0].form_group(executors, blocks), blocks)
     for member, (running, waiting) in zip(members, handed):
         group.take_over(member, running, waiting)
-    group.scheduler.running.sort(key=lambda s: s.metrics.first_scheduled_time or 0.0)
-    group.scheduler.waiting = deque(sorted(group.scheduler.waiting, key=lambda s: s.metrics.arrival_time))
-    stats = TransitionStats(time.perf_counter() - start, exchange_s, moved)
+    group.scheduler.running.sort(key=lambda s: s.age_key)
+    group.scheduler.waiting = deque(sorted(group.scheduler.waiting, key=lambda s: s.arrival_order))
+    stats = TransitionStats(clock() - start, exchange_s, moved, exchange_rounds=rounds)
     logger.info(
-        "fused %d replicas into a pipeline in %.1f ms (KV exchange %.1f ms): %d running requests, %d sub-blocks",
-        g, stats.duration_s * 1e3, exchange_s * 1e3, len(group.scheduler.running), moved,
+        "fused %d replicas into a pipeline in %.1f ms (KV exchange %.1f ms in %d rounds): %d running requests, "
+        "%d sub-blocks", g, stats.duration_s * 1e3, exchange_s * 1e3, rounds, len(group.scheduler.running), moved,
     )
     return group, stats
 
@@ -115,11 +102,12 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
 def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutput], TransitionStats]:
     """Turn the group back into its member replicas; returns the outputs of the steps that
     were still in flight (the caller delivers them)."""
-    start = time.perf_counter()
+    clock = group.clock
+    start = clock()
     outputs = group.drain()
     blocks = group.block_manager
     executor = group.executor
-    if not isinstance(blocks, StagedBlockManager) or not isinstance(executor, GroupExecutor):
+    if not isinstance(blocks, StagedBlockManager) or not isinstance(executor, FusedGroupExecutor):
         raise TypeError("split: not a group made by fuse")
     g = len(members)
     executors = executor.members
@@ -153,15 +141,15 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
                 pair = local[h] if r == h else transfers.setdefault((r, h), ([], []))
                 pair[0].extend(sources)
                 pair[1].extend(dests)
-    exchange_start = time.perf_counter()
+    exchange_start = clock()
     for h, (sources, dests) in enumerate(local):
         if sources:
             executors[h].call(0, "move_kv", sources, dests)
-    moved = _exchange(executors, ranks, transfers)
-    exchange_s = time.perf_counter() - exchange_start
-    weights_start = time.perf_counter()
+    moved = _exchange(executors, transfers)
+    exchange_s = clock() - exchange_start
+    weights_start = clock()
     _restore_weights(executors, ranks, num_layers)
-    weights_s = time.perf_counter() - weights_start
+    weights_s = clock() - weights_start
     for h in range(g - 1):  # the samplers' states follow the requests to their homes
         mine = [seq for seq, home in zip(running, homes) if home == h] + waiting[h::g]
         _move_sampler_states(executors, g - 1, h, [s.request_id for s in mine])
@@ -172,7 +160,7 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
             seq.block_ids = home_blocks[seq.request_id]
             member.block_manager.claim(seq.block_ids)
         member.take_over(group, mine, waiting[h::g])
-    stats = TransitionStats(time.perf_counter() - start, exchange_s, moved, weights_s)
+    stats = TransitionStats(clock() - start, exchange_s, moved, weights_s)
     logger.info(
         "split a pipeline into %d replicas in %.1f ms (KV moves %.1f ms): %d running requests, %d sub-blocks",
         g, stats.duration_s * 1e3, exchange_s * 1e3, len(running), moved,
@@ -180,7 +168,50 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     return outputs, stats
 
 
-def _move_sampler_states(executors: list[MultiprocExecutor], src: int, dst: int, request_ids: list[str]) -> None:
+def _exchange_in_rounds(
+    executors: list[WorkerExecutor], blocks: StagedBlockManager, seqs: list[Sequence],
+    homes: list[int],
+) -> tuple[int, int]:
+    """The KV exchange of a drop, and the binding of each running request's blocks: it keeps
+    its home stage's sub-blocks in place, and every other stage r receives sub-block b·g + r
+    of each of its blocks b. A stage receives into its free sub-blocks, which a full cache
+    has only the released layers' of at first; so the exchange runs in rounds, each source
+    freeing what it sent. With equal members it always completes: stage r ends up holding
+    one sub-block per logical block in use, and its g·B + released sub-blocks hold more than
+    the members' B blocks each. Returns the sub-blocks moved and the rounds taken."""
+    stages = blocks.stages
+    g = len(stages)
+    physical = [np.empty((g, len(seq.block_ids)), dtype=np.int64) for seq in seqs]
+    for seq, home, rows in zip(seqs, homes, physical):
+        rows[home] = np.asarray(seq.block_ids, dtype=np.int64) * g + home
+    pending = {r: [(i, k) for i, (seq, home) in enumerate(zip(seqs, homes)) if home != r
+                   for k in range(len(seq.block_ids))] for r in range(g)}
+    moved = rounds = 0
+    while any(pending.values()):
+        rounds += 1
+        transfers: Transfers = {}
+        sent: list[list[int]] = [[] for _ in range(g)]
+        for r in range(g):
+            count = min(len(pending[r]), stages[r].num_free_blocks)
+            batch, pending[r] = pending[r][:count], pending[r][count:]
+            for (i, k), target in zip(batch, stages[r].take(count)):
+                source = seqs[i].block_ids[k] * g + r
+                physical[i][r, k] = target
+                sources, targets = transfers.setdefault((homes[i], r), ([], []))
+                sources.append(source)
+                targets.append(target)
+                sent[homes[i]].append(source)
+        if not transfers:
+            raise RuntimeError("fuse: no stage has a free sub-block to receive KV into")
+        moved += _exchange(executors, transfers)
+        for h, sources in enumerate(sent):  # sent away: free for the next round
+            stages[h].give(sources)
+    for seq, rows in zip(seqs, physical):
+        seq.block_ids = blocks.bind(rows.tolist())
+    return moved, rounds
+
+
+def _move_sampler_states(executors: list[WorkerExecutor], src: int, dst: int, request_ids: list[str]) -> None:
     """Seeded requests keep their random streams when another device samples for them."""
     states = executors[src].call(0, "take_sampler_states", request_ids)
     if states:
@@ -192,21 +223,21 @@ def _sub_blocks(blocks: np.ndarray, num_stages: int) -> np.ndarray:
     return (blocks[:, None] * num_stages + np.arange(num_stages)).ravel()
 
 
-def _exchange(executors: list[MultiprocExecutor], ranks: list[int], transfers: Transfers) -> int:
-    """Run the KV transfers: each destination pulls from the source's arena, all devices at
-    once (sources and destinations never overlap, so nothing races)."""
+def _exchange(executors: list[WorkerExecutor], transfers: Transfers) -> int:
+    """Run the KV transfers, all devices at once, each pair by its path (kunserve/cluster/
+    links.py: a pull from the source's arena on one host, a send and a receive across two;
+    sources and destinations never overlap, so nothing races)."""
     posted = []
     for (src, dst), (sources, targets) in sorted(transfers.items()):
         if sources:
-            executors[dst].post(0, "pull_kv", ranks[src], sources, targets)
-            posted.append(dst)
-    for dst in posted:
-        executors[dst].result(0)
+            posted += post_kv_copy(executors[src], executors[dst], sources, targets)
+    for executor in posted:
+        executor.result(0)
     return sum(len(sources) for sources, _ in transfers.values())
 
 
 def _evacuate_dropped_memory(
-    executors: list[MultiprocExecutor], blocks: StagedBlockManager, running: list[Sequence], num_layers: int
+    executors: list[WorkerExecutor], blocks: StagedBlockManager, running: list[Sequence], num_layers: int
 ) -> None:
     """Move KV out of the sub-blocks that lie in dropped layers' slots, so the slots can be
     reclaimed."""
@@ -239,12 +270,18 @@ def _choose_homes(running: list[Sequence], num_replicas: int) -> list[int]:
     return homes
 
 
-def _restore_weights(executors: list[MultiprocExecutor], ranks: list[int], num_layers: int) -> None:
-    """Refill each member's dropped layers from the arenas of the stages that kept them, all
-    members at once (a kept layer's slot is only read)."""
+def _restore_weights(executors: list[WorkerExecutor], ranks: list[int], num_layers: int) -> None:
+    """Refill each member's dropped layers from the stages that kept them, all members at once
+    (a kept layer's slot is only read): from their arenas on one host, over the network from
+    the members on other hosts (kunserve/cluster/links.py)."""
     g = len(executors)
     owner = {layer: r for r in range(g) for layer in stage_layers(num_layers, r, g)}
     for h, executor in enumerate(executors):
-        executor.post(0, "become_replica", {layer: ranks[r] for layer, r in owner.items() if r != h})
+        refill = {layer: ranks[r] for layer, r in owner.items() if r != h}
+        remote = [ranks[r] for r, other in enumerate(executors) if not share_host(executor, other)]
+        if remote:
+            executor.post(0, "become_replica", refill, remote)
+        else:  # one host: the call as every device takes it (simulated ones too)
+            executor.post(0, "become_replica", refill)
     for executor in executors:
         executor.result(0)

@@ -125,7 +125,8 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        """Serving, or ready to once started: not failed, not stopped."""
+        return self.error is None and not self._stopping
 
     # ---- the event-loop side ----------------------------------------------------------------
 

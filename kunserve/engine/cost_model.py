@@ -80,6 +80,16 @@ class StepShape:
         return StepShape(num_tokens, 0, pairs, int(samples))
 
     @staticmethod
+    def of_batch(query_lens: np.ndarray, context_lens: np.ndarray, num_samples: int) -> StepShape:
+        """A step's shape from its batch arrays (kunserve/step.py): rows of one token decode,
+        the others are prefill chunks; as `of_chunk` summed over the rows."""
+        computed = context_lens - query_lens
+        decode = query_lens == 1
+        chunk, before = query_lens[~decode], computed[~decode]
+        pairs = int((chunk * before + chunk * (chunk + 1) // 2).sum())
+        return StepShape(int(query_lens.sum()), int(computed[decode].sum()), pairs, num_samples)
+
+    @staticmethod
     def of_step(scheduled: Iterable[tuple[Sequence, int]]) -> StepShape:
         shape = StepShape()
         for seq, n in scheduled:
@@ -232,7 +242,7 @@ def _features(points: SequenceOf[ProfilePoint], knee: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient >= 0 (times cannot be negative): refit without
     the most negative coefficient until none is; columns that carry nothing stay 0."""
     active = [j for j in range(a.shape[1]) if np.any(a[:, j])]
@@ -260,7 +270,7 @@ def fit_step_coefficients(points: SequenceOf[ProfilePoint]) -> StepCoefficients:
     best: tuple[float, StepCoefficients] | None = None
     for knee in KNEE_CANDIDATES:
         a = _features(points, knee) / measured[:, None]
-        c = _nonnegative_least_squares(a, np.ones(len(points)))
+        c = nonnegative_least_squares(a, np.ones(len(points)))
         c = [float(x) for x in c]
         coefficients = StepCoefficients(c[0], c[1], knee, c[2], c[3], c[4], c[5], c[6])
         error = float(relative_errors(coefficients, points).mean())

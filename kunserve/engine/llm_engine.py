@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -31,19 +32,29 @@ from kunserve.worker.worker_process import WorkerWorld
 logger = logging.getLogger(__name__)
 
 PromptInput = str | list[int]
+Clock = Callable[[], float]  # seconds, monotonic: time.monotonic, or a simulation's virtual clock
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, world: WorkerWorld | None = None) -> None:
-        """`world`: the torch.distributed world of a cluster's worker processes (see Cluster)."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        world: WorkerWorld | None = None,
+        executor: Executor | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        """`world`: the torch.distributed world of a cluster's worker processes (see Cluster);
+        `executor`: given (a simulated one), instead of built from `config`; `clock`: what
+        request and step times are read from."""
         self.config = config
         self._world = world
+        self.clock = clock
         model = resolve_model(config.model)
         self.model = model
         self.spec = model.spec
         self.tokenizer = self._load_tokenizer(model)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
-        self.executor = self._build_executor(model)
+        self.executor = executor or self._build_executor(model)
         self.cost_model: CostModel = resolve_cost_model(config.cost_profile, self.spec, model.name,
                                                         self.executor.layout.elem_bytes)
         self._assemble(BlockManager(config.block_size, self.executor.kv_block_ids()))
@@ -62,7 +73,7 @@ class LLMEngine:
         """An engine of `like`'s model with `config` on another executor and block pool (a
         group formed by a drop); it starts with no requests."""
         engine = cls.__new__(cls)
-        engine.config, engine._world = config, None
+        engine.config, engine._world, engine.clock = config, None, like.clock
         engine.model, engine.spec, engine.tokenizer = like.model, like.spec, like.tokenizer
         engine.max_model_len = like.max_model_len
         engine.executor = executor
@@ -87,7 +98,7 @@ class LLMEngine:
         # The pipeline bubble: time with steps in flight, against the stages' busy clocks.
         self._in_flight_s = 0.0
         self._in_flight_since: float | None = None
-        self._bubble_window_start = time.monotonic()
+        self._bubble_window_start = self.clock()
         if self.executor.max_in_flight > 1:
             self.executor.take_busy_seconds()  # start the stages' clocks from here
     def _load_tokenizer(self, model: ResolvedModel) -> PreTrainedTokenizerBase | None:
@@ -101,9 +112,14 @@ class LLMEngine:
 
     def _build_executor(self, model: ResolvedModel) -> Executor:
         config = self.config
-        if config.resolve_executor_backend() == "uni":
+        backend = config.resolve_executor_backend()
+        if backend == "uni":
             device = config.resolve_device()
             return InProcessExecutor(build_worker(config, model, (0, self.spec.num_layers), device))
+        if backend == "ray":
+            from kunserve.executor.ray_executor import RayExecutor  # ray: an optional extra
+
+            return RayExecutor(config, model, self._world)
         return MultiprocExecutor(config, model, self._world)
 
     # ---- requests -------------------------------------------------------------------------
@@ -132,6 +148,7 @@ class LLMEngine:
             params,
             min(max_total, self.max_model_len),
             prompt if isinstance(prompt, str) else None,
+            self.clock(),
         )
         kv_tokens = max(seq.num_prompt_tokens, seq.max_total_tokens - 1)  # the last token needs no KV
         if self.block_manager.blocks_for(kv_tokens) > self.block_manager.num_total_blocks:
@@ -235,7 +252,7 @@ class LLMEngine:
         stats = None if self.stats_listener is None else StepStats()
         self._fill_pipeline(stats)
         outputs = self._complete_oldest(stats) if self._in_flight else []
-        window_closed = time.monotonic() - self._bubble_window_start >= self.config.bubble_window_s
+        window_closed = self.clock() - self._bubble_window_start >= self.config.bubble_window_s
         if stats is not None and self.executor.max_in_flight > 1 and window_closed:
             stats.pipeline = self.measure_pipeline()
         self._report(stats)
@@ -244,7 +261,7 @@ class LLMEngine:
     def measure_pipeline(self) -> PipelineBusy:
         """The pipeline's busy and available stage time since the last measurement (or since
         the engine started): its bubble. Reads the stages' clocks (one message each)."""
-        now = time.monotonic()
+        now = self.clock()
         if self._in_flight_since is not None:
             self._in_flight_s += now - self._in_flight_since
             self._in_flight_since = now
@@ -266,7 +283,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         output = self._in_flight.popleft()
         sampled = self.executor.collect()
-        now = time.monotonic()
+        now = self.clock()
         if not self._in_flight and self._in_flight_since is not None:
             self._in_flight_s += now - self._in_flight_since
             self._in_flight_since = None
@@ -295,7 +312,7 @@ class LLMEngine:
                 stats.num_preemptions += len(output.preempted)
             if output.is_empty:
                 return
-            now = time.monotonic()
+            now = self.clock()
             for seq, _ in output.scheduled:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
@@ -346,7 +363,7 @@ class LLMEngine:
         self._unreported = []
 
     def _finish_output(self, seq: Sequence) -> RequestOutput:
-        seq.metrics.finished_time = time.monotonic()
+        seq.metrics.finished_time = self.clock()
         del self._sequences[seq.request_id]
         self._finished_ids.append(seq.request_id)
         if self.stats_listener is not None:

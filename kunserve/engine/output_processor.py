@@ -43,6 +43,13 @@ class OutputProcessor:
         """Take a request's text state over from another engine's processor."""
         self._texts[request_id] = source._texts.pop(request_id)
 
+    def stops_on_length_only(self, seq: Sequence) -> bool:
+        """Whether only its length can end `seq`, and nothing is output before it ends (so
+        several of its tokens may be added at once: kunserve/sim/fast_forward.py)."""
+        params = seq.sampling_params
+        return (params.ignore_eos and not params.stop_token_ids and self._texts[seq.request_id].detokenizer is None
+                and params.output_kind is RequestOutputKind.FINAL_ONLY)
+
     def check_stop(self, seq: Sequence) -> str | None:
         """The finish reason that the token just appended to `seq` triggers, if any."""
         params = seq.sampling_params

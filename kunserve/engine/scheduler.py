@@ -98,7 +98,7 @@ class Scheduler:
     def insert_running(self, seq: Sequence) -> None:
         """Run `seq` (its blocks already here) in its place by age, so preemption still
         takes the youngest first."""
-        bisect.insort(self.running, seq, key=lambda s: s.metrics.first_scheduled_time or 0.0)
+        bisect.insort(self.running, seq, key=lambda s: s.age_key)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

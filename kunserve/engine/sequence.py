@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 
 from kunserve.outputs import RequestMetrics
 from kunserve.sampling_params import SamplingParams
+
+# Requests in the order they arrived, process-wide: first come, first served across engines
+# (a drop merges several replicas' queues) even where two arrivals read the same clock.
+_ARRIVAL_ORDER = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -24,6 +29,7 @@ class Sequence:
         sampling_params: SamplingParams,
         max_total_tokens: int,
         prompt: str | None = None,
+        arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -44,10 +50,16 @@ class Sequence:
         self.num_in_flight_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        self.metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        self.arrival_order = next(_ARRIVAL_ORDER)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def age_key(self) -> tuple[float, int]:
+        """Orders running sequences as admitted (preemption takes the youngest)."""
+        return (self.metrics.first_scheduled_time or 0.0, self.arrival_order)
 
     @property
     def in_flight(self) -> bool:

@@ -8,11 +8,18 @@ collected, so that every stage has work; a single device runs one at a time.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kunserve.layout import ArenaLayout
 from kunserve.step import StepInput
+
+if TYPE_CHECKING:
+    from kunserve.engine.staged_block_manager import StagedBlockManager
+
+
+THIS_HOST = "this host"  # the host of executors that never leave the driver's machine
 
 
 class Executor(ABC):
@@ -62,3 +69,50 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Stop the devices' workers (nothing to do in-process)."""
+
+
+class WorkerExecutor(Executor):
+    """An executor whose devices take named calls (kunserve/worker/worker_process.py's
+    WORKER_CALLS): what drops, restores and migrations (kunserve/cluster/) drive, the same on
+    worker processes and on simulated devices."""
+
+    @property
+    @abstractmethod
+    def global_ranks(self) -> list[int]:
+        """Each stage's rank among all of a cluster's devices."""
+
+    @property
+    @abstractmethod
+    def num_stages(self) -> int: ...
+
+    @property
+    def hosts(self) -> list[str]:
+        """Each stage's host (a Ray node id): devices of one host copy from each other's memory,
+        devices of two send over the network. All are on this host unless the executor spans
+        machines."""
+        return [THIS_HOST] * self.num_stages
+
+    @abstractmethod
+    def post(self, rank: int, name: str, *args: Any) -> None:
+        """Start a named call on stage `rank`'s device; `result` collects it. Posting first
+        and collecting later lets two devices run the two ends of a transfer."""
+
+    @abstractmethod
+    def result(self, rank: int) -> Any: ...
+
+    def call(self, rank: int, name: str, *args: Any) -> Any:
+        self.post(rank, name, *args)
+        return self.result(rank)
+
+    @classmethod
+    @abstractmethod
+    def form_group(cls, members: list[WorkerExecutor], blocks: StagedBlockManager) -> Executor:
+        """The executor of a pipeline group fused from these one-device replicas (member r
+        is stage r), its steps translated to each stage's sub-blocks by `blocks`."""
+
+
+class FusedGroupExecutor(Executor):
+    """The executor of a pipeline group fused by a drop: its member replicas' executors
+    (member r is stage r), which take the group's steps and, at the restore, run alone again."""
+
+    members: list[WorkerExecutor]

@@ -1,6 +1,7 @@
-"""Replicas' worker processes driven as the stages of one pipeline, after a drop fused them
-(kunserve/cluster/transitions.py). Each stage gets the step with its own physical sub-block
-ids; the last stage samples. The workers stay owned by their replicas' executors."""
+"""Replicas' workers (processes, or Ray actors) driven as the stages of one pipeline, after a
+drop fused them (kunserve/cluster/transitions.py). Each stage gets the step with its own
+physical sub-block ids; the last stage samples. The workers stay owned by their replicas'
+executors."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ import pickle
 import numpy as np
 
 from kunserve.engine.staged_block_manager import StagedBlockManager
-from kunserve.executor.base import Executor
-from kunserve.executor.multiproc import MultiprocExecutor
-from kunserve.executor.workers import WorkerSet
+from kunserve.executor.base import FusedGroupExecutor
+from kunserve.executor.multiproc import WorkerSetExecutor
 from kunserve.layout import ArenaLayout
 from kunserve.step import StepInput
 
 
-class GroupExecutor(Executor):
-    def __init__(self, members: list[MultiprocExecutor], blocks: StagedBlockManager) -> None:
-        self.members = members
+class GroupExecutor(FusedGroupExecutor):
+    def __init__(self, members: list[WorkerSetExecutor], blocks: StagedBlockManager) -> None:
+        self.members = list(members)
         self.blocks = blocks
-        self.workers = WorkerSet([member.workers.handles[0] for member in members])
+        # A set of the members' kind (pipes or Ray calls) over each member's one worker.
+        self.workers = type(members[0].workers)([member.workers.handles[0] for member in members])
         self.max_in_flight = len(members)
 
     @property

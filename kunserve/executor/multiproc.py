@@ -2,7 +2,8 @@
 stage r holding layers [r·L/g, (r+1)·L/g) and g micro-batches in flight.
 
 A worker that dies is noticed at once (see kunserve/executor/workers.py): the step fails
-with WorkerDiedError naming it, and the remaining workers are stopped.
+with WorkerDiedError naming it, and the remaining workers are stopped. WorkerSetExecutor is
+what this shares with the Ray executor (ray_executor.py): the same commands, another channel.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import logging
 import multiprocessing as mp
 import pickle
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kunserve.config import EngineConfig
-from kunserve.executor.base import Executor
+from kunserve.executor.base import Executor, WorkerExecutor
 from kunserve.executor.workers import WorkerHandle, WorkerSet
 from kunserve.layout import ArenaLayout
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
 from kunserve.worker.worker_process import StageAssignment, WorkerWorld, worker_main
+
+if TYPE_CHECKING:
+    from kunserve.engine.staged_block_manager import StagedBlockManager
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +44,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class MultiprocExecutor(Executor):
-    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
-        """`world`: the cluster's shared world; None: a world of this executor's stages alone."""
-        num_stages = config.pipeline_parallel_size
+def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld) -> list[StageAssignment]:
+    """Each stage's layers and device, for `config.pipeline_parallel_size` stages in `world`."""
+    num_stages = config.pipeline_parallel_size
+    return [
+        StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), world,
+                        logical_block_ids=num_stages > 1)
+        for rank, layers in enumerate(pipeline_stage_ranges(model.spec.num_layers, num_stages))
+    ]
+
+
+class WorkerSetExecutor(WorkerExecutor):
+    """One model over workers that serve kunserve/worker/worker_process.py's commands through a
+    WorkerSet (pipes to processes here, Ray actor calls in ray_executor.py)."""
+
+    workers: WorkerSet
+
+    def _await_ready(self, config: EngineConfig) -> None:
+        """Take every worker's "ready" (its arena layout); on any failure stop them all."""
+        num_stages = len(self.workers)
         self.max_in_flight = num_stages
-        context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", num_stages)
-        handles = []
-        for rank, layers in enumerate(pipeline_stage_ranges(model.spec.num_layers, num_stages)):
-            stage = StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), world,
-                                    logical_block_ids=num_stages > 1)
-            parent, child = context.Pipe()
-            process = context.Process(target=worker_main, args=(config, model, stage, child),
-                                      name=f"kunserve-worker{stage.global_rank}", daemon=True)
-            process.start()
-            child.close()
-            handles.append(WorkerHandle(process, parent, stage.global_rank))
-        self.workers = WorkerSet(handles)
         try:
             layouts: list[ArenaLayout] = [self.workers.receive(rank, "ready") for rank in range(num_stages)]
         except BaseException:
@@ -70,20 +76,28 @@ class MultiprocExecutor(Executor):
             self._kv_block_ids = layouts[0].initial_kv_blocks()
         else:
             self._kv_block_ids = range(min(layout.num_initial_kv_blocks for layout in layouts))
-        logger.info("%d worker process(es) ready, pids %s", num_stages, self.worker_pids)
 
     @property
     def layout(self) -> ArenaLayout:
         return self._layout
 
     @property
-    def worker_pids(self) -> list[int | None]:
-        return [handle.process.pid for handle in self.workers.handles]
-
-    @property
     def global_ranks(self) -> list[int]:
         """Each stage's rank in the cluster's torch.distributed world."""
         return [handle.global_rank for handle in self.workers.handles]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.workers)
+
+    @classmethod
+    def form_group(cls, members: list[WorkerExecutor], blocks: StagedBlockManager) -> Executor:
+        from kunserve.executor.group import GroupExecutor  # it builds on this module
+
+        alike = [m for m in members if isinstance(m, cls)]
+        if len(alike) != len(members):
+            raise TypeError(f"a group's members must all be replicas of one kind ({cls.__name__})")
+        return GroupExecutor(alike, blocks)
 
     @property
     def num_swap_blocks(self) -> int:
@@ -107,16 +121,10 @@ class MultiprocExecutor(Executor):
         self._single_stage_call("reclaim", layer, "reclaimed")
 
     def post(self, rank: int, name: str, *args: Any) -> None:
-        """Start a named call on stage `rank`'s worker (see WORKER_CALLS); `result` collects it.
-        Posting first and collecting later lets two workers run the two ends of a transfer."""
         self.workers.post(rank, "call", (name, args))
 
     def result(self, rank: int) -> Any:
         return self.workers.receive(rank, "returned")
-
-    def call(self, rank: int, name: str, *args: Any) -> Any:
-        self.post(rank, name, *args)
-        return self.result(rank)
 
     def take_busy_seconds(self) -> list[float]:
         return self.workers.take_busy_seconds()
@@ -132,3 +140,27 @@ class MultiprocExecutor(Executor):
             raise RuntimeError(f"{command}: a static pipeline group does not drop layers; replicas do")
         self.workers.post(0, command, argument)
         return self.workers.receive(0, reply)
+
+
+class MultiprocExecutor(WorkerSetExecutor):
+    """The stages as worker processes of this host."""
+
+    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
+        """`world`: the cluster's shared world; None: a world of this executor's stages alone."""
+        context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", config.pipeline_parallel_size)
+        handles = []
+        for stage in stage_assignments(config, model, world):
+            parent, child = context.Pipe()
+            process = context.Process(target=worker_main, args=(config, model, stage, child),
+                                      name=f"kunserve-worker{stage.global_rank}", daemon=True)
+            process.start()
+            child.close()
+            handles.append(WorkerHandle(process, parent, stage.global_rank))
+        self.workers = WorkerSet(handles)
+        self._await_ready(config)
+        logger.info("%d worker process(es) ready, pids %s", len(handles), self.worker_pids)
+
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [handle.process.pid for handle in self.workers.handles]

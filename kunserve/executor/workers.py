@@ -1,6 +1,7 @@
 """The control channel to worker processes: commands down a pipe each, replies back, and
 faults seen at once (a worker's process sentinel wakes any wait). A set of workers fails
-as one: a dead or failing member stops them all, since their pipeline state is lost."""
+as one: a dead or failing member stops them all, since their pipeline state is lost.
+kunserve/executor/ray_executor.py carries the same commands as Ray actor calls."""
 
 from __future__ import annotations
 
@@ -57,18 +58,8 @@ class WorkerSet:
         dies or reports an error fails the call at once instead of leaving it waiting."""
         self._raise_if_failed()
         handle = self.handles[index]
-        sentinels = {h.process.sentinel: h for h in self.handles}
         while not handle.inbox:
-            ready = wait([*(h.conn for h in self.handles), *sentinels])
-            for other in self.handles:
-                if other.conn in ready:
-                    kind, payload = self._recv(other)
-                    if kind == "error":
-                        self.fail(f"{other.name} failed:\n{payload}")
-                    other.inbox.append((kind, payload))
-            for sentinel, other in sentinels.items():
-                if sentinel in ready:
-                    self.fail(f"{other.name} exited with code {other.process.exitcode}")
+            self._read_any()
         kind, payload = handle.inbox.popleft()
         if kind != expected:
             self.fail(f"{handle.name} sent {kind!r} where {expected!r} was due")
@@ -89,6 +80,20 @@ class WorkerSet:
         taken.append(self._last_stage_busy_s)
         self._last_stage_busy_s = 0.0
         return taken
+
+    def _read_any(self) -> None:
+        """Wait until any worker sends (its message goes to its inbox) or dies (the set fails)."""
+        sentinels = {h.process.sentinel: h for h in self.handles}
+        ready = wait([*(h.conn for h in self.handles), *sentinels])
+        for other in self.handles:
+            if other.conn in ready:
+                kind, payload = self._recv(other)
+                if kind == "error":
+                    self.fail(f"{other.name} failed:\n{payload}")
+                other.inbox.append((kind, payload))
+        for sentinel, other in sentinels.items():
+            if sentinel in ready:
+                self.fail(f"{other.name} exited with code {other.process.exitcode}")
 
     def request_shutdown(self) -> None:
         """Ask every worker to exit, without waiting (see `shutdown`)."""
@@ -111,11 +116,14 @@ class WorkerSet:
         """Stop every worker of the set at once and raise."""
         self.failure = reason
         logger.error("%s; stopping its workers", reason)
+        self._kill_all()
+        raise WorkerDiedError(reason)
+
+    def _kill_all(self) -> None:
         for handle in self.handles:
             if handle.process.is_alive():
                 handle.process.kill()
             handle.process.join()
-        raise WorkerDiedError(reason)
 
     def _raise_if_failed(self) -> None:
         # A failed set's processes are gone: a wait on them would never end.

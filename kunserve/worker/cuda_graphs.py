@@ -5,6 +5,8 @@ graph removes the launch cost that otherwise dominates small batches. Inputs liv
 device buffers (staged in pinned host memory, one copy each per step), a batch is padded up
 to the next captured size, and the padding rows write no KV. Sampling stays outside the
 graph. Without CUDA the same static-buffer path runs eagerly: that is its CPU twin in tests.
+A replica captures every size when it starts; a stage formed by a drop captures each size
+the first time a step needs it (`lazy`), so a drop does not wait for captures.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: DecoderStage, buffers: DecodeGraphBuffers, max_batch: int, max_blocks: int,
-                 device: torch.device) -> None:
+                 device: torch.device, lazy: bool = False) -> None:
         self.model = model
         self.buffers = buffers
         self.max_batch = max_batch
@@ -43,8 +45,10 @@ class DecodeGraphs:
         )
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._hidden: dict[int, torch.Tensor] = {}
-        if device.type == "cuda":
-            self._capture()
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        if self._pool is not None and not lazy:
+            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+                self._capture(size)
 
     def can_run(self, step: StepInput) -> bool:
         batch = step.batch
@@ -69,7 +73,9 @@ class DecodeGraphs:
         self.buffers.fill(step.batch)
         graph = self._graphs.get(size)
         if graph is None:
-            return self._forward(size)[:n]
+            if self._pool is None:  # no CUDA: the same buffers, eagerly
+                return self._forward(size)[:n]
+            graph = self._capture(size)  # its warm-up ran this step already; the replay repeats it exactly
         graph.replay()
         return self._hidden[size][:n]
 
@@ -78,14 +84,13 @@ class DecodeGraphs:
         return self.model.forward(inputs, self._inputs[1, :size], self.buffers.metadata(size))
 
     @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-            self._forward(size)  # compiles the kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._hidden[size] = self._forward(size)
-            self._graphs[size] = graph
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        self._forward(size)  # compiles the kernels outside the capture
         torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._hidden[size] = self._forward(size)
+        torch.cuda.synchronize()
+        self._graphs[size] = graph
+        return graph
 

@@ -8,7 +8,9 @@ the other stages' layers go to the devices that now own those layers: each devic
 its peers' arenas once before the first drop (CUDA IPC; shared memory on CPU) and pulls what it needs
 (`pull_kv`), every device at once. Restoring reclaims the slots (the control plane has emptied their
 sub-blocks first) and refills the weights from the peer stage that holds them, or from the
-weight source when the peer is gone.
+weight source when the peer is gone. A peer on another host cannot be mapped: KV and weights
+then go over torch.distributed point-to-point (`send_kv` / `recv_kv`, and `become_replica`'s
+`over_network`), in batched operations both ends post at once.
 """
 
 from __future__ import annotations
@@ -50,34 +52,47 @@ def become_stage(
         if layer not in keep:
             worker.arena.release(layer)
             released.extend(layout.released_sub_blocks(layer, num_stages))
-    cache = worker.arena.stage_kv_cache(num_stages)
-    replica = worker.replica_model
-    worker.model = DecoderStage(
-        spec, keep.start, keep.stop, [worker.arena.layers[k] for k in keep], replica.stage,
-        [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend,
-    )
-    # Eager for now: a stage's decode graphs would have to be captured at every drop.
-    worker.runner = ModelRunner(worker.model, worker.device)
+    if (stage, num_stages) not in worker.stage_runners:
+        cache = worker.arena.stage_kv_cache(num_stages)
+        replica = worker.replica_model
+        model = DecoderStage(
+            spec, keep.start, keep.stop, [worker.arena.layers[k] for k in keep], replica.stage,
+            [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend,
+        )
+        worker.stage_runners[(stage, num_stages)] = (model, ModelRunner(model, worker.device,
+                                                                        worker.decode_graphs(model, lazy=True)))
+    worker.model, worker.runner = worker.stage_runners[(stage, num_stages)]
     worker.runner.sampler = worker.replica_runner.sampler  # seeded requests keep their generators
     worker.group = (stage, num_stages)
     worker.pipe_prev, worker.pipe_next = prev_rank, next_rank
     return released
 
 
-def become_replica(worker: Worker, refill_from: dict[int, int] | None) -> None:
-    """Reclaim the released slots and refill their weights: layer k copied from the arena of
-    global rank `refill_from[k]` (opened with `open_peer`), or all from the weight source when
-    None. Peers only read, so every member of a group can refill at once."""
+def become_replica(worker: Worker, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
+    """Reclaim the released slots and refill their weights: layer k from global rank
+    `refill_from[k]`, or all from the weight source when None. A peer in `over_network` (a
+    member of the group on another host, restoring at the same time) sends its layers over
+    torch.distributed and receives this stage's layers in return; any other peer's arena is
+    opened here (`open_peer`) and only read, so every member of a group can refill at once."""
     if worker.group is None:
         raise RuntimeError("not a stage of a group")
+    kept = [layer for layer in range(worker.layout.num_layers) if layer not in worker.arena.released]
+    received: dict[int, list[int]] = {peer: [] for peer in sorted(over_network or [])}
     for layer in sorted(worker.arena.released):
         weights = worker.arena.reclaim(layer)
         if refill_from is None:
             worker.weights.load_layer(layer, weights)
+        elif refill_from[layer] in received:
+            received[refill_from[layer]].append(layer)
         else:
             peer = _peer_arena(worker, refill_from[layer])
             start = worker.layout.slot_start_elem(layer)
             worker.arena.slot(layer).copy_(peer[start : start + worker.layout.layer_elems], non_blocking=True)
+    # One peer at a time, in rank order on every member, so each pair's batch meets its twin
+    # (and NCCL keeps to the pair's communicator); layers go in ascending order both ways.
+    for peer, layers in received.items():
+        _run_p2p([dist.P2POp(dist.isend, worker.arena.slot(layer), peer) for layer in kept]
+                 + [dist.P2POp(dist.irecv, worker.arena.slot(layer), peer) for layer in layers])
     _wait_for_device(worker)
     worker.model, worker.runner = worker.replica_model, worker.replica_runner
     worker.group = None
@@ -161,6 +176,41 @@ def pull_kv(
     peer_view = _peer_arena(worker, peer).view(view.shape)
     copy_sub_blocks(peer_view, torch.tensor(src_ids), view, torch.tensor(dst_ids), staging_bytes=staging_bytes)
     _wait_for_device(worker)
+
+
+def send_kv(worker: Worker, peer: int, ids: list[int], staging_bytes: int = TORCH_STAGING_BYTES) -> None:
+    """Send the KV of (sub-)blocks `ids` to global rank `peer`, on another host, which runs
+    `recv_kv` at the same time; at most `staging_bytes` gathered at a time."""
+    view = kv_view(worker)
+    index = torch.tensor(ids, dtype=torch.long, device=view.device)
+    for chunk in _chunks(view, len(ids), staging_bytes):
+        _run_p2p([dist.P2POp(dist.isend, view.index_select(0, index[chunk]), peer)])
+    _wait_for_device(worker)
+
+
+def recv_kv(worker: Worker, peer: int, ids: list[int], staging_bytes: int = TORCH_STAGING_BYTES) -> None:
+    """Receive into (sub-)blocks `ids` the KV that global rank `peer` sends with `send_kv`
+    (its ids in the same order; both ends must agree on `staging_bytes`)."""
+    view = kv_view(worker)
+    index = torch.tensor(ids, dtype=torch.long, device=view.device)
+    for chunk in _chunks(view, len(ids), staging_bytes):
+        incoming = torch.empty((chunk.stop - chunk.start, *view.shape[1:]), dtype=view.dtype, device=view.device)
+        _run_p2p([dist.P2POp(dist.irecv, incoming, peer)])
+        view.index_copy_(0, index[chunk], incoming)
+    _wait_for_device(worker)
+
+
+def _chunks(view: torch.Tensor, count: int, staging_bytes: int) -> list[slice]:
+    """`count` rows of `view` in runs of at most `staging_bytes` (at least one row each)."""
+    per_chunk = max(1, staging_bytes // (view[0].numel() * view.element_size()))
+    return [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+
+
+def _run_p2p(ops: list[dist.P2POp]) -> None:
+    """Post the point-to-point operations together and wait for all of them."""
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
 
 
 def move_kv(worker: Worker, src_ids: list[int], dst_ids: list[int]) -> None:

@@ -66,11 +66,7 @@ class Worker:
         self.start, self.end = layer_range
         num_layers = self.end - self.start
         elem_bytes = torch.finfo(dtype).bits // 8
-        if config.num_kv_blocks is not None:
-            layout = ArenaLayout.for_kv_blocks(spec, num_layers, config.block_size, elem_bytes, config.num_kv_blocks)
-        else:
-            arena_bytes = self._arena_bytes(config, num_layers, elem_bytes)
-            layout = ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes)
+        layout = arena_layout(spec, config, layer_range, elem_bytes, device_budget_bytes(config, device))
         self.arena = MemoryArena(layout, dtype, device)
         for k, layer_weights in enumerate(self.arena.layers):
             weights.load_layer(self.start + k, layer_weights)
@@ -90,7 +86,8 @@ class Worker:
             cos_sin_cache(spec.rope, spec.head_dim, max_model_len, device),
             make_attention_backend(config.attention_backend, config.block_size, device),
         )
-        self.runner = ModelRunner(self.model, device, self._decode_graphs(config, max_model_len))
+        self.config, self.max_model_len = config, max_model_len
+        self.runner = ModelRunner(self.model, device, self.decode_graphs(self.model, lazy=False))
         # Host memory for swapped-out KV: only for the swap preemption mode.
         self.swap_space = (SwapSpace(self.arena.kv_cache, layout.swap_blocks(config.swap_space_bytes))
                            if config.preemption_mode == "swap" else None)
@@ -102,16 +99,21 @@ class Worker:
         # Other workers' arenas mapped into this process, by global rank (kunserve/worker/drop.py).
         self.peer_arenas: dict[int, torch.Tensor] = {}
         self.replica_model, self.replica_runner = self.model, self.runner
+        # The stage models a drop made, by (stage, group size): kept for the next drop, with
+        # their captured graphs (their weights and KV views never move).
+        self.stage_runners: dict[tuple[int, int], tuple[DecoderStage, ModelRunner]] = {}
 
-    def _decode_graphs(self, config: EngineConfig, max_model_len: int) -> DecodeGraphs | None:
+    def decode_graphs(self, model: DecoderStage, lazy: bool) -> DecodeGraphs | None:
+        """CUDA graphs for `model`'s decode steps (None: eager), captured now or as sizes come."""
+        config, max_model_len = self.config, self.max_model_len
         if config.enforce_eager:
             return None
         max_batch = min(config.max_graph_batch_size, config.max_num_seqs)
         max_blocks = -(-max_model_len // config.block_size)
-        buffers = self.model.backend.decode_graph_buffers(max_batch, max_blocks, max_model_len, self.device)
+        buffers = model.backend.decode_graph_buffers(max_batch, max_blocks, max_model_len, self.device)
         if buffers is None:
             return None
-        return DecodeGraphs(self.model, buffers, max_batch, max_blocks, self.device)
+        return DecodeGraphs(model, buffers, max_batch, max_blocks, self.device, lazy)
 
     @property
     def layout(self) -> ArenaLayout:
@@ -140,20 +142,38 @@ class Worker:
         """Take local layer `layer`'s slot back and refill its weights."""
         self.weights.load_layer(self.start + layer, self.arena.reclaim(layer))
 
-    def _arena_bytes(self, config: EngineConfig, num_layers: int, elem_bytes: int) -> int:
-        spec = self.spec
-        _, layer_elems = layer_param_slices(spec, elem_bytes)
-        if config.memory_budget_bytes is None and self.device.type != "cuda":
-            return num_layers * layer_elems * elem_bytes + config.cpu_kv_cache_bytes
-        if config.memory_budget_bytes is not None:
-            budget = config.memory_budget_bytes
-        else:
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * config.gpu_memory_utilization) - (total - free)
-        first, last = self.start == 0, self.end == spec.num_layers
+
+
+def device_budget_bytes(config: EngineConfig, device: torch.device) -> int | None:
+    """The bytes this engine may take on `device`: the configured budget, or (on a GPU)
+    `gpu_memory_utilization` of it less what is already in use; None on CPU without a budget."""
+    if config.memory_budget_bytes is not None:
+        return config.memory_budget_bytes
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total * config.gpu_memory_utilization) - (total - free)
+
+
+def arena_layout(
+    spec: ModelSpec, config: EngineConfig, layer_range: tuple[int, int], elem_bytes: int, budget_bytes: int | None
+) -> ArenaLayout:
+    """The arena of a device holding `layer_range`: exactly `num_kv_blocks` KV blocks when
+    set, else what `budget_bytes` leaves after the stage's other weights and a step's scratch
+    memory (None: `cpu_kv_cache_bytes` of KV). Simulated devices use it too."""
+    start, end = layer_range
+    num_layers = end - start
+    if config.num_kv_blocks is not None:
+        return ArenaLayout.for_kv_blocks(spec, num_layers, config.block_size, elem_bytes, config.num_kv_blocks)
+    _, layer_elems = layer_param_slices(spec, elem_bytes)
+    if budget_bytes is None:
+        arena_bytes = num_layers * layer_elems * elem_bytes + config.cpu_kv_cache_bytes
+    else:
+        first, last = start == 0, end == spec.num_layers
         vocab_rows = (first + (last and not (first and spec.tie_word_embeddings))) * spec.vocab_size
         stage_bytes = (vocab_rows + last) * spec.hidden_size * elem_bytes
         widest = 3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size
         activations = ACTIVATION_SAFETY_FACTOR * config.max_num_batched_tokens * widest * elem_bytes
         logits = SAMPLER_LOGIT_COPIES * config.max_num_seqs * spec.vocab_size * 4
-        return budget - stage_bytes - activations - logits
+        arena_bytes = budget_bytes - stage_bytes - activations - logits
+    return ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes)

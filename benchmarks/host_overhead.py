@@ -1,0 +1,109 @@
+"""The driver's host time per step under load, for the simulator (kunserve/sim/executor.py's
+`SimulatorConfig.host_*`): what a live replica's step takes beyond the cost model's device
+time for its shape.
+
+One replica serves a trace window through the in-process replay of `kunserve bench --launch`
+(the same engine thread and event loop). Every engine step is timed, and the shape of the
+step it submitted recorded; the residual (step wall time - the cost model's prediction) is
+fitted as host_step_s + host_seq_s * sequences + host_token_s * tokens, non-negative, by
+relative error.
+
+    python benchmarks/host_overhead.py --trace .trace/azure_llm_conv_2023.csv --trace-start-s 600 \
+        --trace-duration-s 60 --rate-scale 4 --out $OUT/host_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kunserve import EngineConfig
+from kunserve.bench.in_process import replay
+from kunserve.bench.run import add_workload_arguments, build_workload
+from kunserve.bench.workload import prompt_token_ids
+from kunserve.cluster.cluster import Cluster
+from kunserve.engine.cost_model import StepShape, nonnegative_least_squares
+from kunserve.engine.llm_engine import LLMEngine
+from kunserve.step import StepInput
+
+PROMPT_TOKEN_IDS = 256  # byte tokens: any byte-level vocabulary has them
+
+
+def trace_steps(engine: LLMEngine, records: list[dict]) -> None:
+    """Record every step of `engine`: its shape (from what it submitted) and its wall time."""
+    submit, step = engine.executor.submit, engine.step
+    shapes: list[StepShape] = []
+
+    def submit_recorded(step_input: StepInput) -> None:
+        batch = step_input.batch
+        shapes.append(StepShape.of_batch(batch.query_lens, batch.context_lens, len(step_input.sample_rows)))
+        submit(step_input)
+
+    def step_timed() -> list:
+        shapes.clear()
+        start = time.perf_counter()
+        outputs = step()
+        if shapes:
+            shape = shapes[0]
+            records.append({"seconds": time.perf_counter() - start, "num_seqs": int(shape.num_samples),
+                            "num_tokens": int(shape.num_tokens), "decode_context": int(shape.decode_context),
+                            "prefill_pairs": int(shape.prefill_pairs),
+                            "predicted": engine.cost_model.step_time(shape, engine.spec.num_layers)})
+        return outputs
+
+    engine.executor.submit = submit_recorded  # type: ignore[method-assign]
+    engine.step = step_timed  # type: ignore[method-assign]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--memory-budget-bytes", type=int, default=40 << 30)
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--load-format", default="dummy")
+    add_workload_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    config = EngineConfig(model=args.model, load_format=args.load_format, memory_budget_bytes=args.memory_budget_bytes,
+                          max_model_len=args.max_model_len, skip_tokenizer_init=True)
+    specs = build_workload(args)
+    prompts = prompt_token_ids(specs, PROMPT_TOKEN_IDS, args.seed)
+    cluster = Cluster.launch(config, 1)
+    records: list[dict] = []
+    trace_steps(cluster.engines[0], records)
+
+    async def run() -> None:
+        cluster.start(asyncio.get_running_loop())
+        await replay(cluster, specs, prompts, request_id_prefix="r", timeout_s=600.0, show_progress=False)
+
+    try:
+        asyncio.run(run())
+    finally:
+        cluster.shutdown()
+    seconds = np.array([r["seconds"] for r in records])
+    predicted = np.array([r["predicted"] for r in records])
+    features = np.array([[1.0, r["num_seqs"], r["num_tokens"]] for r in records])
+    residual = seconds - predicted
+    # Relative errors count: every step alike, not the few longest.
+    weights = 1.0 / seconds
+    step_s, seq_s, token_s = (float(c) for c in nonnegative_least_squares(features * weights[:, None],
+                                                                          residual * weights))
+    fitted = predicted + features @ np.array([step_s, seq_s, token_s])
+    print(f"{len(records)} steps; wall {seconds.sum():.1f} s, cost model {predicted.sum():.1f} s")
+    print(f"host time per step: {step_s * 1e3:.3f} ms + {seq_s * 1e6:.2f} us/sequence + {token_s * 1e9:.1f} ns/token")
+    print(f"step time error, cost model alone: mean {np.mean(np.abs(predicted - seconds) / seconds) * 100:.1f}%; "
+          f"with the host time: {np.mean(np.abs(fitted - seconds) / seconds) * 100:.1f}%")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"host_step_s": step_s, "host_seq_s": seq_s, "host_token_s": token_s,
+                                              "steps": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

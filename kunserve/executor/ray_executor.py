@@ -1,0 +1,191 @@
+"""One model on Ray actors, one per device, on the nodes of a Ray cluster: a single device,
+or a pipeline of g stages, driven exactly as worker processes are (WorkerSetExecutor), with
+Ray actor calls for the pipes.
+
+A replica's devices are placed together by a placement group (`ray_placement_strategy`:
+STRICT_PACK, all on one node, by default; SPREAD and STRICT_SPREAD stretch a pipeline over
+nodes). The actors of a whole cluster join one torch.distributed world (gloo on CPU, NCCL on
+GPU), whose rendezvous store this driver hosts. An actor that dies fails the call waiting on
+it at once, naming the worker, as a dead worker process does.
+
+Ray is an optional extra (`pip install kunserve[ray]`): only this module imports it, and
+only the "ray" executor backend imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import torch.distributed as dist
+
+try:
+    import ray
+except ImportError as missing:
+    raise ImportError("distributed_executor_backend='ray' needs Ray: pip install 'kunserve[ray]'") from missing
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from kunserve.config import EngineConfig
+from kunserve.executor.multiproc import WorkerSetExecutor, free_port, stage_assignments
+from kunserve.executor.workers import SHUTDOWN_GRACE_S, WorkerSet
+from kunserve.model.presets import ResolvedModel
+from kunserve.worker.ray_worker import RayWorker
+from kunserve.worker.worker_process import WorkerWorld
+
+logger = logging.getLogger(__name__)
+
+RemoteWorker = ray.remote(RayWorker)
+
+CPUS_PER_WORKER = 1  # Ray CPUs each worker reserves (its torch threads: EngineConfig.worker_threads)
+PLACEMENT_TIMEOUT_S = 60.0  # how long Ray may take to find room for a replica's devices
+# Ray sets CUDA_VISIBLE_DEVICES to an actor's own GPU; with this set it leaves every GPU of
+# the node visible, so that workers of one node can map each other's arenas (CUDA IPC).
+KEEP_VISIBLE_DEVICES = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+
+
+def connect(address: str | None) -> None:
+    """Attach this process to the Ray cluster at `address` (None: RAY_ADDRESS, else a new
+    local one), once."""
+    if not ray.is_initialized():
+        ray.init(address=address)
+
+
+def ray_world(config: EngineConfig, size: int) -> WorkerWorld:
+    """A world of `size` devices meeting at a store in this driver: the one address every node
+    can reach before the devices are placed."""
+    connect(config.ray_address)
+    return WorkerWorld(f"tcp://{ray.util.get_node_ip_address()}:{free_port()}", size, store_in_driver=True)
+
+
+def host_store(world: WorkerWorld) -> dist.TCPStore:
+    address = urlparse(world.init_method)
+    return dist.TCPStore(address.hostname, address.port, is_master=True, wait_for_workers=False)
+
+
+@dataclass
+class RayWorkerHandle:
+    actor: ray.actor.ActorHandle
+    global_rank: int  # in the cluster's torch.distributed world
+    node_id: str = ""  # the Ray node it runs on
+    pid: int | None = None
+    pending: deque[ray.ObjectRef] = field(default_factory=deque)  # calls made, their replies unread, oldest first
+    inbox: deque[tuple[str, Any]] = field(default_factory=deque)  # read, not yet asked for
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.global_rank} (Ray actor, pid {self.pid} on node {self.node_id[:8]})"
+
+
+class RayWorkerSet(WorkerSet):
+    """The control channel over Ray: each command one actor call, its reply the call's result.
+    A call that fails (the actor died, or the command raised) fails the set at once."""
+
+    handles: list[RayWorkerHandle]  # type: ignore[assignment]
+
+    def __init__(self, handles: list[RayWorkerHandle]) -> None:
+        super().__init__(handles)  # type: ignore[arg-type]
+        self._stop_requested = False
+
+    def send(self, index: int, message: bytes) -> None:
+        self.call_actor(index, "handle", message)
+
+    def call_actor(self, index: int, method: str, *args: Any) -> None:
+        """Call the actor's `method`; its reply, unless None, is read in turn like a command's."""
+        self._raise_if_failed()
+        handle = self.handles[index]
+        handle.pending.append(getattr(handle.actor, method).remote(*args))
+
+    def _read_any(self) -> None:
+        oldest = {h.pending[0]: h for h in self.handles if h.pending}
+        if not oldest:
+            raise RuntimeError("a reply is awaited that no call made will send")
+        ready, _ = ray.wait(list(oldest), num_returns=1)
+        for ref in ready:
+            handle = oldest[ref]
+            handle.pending.popleft()
+            try:
+                reply = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                # Ray's first line says why; a worker that failed to start gets its traceback.
+                reason = str(error) if error.actor_init_failed else str(error).splitlines()[0]
+                self.fail(f"{handle.name} died: {reason}")
+            except ray.exceptions.RayError as error:  # the command raised: its traceback
+                self.fail(f"{handle.name} failed:\n{error}")
+            if reply is not None:
+                handle.inbox.append(reply)
+
+    def request_shutdown(self) -> None:
+        if self.failure is not None or self._stop_requested:
+            return
+        self._stop_requested = True
+        message = pickle.dumps(("shutdown", None), protocol=pickle.HIGHEST_PROTOCOL)
+        for handle in self.handles:
+            handle.pending.append(handle.actor.handle.remote(message))
+
+    def shutdown(self) -> None:
+        self.request_shutdown()
+        refs = [ref for handle in self.handles for ref in handle.pending]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_GRACE_S)
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for handle in self.handles:
+            ray.kill(handle.actor)
+
+
+class RayExecutor(WorkerSetExecutor):
+    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
+        """`world`: the cluster's shared world (ray_world); None: a world of this executor's
+        stages alone."""
+        connect(config.ray_address)
+        world = world or ray_world(config, config.pipeline_parallel_size)
+        # The executor of global rank 0 keeps the world's store: it lives as long as the world.
+        self._store = host_store(world) if world.first_rank == 0 and world.size > 1 else None
+        stages = stage_assignments(config, model, world)
+        self._placement = place_devices(config, len(stages))
+        on_gpu = config.resolve_device().type == "cuda"
+        handles = []
+        for stage in stages:
+            actor = RemoteWorker.options(
+                num_cpus=CPUS_PER_WORKER,
+                num_gpus=1 if on_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement,
+                                                                     placement_group_bundle_index=stage.rank),
+                runtime_env={"env_vars": KEEP_VISIBLE_DEVICES} if on_gpu else None,
+            ).remote(config, model, stage)
+            handles.append(RayWorkerHandle(actor, stage.global_rank))
+        self.workers = RayWorkerSet(handles)
+        for rank in range(len(handles)):
+            self.workers.call_actor(rank, "ready")
+        self._await_ready(config)
+        for handle, (node_id, pid) in zip(handles, ray.get([h.actor.identity.remote() for h in handles])):
+            handle.node_id, handle.pid = node_id, pid
+        logger.info("%d Ray worker(s) ready: %s", len(handles), ", ".join(h.name for h in handles))
+
+    @property
+    def hosts(self) -> list[str]:
+        return [handle.node_id for handle in self.workers.handles]
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
+        remove_placement_group(self._placement)
+
+
+def place_devices(config: EngineConfig, num_devices: int) -> PlacementGroup:
+    """A placement group of one bundle per device, placed by `config.ray_placement_strategy`."""
+    bundle = {"CPU": CPUS_PER_WORKER, **({"GPU": 1} if config.resolve_device().type == "cuda" else {})}
+    group = placement_group([bundle] * num_devices, strategy=config.ray_placement_strategy)
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"ray_placement_strategy: Ray found no room for {num_devices} x {bundle} ({config.ray_placement_strategy}) "
+            f"within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {ray.available_resources()}"
+        )
+    return group

@@ -1,0 +1,211 @@
+"""A simulated cluster: the real control plane (dispatcher, coordinator, planner, engines
+with their schedulers and block accounting) on simulated devices, driven by discrete
+events on a virtual clock instead of threads.
+
+Events: request arrivals, replica steps and coordinator checks, in time order. A replica's
+step runs whole when its event comes (the engine's `step()`, whose executor moves the clock
+to the step's end) and the replica's next step is due then; a request arriving meanwhile
+waits in the engine's queue for that step, as it waits in a live replica's inbox. A
+coordinator check sees the replicas as of their last completed steps; a transition waits for
+its members' running steps to end (as a live one pauses their loops) and holds them for
+its simulated duration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from kunserve.cluster.coordinator import Coordinator, CoordinatorConfig
+from kunserve.cluster.dispatcher import Dispatcher
+from kunserve.config import EngineConfig
+from kunserve.engine.cost_model import CostModel, resolve_cost_model
+from kunserve.engine.llm_engine import LLMEngine
+from kunserve.model.presets import resolve_model
+from kunserve.model.spec import parse_dtype
+from kunserve.outputs import RequestOutput
+from kunserve.sampling_params import SamplingParams
+from kunserve.sim.executor import SimulatedExecutor, SimulatorConfig, VirtualClock
+from kunserve.sim.fast_forward import decode_ahead
+from kunserve.worker.worker import arena_layout
+
+STEP = 1  # the heap holds replica steps; arrivals (first at equal times, as into an inbox) and checks are kept apart
+
+
+@dataclass
+class SimulatedReplica:
+    """A replica's loop as the coordinator sees it (pause, resume, merge, the engine it runs)."""
+
+    clock: VirtualClock
+    engine: LLMEngine
+    finished: dict[str, RequestOutput]  # the cluster's finished requests (shared, as a live cluster's streams)
+    busy_until: float = 0.0  # its current step (or transition) ends then
+    forward_to: SimulatedReplica | None = None  # merged into a group run by that replica
+    step_due: bool = False  # a step event is queued
+    is_alive: bool = True
+
+    def kv_demand_blocks(self) -> int | None:
+        return None if self.forward_to is not None else self.engine.kv_demand_blocks()
+
+    def pause(self) -> None:
+        """Wait for the running step to end."""
+        self.clock.advance_to(self.busy_until)
+
+    def resume(self) -> None:
+        self.busy_until = max(self.busy_until, self.clock())
+
+    def merge_into(self, owner: SimulatedReplica) -> None:
+        self.forward_to = owner
+
+    def unmerge(self) -> None:
+        self.forward_to = None
+
+    def deliver_from_thread(self, outputs: list[RequestOutput]) -> None:
+        self.finished.update((out.request_id, out) for out in outputs if out.finished)
+
+
+class SimulatedCluster:
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_replicas: int,
+        coordinator: CoordinatorConfig | None = None,
+        dispatch_policy: str = "least_loaded",
+        settings: SimulatorConfig | None = None,
+        device_budget_bytes: int | None = None,
+    ) -> None:
+        """`device_budget_bytes`: each device's memory for the engine when `config` names
+        neither `num_kv_blocks` nor `memory_budget_bytes` (a GPU's total x utilization, less
+        what is used before the arena)."""
+        coordinator = coordinator or CoordinatorConfig()
+        config = dataclasses.replace(config, preemption_mode=coordinator.preemption_mode, skip_tokenizer_init=True)
+        self.clock = VirtualClock()
+        self.wall_clock = self.clock
+        self.settings = settings or SimulatorConfig()
+        model = resolve_model(config.model)
+        spec = model.spec
+        dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
+        elem_bytes = dtype.itemsize
+        self.cost: CostModel = resolve_cost_model(config.cost_profile, spec, model.name, elem_bytes)
+        g = config.pipeline_parallel_size
+        budget = config.memory_budget_bytes or device_budget_bytes
+        if config.num_kv_blocks is None and budget is None:
+            raise ValueError("num_kv_blocks, memory_budget_bytes or device_budget_bytes: a simulated device needs one")
+        self.engines = []
+        for i in range(num_replicas):
+            layouts = [arena_layout(spec, config, (r * spec.num_layers // g, (r + 1) * spec.num_layers // g),
+                                    elem_bytes, budget) for r in range(g)]
+            swap_blocks = (min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts)
+                           if config.preemption_mode == "swap" else 0)
+            executor = SimulatedExecutor(layouts[0], self.cost, self.clock, self.settings, spec.num_layers, i * g, g,
+                                         swap_blocks)
+            self.engines.append(LLMEngine(config, executor=executor, clock=self.clock))
+        self.finished: dict[str, RequestOutput] = {}
+        self.refused: dict[str, str] = {}
+        self.replicas = [SimulatedReplica(self.clock, engine, self.finished) for engine in self.engines]
+        self.dispatcher = Dispatcher(dispatch_policy)
+        self.coordinator = Coordinator(self, coordinator)  # type: ignore[arg-type]  # the Cluster interface
+        self._open_pairs: set[tuple[int, int]] = set()
+        self._events: list[tuple[float, int, int, SimulatedReplica]] = []
+        self._order = itertools.count()
+
+    # ---- what the coordinator asks of a cluster ------------------------------------------------
+
+    def open_links(self, members: list[int]) -> None:
+        for a, b in itertools.combinations(sorted(members), 2):
+            if (a, b) not in self._open_pairs:
+                self.clock.advance_to(self.clock() + self.settings.link_open_s)
+                self._open_pairs.add((a, b))
+
+    def links_open(self, a: int, b: int) -> bool:
+        return (min(a, b), max(a, b)) in self._open_pairs
+
+    # ---- the simulation -------------------------------------------------------------------------
+
+    def run(
+        self,
+        arrivals: Seq[float],
+        prompts: Seq[list[int]],
+        params: Seq[SamplingParams],
+        sample_every_s: float | None = None,
+        sample: Callable[[float], None] | None = None,
+        fast_forward: bool = True,
+    ) -> dict[str, RequestOutput]:
+        """Replay requests "0", "1", ... arriving at `arrivals` (seconds, non-decreasing);
+        returns the final output of each that finished (a refused one's error is in
+        `refused`). The coordinator checks every `check_interval_s`, on the grid k·interval;
+        checks that could change nothing (`Coordinator.is_idle`) are skipped. Every
+        `sample_every_s`, `sample(t)` looks at the cluster. `fast_forward`: steady decode
+        steps between events run at once (kunserve/sim/fast_forward.py; the same results)."""
+        if any(b < a for a, b in itertools.pairwise(arrivals)):
+            raise ValueError("arrivals: must be non-decreasing")
+        interval = self.coordinator.config.check_interval_s
+        sampling = sample is not None and sample_every_s is not None
+        next_arrival, tick, next_sample = 0, 0, 0.0
+        while len(self.finished) + len(self.refused) < len(arrivals):
+            t_arrival = arrivals[next_arrival] if next_arrival < len(arrivals) else math.inf
+            t_step = self._events[0][0] if self._events else math.inf
+            t_event = min(t_arrival, t_step)
+            idle = self.coordinator.is_idle()  # nothing changes it before the next event
+            while idle and not (sampling and tick * interval >= next_sample) and tick * interval < t_event:
+                tick = max(tick + 1, math.ceil(t_event / interval))
+            t_tick = tick * interval
+            if math.isinf(t_event) and idle:
+                raise RuntimeError("simulation stalled: requests unfinished, nothing left to run")
+            if t_arrival <= t_step and t_arrival <= t_tick:
+                self.clock.now = t_arrival
+                self._arrive(f"{next_arrival}", prompts[next_arrival], params[next_arrival])
+                next_arrival += 1
+            elif t_step <= t_tick:
+                t, _, _, replica = heapq.heappop(self._events)
+                self.clock.now = t
+                # The next look at the cluster: an arrival, or a check unless checks are idle.
+                until = min(t_arrival, t_tick if not idle or sampling else math.inf)
+                self._step(replica, until if fast_forward else t)
+            else:
+                self.clock.now = t_tick
+                self.coordinator.check(t_tick)
+                if sampling and t_tick >= next_sample:
+                    assert sample is not None and sample_every_s is not None
+                    sample(t_tick)
+                    next_sample = t_tick + sample_every_s
+                tick += 1
+            self._schedule_steps()
+        return self.finished
+
+    def _push(self, t: float, replica: SimulatedReplica) -> None:
+        heapq.heappush(self._events, (t, STEP, next(self._order), replica))
+
+    def _arrive(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        index = self.dispatcher.choose([replica.kv_demand_blocks() for replica in self.replicas])
+        try:
+            self.replicas[index].engine.add_request(request_id, prompt, params)
+        except ValueError as error:  # refused, as a server answers 400
+            self.refused[request_id] = f"ValueError: {error}"
+
+    def _step(self, replica: SimulatedReplica, until: float) -> None:
+        """Run the replica's next step, or its steady decode steps that start before `until`."""
+        replica.step_due = False
+        if replica.forward_to is not None or self.clock() < replica.busy_until:
+            return
+        engine = replica.engine
+        before = self.clock()
+        if decode_ahead(engine, until):
+            replica.busy_until = self.clock()
+            return
+        outputs = engine.step()
+        if self.clock() == before:  # nothing could run: look again a little later
+            self.clock.advance_to(before + self.settings.idle_step_s)
+        replica.busy_until = self.clock()
+        replica.deliver_from_thread(outputs)
+
+    def _schedule_steps(self) -> None:
+        for replica in self.replicas:
+            if not replica.step_due and replica.forward_to is None and replica.engine.has_unfinished_requests():
+                replica.step_due = True
+                self._push(max(replica.busy_until, self.clock()), replica)

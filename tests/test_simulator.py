@@ -1,0 +1,124 @@
+"""The simulator runs the real control plane on simulated devices (kunserve/sim/).
+
+Specified: driven through the same rounds of arrivals, steps and coordinator checks, a real
+CPU cluster (worker processes, real tensors) and a simulated one make the same decisions:
+the same requests dispatched, admitted, preempted, fused into a group and split back, in the
+same order. Fast-forwarding steady decode steps changes no result of a simulation. A step
+takes the driver's host time and the cost model's time; a pipeline's stages overlap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kunserve import EngineConfig, SamplingParams
+from kunserve.bench.in_process import request_params
+from kunserve.bench.workload import load_trace
+from kunserve.cluster.cluster import Cluster
+from kunserve.cluster.coordinator import CoordinatorConfig
+from kunserve.engine.block_manager import BlockManager
+from kunserve.engine.cost_model import StepShape
+from kunserve.engine.sequence import Sequence
+from kunserve.sampling_params import RequestOutputKind
+from kunserve.sim.cluster import SimulatedCluster
+from kunserve.sim.executor import SimulatorConfig, StagePipeline, VirtualClock
+from kunserve.step import build_step_input
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_conv_2023.csv"
+MAX_MODEL_LEN = 256
+# A trace window that overloads two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of KV).
+FF_TRACE_S, FF_RATE_SCALE, FF_BUDGET = 40.0, 8.0, 24 << 30
+ROUND_S = 0.01  # the coordinator's clock advances this much per round of the lock-step driver
+MAX_ROUNDS = 400
+# Sixteen requests over the first rounds: far more KV than two replicas of 12 blocks hold.
+ARRIVALS = [(i // 4, [(17 * j + 7 * i) % 500 for j in range(40)], 40 if i % 2 == 0 else 8) for i in range(16)]
+
+
+def lock_step(cluster: Cluster | SimulatedCluster) -> list[tuple]:
+    """Rounds of: this round's arrivals (dispatched), one step of every replica not merged
+    into a group, one coordinator check. Returns, per round, what each replica runs and
+    waits for, and the transitions so far."""
+    log = []
+    params = {i: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY) for i, (_, _, n) in enumerate(ARRIVALS)}
+    for round_ in range(MAX_ROUNDS):
+        for i, (at, prompt, _) in enumerate(ARRIVALS):
+            if at == round_:
+                index = cluster.dispatcher.choose([replica.kv_demand_blocks() for replica in cluster.replicas])
+                cluster.replicas[index].engine.add_request(f"r{i}", prompt, params[i])
+        for replica in cluster.replicas:
+            if replica.forward_to is None and replica.engine.has_unfinished_requests():
+                replica.engine.step()
+        cluster.coordinator.check(round_ * ROUND_S)
+        engines = [cluster.coordinator.engine_of(i) for i in range(len(cluster.replicas))]
+        log.append((tuple((tuple(s.request_id for s in e.scheduler.running),
+                           tuple(s.request_id for s in e.scheduler.waiting)) for e in engines),
+                     tuple((t.kind, tuple(t.members)) for t in cluster.coordinator.history)))
+        if round_ > ARRIVALS[-1][0] and not any(e.has_unfinished_requests() for e in engines) \
+                and not cluster.coordinator.groups:
+            break
+    return log
+
+
+@pytest.mark.parametrize("policy", ["kunserve", "migrate"])
+def test_a_simulated_cluster_makes_the_real_clusters_decisions(llama_dir: Path, policy: str) -> None:
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=12, max_num_seqs=16,
+                          max_num_batched_tokens=64, worker_threads=1)
+    coordinator = CoordinatorConfig(policy, drop_after_s=2 * ROUND_S, restore_after_s=10 * ROUND_S)
+    real = Cluster.launch(config, num_replicas=2, coordinator=coordinator)
+    try:
+        real.open_links()
+        expected = lock_step(real)
+    finally:
+        real.shutdown()
+    simulated = lock_step(SimulatedCluster(config, 2, coordinator))
+    kinds = {kind for kind, _ in expected[-1][1]}
+    assert kinds >= ({"drop", "restore"} if policy == "kunserve" else {"migrate"})
+    assert simulated == expected
+
+
+def test_fast_forwarding_steady_decodes_changes_no_result() -> None:
+    specs = load_trace(TRACE, duration_s=FF_TRACE_S, rate_scale=FF_RATE_SCALE, seed=0)
+    runs = []
+    for fast in (True, False):
+        cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", memory_budget_bytes=FF_BUDGET), 2,
+                                   CoordinatorConfig("kunserve"))
+        outputs = cluster.run([s.arrival_s for s in specs], [[0] * s.prompt_len for s in specs],
+                              [request_params(s.output_len) for s in specs], fast_forward=fast)
+        runs.append(({rid: (o.metrics.first_token_time, o.metrics.finished_time, o.metrics.num_preemptions)
+                      for rid, o in outputs.items()}, [(t.kind, t.at) for t in cluster.coordinator.history]))
+    assert runs[0][1], "the workload should overload the replicas into a drop"
+    assert runs[0] == runs[1]
+
+
+def test_a_step_takes_the_host_time_and_the_cost_models_time() -> None:
+    cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", num_kv_blocks=64), 1, settings=SimulatorConfig())
+    engine = cluster.engines[0]
+    engine.add_request("r", [0] * 100, request_params(1))
+    engine.step()
+    settings = cluster.settings
+    expected = settings.host_step_s + settings.host_seq_s + 100 * settings.host_token_s + engine.cost_model.step_time(
+        StepShape.of_chunk(0, 100, True), engine.spec.num_layers)
+    assert cluster.clock() == pytest.approx(expected)
+
+
+def test_a_pipelines_stages_overlap_successive_micro_batches() -> None:
+    pipeline = StagePipeline(2, VirtualClock())
+    assert pipeline.run(0.0, [1.0, 2.0]) == 3.0
+    assert pipeline.run(0.0, [1.0, 2.0]) == 5.0  # stage 0 ran it at [1, 2), stage 1 was free at 3
+    assert pipeline.take_busy() == [2.0, 4.0]
+
+
+def test_the_step_shape_of_a_batch_is_the_sum_of_its_chunks() -> None:
+    blocks = BlockManager(16, range(64))
+    decode = Sequence("d", [1] * 30, SamplingParams(), 64)
+    decode.num_computed_tokens = 29
+    prefill = Sequence("p", [1] * 50, SamplingParams(), 64)
+    prefill.num_computed_tokens = 10
+    scheduled = [(decode, 1), (prefill, 40)]
+    for seq, n in scheduled:
+        blocks.allocate(seq, seq.num_computed_tokens + n)
+    step = build_step_input(scheduled, 16, [])
+    assert StepShape.of_batch(step.batch.query_lens, step.batch.context_lens, len(step.sample_rows)) == \
+        StepShape.of_step(scheduled)
