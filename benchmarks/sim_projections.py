@@ -1,8 +1,8 @@
 """Projections with the simulator: the overload comparison on more GPUs than the lent machines
 have, and a sweep of the largest group a drop may form.
 
-Every GPU count N replays the same trace window with its rate scaled by N (each GPU sees the
-load two GPUs see at `--rate-per-gpu`), under each policy; the sweep replays one N with each
+Every GPU count N replays the same trace window with its rate scaled by N × `--rate-per-gpu`
+(each GPU sees the same load), under each policy; the sweep replays one N with each
 `--max-group-size`. Prints the tables, writes a JSON of the summaries (per-request results
 are left out: they grow with N) and two plots.
 
@@ -39,7 +39,7 @@ def summarize_run(run: dict) -> dict:
 
 
 def simulate(args: argparse.Namespace, gpus: int, policy: str, max_group_size: int | None) -> dict:
-    args.replicas, args.rate_scale, args.max_group_size = gpus, args.rate_per_gpu * gpus / 2, max_group_size
+    args.replicas, args.rate_scale, args.max_group_size = gpus, args.rate_per_gpu * gpus, max_group_size
     specs = build_workload(args)
     start = time.perf_counter()
     run = simulate_policy(simulated_engine_config(args), args, policy, specs)
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_simulate_arguments(parser)
     parser.add_argument("--gpus", type=int, nargs="+", default=[2, 8, 32, 64])
-    parser.add_argument("--rate-per-gpu", type=float, required=True, help="the trace's rate scale for two GPUs / 2")
+    parser.add_argument("--rate-per-gpu", type=float, required=True, help="the trace's rate scale per GPU")
     parser.add_argument("--memory-budget-gib", type=float, default=None)
     parser.add_argument("--sweep-gpus", type=int, default=32)
     parser.add_argument("--group-sizes", type=int, nargs="*", default=[2, 4, 8])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,11 @@ def test_an_absolute_memory_budget_bounds_the_arena_and_the_stage_weights(llama_
 def test_a_budget_too_small_for_the_layers_is_refused(llama_dir: Path) -> None:
     with pytest.raises(ValueError, match="memory budget"):
         LLM(str(llama_dir), memory_budget_bytes=300_000, max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4)
+
+
+def test_shutting_an_engine_down_lets_go_of_its_arena(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), num_kv_blocks=16, max_model_len=64)
+    arena = weakref.ref(llm.engine.executor.worker.arena.buffer)
+    llm.engine.shutdown()
+    llm.engine.shutdown()  # twice is fine
+    assert arena() is None

@@ -17,6 +17,7 @@ from kunserve.bench.in_process import request_params
 from kunserve.bench.workload import load_trace
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.coordinator import CoordinatorConfig
+from kunserve.cluster.transitions import fuse
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.cost_model import StepShape
 from kunserve.engine.sequence import Sequence
@@ -122,3 +123,19 @@ def test_the_step_shape_of_a_batch_is_the_sum_of_its_chunks() -> None:
     step = build_step_input(scheduled, 16, [])
     assert StepShape.of_batch(step.batch.query_lens, step.batch.context_lens, len(step.sample_rows)) == \
         StepShape.of_step(scheduled)
+
+
+def test_a_group_spanning_hosts_pays_the_network_for_its_activations() -> None:
+    step_s = {}
+    for devices_per_host in (2, 1):  # both replicas on one host; one replica per host
+        # By sequence count: the one prompt goes whole into the first micro-batch.
+        config = EngineConfig(model="llama-3-8b", num_kv_blocks=256, lookahead_batching=False)
+        cluster = SimulatedCluster(config, 2, settings=SimulatorConfig(devices_per_host=devices_per_host))
+        group, _ = fuse(cluster.engines)
+        group.add_request("r", [0] * 512, request_params(1))
+        start = cluster.clock()
+        group.step()
+        step_s[devices_per_host] = cluster.clock() - start
+    hop = cluster.cost.transfer_time(512 * cluster.cost.activation_bytes_per_token, "network") - \
+        cluster.cost.transfer_time(512 * cluster.cost.activation_bytes_per_token, "device")
+    assert step_s[1] - step_s[2] == pytest.approx(hop)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 
 import numpy as np
+import torch
 
 from kunserve.executor.base import Executor
 from kunserve.layout import ArenaLayout
@@ -16,6 +18,7 @@ class InProcessExecutor(Executor):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._results: deque[np.ndarray] = deque()
+        self._shut_down = False
 
     @property
     def layout(self) -> ArenaLayout:
@@ -40,3 +43,16 @@ class InProcessExecutor(Executor):
 
     def reclaim_layer(self, layer: int) -> None:
         self.worker.reclaim_layer(layer)
+
+    def shutdown(self) -> None:
+        """Let go of the device's memory (the arena, its graphs), so that another engine of
+        this process sizes its arena from what is really free: the engine's objects may live
+        on in reference cycles, and torch keeps freed blocks cached until told otherwise."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        device = self.worker.device
+        del self.worker
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -122,6 +122,11 @@ class SimulatedCluster:
                 self.clock.advance_to(self.clock() + self.settings.link_open_s)
                 self._open_pairs.add((a, b))
 
+    def open_all_links(self) -> None:
+        """Every pair's links, opened before serving (as `bench --launch` opens a live
+        cluster's), so no drop or migration pays for them."""
+        self._open_pairs.update(itertools.combinations(range(len(self.replicas)), 2))
+
     def links_open(self, a: int, b: int) -> bool:
         return (min(a, b), max(a, b)) in self._open_pairs
 

@@ -58,7 +58,9 @@ class SimulatorConfig:
     stage_switch_s: float = 0.1  # a device becoming a stage or a replica again (drop/restore), beside transfers
     link_open_s: float = 1.08  # opening two replicas' links (arenas mapped, NCCL pair), once per pair
     hbm_copy_bytes_s: float = 4.3e12  # a copy within one device (read + write)
-    device_link: str = "device"  # the cost model's link between devices of one host
+    devices_per_host: int = 8  # simulated GPUs of one host: device i is on host i // devices_per_host
+    device_link: str = "device"  # the cost model's link between devices of one host (NVLink)
+    network_link: str = "network"  # and between hosts
     host_link: str = "host"  # pinned host memory <-> device, for swaps
     idle_step_s: float = 1e-3  # a loop with requests but nothing to run looks again after this
 
@@ -154,6 +156,15 @@ class SimulatedExecutor(WorkerExecutor):
     def num_stages(self) -> int:
         return len(self._ranks)
 
+    @property
+    def hosts(self) -> list[str]:
+        return [simulated_host(self.settings, rank) for rank in self._ranks]
+
+    def link_to(self, peer: int) -> str:
+        """The cost model's link between this (first) device and global rank `peer`."""
+        same = simulated_host(self.settings, peer) == self.hosts[0]
+        return self.settings.device_link if same else self.settings.network_link
+
     def post(self, rank: int, name: str, *args: Any) -> None:
         handler = DEVICE_CALLS.get(name)
         if handler is None:
@@ -192,6 +203,9 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         self.model_layers = first.model_layers
         self._pipeline = StagePipeline(len(members), first.clock)
         self._results: deque[tuple[float, np.ndarray]] = deque()
+        # Stage s receives its activations over this link (a group may span hosts).
+        self._hop_links = [self.settings.device_link] + [
+            members[s].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
 
     @property
     def layout(self) -> ArenaLayout:
@@ -205,7 +219,7 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
             raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
         g = len(self.members)
         shape = step_shape(step)
-        stages = [self.cost.stage_time(shape, self.model_layers, g, s, self.settings.device_link) for s in range(g)]
+        stages = [self.cost.stage_time(shape, self.model_layers, g, s, self._hop_links[s]) for s in range(g)]
         self.clock.advance_to(self.clock() + host_time(self.settings, step))  # the driver builds and sends it
         sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
         self._results.append((self._pipeline.run(self.clock(), stages), sampled))
@@ -249,6 +263,10 @@ class StagePipeline:
         return taken
 
 
+def simulated_host(settings: SimulatorConfig, rank: int) -> str:
+    return f"host{rank // settings.devices_per_host}"
+
+
 def step_shape(step: StepInput) -> StepShape:
     return StepShape.of_batch(step.batch.query_lens, step.batch.context_lens, len(step.sample_rows))
 
@@ -285,16 +303,27 @@ def _become_stage(device: SimulatedExecutor, stage: int, num_stages: int, *_: An
     return released, device.settings.stage_switch_s
 
 
-def _become_replica(device: SimulatedExecutor, refill_from: dict[int, int] | None) -> tuple[None, float]:
-    weight_bytes = len(device.released) * device.layout.layer_bytes
+def _become_replica(
+    device: SimulatedExecutor, refill_from: dict[int, int] | None, _over_network: list[int] | None = None
+) -> tuple[None, float]:
+    """Each dropped layer comes from the stage that kept it, over the link to that device
+    (from the weight source, here timed as the device link, when none is named)."""
+    layer_bytes = device.layout.layer_bytes
+    links = [device.link_to(refill_from[layer]) if refill_from else device.settings.device_link
+             for layer in sorted(device.released)]
+    refill = sum(device.cost.transfer_time(layer_bytes * links.count(link), link) for link in set(links))
     device.released.clear()
     device.group = None
-    refill = device.cost.transfer_time(weight_bytes, device.settings.device_link)
     return None, device.settings.stage_switch_s + refill
 
 
-def _pull_kv(device: SimulatedExecutor, _peer: int, src_ids: list[int], _dst_ids: list[int]) -> tuple[None, float]:
-    return None, device.cost.transfer_time(len(src_ids) * device.sub_block_bytes(), device.settings.device_link)
+def _pull_kv(device: SimulatedExecutor, peer: int, src_ids: list[int], _dst_ids: list[int]) -> tuple[None, float]:
+    return None, device.cost.transfer_time(len(src_ids) * device.sub_block_bytes(), device.link_to(peer))
+
+
+def _send_or_receive_kv(device: SimulatedExecutor, peer: int, ids: list[int]) -> tuple[None, float]:
+    """Either end of a copy across hosts: both devices are busy for the transfer."""
+    return None, device.cost.transfer_time(len(ids) * device.sub_block_bytes(), device.link_to(peer))
 
 
 def _move_kv(device: SimulatedExecutor, src_ids: list[int], _dst_ids: list[int]) -> tuple[None, float]:
@@ -310,6 +339,8 @@ DEVICE_CALLS: dict[str, Callable[..., tuple[Any, float]]] = {
     "become_stage": _become_stage,
     "become_replica": _become_replica,
     "pull_kv": _pull_kv,
+    "send_kv": _send_or_receive_kv,
+    "recv_kv": _send_or_receive_kv,
     "move_kv": _move_kv,
     "take_sampler_states": _no_state,
     "give_sampler_states": _no_state,

@@ -96,6 +96,7 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     slo = derive_slo(reference, args.slo_ttft_ms, args.slo_tpot_ms)
 
     simulated = cluster()
+    simulated.open_all_links()
     recorder = TransitionRecorder(simulated.coordinator, Clock(0.0, 0.0))
     span = specs[-1].arrival_s if specs else 0.0
     results, samples = replay(simulated, specs, max(span, 1.0) / TIMELINE_POINTS)
