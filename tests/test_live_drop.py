@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import httpx
-from server_harness import MAX_MODEL_LEN, RunningServer, scrape
+import pytest
+from server_harness import MAX_MODEL_LEN, WAIT_S, RunningServer, scrape
 
 from kunserve import LLM, EngineConfig, RequestOutput, SamplingParams
+from kunserve.cluster import coordinator as coordinator_module
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.coordinator import CoordinatorConfig
-from kunserve.engine.async_engine import RequestStream
+from kunserve.engine.async_engine import EngineDeadError, RequestStream
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
 
@@ -117,3 +119,38 @@ def test_a_burst_is_admitted_after_a_drop_that_recompute_leaves_queued(llama_dir
     queue = {name: sum(o.metrics.first_scheduled_time - o.metrics.arrival_time for o in outs) / len(outs)
              for name, outs in (("recompute", recompute), ("kunserve", kunserve))}
     print(f"most running: recompute {recompute_running}, kunserve {kunserve_running}; mean queue time (s): {queue}")
+
+
+def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fuse_failing_after_the_hand_over(members: list) -> None:
+        for member in members:
+            member.hand_over()
+        raise RuntimeError("a device failed during the exchange")
+
+    monkeypatch.setattr(coordinator_module, "fuse", fuse_failing_after_the_hand_over)
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, worker_threads=1)
+    cluster = Cluster.launch(config, num_replicas=2, coordinator=CoordinatorConfig("recompute"))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_MODEL_LEN - 40, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def run() -> list[BaseException | RequestOutput]:
+        cluster.start(asyncio.get_running_loop())
+        streams = [cluster.add_requests([f"f{i}"], [PROMPTS[i]], [params]) for i in range(4)]
+        await asyncio.sleep(0.2)  # running on both replicas
+        with pytest.raises(RuntimeError, match="during the exchange"):
+            await asyncio.to_thread(cluster.coordinator.drop, [0, 1])
+        ends: list[BaseException | RequestOutput] = []
+        for stream in streams:
+            try:
+                ends.append([out async for out in stream][-1])
+            except EngineDeadError as error:
+                ends.append(error)
+        return ends
+
+    try:
+        ends = asyncio.run(asyncio.wait_for(run(), WAIT_S))
+    finally:
+        cluster.shutdown()
+    assert all(isinstance(end, EngineDeadError) and "during the exchange" in str(end) for end in ends)

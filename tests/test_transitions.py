@@ -17,7 +17,7 @@ import torch
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.transitions import fuse, split
+from kunserve.cluster.transitions import SplitRefused, fuse, split
 from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import RequestOutputKind
@@ -118,6 +118,35 @@ def test_a_drop_into_a_full_cache_exchanges_in_rounds_and_keeps_the_tokens(llama
         assert [engine.block_manager.num_free_blocks for engine in replicas] == [0, 0]
         group, stats = fuse(replicas)
         assert stats.exchange_rounds > 1
+        while group.has_unfinished_requests():
+            run_steps([group], 1, finished)
+        assert [finished[f"r{i}"] for i in range(len(prompts))] == expected
+    finally:
+        cluster.shutdown()
+
+
+def test_a_restore_the_replicas_cannot_hold_is_refused_and_the_group_serves_on(llama_dir: Path) -> None:
+    prompts = [[(11 * i + 5 * j) % 500 for j in range(FULL_PROMPT)] for i in range(2 * FULL_REQUESTS)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
+        prompts, params, use_tqdm=False)]
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=FULL_BLOCKS,
+                          max_num_seqs=FULL_REQUESTS, max_num_batched_tokens=FULL_REQUESTS * FULL_PROMPT,
+                          worker_threads=1)
+    cluster = Cluster.launch(config, num_replicas=2)
+    try:
+        cluster.open_links()
+        replicas = cluster.engines
+        for i, prompt in enumerate(prompts):
+            replicas[i % 2].add_request(f"r{i}", prompt, params)
+        finished: dict[str, list[int]] = {}
+        run_steps(replicas, 1, finished)
+        group, _ = fuse(replicas)
+        # Grown past a block each: more KV than the two replicas' caches hold.
+        while group.block_manager.num_total_blocks - group.block_manager.num_free_blocks <= 2 * FULL_BLOCKS:
+            run_steps([group], 1, finished)
+        with pytest.raises(SplitRefused, match="split:"):
+            split(group, replicas)
         while group.has_unfinished_requests():
             run_steps([group], 1, finished)
         assert [finished[f"r{i}"] for i in range(len(prompts))] == expected

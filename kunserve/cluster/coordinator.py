@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 from kunserve.cluster import migration
 from kunserve.cluster.links import host_of
 from kunserve.cluster.planner import Planner, PlannerConfig, ReplicaLoad
-from kunserve.cluster.transitions import TransitionStats, fuse, split
+from kunserve.cluster.transitions import SplitRefused, TransitionStats, fuse, split
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from kunserve.cluster.cluster import Cluster
+    from kunserve.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Coordinator:
                 if now - since >= config.restore_after_s:
                     try:
                         self.restore(self.groups.index(group), reason="demand fits the replicas again")
-                    except RuntimeError as error:
+                    except SplitRefused as error:
                         logger.warning("restore put off: %s", error)
                         self._calm_since.pop(id(group), None)
             else:
@@ -252,6 +253,9 @@ class Coordinator:
                 owner.engine = group_engine
                 for loop in loops[1:]:
                     loop.merge_into(owner)
+            except Exception as error:
+                _fail_loops(loops, error, "drop")
+                raise
             finally:
                 for loop in loops:
                     loop.resume()
@@ -277,6 +281,13 @@ class Coordinator:
                 for loop in loops[1:]:
                     loop.unmerge()
                 owner.deliver_from_thread(outputs)
+            except SplitRefused as refused:
+                loops[0].deliver_from_thread(refused.outputs)  # the group serves on
+                raise
+            except Exception as error:
+                _fail_loops(loops, error, "restore")
+                self.groups.remove(group)
+                raise
             finally:
                 for loop in loops:
                     loop.resume()
@@ -368,3 +379,12 @@ class Coordinator:
             "groups": groups,
             "transitions": [asdict(t) for t in list(self.history)],  # a copy: the coordinator thread appends
         }
+
+
+def _fail_loops(loops: list[AsyncEngine], error: Exception, kind: str) -> None:
+    """A transition that failed halfway leaves its members' devices in no state to serve:
+    their loops stop, and every request they hold ends with the error."""
+    logger.error("%s failed halfway (%r): failing the members' requests", kind, error)
+    for loop in loops:
+        loop.fail(error)
+

@@ -48,6 +48,15 @@ class TransitionStats:
 Transfers = dict[tuple[int, int], tuple[list[int], list[int]]]  # (src stage, dst stage) -> (src ids, dst ids)
 
 
+class SplitRefused(RuntimeError):
+    """A restore that cannot be done now (too few free blocks to gather the requests' KV at
+    their homes): the group serves on as it was. `outputs`: the steps drained before."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput] | None = None) -> None:
+        super().__init__(message)
+        self.outputs = outputs or []
+
+
 def _replica_executor(engine: LLMEngine) -> WorkerExecutor:
     executor = engine.executor
     if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
@@ -101,7 +110,8 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
 
 def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutput], TransitionStats]:
     """Turn the group back into its member replicas; returns the outputs of the steps that
-    were still in flight (the caller delivers them)."""
+    were still in flight (the caller delivers them). SplitRefused when the members cannot
+    take the requests' KV now: the group then runs on as it was."""
     clock = group.clock
     start = clock()
     outputs = group.drain()
@@ -112,35 +122,14 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     g = len(members)
     executors = executor.members
     ranks = [e.global_ranks[0] for e in executors]
-    layout = executors[0].layout
-    num_layers = layout.num_layers
+    num_layers = executors[0].layout.num_layers
     running, waiting = group.hand_over()
-    _evacuate_dropped_memory(executors, blocks, running, num_layers)
-    homes = _choose_homes(running, g)
-    transfers: Transfers = {}
-    local: list[tuple[list[int], list[int]]] = [([], []) for _ in members]
-    home_blocks: dict[str, list[int]] = {}
-    for h, member in enumerate(members):
-        mine = [seq for seq, home in zip(running, homes) if home == h]
-        need = sum(len(seq.block_ids) for seq in mine)
-        pool = np.sort(np.fromiter(member.block_manager.pool, dtype=np.int64))[::-1]
-        free = np.zeros(int(pool.max()) * g + g, dtype=bool)
-        free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
-        free[free_ids[free_ids < len(free)]] = True
-        free_full = pool[free[_sub_blocks(pool, g)].reshape(-1, g).all(axis=1)].tolist()
-        if len(free_full) < need:
-            raise RuntimeError(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full)}")
-        targets = iter(free_full[:need])
-        for seq in mine:
-            full = [next(targets) for _ in seq.block_ids]
-            home_blocks[seq.request_id] = full
-            ids = np.asarray(seq.block_ids)
-            for r in range(g):
-                sources = blocks.physical[r, ids].tolist()
-                dests = [b * g + r for b in full]
-                pair = local[h] if r == h else transfers.setdefault((r, h), ([], []))
-                pair[0].extend(sources)
-                pair[1].extend(dests)
+    try:
+        _evacuate_dropped_memory(executors, blocks, running, num_layers)
+        homes, home_blocks, local, transfers = _gather_plan(members, blocks, running)
+    except SplitRefused as refused:
+        group.scheduler.adopt(running, waiting)  # the KV moved so far is bound where it went
+        raise SplitRefused(str(refused), outputs) from None
     exchange_start = clock()
     for h, (sources, dests) in enumerate(local):
         if sources:
@@ -166,6 +155,40 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
         g, stats.duration_s * 1e3, exchange_s * 1e3, len(running), moved,
     )
     return outputs, stats
+
+
+def _gather_plan(
+    members: list[LLMEngine], blocks: StagedBlockManager, running: list[Sequence]
+) -> tuple[list[int], dict[str, list[int]], list[tuple[list[int], list[int]]], Transfers]:
+    """Each running request's home, the free full blocks there that will hold its KV, and the
+    copies that gather it there: within the home's device (local), and from the other stages."""
+    g = len(members)
+    homes = _choose_homes(running, g)
+    transfers: Transfers = {}
+    local: list[tuple[list[int], list[int]]] = [([], []) for _ in members]
+    home_blocks: dict[str, list[int]] = {}
+    for h, member in enumerate(members):
+        mine = [seq for seq, home in zip(running, homes) if home == h]
+        need = sum(len(seq.block_ids) for seq in mine)
+        pool = np.sort(np.fromiter(member.block_manager.pool, dtype=np.int64))[::-1]
+        free = np.zeros(int(pool.max()) * g + g, dtype=bool)
+        free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
+        free[free_ids[free_ids < len(free)]] = True
+        free_full = pool[free[_sub_blocks(pool, g)].reshape(-1, g).all(axis=1)].tolist()
+        if len(free_full) < need:
+            raise SplitRefused(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full)}")
+        targets = iter(free_full[:need])
+        for seq in mine:
+            full = [next(targets) for _ in seq.block_ids]
+            home_blocks[seq.request_id] = full
+            ids = np.asarray(seq.block_ids)
+            for r in range(g):
+                sources = blocks.physical[r, ids].tolist()
+                dests = [b * g + r for b in full]
+                pair = local[h] if r == h else transfers.setdefault((r, h), ([], []))
+                pair[0].extend(sources)
+                pair[1].extend(dests)
+    return homes, home_blocks, local, transfers
 
 
 def _exchange_in_rounds(
@@ -253,7 +276,7 @@ def _evacuate_dropped_memory(
         if not inside:
             continue
         if stage.num_free_blocks < len(inside):
-            raise RuntimeError(f"split: stage {r} has no room outside the dropped layers for {len(inside)} blocks")
+            raise SplitRefused(f"split: stage {r} has no room outside the dropped layers for {len(inside)} blocks")
         targets = stage.take(len(inside))
         executor.call(0, "move_kv", blocks.physical[r, inside].tolist(), targets)
         blocks.physical[r, inside] = targets

@@ -247,12 +247,20 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as error:
             logger.exception("engine step failed; failing all its requests")
-            self.error = error
-            lost = self.engine.unfinished_request_ids()
-            while not self._adds.empty():
-                lost.append(self._next_handed().request_id)
+            self.fail(error)
+
+    def fail(self, error: BaseException) -> None:
+        """Stop serving: every request this loop holds ends with an error naming `error`
+        (a failed step, or a transition that left the devices in no usable state)."""
+        self.error = error
+        self._stopping = True
+        self._wake.set()
+        lost = self.engine.unfinished_request_ids()
+        while not self._adds.empty():
+            lost.append(self._next_handed().request_id)
+        if self._loop is not None:
             self._loop.call_soon_threadsafe(self._fail, lost, error)
-            self.engine.shutdown()
+        self.engine.shutdown()
 
     def _take_inbox(self) -> None:
         # Adds before aborts: an abort may name a request added in the same batch.

@@ -116,3 +116,12 @@ class FusedGroupExecutor(Executor):
     (member r is stage r), which take the group's steps and, at the restore, run alone again."""
 
     members: list[WorkerExecutor]
+
+    def kv_block_ids(self) -> range:
+        raise RuntimeError("a group's blocks are bound at the drop, not listed up front")
+
+    def release_layer(self, layer: int) -> range:
+        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")
+
+    def reclaim_layer(self, layer: int) -> None:
+        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")

@@ -29,9 +29,6 @@ class GroupExecutor(FusedGroupExecutor):
     def layout(self) -> ArenaLayout:
         return self.members[0].layout
 
-    def kv_block_ids(self) -> range:
-        raise RuntimeError("a group's blocks are bound at the drop, not listed up front")
-
     def submit(self, step: StepInput) -> None:
         if len(step.swap_out) or len(step.swap_in):
             raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
@@ -46,9 +43,3 @@ class GroupExecutor(FusedGroupExecutor):
 
     def take_busy_seconds(self) -> list[float]:
         return self.workers.take_busy_seconds()
-
-    def release_layer(self, layer: int) -> range:
-        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")
-
-    def reclaim_layer(self, layer: int) -> None:
-        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")

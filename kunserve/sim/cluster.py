@@ -65,6 +65,10 @@ class SimulatedReplica:
     def unmerge(self) -> None:
         self.forward_to = None
 
+    def fail(self, error: BaseException) -> None:
+        """A transition failed halfway: in a simulation that is a bug, not a fault to serve through."""
+        raise RuntimeError("a simulated transition failed") from error
+
     def deliver_from_thread(self, outputs: list[RequestOutput]) -> None:
         self.finished.update((out.request_id, out) for out in outputs if out.finished)
 

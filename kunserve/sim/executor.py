@@ -87,8 +87,7 @@ class SimulatedExecutor(WorkerExecutor):
         self._ranks = list(range(first_rank, first_rank + num_stages))
         self.max_in_flight = num_stages
         self._num_swap_blocks = num_swap_blocks
-        self._pipeline = StagePipeline(num_stages, clock)
-        self._results: deque[tuple[float, np.ndarray]] = deque()  # (done at, sampled) per step in flight
+        self._steps = StepQueue(num_stages, clock, settings)
         self._device_free_at = 0.0  # named calls (transitions) run one after another per device
         self._posted: dict[int, deque[tuple[float, Any]]] = {rank: deque() for rank in range(num_stages)}
         self.released: set[int] = set()
@@ -115,27 +114,23 @@ class SimulatedExecutor(WorkerExecutor):
         swap_s = swap_time(self, step)
         stages = [swap_s + self.cost.stage_time(shape, self.model_layers, g, s, self.settings.device_link)
                   for s in range(g)]
-        self.clock.advance_to(self.clock() + host_time(self.settings, step))  # the driver builds and sends it
-        sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
-        self._results.append((self._pipeline.run(self.clock(), stages), sampled))
+        self._steps.submit(step, stages)
 
     def collect(self) -> np.ndarray:
-        done_at, sampled = self._results.popleft()
-        self.clock.advance_to(done_at)
-        return sampled
+        return self._steps.collect()
 
     def take_busy_seconds(self) -> list[float]:
-        return self._pipeline.take_busy() if self.num_stages > 1 else []
+        return self._steps.pipeline.take_busy() if self.num_stages > 1 else []
 
     def stage_free_at(self) -> float:
         """When the (first) device finishes what it was given."""
-        return self._pipeline.free_at[0]
+        return self._steps.pipeline.free_at[0]
 
     def record_steps(self, end: float, compute_s: float) -> None:
         """Steps applied without `submit` (kunserve/sim/fast_forward.py) kept the device busy
         until `end`, computing for `compute_s`."""
-        self._pipeline.free_at[0] = end
-        self._pipeline.busy_s[0] += compute_s
+        self._steps.pipeline.free_at[0] = end
+        self._steps.pipeline.busy_s[0] += compute_s
 
     def release_layer(self, layer: int) -> range:
         if layer in self.released:
@@ -201,8 +196,7 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         first = members[0]
         self.cost, self.clock, self.settings = first.cost, first.clock, first.settings
         self.model_layers = first.model_layers
-        self._pipeline = StagePipeline(len(members), first.clock)
-        self._results: deque[tuple[float, np.ndarray]] = deque()
+        self._steps = StepQueue(len(members), first.clock, first.settings)
         # Stage s receives its activations over this link (a group may span hosts).
         self._hop_links = [self.settings.device_link] + [
             members[s].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
@@ -211,32 +205,40 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
     def layout(self) -> ArenaLayout:
         return self.members[0].layout
 
-    def kv_block_ids(self) -> range:
-        raise RuntimeError("a group's blocks are bound at the drop, not listed up front")
-
     def submit(self, step: StepInput) -> None:
         if len(step.swap_out) or len(step.swap_in):
             raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
         g = len(self.members)
         shape = step_shape(step)
         stages = [self.cost.stage_time(shape, self.model_layers, g, s, self._hop_links[s]) for s in range(g)]
-        self.clock.advance_to(self.clock() + host_time(self.settings, step))  # the driver builds and sends it
+        self._steps.submit(step, stages)
+
+    def collect(self) -> np.ndarray:
+        return self._steps.collect()
+
+    def take_busy_seconds(self) -> list[float]:
+        return self._steps.pipeline.take_busy()
+
+
+class StepQueue:
+    """A replica's or group's steps in flight: each starts after the driver's host time for it
+    (the driver builds and sends it), runs stage by stage, and is collected in order."""
+
+    def __init__(self, num_stages: int, clock: VirtualClock, settings: SimulatorConfig) -> None:
+        self.pipeline = StagePipeline(num_stages, clock)
+        self.clock = clock
+        self.settings = settings
+        self._results: deque[tuple[float, np.ndarray]] = deque()  # (done at, sampled) per step in flight
+
+    def submit(self, step: StepInput, stage_s: list[float]) -> None:
+        self.clock.advance_to(self.clock() + host_time(self.settings, step))
         sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
-        self._results.append((self._pipeline.run(self.clock(), stages), sampled))
+        self._results.append((self.pipeline.run(self.clock(), stage_s), sampled))
 
     def collect(self) -> np.ndarray:
         done_at, sampled = self._results.popleft()
         self.clock.advance_to(done_at)
         return sampled
-
-    def take_busy_seconds(self) -> list[float]:
-        return self._pipeline.take_busy()
-
-    def release_layer(self, layer: int) -> range:
-        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")
-
-    def reclaim_layer(self, layer: int) -> None:
-        raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")
 
 
 class StagePipeline:
