@@ -8,8 +8,8 @@ step it submitted recorded; the residual (step wall time - the cost model's pred
 fitted as host_step_s + host_seq_s * sequences + host_token_s * tokens, non-negative, by
 relative error.
 
-    python benchmarks/host_overhead.py --trace .trace/azure_llm_conv_2023.csv --trace-start-s 600 \
-        --trace-duration-s 60 --rate-scale 4 --out $OUT/host_overhead.json
+    python benchmarks/host_overhead.py --memory-budget-bytes 42949672960 --trace .trace/azure_llm_conv_2023.csv \
+        --trace-start-s 600 --trace-duration-s 60 --rate-scale 4 --out $OUT/host_overhead.json
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def trace_steps(engine: LLMEngine, records: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--memory-budget-bytes", type=int, default=40 << 30)
+    parser.add_argument("--memory-budget-bytes", type=int, default=None,
+                        help="the engine's memory (default: 0.9 of the GPU's)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--load-format", default="dummy")
     add_workload_arguments(parser)

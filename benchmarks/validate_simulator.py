@@ -36,11 +36,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("measured", type=Path, help="a `kunserve bench --launch --out-dir` results.json")
     parser.add_argument("--trace", default=None, help="the trace file, where the measured run's path differs")
+    parser.add_argument("--host-overhead", type=Path, default=None,
+                        help="a benchmarks/host_overhead.py JSON: its host time instead of the simulator's default")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     measured = json.loads(args.measured.read_text())
     sim_args = simulate_args(measured, args.trace)
+    if args.host_overhead is not None:
+        host = json.loads(args.host_overhead.read_text())
+        sim_args.sim_host_step_s, sim_args.sim_host_seq_s, sim_args.sim_host_token_s = (
+            host["host_step_s"], host["host_seq_s"], host["host_token_s"])
     specs = build_workload(sim_args)
     rows = []
     for run in measured["runs"]:

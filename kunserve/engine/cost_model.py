@@ -136,6 +136,19 @@ class ProfilePoint:
 
 
 @dataclass(frozen=True)
+class HostTime:
+    """What a live step takes beyond `StepCoefficients.predict` under load: the driver's host
+    work, and what isolated profile steps miss of mixed steps (benchmarks/host_overhead.py)."""
+
+    step_s: float
+    seq_s: float  # per sequence in the step
+    token_s: float  # per token computed
+
+    def of(self, num_seqs: int, num_tokens: int) -> float:
+        return self.step_s + self.seq_s * num_seqs + self.token_s * num_tokens
+
+
+@dataclass(frozen=True)
 class CostModel:
     model: str
     device: str
@@ -146,6 +159,7 @@ class CostModel:
     kv_bytes_per_token_layer: int = 0
     activation_bytes_per_token: int = 0  # hidden state sent between pipeline stages
     notes: dict[str, str] = field(default_factory=dict)
+    host: HostTime | None = None  # measured on the same model and device, where it was
 
     def step_time(self, shape: StepShape, layers: int, samples: bool = True) -> float:
         return self.step.predict(shape, layers, samples)
@@ -187,6 +201,7 @@ class CostModel:
                 {name: Link(**link) for name, link in raw["links"].items()}, raw.get("holdout_error"),
                 raw.get("layer_bytes", 0), raw.get("kv_bytes_per_token_layer", 0),
                 raw.get("activation_bytes_per_token", 0), raw.get("notes", {}),
+                HostTime(**raw["host"]) if raw.get("host") else None,
             )
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"cost_profile: cannot read a cost model from {path}: {error}") from error

@@ -30,7 +30,7 @@ from kunserve.model.presets import resolve_model
 from kunserve.model.spec import parse_dtype
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
-from kunserve.sim.executor import SimulatedExecutor, SimulatorConfig, VirtualClock
+from kunserve.sim.executor import SimulatedExecutor, SimulatorConfig, VirtualClock, resolve_host_time
 from kunserve.sim.fast_forward import decode_ahead
 from kunserve.worker.worker import arena_layout
 
@@ -96,6 +96,7 @@ class SimulatedCluster:
         dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
         elem_bytes = dtype.itemsize
         self.cost: CostModel = resolve_cost_model(config.cost_profile, spec, model.name, elem_bytes)
+        self.settings = resolve_host_time(self.settings, self.cost)
         g = config.pipeline_parallel_size
         budget = config.memory_budget_bytes or device_budget_bytes
         if config.num_kv_blocks is None and budget is None:

@@ -15,6 +15,7 @@ side by side, and `result` waits for the one asked.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kunserve.engine.cost_model import CostModel, StepShape
+from kunserve.engine.cost_model import CostModel, HostTime, StepShape
 from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.executor.base import Executor, FusedGroupExecutor, WorkerExecutor
 from kunserve.layout import ArenaLayout
@@ -48,13 +49,13 @@ class VirtualClock:
 
 @dataclass(frozen=True)
 class SimulatorConfig:
-    """What the cost model does not cover: the driver's time and the transitions' fixed costs.
-    Defaults are measured on H200s (docs/benchmarks.md): the host time by
-    benchmarks/host_overhead.py on a replica under load, the transitions on 2x H200."""
+    """What the cost model's steps do not cover: the host time of live steps (None: the cost
+    profile's, measured with benchmarks/host_overhead.py; else the Llama-3-8B H200 figures)
+    and the transitions' fixed costs (measured on 2x H200, docs/benchmarks.md)."""
 
-    host_step_s: float = 4.23e-4  # the driver's time per step, beside the device's
-    host_seq_s: float = 1.402e-5  # and per sequence in the step (building, sending, updating)
-    host_token_s: float = 2.418e-6  # and per token computed
+    host_step_s: float | None = None  # the driver's time per step, beside the device's
+    host_seq_s: float | None = None  # and per sequence in the step (building, sending, updating)
+    host_token_s: float | None = None  # and per token computed
     stage_switch_s: float = 0.1  # a device becoming a stage or a replica again (drop/restore), beside transfers
     link_open_s: float = 1.08  # opening two replicas' links (arenas mapped, NCCL pair), once per pair
     hbm_copy_bytes_s: float = 4.3e12  # a copy within one device (read + write)
@@ -273,12 +274,29 @@ def step_shape(step: StepInput) -> StepShape:
     return StepShape.of_batch(step.batch.query_lens, step.batch.context_lens, len(step.sample_rows))
 
 
+# Llama-3-8B on an H200 (kunserve/engine/profiles/llama-3-8b.json): for profiles without their own.
+FALLBACK_HOST_TIME = HostTime(step_s=4.23e-4, seq_s=1.402e-5, token_s=2.418e-6)
+
+
+def resolve_host_time(settings: SimulatorConfig, cost: CostModel) -> SimulatorConfig:
+    """`settings` with every host_* that is None taken from the cost profile (or the fallback)."""
+    measured = cost.host or FALLBACK_HOST_TIME
+    return dataclasses.replace(
+        settings,
+        host_step_s=measured.step_s if settings.host_step_s is None else settings.host_step_s,
+        host_seq_s=measured.seq_s if settings.host_seq_s is None else settings.host_seq_s,
+        host_token_s=measured.token_s if settings.host_token_s is None else settings.host_token_s,
+    )
+
+
 def host_time(settings: SimulatorConfig, step: StepInput) -> float:
     return host_step_time(settings, len(step.batch.query_lens), step.num_tokens)
 
 
 def host_step_time(settings: SimulatorConfig, num_seqs: int, num_tokens: int) -> float:
-    """The driver's time for a step of `num_seqs` sequences computing `num_tokens` tokens."""
+    """The driver's time for a step of `num_seqs` sequences computing `num_tokens` tokens
+    (`settings` resolved: resolve_host_time)."""
+    assert settings.host_step_s is not None and settings.host_seq_s is not None and settings.host_token_s is not None
     return settings.host_step_s + settings.host_seq_s * num_seqs + settings.host_token_s * num_tokens
 
 

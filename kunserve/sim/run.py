@@ -51,8 +51,10 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     add_cluster_arguments(parser)
     hints = typing.get_type_hints(SimulatorConfig)
     for f in dataclasses.fields(SimulatorConfig):
-        parser.add_argument("--sim-" + f.name.replace("_", "-"), dest=f"sim_{f.name}", type=hints[f.name],
-                            default=f.default, help=f"(default: {f.default})")
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        default = "the cost profile's" if f.default is None else f.default
+        parser.add_argument("--sim-" + f.name.replace("_", "-"), dest=f"sim_{f.name}", type=kind,
+                            default=f.default, help=f"(default: {default})")
 
 
 def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
