@@ -46,7 +46,7 @@ def lock_step(cluster: Cluster | SimulatedCluster) -> list[tuple]:
     for round_ in range(MAX_ROUNDS):
         for i, (at, prompt, _) in enumerate(ARRIVALS):
             if at == round_:
-                index = cluster.dispatcher.choose([replica.kv_demand_blocks() for replica in cluster.replicas])
+                index = cluster.dispatcher.choose([replica.kv_load() for replica in cluster.replicas])
                 cluster.replicas[index].engine.add_request(f"r{i}", prompt, params[i])
         for replica in cluster.replicas:
             if replica.forward_to is None and replica.engine.has_unfinished_requests():

@@ -190,7 +190,7 @@ class Cluster:
     ) -> RequestStream:
         """Queue the requests on one replica, chosen by the dispatcher (see AsyncEngine)."""
         try:
-            index = self.dispatcher.choose([replica.kv_demand_blocks() for replica in self.replicas])
+            index = self.dispatcher.choose([replica.kv_load() for replica in self.replicas])
         except NoReplicaError as error:
             raise EngineDeadError(str(error)) from None
         return self.replicas[index].add_requests(request_ids, prompts, params)

@@ -137,6 +137,12 @@ class AsyncEngine:
             return None
         return self.engine.kv_demand_blocks() + self._pending_blocks
 
+    def kv_load(self) -> float | None:
+        """The KV demand as a fraction of the engine's blocks (a group has more than a
+        replica); None when not a replica to send requests to."""
+        demand = self.kv_demand_blocks()
+        return None if demand is None else demand / self.engine.block_manager.num_total_blocks
+
     @property
     def num_waiting(self) -> int:
         """Requests accepted but not yet running (read across threads: approximate by a step)."""

@@ -52,6 +52,10 @@ class SimulatedReplica:
     def kv_demand_blocks(self) -> int | None:
         return None if self.forward_to is not None else self.engine.kv_demand_blocks()
 
+    def kv_load(self) -> float | None:
+        demand = self.kv_demand_blocks()
+        return None if demand is None else demand / self.engine.block_manager.num_total_blocks
+
     def pause(self) -> None:
         """Wait for the running step to end."""
         self.clock.advance_to(self.busy_until)
@@ -192,7 +196,7 @@ class SimulatedCluster:
         heapq.heappush(self._events, (t, STEP, next(self._order), replica))
 
     def _arrive(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        index = self.dispatcher.choose([replica.kv_demand_blocks() for replica in self.replicas])
+        index = self.dispatcher.choose([replica.kv_load() for replica in self.replicas])
         try:
             self.replicas[index].engine.add_request(request_id, prompt, params)
         except ValueError as error:  # refused, as a server answers 400
