@@ -189,17 +189,19 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--parts", default="abc", help="which of a, b, c, d to run")
     parser.add_argument("--out", default="results/engine.json")
     args = parser.parse_args()
 
     report: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "model": args.model,
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "async_scheduling": args.async_scheduling}
     bw, gemm = copy_bandwidth(), gemm_rate()
     report["copy_bandwidth_GBps"] = bw / 1e9
     report["gemm_TFLOPs"] = gemm / 1e12
     engine_args = {"load_format": "dummy", "dtype": "bfloat16", "max_model_len": PREFILL_LEN + 64,
-                       "max_num_batched_tokens": PREFILL_LEN, "max_num_seqs": 256, "attention_backend": args.attention_backend}
+                       "max_num_batched_tokens": PREFILL_LEN, "max_num_seqs": 256, "attention_backend": args.attention_backend,
+                       "async_scheduling": args.async_scheduling}
     if args.enforce_eager:
         engine_args["enforce_eager"] = True
     llm = LLM(args.model, **engine_args)

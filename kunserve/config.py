@@ -8,6 +8,7 @@ import torch
 
 GiB = 1 << 30
 PREEMPTION_MODES = ("recompute", "swap")
+ASYNC_SCHEDULING = ("auto", "on", "off")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 # Ray's placement group strategies: STRICT_PACK puts all of a replica's devices on one node.
 RAY_PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
@@ -38,6 +39,9 @@ class EngineConfig:
     # What a preempted request loses: "recompute" frees its KV (recomputed when it runs again),
     # "swap" copies its KV to host memory and back (swap_space_bytes per device, pinned on GPUs).
     preemption_mode: str = "recompute"
+    # Schedule and stage a step while the previous one runs, so the host's work overlaps the
+    # device's (one device, recompute preemption): "auto" = on CUDA devices, "on" | "off".
+    async_scheduling: str = "auto"
     swap_space_bytes: int = 4 * GiB
     # Pipelines: balance micro-batches by predicted step time (kunserve/engine/lookahead.py);
     # False splits the sequences evenly by count.
@@ -70,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend: expected auto, torch or triton, got {self.attention_backend!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode: expected one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.async_scheduling not in ASYNC_SCHEDULING:
+            raise ValueError(f"async_scheduling: expected one of {ASYNC_SCHEDULING}, got {self.async_scheduling!r}")
         if self.swap_space_bytes < 0:
             raise ValueError(f"swap_space_bytes: must be >= 0, got {self.swap_space_bytes}")
         if self.lookahead_min_chunk_tokens < 1:
@@ -104,6 +110,13 @@ class EngineConfig:
         if device.type != "cuda":
             return device
         return torch.device("cuda", (device.index or 0) + rank)
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        """Whether an engine on `device` schedules a step ahead: only CUDA runs a step
+        while the host goes on (on CPU it would only delay every output by a step)."""
+        if self.async_scheduling == "auto":
+            return device.type == "cuda"
+        return self.async_scheduling == "on"
 
     def resolve_executor_backend(self) -> str:
         if self.distributed_executor_backend != "auto":

@@ -41,10 +41,19 @@ class StepInput:
     # (device block, host block) to swap out, then (host block, device block) to swap in.
     swap_out: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
     swap_in: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
+    # Input tokens of decodes scheduled ahead (kunserve/engine/scheduler.py): their indices in
+    # token_ids (which hold a placeholder there), and the rows of the previous step's sampled
+    # tokens that the device copies into them.
+    ahead_token_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    ahead_sample_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+# The token id a decode ahead carries until the device puts its sampled input in its place.
+_AHEAD_PLACEHOLDER = (0,)
 
 
 def build_step_input(
@@ -56,18 +65,26 @@ def build_step_input(
 ) -> StepInput:
     """`scheduled`: (sequence, tokens to compute) with decodes (1 token) first, built before
     the sequences' tokens are marked in flight: each chunk starts after the tokens computed
-    or in flight. A step may carry only swaps (no tokens)."""
+    or in flight. A decode that starts past a sequence's known tokens runs ahead of the step
+    that samples its input (whose sampled row the sequence remembers). Records each sampled
+    sequence's row in this step. A step may carry only swaps (no tokens)."""
     seqs = [s for s, _ in scheduled]
     query_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=len(scheduled))
     computed = np.fromiter((s.num_scheduled_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+    lengths = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
     token_ids = np.fromiter(
-        itertools.chain.from_iterable(s.token_ids[start : start + n] for start, (s, n) in zip(computed.tolist(), scheduled, strict=True)),
+        itertools.chain.from_iterable(
+            s.token_ids[start : start + n] or _AHEAD_PLACEHOLDER
+            for start, (s, n) in zip(computed.tolist(), scheduled, strict=True)
+        ),
         dtype=np.int64,
         count=int(query_lens.sum()),
     )
     num_tokens = len(token_ids)
     # Position of token j of sequence i = computed[i] + j.
     query_starts = np.cumsum(query_lens) - query_lens
+    ahead = np.flatnonzero(computed >= lengths)
+    ahead_sample_rows = np.fromiter((seqs[i].sample_row_in_flight for i in ahead), dtype=np.int64, count=len(ahead))
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(computed - query_starts, query_lens)
     num_blocks = np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=len(seqs))
     block_tables = np.zeros((len(seqs), int(num_blocks.max(initial=0))), dtype=np.int64)
@@ -80,8 +97,9 @@ def build_step_input(
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     context_lens = computed + query_lens
 
-    lengths = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
-    samples = np.flatnonzero(context_lens == lengths)
+    samples = np.flatnonzero(context_lens >= lengths)
+    for row, i in enumerate(samples.tolist()):
+        seqs[i].sample_row_in_flight = row
     rows = np.array([seqs[i].sampling_row for i in samples], dtype=np.float64).reshape(-1, 4)
     sampling = SamplingBatch(
         temperature=rows[:, 0].astype(np.float32),
@@ -109,6 +127,8 @@ def build_step_input(
         finished_request_ids=finished_request_ids,
         swap_out=_pairs(swap_out),
         swap_in=_pairs(swap_in),
+        ahead_token_index=query_starts[ahead],
+        ahead_sample_rows=ahead_sample_rows,
     )
 
 

@@ -88,6 +88,12 @@ class LLMEngine:
         swap_blocks = self.executor.num_swap_blocks
         swap_pool = BlockManager(config.block_size, range(swap_blocks)) if swap_blocks else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, swap_pool)
+        # Asynchronous scheduling: one step scheduled ahead of the one on the device. Swaps
+        # copy blocks on side streams, off the step's stream order, so they run one at a time.
+        self._schedules_ahead = (
+            self.executor.runs_ahead and self.executor.max_in_flight == 1 and swap_pool is None
+            and config.resolve_async_scheduling(config.resolve_device())
+        )
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._finished_ids: list[str] = []
@@ -248,7 +254,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns the finished requests' outputs, and the outputs of running
         requests that got a token (unless their output kind is FINAL_ONLY). With a pipeline,
-        it first fills the pipeline with micro-batches, then completes the oldest."""
+        it first fills the pipeline with micro-batches, then completes the oldest; scheduling
+        asynchronously, it submits the next step before completing the one on the device."""
         stats = None if self.stats_listener is None else StepStats()
         self._fill_pipeline(stats)
         outputs = self._complete_oldest(stats) if self._in_flight else []
@@ -306,8 +313,9 @@ class LLMEngine:
 
     def _fill_pipeline(self, stats: StepStats | None) -> None:
         depth = self.executor.max_in_flight
-        while len(self._in_flight) < depth:
-            output = self.scheduler.schedule(*self._micro_batch_limits(depth))
+        while len(self._in_flight) < depth + self._schedules_ahead:
+            output = self.scheduler.schedule(*self._micro_batch_limits(depth),
+                                             ahead=self._schedules_ahead and bool(self._in_flight))
             if stats is not None:
                 stats.num_preemptions += len(output.preempted)
             if output.is_empty:

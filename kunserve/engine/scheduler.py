@@ -17,6 +17,13 @@ flight (every stage runs micro-batches in order, so the chunk finds the KV it at
 which lets g micro-batches share one long prefill. Each micro-batch
 takes at most `max_seqs` sequences so that the others get work too, or, with lookahead batch
 formulation, as much work as its time budget allows (kunserve/engine/lookahead.py).
+
+Scheduling ahead (asynchronous scheduling, one device): the next step is scheduled while
+the previous one still runs, so that the host's work overlaps the device's. A sequence whose
+sampled token is still in flight decodes that token in the step ahead, its input id taken
+on the device from the previous step's output. A step ahead preempts nothing: it is formed
+only while every running sequence surely finds its blocks, so under memory pressure
+scheduling falls back to one step at a time with the preemption order above.
 """
 
 from __future__ import annotations
@@ -104,27 +111,35 @@ class Scheduler:
         self.waiting.append(seq)
         self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
 
-    def schedule(self, max_seqs: int | None = None, time_budget: LookaheadBudget | None = None) -> SchedulerOutput:
+    def schedule(
+        self, max_seqs: int | None = None, time_budget: LookaheadBudget | None = None, ahead: bool = False
+    ) -> SchedulerOutput:
+        """The next step. `ahead`: the previous step is still in flight on the same device
+        (asynchronous scheduling); the step is empty unless every running sequence can get
+        its blocks without preempting."""
         budget = self.max_num_batched_tokens
         seq_limit = self.max_num_seqs if max_seqs is None else max_seqs
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         output = SchedulerOutput(scheduled, preempted)
+        if ahead and self.block_manager.num_free_blocks < self._ahead_reserve_blocks(budget):
+            return output
 
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < seq_limit:
             seq = self.running[i]
-            if seq.awaits_token:
+            if seq.awaits_token and not (ahead and seq.can_run_ahead):
                 i += 1
                 continue
-            n = min(len(seq.token_ids) - seq.num_scheduled_tokens, budget)
+            # A decode ahead of its token in flight computes that one token.
+            n = max(1, min(len(seq.token_ids) - seq.num_scheduled_tokens, budget))
             if time_budget is not None:
                 n = time_budget.grant(seq, n)
                 if n == 0:
                     i += 1
                     continue
-            # A pipelined chunk waits for blocks rather than preempting.
-            if seq.in_flight and not self.block_manager.allocate(seq, seq.num_scheduled_tokens + n):
+            # A pipelined chunk, or a step ahead, waits for blocks rather than preempting.
+            if (seq.in_flight or ahead) and not self.block_manager.allocate(seq, seq.num_scheduled_tokens + n):
                 i += 1
                 continue
             while not self.block_manager.allocate(seq, seq.num_scheduled_tokens + n):
@@ -180,6 +195,13 @@ class Scheduler:
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
         output.shape = None if time_budget is None else time_budget.shape
         return output
+
+    def _ahead_reserve_blocks(self, budget: int) -> int:
+        """Free blocks that surely cover a step's running sequences: each may start one new
+        block, and their prompt chunks fill at most (the budget or what is left of their
+        prompts) / block_size more."""
+        chunks = sum(len(s.token_ids) - s.num_scheduled_tokens for s in self.running if not s.awaits_token)
+        return len(self.running) + -(-min(chunks, budget) // self.block_manager.block_size)
 
     def launch(self, output: SchedulerOutput) -> None:
         """Mark the step's tokens in flight (after its input is built: see build_step_input)."""

@@ -48,6 +48,9 @@ class Sequence:
         # Tokens in submitted steps not yet come back: a pipeline may run a prompt's next
         # chunk while the previous one is still in flight (each stage runs them in order).
         self.num_in_flight_tokens = 0
+        # Its row among the sampled tokens of the last step it was launched in that samples it:
+        # where a step scheduled ahead of that one finds its input token (kunserve/step.py).
+        self.sample_row_in_flight = -1
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
@@ -74,6 +77,16 @@ class Sequence:
     def awaits_token(self) -> bool:
         """Its last scheduled chunk samples and has not come back: nothing to schedule."""
         return self.in_flight and self.num_scheduled_tokens >= len(self.token_ids)
+
+    @property
+    def can_run_ahead(self) -> bool:
+        """Its last scheduled chunk samples, that token is still in flight, and it may get
+        another: a step scheduled ahead can decode it with that token taken on the device."""
+        return (
+            self.in_flight
+            and self.num_scheduled_tokens == len(self.token_ids)
+            and len(self.token_ids) + 1 < self.max_total_tokens
+        )
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -24,6 +24,9 @@ THIS_HOST = "this host"  # the host of executors that never leave the driver's m
 
 class Executor(ABC):
     max_in_flight: int = 1
+    # Accepts one step beyond max_in_flight whose decodes take their input tokens from the
+    # step before it on the device (asynchronous scheduling, kunserve/engine/scheduler.py).
+    runs_ahead: bool = False
 
     @property
     @abstractmethod

@@ -11,13 +11,16 @@ import torch
 from kunserve.executor.base import Executor
 from kunserve.layout import ArenaLayout
 from kunserve.step import StepInput
+from kunserve.worker.model_runner import PendingTokens
 from kunserve.worker.worker import Worker
 
 
 class InProcessExecutor(Executor):
+    runs_ahead = True
+
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self._results: deque[np.ndarray] = deque()
+        self._results: deque[PendingTokens] = deque()
         self._shut_down = False
 
     @property
@@ -33,10 +36,10 @@ class InProcessExecutor(Executor):
         return self.worker.layout.initial_kv_blocks()
 
     def submit(self, step: StepInput) -> None:
-        self._results.append(self.worker.execute(step))
+        self._results.append(self.worker.launch(step))
 
     def collect(self) -> np.ndarray:
-        return self._results.popleft()
+        return self._results.popleft().result()
 
     def release_layer(self, layer: int) -> range:
         return self.worker.release_layer(layer)

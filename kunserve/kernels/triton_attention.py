@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kunserve.kernels.attention import AttentionBackend, BatchLayout, DecodeGraphBuffers
+from kunserve.kernels.staging import PinnedRing, to_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.0 / math.log(2.0)
@@ -424,14 +425,7 @@ class TritonAttentionBackend(AttentionBackend):
         host[slice(*parts_bounds[1])] = context_lens
         host[slice(*parts_bounds[2])][1:] = np.cumsum(query_lens)
         host[slice(*parts_bounds[3])] = block_tables.reshape(-1)
-        buf = torch.from_numpy(host)
-        device = torch.device(device)
-        if device.type == "cuda":
-            # Pinned (torch's caching host allocator keeps the block alive until the copy is done),
-            # so the copy is truly asynchronous and the host never waits for the device.
-            buf = buf.pin_memory().to(device, non_blocking=True)
-        else:
-            buf = buf.to(device)
+        buf = to_device(host, torch.device(device))
         parts = [buf[a:b] for a, b in parts_bounds]
         return TritonAttentionMetadata(
             slot_mapping=parts[0],
@@ -550,7 +544,9 @@ class TritonAttentionBackend(AttentionBackend):
             return _KernelConfig(64, 32, 4, 2, 32, 4, 2)
         if head_dim <= 64:
             return _KernelConfig(128, 64, 4, 3, 64, 4, 3)
-        return _KernelConfig(128, 64, 8, 2, 64, 4, 2)
+        # Decode tiles: the fastest of benchmarks/decode_breakdown.py's sweep on an H200
+        # (4.2-4.3 TB/s of KV read at batch 128-256, 1k contexts; 64 keys x 4 warps: 3.9-4.0).
+        return _KernelConfig(128, 64, 8, 2, 32, 2, 2)
 
     def _decode_splits(
         self,
@@ -594,24 +590,25 @@ def _pack_int32(sizes: tuple[int, ...]) -> tuple[np.ndarray, list[tuple[int, int
 
 class TritonDecodeGraphBuffers(DecodeGraphBuffers):
     """Static [slots | context lens | cu_seqlens | block tables] for graph-replayed decodes,
-    staged in pinned host memory and copied to the device in one transfer per step."""
+    staged in pinned host memory (a ring: see kunserve/kernels/staging.py) and copied to the
+    device in one transfer per step."""
 
     def __init__(self, max_batch: int, max_blocks: int, max_context: int, device: torch.device) -> None:
         self.max_batch, self.max_blocks, self.max_context = max_batch, max_blocks, max_context
-        host, self._bounds = _pack_int32((max_batch, max_batch, max_batch + 1, max_batch * max_blocks))
-        self._host_tensor = torch.from_numpy(host)
-        if device.type == "cuda":
-            self._host_tensor = self._host_tensor.pin_memory()
-        self._host = self._host_tensor.numpy()
-        slots, ctx, starts, _ = self._host_parts()
-        slots[:] = -1  # padding rows write nothing ...
-        ctx[:] = 1  # ... and attend to one key of block 0, a valid block
-        starts[:] = np.arange(max_batch + 1)  # one query token per row
-        self.device_buffer = self._host_tensor.to(device)
+        sizes = (max_batch, max_batch, max_batch + 1, max_batch * max_blocks)
+        _, self._bounds = _pack_int32(sizes)
+        self._staging = PinnedRing(lambda: self._padding_rows(sizes), device)
+        self.device_buffer = self._staging.buffers[0].to(device)
         self._parts = [self.device_buffer[a:b] for a, b in self._bounds]
 
-    def _host_parts(self) -> list[np.ndarray]:
-        return [self._host[a:b] for a, b in self._bounds]
+    def _padding_rows(self, sizes: tuple[int, ...]) -> torch.Tensor:
+        """A host buffer whose every row is padding."""
+        host, _ = _pack_int32(sizes)
+        slots, ctx, starts, _ = (host[a:b] for a, b in self._bounds)
+        slots[:] = -1  # padding rows write nothing ...
+        ctx[:] = 1  # ... and attend to one key of block 0, a valid block
+        starts[:] = np.arange(self.max_batch + 1)  # one query token per row
+        return torch.from_numpy(host)
 
     def metadata(self, batch_size: int) -> TritonAttentionMetadata:
         slots, ctx, starts, tables = self._parts
@@ -630,13 +627,16 @@ class TritonDecodeGraphBuffers(DecodeGraphBuffers):
 
     def fill(self, batch: BatchLayout) -> None:
         n, width = batch.num_seqs, batch.block_tables.shape[1]
-        slots, ctx, _, tables = self._host_parts()
+        buffer = self._staging.acquire()
+        host = buffer.numpy()
+        slots, ctx, _, tables = (host[a:b] for a, b in self._bounds)
         slots[:n] = batch.slot_mapping
         slots[n:] = -1
         ctx[:n] = batch.context_lens
         ctx[n:] = 1
         tables.reshape(self.max_batch, self.max_blocks)[:n, :width] = batch.block_tables
-        self.device_buffer.copy_(self._host_tensor, non_blocking=True)
+        self.device_buffer.copy_(buffer, non_blocking=True)
+        self._staging.copied()
 
 
 def _check_cache(kv_layer: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int) -> None:

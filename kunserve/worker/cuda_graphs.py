@@ -11,9 +11,11 @@ the first time a step needs it (`lazy`), so a drop does not wait for captures.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kunserve.kernels.attention import DecodeGraphBuffers
+from kunserve.kernels.staging import PinnedRing, to_device
 from kunserve.model.decoder import DecoderStage
 from kunserve.step import StepInput
 
@@ -36,9 +38,8 @@ class DecodeGraphs:
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.sizes = graph_batch_sizes(max_batch)
-        staging = torch.zeros((2, max_batch), dtype=torch.int64)
-        self._staging = staging.pin_memory() if device.type == "cuda" else staging
-        self._inputs = self._staging.to(device)  # row 0: token ids, row 1: positions
+        self._staging = PinnedRing(lambda: torch.zeros((2, max_batch), dtype=torch.int64), device)
+        self._inputs = self._staging.buffers[0].to(device)  # row 0: token ids, row 1: positions
         # A later pipeline stage's input: the previous stage's hidden states.
         self._hidden_in = None if model.is_first else torch.zeros(
             (max_batch, model.spec.hidden_size), dtype=model.kv_layers[0].dtype, device=device
@@ -57,16 +58,22 @@ class DecodeGraphs:
             and batch.block_tables.shape[1] <= self.max_blocks
         )
 
-    def run(self, step: StepInput, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self, step: StepInput, hidden_in: torch.Tensor | None = None, previous_sampled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Hidden states [num_seqs, hidden] of a decode-only step (`hidden_in`: the previous
-        stage's output, on a later pipeline stage)."""
+        stage's output, on a later pipeline stage; `previous_sampled`: the tokens the step
+        before sampled, for decodes scheduled ahead)."""
         n = step.batch.num_seqs
         size = next(s for s in self.sizes if s >= n)
-        host = self._staging.numpy()
+        staging = self._staging.acquire()
+        host = staging.numpy()
         host[0, :n] = step.token_ids
         host[1, :n] = step.positions
         host[:, n:] = 0
-        self._inputs.copy_(self._staging, non_blocking=True)
+        self._inputs.copy_(staging, non_blocking=True)
+        self._staging.copied()
+        fill_ahead_tokens(self._inputs[0], step, previous_sampled)
         if self._hidden_in is not None:
             assert hidden_in is not None
             self._hidden_in[:n].copy_(hidden_in)
@@ -94,3 +101,15 @@ class DecodeGraphs:
         self._graphs[size] = graph
         return graph
 
+
+
+def fill_ahead_tokens(token_ids: torch.Tensor, step: StepInput, previous_sampled: torch.Tensor | None) -> None:
+    """Put the tokens sampled by the step before into the places of `step`'s decodes that were
+    scheduled ahead of it (on the device: the host never sees those tokens first)."""
+    k = len(step.ahead_token_index)
+    if k == 0:
+        return
+    if previous_sampled is None:
+        raise RuntimeError("the step decodes ahead of a step whose sampled tokens this device does not have")
+    index = to_device(np.concatenate((step.ahead_token_index, step.ahead_sample_rows)), token_ids.device)
+    token_ids[index[:k]] = previous_sampled[index[k:]]

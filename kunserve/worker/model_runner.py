@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from kunserve.kernels.staging import to_device
 from kunserve.model.decoder import DecoderStage
 from kunserve.step import StepInput
-from kunserve.worker.cuda_graphs import DecodeGraphs
+from kunserve.worker.cuda_graphs import DecodeGraphs, fill_ahead_tokens
 from kunserve.worker.sampler import Sampler
+
+
+@dataclass
+class PendingTokens:
+    """Sampled token ids on their way to the host; `result` waits for them."""
+
+    host: torch.Tensor
+    ready: torch.cuda.Event | None = None  # None: already on the host
+
+    def result(self) -> np.ndarray:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.numpy()
 
 
 class ModelRunner:
@@ -17,32 +33,55 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs
         self.sampler = Sampler(device)
+        # The last launched step's sampled tokens, on the device: the inputs of decodes that
+        # the next step runs ahead of them.
+        self.last_sampled: torch.Tensor | None = None
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> np.ndarray:
         """A whole model's step: returns the sampled token ids, one per row of `step.sample_rows`."""
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> PendingTokens:
+        """Start a whole model's step on the device; its sampled tokens come back as they are
+        ready, so the host may stage the next step meanwhile."""
         if step.num_tokens == 0:
             self.sampler.forget(step.finished_request_ids)
-            return np.empty(0, dtype=np.int64)
-        return self.sample(step, self.forward(step))
+            return PendingTokens(torch.empty(0, dtype=torch.int64))
+        sampled = self.sample_on_device(step, self.forward(step))
+        self.last_sampled = sampled
+        if sampled.device.type != "cuda":
+            return PendingTokens(sampled)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingTokens(host, ready)
 
     @torch.inference_mode()
     def forward(self, step: StepInput, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """This stage's hidden states [T, hidden]; `hidden_in` is the previous stage's output
         (None on the first stage, which embeds the step's token ids)."""
         if self.graphs is not None and self.graphs.can_run(step):
-            return self.graphs.run(step, hidden_in)
-        inputs = torch.from_numpy(step.token_ids).to(self.device, non_blocking=True) if hidden_in is None else hidden_in
-        positions = torch.from_numpy(step.positions).to(self.device, non_blocking=True)
+            return self.graphs.run(step, hidden_in, self.last_sampled)
+        if hidden_in is None:
+            inputs = to_device(step.token_ids, self.device)
+            fill_ahead_tokens(inputs, step, self.last_sampled)
+        else:
+            inputs = hidden_in
+        positions = to_device(step.positions, self.device)
         meta = self.model.backend.build_metadata(step.batch, self.device)
         return self.model.forward(inputs, positions, meta)
 
     @torch.inference_mode()
     def sample(self, step: StepInput, hidden: torch.Tensor) -> np.ndarray:
         """The last stage's sampling from its hidden states."""
+        return self.sample_on_device(step, hidden).cpu().numpy()
+
+    def sample_on_device(self, step: StepInput, hidden: torch.Tensor) -> torch.Tensor:
         self.sampler.forget(step.finished_request_ids)
         if len(step.sample_rows) == 0:
-            return np.empty(0, dtype=np.int64)
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         last_token = np.cumsum(step.batch.query_lens)[step.sample_rows] - 1
-        logits = self.model.compute_logits(hidden[torch.from_numpy(last_token).to(self.device)])
-        return self.sampler(logits, step.sampling).cpu().numpy()
+        logits = self.model.compute_logits(hidden[to_device(last_token, self.device)])
+        return self.sampler(logits, step.sampling)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kunserve.kernels.staging import to_device
 from kunserve.step import SamplingBatch
 
 
@@ -35,10 +36,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         """logits: [S, V] float32 -> token ids [S] int64."""
         greedy_tokens = logits.argmax(dim=-1)
-        temperature = torch.from_numpy(params.temperature)
-        if not bool((temperature > 0).any()):
+        if not (params.temperature > 0).any():
             return greedy_tokens
-        temperature = temperature.to(self.device)
+        temperature = to_device(params.temperature, self.device)
         sampled = self._sample(logits, params, temperature)
         return torch.where(temperature > 0, sampled, greedy_tokens)
 
@@ -49,7 +49,7 @@ class Sampler:
             logits = self._top_k_top_p(logits, params)
         probs = logits.softmax(dim=-1)
         if (params.min_p > 0).any():
-            min_p = torch.from_numpy(params.min_p).to(self.device).unsqueeze(1)
+            min_p = to_device(params.min_p, self.device).unsqueeze(1)
             probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         noise = torch.empty_like(probs).exponential_()
         for row, rid, seed in params.seeded:
@@ -63,13 +63,13 @@ class Sampler:
         vocab = logits.shape[-1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=self.device).unsqueeze(0)
-        top_k = torch.from_numpy(params.top_k).to(self.device)
+        top_k = to_device(params.top_k, self.device)
         cut = rank >= torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
         # before it already does. The first token always stays.
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        top_p = torch.from_numpy(params.top_p).to(self.device).unsqueeze(1)
+        top_p = to_device(params.top_p, self.device).unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

@@ -18,7 +18,7 @@ from kunserve.model.weights import CheckpointWeights, DummyWeights, WeightSource
 from kunserve.step import StepInput
 from kunserve.worker.arena import MemoryArena
 from kunserve.worker.cuda_graphs import DecodeGraphs
-from kunserve.worker.model_runner import ModelRunner
+from kunserve.worker.model_runner import ModelRunner, PendingTokens
 from kunserve.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
@@ -120,10 +120,14 @@ class Worker:
         return self.arena.layout
 
     def execute(self, step: StepInput) -> np.ndarray:
+        return self.launch(step).result()
+
+    def launch(self, step: StepInput) -> PendingTokens:
+        """Start a step; its sampled tokens come back through the result."""
         if self.arena.released and self.group is None:
             raise RuntimeError(f"layers {sorted(self.arena.released)} are released; this stage cannot run")
         self.swap(step)
-        return self.runner.execute(step)
+        return self.runner.launch(step)
 
     def swap(self, step: StepInput) -> None:
         """Start the step's KV copies to and from host memory, ahead of its compute."""
