@@ -139,3 +139,31 @@ def test_a_group_spanning_hosts_pays_the_network_for_its_activations() -> None:
     hop = cluster.cost.transfer_time(512 * cluster.cost.activation_bytes_per_token, "network") - \
         cluster.cost.transfer_time(512 * cluster.cost.activation_bytes_per_token, "device")
     assert step_s[1] - step_s[2] == pytest.approx(hop)
+
+
+def test_drops_of_disjoint_replicas_due_at_one_check_run_side_by_side() -> None:
+    # Four replicas overloaded at once: two pairs fuse at the same check, and the second
+    # pair's drop starts when the first's does instead of after it.
+    config = EngineConfig(model="llama-3-8b", num_kv_blocks=12, max_num_seqs=16, max_num_batched_tokens=64,
+                          max_model_len=MAX_MODEL_LEN)
+    cluster = SimulatedCluster(config, 4, CoordinatorConfig("kunserve", max_group_size=2, drop_after_s=2 * ROUND_S))
+    cluster.open_all_links()
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    for i in range(24):  # six per replica: two wait for blocks from the start
+        cluster.replicas[i % 4].engine.add_request(f"r{i}", [(17 * j + 7 * i) % 500 for j in range(40)], params)
+    for round_ in range(10):
+        for replica in cluster.replicas:
+            if replica.forward_to is None and replica.engine.has_unfinished_requests():
+                replica.engine.step()
+        cluster.coordinator.check(round_ * ROUND_S)
+    drops = [t for t in cluster.coordinator.history if t.kind == "drop"]
+    assert len(drops) == 2 and not set(drops[0].members) & set(drops[1].members)
+    starts = [t.at - t.duration_s for t in drops]
+    assert starts[1] == pytest.approx(starts[0], abs=1e-9) and drops[0].duration_s > 0
+
+
+def test_a_transition_is_refused_on_a_replica_another_transition_holds() -> None:
+    cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", num_kv_blocks=12), 3, CoordinatorConfig("kunserve"))
+    with cluster.coordinator._holding([1]), pytest.raises(ValueError, match="in another transition"):
+        cluster.coordinator.drop([0, 1])
+    assert not cluster.coordinator.groups

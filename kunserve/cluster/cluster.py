@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 
@@ -143,6 +144,19 @@ class Cluster:
                     a.result(0)
                     b.result(0)
                     self._open_pairs.add((i, j))
+
+    def run_together(self, transitions: list[Callable[[], object]]) -> None:
+        """Run transitions of disjoint replicas side by side (each mostly waits on its own
+        devices); once all have ended, raise the first one's error, if any."""
+        if len(transitions) <= 1:
+            for transition in transitions:
+                transition()
+            return
+        with ThreadPoolExecutor(len(transitions), thread_name_prefix="kunserve-transition") as pool:
+            futures = [pool.submit(transition) for transition in transitions]
+        errors = [error for future in futures if (error := future.exception()) is not None]
+        if errors:
+            raise errors[0]
 
     def _arena_handle(self, replica: int, executor: WorkerExecutor) -> bytes:
         if replica not in self._arena_handles:

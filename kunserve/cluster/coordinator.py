@@ -8,14 +8,17 @@ restore is due when the planner finds a group's demand fits in `restore_fill` of
 members' replica capacity for `restore_after_s` (hysteresis: the two thresholds and
 durations keep it from flapping). A transition pauses the members' engine loops between
 steps, runs kunserve/cluster/transitions.py, and points the members' loops at the group (or
-back)."""
+back). Transitions of disjoint replicas run side by side (`Cluster.run_together`): when a
+burst overloads many replicas at once, the last pair's drop does not wait for all the others."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -100,7 +103,8 @@ class Coordinator:
         self.planner = Planner(config.planner_config(first.spec.num_layers), first.cost_model)
         self.groups: list[Group] = []
         self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
-        self._lock = threading.Lock()  # one transition at a time
+        self._state_lock = threading.Lock()  # the groups and the replicas a transition holds
+        self._held: set[int] = set()  # replicas a transition is under way on
         self._overloaded_since: dict[int, float] = {}
         self._calm_since: dict[int, float] = {}  # by id(group)
         self._host_numbers: dict[str, int] = {}  # the planner's number of each host, in order of first sight
@@ -146,23 +150,31 @@ class Coordinator:
                 self._relieve_by_migration(src, free)
             return
         if due:
-            for planned in self.planner.plan_drops([self.replica_load(i) for i in free]):
-                if due & set(planned.members):
-                    self.drop(planned.members, reason=f"replicas {sorted(due & set(planned.members))} overloaded; "
-                                                      f"predicted slowdown {planned.predicted_slowdown:.2f}x")
+            self.cluster.run_together([
+                functools.partial(self.drop, planned.members,
+                                  reason=f"replicas {sorted(due & set(planned.members))} overloaded; "
+                                         f"predicted slowdown {planned.predicted_slowdown:.2f}x")
+                for planned in self.planner.plan_drops([self.replica_load(i) for i in free])
+                if due & set(planned.members)
+            ])
             return
+        restores = []
         for group in list(self.groups):
             members = [self.replica_load(m) for m in group.members]
             if self.planner.restore_is_worth(group.engine.kv_demand_blocks(), members):
                 since = self._calm_since.setdefault(id(group), now)
                 if now - since >= config.restore_after_s:
-                    try:
-                        self.restore(self.groups.index(group), reason="demand fits the replicas again")
-                    except SplitRefused as error:
-                        logger.warning("restore put off: %s", error)
-                        self._calm_since.pop(id(group), None)
+                    restores.append(functools.partial(self._restore_when_calm, group))
             else:
                 self._calm_since.pop(id(group), None)
+        self.cluster.run_together(restores)
+
+    def _restore_when_calm(self, group: Group) -> None:
+        try:
+            self._restore(group, reason="demand fits the replicas again")
+        except SplitRefused as error:
+            logger.warning("restore put off: %s", error)
+            self._calm_since.pop(id(group), None)
 
     def is_idle(self) -> bool:
         """Whether a check now would change nothing: the policy never acts, or no replica
@@ -236,9 +248,23 @@ class Coordinator:
         grouped = {m for group in self.groups for m in group.members}
         return [i for i, r in enumerate(self.cluster.replicas) if i not in grouped and r.is_alive]
 
+    @contextlib.contextmanager
+    def _holding(self, replicas: list[int]) -> Iterator[None]:
+        """Hold these replicas for one transition; refused (ValueError) while another holds any."""
+        with self._state_lock:
+            busy = self._held & set(replicas)
+            if busy:
+                raise ValueError(f"replicas: {sorted(busy)} are in another transition")
+            self._held.update(replicas)
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._held.difference_update(replicas)
+
     def drop(self, members: list[int], reason: str = "requested") -> Transition:
         """Fuse these replicas (member r becomes stage r) into a pipeline group."""
-        with self._lock:
+        with self._holding(members):
             free = self.replicas_in_replica_mode()
             if len(members) < 2 or len(set(members)) != len(members) or not set(members) <= set(free):
                 raise ValueError(f"replicas: {members} must be two or more distinct replicas in replica mode {free}")
@@ -259,17 +285,20 @@ class Coordinator:
             finally:
                 for loop in loops:
                     loop.resume()
-            self.groups.append(Group(members, group_engine, self.cluster.clock()))
+            with self._state_lock:
+                self.groups.append(Group(members, group_engine, self.cluster.clock()))
             for i in members:
                 self._overloaded_since.pop(i, None)
             return self._record("drop", members, stats, reason, self.cluster.clock() - paused_at)
 
     def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
         """Split a group back into its replicas."""
-        with self._lock:
-            if not 0 <= group_index < len(self.groups):
-                raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
-            group = self.groups[group_index]
+        if not 0 <= group_index < len(self.groups):
+            raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
+        return self._restore(self.groups[group_index], reason)
+
+    def _restore(self, group: Group, reason: str) -> Transition:
+        with self._holding(group.members):
             loops = [self.cluster.replicas[i] for i in group.members]
             paused_at = self.cluster.clock()
             for loop in loops:
@@ -286,19 +315,21 @@ class Coordinator:
                 raise
             except Exception as error:
                 _fail_loops(loops, error, "restore")
-                self.groups.remove(group)
+                with self._state_lock:
+                    self.groups.remove(group)
                 raise
             finally:
                 for loop in loops:
                     loop.resume()
-            self.groups.remove(group)
+            with self._state_lock:
+                self.groups.remove(group)
             self._calm_since.pop(id(group), None)
             return self._record("restore", group.members, stats, reason, self.cluster.clock() - paused_at)
 
     def migrate(self, seq: Sequence, src: int, dst: int, reason: str = "requested") -> Transition | None:
         """Move running `seq` from replica `src` to `dst` (kunserve/cluster/migration.py);
         None when it was called off (the request moved on meanwhile)."""
-        with self._lock:
+        with self._holding([src, dst]):
             pair = [self.cluster.replicas[i] for i in sorted((src, dst))]
             if not self.cluster.links_open(src, dst):
                 for loop in pair:
