@@ -88,7 +88,7 @@ def main() -> None:
     make_tiny_model(model_dir, "llama", hidden_size=args.hidden_size, num_layers=args.num_layers)
     vocab = ModelSpec.from_dir(model_dir).vocab_size
     with safe_open(model_dir / "model.safetensors", framework="pt") as f:
-        num_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f)
+        num_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118 - safe_open is not iterable
     cores = ",".join(str(c) for c in range(args.threads))
     results = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
