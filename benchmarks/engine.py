@@ -67,14 +67,13 @@ def gemm_rate() -> float:
 def weight_bytes(llm: LLM) -> int:
     """Bytes a decode step reads of the weights: every layer, the final norm and LM head
     (the embedding is gathered, a few rows per step)."""
-    worker = llm.engine.executor.worker
-    layers = worker.layout.layer_bytes * worker.layout.num_layers
-    stage = worker.model.stage
-    return layers + sum(t.numel() * t.element_size() for t in (stage.final_norm, stage.lm_head))
+    layout, spec = llm.engine.executor.layout, llm.engine.spec
+    elem_bytes = layout.block_bytes // (layout.block_size * layout.num_layers * 2 * spec.kv_size)
+    return layout.layer_bytes * layout.num_layers + (spec.vocab_size + 1) * spec.hidden_size * elem_bytes
 
 
 def kv_bytes_per_token(llm: LLM) -> int:
-    layout = llm.engine.executor.worker.layout
+    layout = llm.engine.executor.layout
     return layout.block_bytes // layout.block_size
 
 
@@ -131,8 +130,7 @@ def bench_prefill(llm: LLM, gemm: float) -> dict:
         if i:  # the first is a warm-up
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    worker = engine.executor.worker
-    linear_params = worker.layout.layer_elems * spec.num_layers
+    linear_params = engine.executor.layout.layer_elems * spec.num_layers
     attn_flops = 2 * 2 * spec.num_layers * spec.q_size * PREFILL_LEN * PREFILL_LEN / 2  # causal QK^T and PV
     flops = 2 * linear_params * PREFILL_LEN + attn_flops + 2 * spec.vocab_size * spec.hidden_size
     return {"tokens": PREFILL_LEN, "seconds": seconds, "tok_per_s": PREFILL_LEN / seconds,
@@ -190,18 +188,22 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--distributed-executor-backend", default="auto", choices=("auto", "uni", "mp"),
+                        help="mp: the engine drives its GPU through a worker process, as a cluster's replica does")
     parser.add_argument("--parts", default="abc", help="which of a, b, c, d to run")
     parser.add_argument("--out", default="results/engine.json")
     args = parser.parse_args()
 
     report: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "model": args.model,
-                    "torch": torch.__version__, "async_scheduling": args.async_scheduling}
+                    "torch": torch.__version__, "async_scheduling": args.async_scheduling,
+                    "executor": args.distributed_executor_backend}
     bw, gemm = copy_bandwidth(), gemm_rate()
     report["copy_bandwidth_GBps"] = bw / 1e9
     report["gemm_TFLOPs"] = gemm / 1e12
     engine_args = {"load_format": "dummy", "dtype": "bfloat16", "max_model_len": PREFILL_LEN + 64,
                        "max_num_batched_tokens": PREFILL_LEN, "max_num_seqs": 256, "attention_backend": args.attention_backend,
-                       "async_scheduling": args.async_scheduling}
+                       "async_scheduling": args.async_scheduling,
+                       "distributed_executor_backend": args.distributed_executor_backend}
     if args.enforce_eager:
         engine_args["enforce_eager"] = True
     llm = LLM(args.model, **engine_args)
@@ -211,6 +213,7 @@ def main() -> None:
         report["prefill"] = bench_prefill(llm, gemm)
     if "c" in args.parts:
         report["e2e"] = bench_e2e(llm)
+    llm.engine.shutdown()  # stops a worker process; frees an in-process worker's memory
     del llm
     torch.cuda.empty_cache()
     if "d" in args.parts:

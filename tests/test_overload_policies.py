@@ -40,11 +40,12 @@ class PolicyRun:
     preemptions: int
     swap_outs: int
     transitions: list[str]
+    steps_ahead: int  # the replicas' steps scheduled while the one before was in flight
 
 
-def run_policy(llama_dir: Path, policy: str) -> PolicyRun:
+def run_policy(llama_dir: Path, policy: str, async_scheduling: str = "off") -> PolicyRun:
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=12, max_num_seqs=16,
-                          max_num_batched_tokens=64, worker_threads=1)
+                          max_num_batched_tokens=64, worker_threads=1, async_scheduling=async_scheduling)
     coordinator = CoordinatorConfig(policy, check_interval_s=0.01, drop_after_s=0.02, restore_after_s=0.2)
     cluster = Cluster.launch(config, num_replicas=2, dispatch_policy="round_robin", coordinator=coordinator)
 
@@ -63,7 +64,8 @@ def run_policy(llama_dir: Path, policy: str) -> PolicyRun:
         outputs = asyncio.run(run())
         schedulers = [engine.scheduler for engine in cluster.engines]
         return PolicyRun([o.outputs[0].token_ids for o in outputs], sum(s.num_preemptions for s in schedulers),
-                         sum(s.num_swap_outs for s in schedulers), [t.kind for t in cluster.coordinator.history])
+                         sum(s.num_swap_outs for s in schedulers), [t.kind for t in cluster.coordinator.history],
+                         sum(s.num_steps_ahead for s in schedulers))
     finally:
         cluster.shutdown()
 
@@ -101,3 +103,19 @@ def test_migrate_moves_running_requests_to_the_lighter_replica(runs: dict[str, P
 
 def test_kunserve_drops_and_restores(runs: dict[str, PolicyRun]) -> None:
     assert runs["kunserve"].transitions[:2] == ["drop", "restore"]
+
+
+@pytest.fixture(scope="module")
+def runs_ahead(llama_dir: Path) -> dict[str, PolicyRun]:
+    """The policies that move requests between devices, with the replicas scheduling ahead
+    (asynchronous scheduling, which "auto" leaves off on CPU)."""
+    return {policy: run_policy(llama_dir, policy, async_scheduling="on") for policy in ("kunserve", "migrate")}
+
+
+@pytest.mark.parametrize(("policy", "transition"), [("kunserve", "drop"), ("migrate", "migrate")])
+def test_replicas_scheduling_ahead_keep_the_tokens_through_transitions(
+    runs_ahead: dict[str, PolicyRun], unloaded: list[list[int]], policy: str, transition: str
+) -> None:
+    run = runs_ahead[policy]
+    assert run.steps_ahead > 0 and transition in run.transitions
+    assert run.tokens == unloaded

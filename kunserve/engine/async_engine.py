@@ -188,9 +188,16 @@ class AsyncEngine:
     # ---- changing what this loop runs (a drop or restore, from the coordinator) --------------
 
     def pause(self) -> None:
-        """Wait until the loop is between steps and keep it there; queued adds and aborts are
-        applied to the engine first, so the engine holds every request handed to this loop."""
+        """Wait until the loop is between steps and keep it there, with no step in flight (a
+        step scheduled ahead is completed and its outputs delivered); queued adds and aborts
+        are applied to the engine first, so the engine holds every request handed to this loop."""
         self._step_lock.acquire()
+        if self.engine.num_in_flight:
+            try:
+                self.deliver_from_thread(self.engine.drain())
+            except Exception as error:  # its devices failed: as a failed step would
+                logger.exception("completing the step in flight failed; failing all its requests")
+                self.fail(error)
         self._take_inbox()
 
     def resume(self) -> None:

@@ -72,6 +72,7 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()  # preempted with their KV in host memory, oldest first
         self.num_preemptions = 0
         self.num_swap_outs = 0  # preemptions that kept their KV in host memory
+        self.num_steps_ahead = 0  # steps scheduled while the previous one was in flight
         # Blocks the waiting and swapped sequences need to run their known tokens: a
         # replica's queued KV demand, kept as a running sum so other threads can read it.
         self.num_waiting_blocks = 0
@@ -193,6 +194,7 @@ class Scheduler:
                 time_budget.commit(seq, n)
 
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
+        self.num_steps_ahead += ahead and bool(scheduled)
         output.shape = None if time_budget is None else time_budget.shape
         return output
 

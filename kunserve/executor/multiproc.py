@@ -64,6 +64,9 @@ class WorkerSetExecutor(WorkerExecutor):
         """Take every worker's "ready" (its arena layout); on any failure stop them all."""
         num_stages = len(self.workers)
         self.max_in_flight = num_stages
+        # One device: its worker reads the next step while the driver processes this one's
+        # tokens, and takes a step ahead's input tokens from its own last sampled ones.
+        self.runs_ahead = num_stages == 1
         try:
             layouts: list[ArenaLayout] = [self.workers.receive(rank, "ready") for rank in range(num_stages)]
         except BaseException:

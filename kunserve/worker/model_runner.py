@@ -75,8 +75,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, step: StepInput, hidden: torch.Tensor) -> np.ndarray:
-        """The last stage's sampling from its hidden states."""
-        return self.sample_on_device(step, hidden).cpu().numpy()
+        """The last stage's sampling from its hidden states (kept on the device too, for a
+        step scheduled ahead of this one)."""
+        self.last_sampled = self.sample_on_device(step, hidden)
+        return self.last_sampled.cpu().numpy()
 
     def sample_on_device(self, step: StepInput, hidden: torch.Tensor) -> torch.Tensor:
         self.sampler.forget(step.finished_request_ids)
