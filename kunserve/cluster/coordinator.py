@@ -146,8 +146,8 @@ class Coordinator:
                 self._overloaded_since.pop(i, None)
         due = {i for i, since in self._overloaded_since.items() if now - since >= config.drop_after_s and i in free}
         if config.overload_policy == "migrate":
-            for src in sorted(due, key=self._deficit, reverse=True):
-                self._relieve_by_migration(src, free)
+            self.cluster.run_together([functools.partial(self._relieve_by_migration, src, dst)
+                                       for src, dst in self._migration_pairs(sorted(due), free)])
             return
         if due:
             self.cluster.run_together([
@@ -196,18 +196,26 @@ class Coordinator:
         headroom = int(self.config.migrate_headroom * blocks.num_total_blocks)
         return -self._deficit(replica) - headroom
 
-    def _relieve_by_migration(self, src: int, free: list[int]) -> None:
-        """Migrate the youngest of `src`'s running requests to the replicas with the most spare
-        blocks, while `src` is short of blocks for its queue and a destination has room."""
-        for _ in range(self.config.max_migrations_per_check):
-            if self._deficit(src) <= 0:
-                return
-            others = [i for i in free if i != src and self.cluster.replicas[i].is_alive]
+    def _migration_pairs(self, overloaded: list[int], free: list[int]) -> list[tuple[int, int]]:
+        """Each overloaded replica, most short of blocks first, with the replica of most spare
+        blocks not yet taken: disjoint pairs, whose migrations run side by side."""
+        pairs: list[tuple[int, int]] = []
+        taken = set(overloaded)
+        for src in sorted(overloaded, key=self._deficit, reverse=True):
+            others = [i for i in free if i not in taken and self.cluster.replicas[i].is_alive]
             if not others:
-                return
+                break
             dst = max(others, key=self._spare)
-            target = self.cluster.engines[dst]
-            if len(target.scheduler.running) >= target.config.max_num_seqs:
+            taken.add(dst)
+            pairs.append((src, dst))
+        return pairs
+
+    def _relieve_by_migration(self, src: int, dst: int) -> None:
+        """Migrate the youngest of `src`'s running requests to `dst`, while `src` is short of
+        blocks for its queue and `dst` has room."""
+        target = self.cluster.engines[dst]
+        for _ in range(self.config.max_migrations_per_check):
+            if self._deficit(src) <= 0 or len(target.scheduler.running) >= target.config.max_num_seqs:
                 return
             spare = self._spare(dst)
             # Read while the source steps (its requests are in flight then): the migration
