@@ -118,7 +118,19 @@ class FusedGroupExecutor(Executor):
     """The executor of a pipeline group fused by a drop: its member replicas' executors
     (member r is stage r), which take the group's steps and, at the restore, run alone again."""
 
-    members: list[WorkerExecutor]
+    def __init__(self, members: list[WorkerExecutor], blocks: StagedBlockManager) -> None:
+        self.members = list(members)
+        self.blocks = blocks
+        self.max_in_flight = len(members)
+
+    @property
+    def layout(self) -> ArenaLayout:
+        return self.members[0].layout
+
+    @staticmethod
+    def refuse_swaps(step: StepInput) -> None:
+        if len(step.swap_out) or len(step.swap_in):
+            raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
 
     def kv_block_ids(self) -> range:
         raise RuntimeError("a group's blocks are bound at the drop, not listed up front")

@@ -13,25 +13,17 @@ import numpy as np
 from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.executor.base import FusedGroupExecutor
 from kunserve.executor.multiproc import WorkerSetExecutor
-from kunserve.layout import ArenaLayout
 from kunserve.step import StepInput
 
 
 class GroupExecutor(FusedGroupExecutor):
     def __init__(self, members: list[WorkerSetExecutor], blocks: StagedBlockManager) -> None:
-        self.members = list(members)
-        self.blocks = blocks
+        super().__init__(list(members), blocks)
         # A set of the members' kind (pipes or Ray calls) over each member's one worker.
         self.workers = type(members[0].workers)([member.workers.handles[0] for member in members])
-        self.max_in_flight = len(members)
-
-    @property
-    def layout(self) -> ArenaLayout:
-        return self.members[0].layout
 
     def submit(self, step: StepInput) -> None:
-        if len(step.swap_out) or len(step.swap_in):
-            raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
+        self.refuse_swaps(step)
         for stage in range(len(self.members)):
             tables, slots = self.blocks.translate(stage, step.batch.block_tables, step.batch.slot_mapping)
             staged = dataclasses.replace(step, batch=dataclasses.replace(step.batch, block_tables=tables,

@@ -191,9 +191,7 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
     """A drop's pipeline group of simulated replicas: stage r is member r, holding L/g layers."""
 
     def __init__(self, members: list[SimulatedExecutor], blocks: StagedBlockManager) -> None:
-        self.members = list(members)
-        self.blocks = blocks
-        self.max_in_flight = len(members)
+        super().__init__(list(members), blocks)
         first = members[0]
         self.cost, self.clock, self.settings = first.cost, first.clock, first.settings
         self.model_layers = first.model_layers
@@ -202,13 +200,8 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         self._hop_links = [self.settings.device_link] + [
             members[s].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
 
-    @property
-    def layout(self) -> ArenaLayout:
-        return self.members[0].layout
-
     def submit(self, step: StepInput) -> None:
-        if len(step.swap_out) or len(step.swap_in):
-            raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
+        self.refuse_swaps(step)
         g = len(self.members)
         shape = step_shape(step)
         stages = [self.cost.stage_time(shape, self.model_layers, g, s, self._hop_links[s]) for s in range(g)]
