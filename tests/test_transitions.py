@@ -9,7 +9,9 @@ device holds the original weights."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -98,12 +100,23 @@ def test_seeded_requests_keep_their_random_streams_across_cycles(
     assert run_through_cycles(replicas, SEEDED) == single_device(llama_dir, SEEDED)
 
 
-def test_a_drop_into_a_full_cache_exchanges_in_rounds_and_keeps_the_tokens(llama_dir: Path) -> None:
+@dataclass
+class FullReplicas:
+    replicas: list[LLMEngine]
+    expected: list[list[int]]  # each request's tokens in an uninterrupted single-device run
+    finished: dict[str, list[int]]
+
+    def tokens(self) -> list[list[int]]:
+        return [self.finished[f"r{i}"] for i in range(len(self.expected))]
+
+
+@contextlib.contextmanager
+def full_replicas(llama_dir: Path) -> Iterator[FullReplicas]:
+    """Two replicas whose every block is in use: one step prefilled all their prompts."""
     prompts = [[(11 * i + 5 * j) % 500 for j in range(FULL_PROMPT)] for i in range(2 * FULL_REQUESTS)]
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
         prompts, params, use_tqdm=False)]
-    # One step prefills all of a replica's prompts: then every block is in use.
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=FULL_BLOCKS,
                           max_num_seqs=FULL_REQUESTS, max_num_batched_tokens=FULL_REQUESTS * FULL_PROMPT,
                           worker_threads=1)
@@ -113,45 +126,34 @@ def test_a_drop_into_a_full_cache_exchanges_in_rounds_and_keeps_the_tokens(llama
         replicas = cluster.engines
         for i, prompt in enumerate(prompts):
             replicas[i % 2].add_request(f"r{i}", prompt, params)
-        finished: dict[str, list[int]] = {}
-        run_steps(replicas, 1, finished)
-        assert [engine.block_manager.num_free_blocks for engine in replicas] == [0, 0]
-        group, stats = fuse(replicas)
-        assert stats.exchange_rounds > 1
-        while group.has_unfinished_requests():
-            run_steps([group], 1, finished)
-        assert [finished[f"r{i}"] for i in range(len(prompts))] == expected
+        full = FullReplicas(replicas, expected, {})
+        run_steps(replicas, 1, full.finished)
+        yield full
     finally:
         cluster.shutdown()
+
+
+def test_a_drop_into_a_full_cache_exchanges_in_rounds_and_keeps_the_tokens(llama_dir: Path) -> None:
+    with full_replicas(llama_dir) as full:
+        assert [engine.block_manager.num_free_blocks for engine in full.replicas] == [0, 0]
+        group, stats = fuse(full.replicas)
+        assert stats.exchange_rounds > 1
+        while group.has_unfinished_requests():
+            run_steps([group], 1, full.finished)
+        assert full.tokens() == full.expected
 
 
 def test_a_restore_the_replicas_cannot_hold_is_refused_and_the_group_serves_on(llama_dir: Path) -> None:
-    prompts = [[(11 * i + 5 * j) % 500 for j in range(FULL_PROMPT)] for i in range(2 * FULL_REQUESTS)]
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
-    expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
-        prompts, params, use_tqdm=False)]
-    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=FULL_BLOCKS,
-                          max_num_seqs=FULL_REQUESTS, max_num_batched_tokens=FULL_REQUESTS * FULL_PROMPT,
-                          worker_threads=1)
-    cluster = Cluster.launch(config, num_replicas=2)
-    try:
-        cluster.open_links()
-        replicas = cluster.engines
-        for i, prompt in enumerate(prompts):
-            replicas[i % 2].add_request(f"r{i}", prompt, params)
-        finished: dict[str, list[int]] = {}
-        run_steps(replicas, 1, finished)
-        group, _ = fuse(replicas)
+    with full_replicas(llama_dir) as full:
+        group, _ = fuse(full.replicas)
         # Grown past a block each: more KV than the two replicas' caches hold.
         while group.block_manager.num_total_blocks - group.block_manager.num_free_blocks <= 2 * FULL_BLOCKS:
-            run_steps([group], 1, finished)
+            run_steps([group], 1, full.finished)
         with pytest.raises(SplitRefused, match="split:"):
-            split(group, replicas)
+            split(group, full.replicas)
         while group.has_unfinished_requests():
-            run_steps([group], 1, finished)
-        assert [finished[f"r{i}"] for i in range(len(prompts))] == expected
-    finally:
-        cluster.shutdown()
+            run_steps([group], 1, full.finished)
+        assert full.tokens() == full.expected
 
 
 def test_a_drop_releases_memory_that_the_group_can_use(replicas: list[LLMEngine]) -> None:
