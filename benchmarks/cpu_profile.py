@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kunserve import LLM, SamplingParams
+from kunserve.kernels.cpu_linear import Linear, PackedLinear, plain_linear
 from kunserve.model.tiny import make_tiny_model
 
 TOP_FUNCTIONS = 12
@@ -32,17 +32,17 @@ def linear_shapes(llm: LLM) -> list[tuple[int, int]]:
             (spec.hidden_size, spec.vocab_size)]
 
 
-def gemm_gflops(rows: int, shapes: list[tuple[int, int]]) -> float:
-    """F.linear's rate summed over one pass of `shapes` with `rows` input rows."""
+def gemm_gflops(rows: int, shapes: list[tuple[int, int]], linear: Linear) -> float:
+    """`linear`'s rate summed over one pass of `shapes` with `rows` input rows."""
     weights = [torch.randn(n, k) for k, n in shapes]
     inputs = [torch.randn(rows, k) for k, _ in shapes]
     for _ in range(GEMM_REPEATS // 10):
-        for x, w in zip(inputs, weights, strict=True):
-            F.linear(x, w)
+        for i, (x, w) in enumerate(zip(inputs, weights, strict=True)):
+            linear(x, w, None, i)
     start = time.perf_counter()
     for _ in range(GEMM_REPEATS):
-        for x, w in zip(inputs, weights, strict=True):
-            F.linear(x, w)
+        for i, (x, w) in enumerate(zip(inputs, weights, strict=True)):
+            linear(x, w, None, i)
     seconds = (time.perf_counter() - start) / GEMM_REPEATS
     return sum(2 * rows * k * n for k, n in shapes) / seconds / 1e9
 
@@ -53,11 +53,13 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--attention-backend", default="inductor", choices=("inductor", "torch"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = Path(tempfile.mkdtemp(prefix="kunserve-profile-")) / "tiny-llama"
     make_tiny_model(model_dir, "llama", hidden_size=256, num_layers=4)
-    llm = LLM(str(model_dir), dtype="float32", seed=0, max_model_len=1024, num_kv_blocks=1024)
+    llm = LLM(str(model_dir), dtype="float32", seed=0, max_model_len=1024, num_kv_blocks=1024,
+              attention_backend=args.attention_backend)
     vocab = llm.engine.spec.vocab_size
     prompts = [[(97 * i + 31 * j) % vocab for j in range(args.input_len)] for i in range(args.num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -74,7 +76,8 @@ def main() -> None:
     stats.sort_stats("tottime").print_stats(TOP_FUNCTIONS)
     shapes = linear_shapes(llm)
     for rows in (args.num_prompts, 2048):
-        print(f"F.linear on the model's shapes with {rows} rows: {gemm_gflops(rows, shapes):.0f} GFLOP/s")
+        for name, linear in (("F.linear", plain_linear), ("oneDNN-packed", PackedLinear())):
+            print(f"{name} on the model's shapes with {rows} rows: {gemm_gflops(rows, shapes, linear):.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@
    1k-token contexts, from torch.profiler: per step, summed by kernel, the largest first.
 2. The Triton decode-attention kernel on the same shapes (32 query / 8 KV heads, head_dim
    128, block 16, a block-major arena of 2 layers, shuffled blocks) over tile configurations
-   (keys per tile, warps, pipeline stages, key splits), timed replayed from a CUDA graph, as
-   KV bytes read per second.
+   (keys per tile, warps, pipeline stages), timed replayed from a CUDA graph, as KV bytes read
+   per second.
+3. The same kernel on contexts of mixed lengths (uniform in 100..2048, as in the end-to-end
+   workload of benchmarks/engine.py), with the key splits planned as for a graph captured for
+   4160-token contexts and with 1, 2, 4 splits forced: whether a step's long sequences hold
+   the kernel up while the short ones are done.
 
     python benchmarks/decode_breakdown.py --out $OUT/decode_breakdown.json
 """
@@ -35,7 +39,9 @@ TOP_KERNELS = 12
 SHOWN_TILES = 8  # fastest tile configurations printed per batch (the JSON has all)
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 ARENA_LAYERS = 2
-TILE_KEYS, TILE_WARPS, TILE_STAGES, SPLITS = (32, 64, 128), (2, 4, 8), (2, 3), (1, 2)
+TILE_KEYS, TILE_WARPS, TILE_STAGES = (32, 64, 128), (2, 4, 8), (2, 3)
+MIXED_MIN, MIXED_MAX, GRAPH_CONTEXT = 100, 2048, 4160
+SPLIT_COUNTS = (None, 1, 2, 4)  # None: the backend's plan
 
 
 def profile_decode(batch: int) -> dict:
@@ -72,22 +78,27 @@ def profile_decode(batch: int) -> dict:
 class TiledBackend(TritonAttentionBackend):
     """The backend with one tile configuration for decodes (the sweep's variable)."""
 
-    def __init__(self, tile: _KernelConfig, splits: int) -> None:
-        super().__init__(BLOCK, decode_splits=splits)
+    def __init__(self, tile: _KernelConfig) -> None:
+        super().__init__(BLOCK)
         self.tile = tile
 
     def _config(self, device: torch.device, head_dim: int, dtype: torch.dtype) -> _KernelConfig:
         return self.tile
 
 
-def decode_inputs(batch: int, rng: np.random.Generator) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
-    per_seq = -(-CONTEXT // BLOCK)
+def decode_inputs(
+    batch: int, rng: np.random.Generator, contexts: np.ndarray | None = None
+) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+    """A decode step over shuffled blocks; every context CONTEXT long unless given."""
+    contexts = np.full(batch, CONTEXT, dtype=np.int64) if contexts is None else contexts
+    per_seq = -(-int(contexts.max()) // BLOCK)
     num_blocks = batch * per_seq + 8
     tables = rng.permutation(num_blocks)[: batch * per_seq].reshape(batch, per_seq)
-    positions = np.full(batch, CONTEXT - 1)
+    positions = contexts - 1
     layout = BatchLayout(
-        query_lens=np.ones(batch, dtype=np.int64), context_lens=np.full(batch, CONTEXT, dtype=np.int64),
-        block_tables=tables, slot_mapping=tables[:, -1] * BLOCK + positions % BLOCK, num_decodes=batch,
+        query_lens=np.ones(batch, dtype=np.int64), context_lens=contexts,
+        block_tables=tables, slot_mapping=tables[np.arange(batch), positions // BLOCK] * BLOCK + positions % BLOCK,
+        num_decodes=batch,
     )
     arena = torch.randn(num_blocks, ARENA_LAYERS, 2, BLOCK, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -98,21 +109,41 @@ def sweep_tiles(batch: int) -> list[dict]:
     layout, kv_layer, q = decode_inputs(batch, np.random.default_rng(batch))
     kv_bytes = batch * CONTEXT * 2 * NUM_KV_HEADS * HEAD_DIM * kv_layer.element_size()
     rows = []
-    for keys, warps, stages, splits in itertools.product(TILE_KEYS, TILE_WARPS, TILE_STAGES, SPLITS):
-        backend = TiledBackend(_KernelConfig(128, 64, 8, 2, keys, warps, stages), splits)
+    for keys, warps, stages in itertools.product(TILE_KEYS, TILE_WARPS, TILE_STAGES):
+        backend = TiledBackend(_KernelConfig(128, 64, 8, 2, keys, warps, stages))
         meta = backend.build_metadata(layout, q.device)
+        torch.cuda.synchronize()  # the metadata is copied on this stream; do_bench_cudagraph runs on another
         try:
             ms = float(triton.testing.do_bench_cudagraph(lambda b=backend, m=meta: b.attend(q, kv_layer, m, None), rep=30,
                                                          return_mode="median"))
         except Exception as e:  # noqa: BLE001 - reported; a device error leaves the context unusable
-            rows.append({"batch": batch, "keys": keys, "warps": warps, "stages": stages, "splits": splits,
+            rows.append({"batch": batch, "keys": keys, "warps": warps, "stages": stages,
                          "error": f"{type(e).__name__}: {str(e)[:120]}"})
-            print(f"batch {batch}, keys {keys}, warps {warps}, stages {stages}, splits {splits}: {rows[-1]['error']}")
+            print(f"batch {batch}, keys {keys}, warps {warps}, stages {stages}: {rows[-1]['error']}")
             if isinstance(e, torch.AcceleratorError):
                 break
             continue
-        rows.append({"batch": batch, "keys": keys, "warps": warps, "stages": stages, "splits": splits, "ms": ms,
+        rows.append({"batch": batch, "keys": keys, "warps": warps, "stages": stages, "ms": ms,
                      "TBps": kv_bytes / ms / 1e9})
+    return rows
+
+
+def sweep_splits(batch: int) -> list[dict]:
+    """Mixed contexts, the default tile, splits planned for graph-sized contexts or forced."""
+    rng = np.random.default_rng(batch + 1)
+    contexts = rng.integers(MIXED_MIN, MIXED_MAX + 1, batch)
+    layout, kv_layer, q = decode_inputs(batch, rng, contexts)
+    kv_bytes = int(contexts.sum()) * 2 * NUM_KV_HEADS * HEAD_DIM * kv_layer.element_size()
+    rows = []
+    for forced in SPLIT_COUNTS:
+        backend = TritonAttentionBackend(BLOCK, decode_splits=forced)
+        meta = backend.build_metadata(layout, q.device)
+        torch.cuda.synchronize()  # the metadata is copied on this stream; do_bench_cudagraph runs on another
+        meta.max_decode_context_len = GRAPH_CONTEXT  # as a captured graph plans its splits
+        ms = float(triton.testing.do_bench_cudagraph(lambda b=backend, m=meta: b.attend(q, kv_layer, m, None), rep=30,
+                                                     return_mode="median"))
+        rows.append({"batch": batch, "forced_splits": forced, "splits": next(iter(meta.decode_splits.values())),
+                     "ms": ms, "TBps": kv_bytes / ms / 1e9})
     return rows
 
 
@@ -120,23 +151,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/decode_breakdown.json")
     parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--skip-tiles", action="store_true")
     args = parser.parse_args()
     report: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.skip_profile:
         report["profiles"] = [profile_decode(batch) for batch in BATCHES]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report["tiles"] = []
-    for batch in BATCHES:
+    for batch in () if args.skip_tiles else BATCHES:
         report["tiles"] += sweep_tiles(batch)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
+    report["mixed_contexts"] = [row for batch in BATCHES for row in sweep_splits(batch)]
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
     print(f"\n{report['device']}: Triton decode attention, ctx {CONTEXT}, graph-replayed")
-    print(f"{'batch':>5} {'keys':>5} {'warps':>5} {'stages':>6} {'splits':>6} {'ms':>8} {'TB/s':>6}")
+    print(f"{'batch':>5} {'keys':>5} {'warps':>5} {'stages':>6} {'ms':>8} {'TB/s':>6}")
     shown = [r for batch in BATCHES for r in sorted((r for r in report["tiles"] if r["batch"] == batch and "ms" in r),
                                                     key=lambda r: r["ms"])[:SHOWN_TILES]]
     for row in shown:
-        print(f"{row['batch']:>5} {row['keys']:>5} {row['warps']:>5} {row['stages']:>6} {row['splits']:>6} "
+        print(f"{row['batch']:>5} {row['keys']:>5} {row['warps']:>5} {row['stages']:>6} "
               f"{row['ms']:>8.3f} {row['TBps']:>6.2f}")
+    print(f"\ncontexts uniform in {MIXED_MIN}..{MIXED_MAX}, splits planned for {GRAPH_CONTEXT}-token graphs")
+    print(f"{'batch':>5} {'splits':>8} {'ms':>8} {'TB/s':>6}")
+    for row in report["mixed_contexts"]:
+        splits = f"{row['splits']}" + (" (plan)" if row["forced_splits"] is None else "")
+        print(f"{row['batch']:>5} {splits:>8} {row['ms']:>8.3f} {row['TBps']:>6.2f}")
 
 
 if __name__ == "__main__":

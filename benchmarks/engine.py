@@ -33,6 +33,7 @@ DECODE_STEPS = 30
 PREFILL_LEN = 4096
 E2E_REQUESTS = 256
 E2E_MIN_LEN, E2E_MAX_LEN = 100, 1024
+TOP_KERNELS = 10
 
 
 def timed_cuda(fn, repeats: int) -> float:
@@ -149,14 +150,72 @@ def bench_e2e(llm: LLM) -> dict:
     prompts, out_lens = e2e_workload(llm.engine.spec.vocab_size)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
+    steps: list[tuple[float, int, int]] = []  # (when its outputs came back, running, first tokens)
+    llm.engine.stats_listener = lambda stats: steps.append(
+        (time.perf_counter(), stats.num_running, len(stats.time_to_first_token_s)))
     torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    llm.engine.stats_listener = None
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert generated == sum(out_lens)
     return {"requests": len(prompts), "output_tokens": generated, "seconds": seconds, "output_tok_per_s": generated / seconds,
-                "total_tok_per_s": (generated + sum(map(len, prompts))) / seconds}
+                "total_tok_per_s": (generated + sum(map(len, prompts))) / seconds, "timeline": e2e_timeline(start, steps)}
+
+
+def e2e_timeline(start: float, steps: list[tuple[float, int, int]]) -> dict:
+    """Where the e2e run's time went: until every prompt has its first token (prefill chunks
+    with decodes riding along), then decode-only steps, by how many requests were running."""
+    times = np.array([start] + [t for t, _, _ in steps])
+    intervals = np.diff(times)
+    running = np.array([r for _, r, _ in steps])
+    first_tokens = np.cumsum([f for _, _, f in steps])
+    prefilled = int(np.searchsorted(first_tokens, first_tokens[-1]))  # the step of the last first token
+    decode = slice(prefilled + 1, None)
+    by_batch = {}
+    for low, high in ((1, 32), (33, 128), (129, 256)):
+        rows = (running[decode] >= low) & (running[decode] <= high)
+        if rows.any():
+            by_batch[f"{low}-{high}"] = {"steps": int(rows.sum()), "seconds": float(intervals[decode][rows].sum()),
+                                         "mean_step_ms": float(intervals[decode][rows].mean() * 1e3)}
+    return {"steps": len(steps), "prefill_phase_s": float(times[prefilled + 1] - start),
+            "prefill_phase_steps": prefilled + 1, "decode_steps_by_running": by_batch}
+
+
+def profile_e2e_steps(llm: LLM, skip: int, steps: int) -> dict:
+    """Workload (c) stepped by hand: after `skip` steps (past the prefills), `steps` steps under
+    torch.profiler. GPU busy = the kernels' summed time over the wall time: near 1 the steps
+    are device-bound (the kernels say which), well below 1 the host holds the GPU up."""
+    engine = llm.engine
+    prompts, out_lens = e2e_workload(engine.spec.vocab_size)
+    for i, (prompt, n) in enumerate(zip(prompts, out_lens, strict=True)):
+        engine.add_request(f"profile-{i}", prompt, SamplingParams(
+            temperature=0.0, max_tokens=n, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
+    for _ in range(skip):
+        engine.step()
+    running = len(engine.scheduler.running)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    per_kernel: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.key] = event.device_time_total / steps / 1e3
+    host = {event.key: event.cpu_time_total / steps / 1e3 for event in prof.key_averages()
+            if event.key.startswith(("cudaGraphLaunch", "cudaEventSynchronize", "cudaStreamSynchronize"))}
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernel_ms = sum(per_kernel.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
+    return {"skip": skip, "steps": steps, "running": running, "wall_ms_per_step": wall_ms,
+            "kernel_ms_per_step": kernel_ms, "gpu_busy": kernel_ms / wall_ms, "host_calls_ms": host,
+            "kernels": [{"name": name[:90], "ms": ms} for name, ms in top]}
 
 
 def bench_transformers_peer(model_name: str) -> dict:
@@ -190,18 +249,22 @@ def main() -> None:
     parser.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--distributed-executor-backend", default="auto", choices=("auto", "uni", "mp"),
                         help="mp: the engine drives its GPU through a worker process, as a cluster's replica does")
-    parser.add_argument("--parts", default="abc", help="which of a, b, c, d to run")
+    parser.add_argument("--parts", default="abc", help="which of a, b, c, d to run; p: profile steps of (c)")
+    parser.add_argument("--profile-skip", default="200,600", help="p: steps of (c) run before profiling, comma-separated")
+    parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=PREFILL_LEN,
+                        help="the engine's per-step token budget (at least the 4k prefill of part b)")
     parser.add_argument("--out", default="results/engine.json")
     args = parser.parse_args()
 
     report: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "model": args.model,
                     "torch": torch.__version__, "async_scheduling": args.async_scheduling,
-                    "executor": args.distributed_executor_backend}
+                    "executor": args.distributed_executor_backend, "max_num_batched_tokens": args.max_num_batched_tokens}
     bw, gemm = copy_bandwidth(), gemm_rate()
     report["copy_bandwidth_GBps"] = bw / 1e9
     report["gemm_TFLOPs"] = gemm / 1e12
     engine_args = {"load_format": "dummy", "dtype": "bfloat16", "max_model_len": PREFILL_LEN + 64,
-                       "max_num_batched_tokens": PREFILL_LEN, "max_num_seqs": 256, "attention_backend": args.attention_backend,
+                       "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": 256, "attention_backend": args.attention_backend,
                        "async_scheduling": args.async_scheduling,
                        "distributed_executor_backend": args.distributed_executor_backend}
     if args.enforce_eager:
@@ -213,6 +276,8 @@ def main() -> None:
         report["prefill"] = bench_prefill(llm, gemm)
     if "c" in args.parts:
         report["e2e"] = bench_e2e(llm)
+    if "p" in args.parts:
+        report["e2e_profile"] = [profile_e2e_steps(llm, int(skip), args.profile_steps) for skip in args.profile_skip.split(",")]
     llm.engine.shutdown()  # stops a worker process; frees an in-process worker's memory
     del llm
     torch.cuda.empty_cache()
@@ -233,6 +298,18 @@ def main() -> None:
     if "e2e" in report:
         e = report["e2e"]
         print(f"e2e {e['requests']} requests: {e['output_tok_per_s']:.0f} output tok/s ({e['seconds']:.1f} s)")
+        timeline = e["timeline"]
+        print(f"  until every prompt has its first token: {timeline['prefill_phase_s']:.2f} s in "
+              f"{timeline['prefill_phase_steps']} steps; then decode-only steps by requests running:")
+        for bucket, b in timeline["decode_steps_by_running"].items():
+            print(f"  {bucket:>8}: {b['steps']:>5} steps, {b['seconds']:.2f} s, {b['mean_step_ms']:.2f} ms each")
+    for p in report.get("e2e_profile", []):
+        print(f"(c) steps {p['skip']}..{p['skip'] + p['steps']} ({p['running']} running): {p['wall_ms_per_step']:.2f} ms "
+              f"per step, kernels {p['kernel_ms_per_step']:.2f} ms: GPU busy {p['gpu_busy']:.2f}")
+        for name, ms in p["host_calls_ms"].items():
+            print(f"  host {name}: {ms:.2f} ms per step")
+        for kernel in p["kernels"]:
+            print(f"  {kernel['ms']:>7.3f} ms  {kernel['name']}")
     if "transformers_peer" in report:
         t = report["transformers_peer"]
         print(f"transformers generate_batch: {t['output_tok_per_s']:.0f} output tok/s ({t['seconds']:.1f} s)")

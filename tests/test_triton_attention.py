@@ -21,65 +21,13 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from kunserve.kernels.attention import BatchLayout, TorchAttentionBackend
+from attention_steps import DECODES_ONLY, MIXED, PREFILLS_ONLY, make_step
+
+from kunserve.kernels.attention import TorchAttentionBackend
 from kunserve.kernels.triton_attention import TritonAttentionBackend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-# (query_len, context_len) per sequence, decodes first. Covers: a decode with a single key, a
-# decode right at a block boundary, chunks with prior context, a fresh prompt (q == ctx) and a
-# one-token-wide window edge case via the window parameter.
-MIXED = [(1, 9), (1, 37), (1, 1), (1, 16), (9, 30), (13, 13), (3, 50)]
-DECODES_ONLY = [(1, 3), (1, 64), (1, 29), (1, 1), (1, 47)]
-PREFILLS_ONLY = [(20, 20), (1, 1), (7, 40), (1, 17), (33, 33)]
-
-
-def make_step(
-    seqs: list[tuple[int, int]],
-    *,
-    block_size: int = 4,
-    num_kv_heads: int = 2,
-    group: int = 2,
-    head_dim: int = 16,
-    num_layers: int = 3,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> tuple[BatchLayout, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A step's BatchLayout, a random block-major KV arena [blocks, layers, 2, bs, Hkv, D], and
-    the step's q [T, H, D] and new k, v [T, Hkv, D]."""
-    rng = np.random.default_rng(seed)
-    needed = [-(-ctx // block_size) for _, ctx in seqs]
-    num_blocks = sum(needed) + 5  # spare blocks that no sequence owns
-    ids = rng.permutation(num_blocks)
-    tables = np.zeros((len(seqs), max(needed) + 1), dtype=np.int64)  # one column of padding
-    used = 0
-    for i, n in enumerate(needed):
-        tables[i, :n] = ids[used : used + n]
-        used += n
-    query_lens = np.array([q for q, _ in seqs], dtype=np.int64)
-    context_lens = np.array([c for _, c in seqs], dtype=np.int64)
-    slots = []
-    for i, (q, ctx) in enumerate(seqs):
-        pos = np.arange(ctx - q, ctx)
-        slots.append(tables[i, pos // block_size] * block_size + pos % block_size)
-    batch = BatchLayout(
-        query_lens=query_lens,
-        context_lens=context_lens,
-        block_tables=tables,
-        slot_mapping=np.concatenate(slots),
-        # The leading one-token sequences are the decodes; a one-token chunk after a longer
-        # one goes through the prefill kernel.
-        num_decodes=int(np.argmin(np.append(query_lens, 0) == 1)),
-    )
-    gen = torch.Generator().manual_seed(seed)
-    arena = torch.randn(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, generator=gen)
-    tokens = int(query_lens.sum())
-    q = torch.randn(tokens, num_kv_heads * group, head_dim, generator=gen)
-    k = torch.randn(tokens, num_kv_heads, head_dim, generator=gen)
-    v = torch.randn(tokens, num_kv_heads, head_dim, generator=gen)
-    return batch, *(t.to(dtype=dtype, device=DEVICE) for t in (arena, q, k, v))
-
 
 def run_both(
     seqs: list[tuple[int, int]],
@@ -93,7 +41,7 @@ def run_both(
     triton output, reference arena, triton arena). The reference runs in float32 on the same
     (rounded) inputs."""
     block_size = step_args.get("block_size", 4)
-    batch, arena, q, k, v = make_step(seqs, **step_args)
+    batch, arena, q, k, v = make_step(seqs, device=DEVICE, **step_args)
     ref, tri = TorchAttentionBackend(block_size), TritonAttentionBackend(block_size, decode_splits=decode_splits)
     ref_arena, tri_arena = arena.float(), arena.clone()
     ref_meta = ref.build_metadata(batch, DEVICE)
@@ -116,7 +64,7 @@ def assert_close(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_write_kv_fills_the_slots_of_one_layer_of_the_arena(dtype: torch.dtype) -> None:
     block_size = 4
-    batch, arena, _, k, v = make_step(MIXED, dtype=dtype, block_size=block_size)
+    batch, arena, _, k, v = make_step(MIXED, dtype=dtype, block_size=block_size, device=DEVICE)
     backend = TritonAttentionBackend(block_size)
     expected = arena.clone()
     written = arena.clone()
@@ -130,7 +78,7 @@ def test_write_kv_fills_the_slots_of_one_layer_of_the_arena(dtype: torch.dtype) 
 def test_write_kv_reads_strided_k_and_v() -> None:
     """k and v come out of the fused qkv projection as column slices (non-contiguous)."""
     block_size = 4
-    batch, arena, _, k, v = make_step(MIXED, block_size=block_size)
+    batch, arena, _, k, v = make_step(MIXED, block_size=block_size, device=DEVICE)
     tokens, heads, dim = k.shape
     fused = torch.randn(tokens, 3 * heads * dim, device=DEVICE)
     fused[:, heads * dim : 2 * heads * dim] = k.reshape(tokens, -1)
@@ -188,7 +136,7 @@ def test_block_size_16_and_one_kv_head() -> None:
 
 
 def test_metadata_is_int32_on_the_device() -> None:
-    batch, *_ = make_step(MIXED)
+    batch, *_ = make_step(MIXED, device=DEVICE)
     meta = TritonAttentionBackend(4).build_metadata(batch, DEVICE)
     for t in (meta.slot_mapping, meta.context_lens, meta.query_start_loc, meta.block_tables):
         assert t.dtype == torch.int32 and t.device.type == DEVICE.type

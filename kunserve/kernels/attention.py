@@ -186,11 +186,16 @@ def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None)
 
 
 def make_attention_backend(name: str, block_size: int, device: torch.device) -> AttentionBackend:
-    """`auto` picks the Triton kernels on CUDA and the torch reference elsewhere."""
+    """`auto` picks the Triton kernels on CUDA and the torch reference elsewhere; `inductor` is
+    the reference with decodes compiled by TorchInductor (kunserve/kernels/cpu_attention.py)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
         from kunserve.kernels.triton_attention import TritonAttentionBackend
 
         return TritonAttentionBackend(block_size)
+    if name == "inductor":
+        from kunserve.kernels.cpu_attention import InductorAttentionBackend
+
+        return InductorAttentionBackend(block_size)
     return TorchAttentionBackend(block_size)

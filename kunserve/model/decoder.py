@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kunserve.kernels.attention import AttentionBackend
+from kunserve.kernels.cpu_linear import Linear, plain_linear
 from kunserve.kernels.fused import add_rms_norm, rms_norm, rotary_qk, silu_mul
 from kunserve.layout import ParamSlice
 from kunserve.model.spec import ModelSpec
@@ -64,6 +65,7 @@ class DecoderStage:
         kv_layers: list[torch.Tensor],
         cos_sin: torch.Tensor,
         backend: AttentionBackend,
+        linear: Linear = plain_linear,
     ) -> None:
         if not 0 <= start < end <= spec.num_layers:
             raise ValueError(f"layer range: [{start}, {end}) is not inside [0, {spec.num_layers})")
@@ -74,6 +76,7 @@ class DecoderStage:
         self.kv_layers = kv_layers
         self.cos_sin = cos_sin
         self.backend = backend
+        self.linear = linear
 
     @property
     def is_first(self) -> bool:
@@ -89,18 +92,21 @@ class DecoderStage:
         residual = None
         for local, weights in enumerate(self.layers):
             window = self.spec.sliding_windows[self.start + local]
-            h, residual = self._layer(h, residual, weights, self.kv_layers[local], positions, attn_meta, window)
+            h, residual = self._layer(
+                h, residual, self.start + local, weights, self.kv_layers[local], positions, attn_meta, window
+            )
         return h + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given rows of the last stage's output."""
         x = rms_norm(hidden, self.stage.final_norm, self.spec.rms_norm_eps)
-        return F.linear(x, self.stage.lm_head).float()
+        return self.linear(x, self.stage.lm_head, None, "lm_head").float()
 
     def _layer(
         self,
         h: torch.Tensor,
         residual: torch.Tensor | None,
+        layer: int,
         w: LayerWeights,
         kv_layer: torch.Tensor,
         positions: torch.Tensor,
@@ -110,18 +116,18 @@ class DecoderStage:
         """One layer on the residual stream. `h` is the previous layer's MLP output, added to
         `residual` by the fused add + norm (the stage's input when `residual` is None); returns
         this layer's MLP output and the residual stream before it is added."""
-        spec, eps = self.spec, self.spec.rms_norm_eps
+        spec, eps, linear = self.spec, self.spec.rms_norm_eps, self.linear
         tokens = h.shape[0]
         if residual is None:
             x, residual = rms_norm(h, w.input_norm, eps), h
         else:
             x, residual = add_rms_norm(h, residual, w.input_norm, eps)
         heads = [spec.num_heads, spec.num_kv_heads, spec.num_kv_heads]
-        qkv = F.linear(x, w.qkv, w.qkv_bias).view(tokens, sum(heads), spec.head_dim)
+        qkv = linear(x, w.qkv, w.qkv_bias, (layer, "qkv")).view(tokens, sum(heads), spec.head_dim)
         q, k, v = qkv.split(heads, dim=1)
         q, k = rotary_qk(q, k, self.cos_sin, positions)  # in place, inside qkv
         self.backend.write_kv(kv_layer, k, v, attn_meta)
         attn = self.backend.attend(q, kv_layer, attn_meta, window)
-        o = F.linear(attn.reshape(tokens, spec.q_size), w.o, w.o_bias)
+        o = linear(attn.reshape(tokens, spec.q_size), w.o, w.o_bias, (layer, "o"))
         x, residual = add_rms_norm(o, residual, w.post_attention_norm, eps)
-        return F.linear(silu_mul(F.linear(x, w.gate_up)), w.down), residual
+        return linear(silu_mul(linear(x, w.gate_up, None, (layer, "gate_up"))), w.down, None, (layer, "down")), residual

@@ -57,7 +57,7 @@ def become_stage(
         replica = worker.replica_model
         model = DecoderStage(
             spec, keep.start, keep.stop, [worker.arena.layers[k] for k in keep], replica.stage,
-            [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend,
+            [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend, replica.linear,
         )
         worker.stage_runners[(stage, num_stages)] = (model, ModelRunner(model, worker.device,
                                                                         worker.decode_graphs(model, lazy=True)))

@@ -9,6 +9,7 @@ import torch
 
 from kunserve.config import EngineConfig
 from kunserve.kernels.attention import make_attention_backend
+from kunserve.kernels.cpu_linear import make_linear
 from kunserve.layout import ArenaLayout, layer_param_slices
 from kunserve.model.decoder import DecoderStage
 from kunserve.model.presets import ResolvedModel
@@ -85,6 +86,7 @@ class Worker:
             [self.arena.kv_layer(k) for k in range(num_layers)],
             cos_sin_cache(spec.rope, spec.head_dim, max_model_len, device),
             make_attention_backend(config.attention_backend, config.block_size, device),
+            make_linear(device, dtype, config.enforce_eager),
         )
         self.config, self.max_model_len = config, max_model_len
         self.runner = ModelRunner(self.model, device, self.decode_graphs(self.model, lazy=False))
