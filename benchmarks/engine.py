@@ -146,6 +146,29 @@ def e2e_workload(vocab: int) -> tuple[list[list[int]], list[int]]:
     return prompts, out_lens.tolist()
 
 
+def e2e_floor(llm: LLM, bw: float, gemm: float) -> dict:
+    """The shortest time any engine running one step after another could take for workload (c)
+    on this GPU: every prompt prefilled at the measured GEMM rate, then each decode step taking
+    the longer of reading the weights and computing its GEMMs, plus reading its KV, all at the
+    measured ceilings. (Overlapping the memory-bound attention with the compute-bound GEMMs
+    inside a step would be needed to go below it.)"""
+    spec = llm.engine.spec
+    prompts, out_lens = e2e_workload(spec.vocab_size)
+    in_lens, outs = np.array([len(p) for p in prompts]), np.array(out_lens)
+    layer_params = llm.engine.executor.layout.layer_elems * spec.num_layers
+    head_params = spec.vocab_size * spec.hidden_size
+    attn_flops = 2 * 2 * spec.num_layers * spec.q_size * (in_lens.astype(np.float64) ** 2 / 2)
+    prefill_s = float((2 * layer_params * in_lens + attn_flops + 2 * head_params).sum()) / gemm
+    steps = np.arange(1, outs.max())  # the first output token comes from the prefill
+    running = (outs[None, :] > steps[:, None])
+    batch = running.sum(1)
+    gemm_s = np.maximum(weight_bytes(llm) / bw, 2 * (layer_params + head_params) * batch / gemm)
+    kv_s = (running * (in_lens[None, :] + steps[:, None])).sum(1) * kv_bytes_per_token(llm) / bw
+    seconds = prefill_s + float(gemm_s.sum() + kv_s.sum())
+    return {"seconds": seconds, "output_tok_per_s": float(outs.sum()) / seconds, "prefill_s": prefill_s,
+            "decode_gemm_s": float(gemm_s.sum()), "decode_kv_s": float(kv_s.sum())}
+
+
 def bench_e2e(llm: LLM) -> dict:
     prompts, out_lens = e2e_workload(llm.engine.spec.vocab_size)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
@@ -276,6 +299,7 @@ def main() -> None:
         report["prefill"] = bench_prefill(llm, gemm)
     if "c" in args.parts:
         report["e2e"] = bench_e2e(llm)
+        report["e2e_floor"] = e2e_floor(llm, bw, gemm)
     if "p" in args.parts:
         report["e2e_profile"] = [profile_e2e_steps(llm, int(skip), args.profile_steps) for skip in args.profile_skip.split(",")]
     llm.engine.shutdown()  # stops a worker process; frees an in-process worker's memory
@@ -298,6 +322,10 @@ def main() -> None:
     if "e2e" in report:
         e = report["e2e"]
         print(f"e2e {e['requests']} requests: {e['output_tok_per_s']:.0f} output tok/s ({e['seconds']:.1f} s)")
+        f = report["e2e_floor"]
+        print(f"  floor {f['seconds']:.1f} s = {f['output_tok_per_s']:.0f} output tok/s (prefill {f['prefill_s']:.2f} s, "
+              f"decode GEMMs {f['decode_gemm_s']:.2f} s, KV {f['decode_kv_s']:.2f} s): kunserve at "
+              f"{f['seconds'] / e['seconds']:.2f} of it")
         timeline = e["timeline"]
         print(f"  until every prompt has its first token: {timeline['prefill_phase_s']:.2f} s in "
               f"{timeline['prefill_phase_steps']} steps; then decode-only steps by requests running:")

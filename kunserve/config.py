@@ -11,6 +11,7 @@ PREEMPTION_MODES = ("recompute", "swap")
 ASYNC_SCHEDULING = ("auto", "on", "off")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "inductor")
+LINEAR_BACKENDS = ("torch", "onednn")
 # Ray's placement group strategies: STRICT_PACK puts all of a replica's devices on one node.
 RAY_PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -26,7 +27,10 @@ class EngineConfig:
     # "auto" = triton on CUDA, torch elsewhere; or "torch" | "triton" | "inductor" (CPU: decode
     # attention compiled by TorchInductor, faster steps for ~5 s of compiling per process)
     attention_backend: str = "auto"
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps, no oneDNN-packed CPU linears
+    # "torch" (F.linear) | "onednn" (float32 on CPU: each weight packed once into oneDNN's layout,
+    # faster GEMMs for a second copy of the weights beside the arena)
+    linear_backend: str = "torch"
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     max_graph_batch_size: int = 256  # largest decode batch replayed from a CUDA graph
     seed: int = 0
     # Memory: the arena (decoder-layer parameters + KV blocks) is sized from the first of these set.
@@ -75,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend: expected one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend: expected one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
         if self.attention_backend == "inductor" and self.enforce_eager:
             raise ValueError("attention_backend: 'inductor' compiles decode attention; enforce_eager forbids compiling")
         if self.preemption_mode not in PREEMPTION_MODES:

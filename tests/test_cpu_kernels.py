@@ -157,22 +157,33 @@ def test_packed_linear_keeps_its_pack_when_the_weights_memory_is_reused() -> Non
     torch.testing.assert_close(linear(x, slot, None, (0, "o")), F.linear(x, original), rtol=1e-5, atol=1e-5)
 
 
-def test_linears_are_packed_only_for_float32_on_cpu_and_not_eager() -> None:
+def test_linears_are_packed_when_asked_for() -> None:
+    """Packing keeps a second copy of the weights beside the arena, so F.linear is the default."""
     cpu = torch.device("cpu")
-    assert isinstance(make_linear(cpu, torch.float32, eager=False), PackedLinear)
-    assert make_linear(cpu, torch.float32, eager=True) is plain_linear
-    assert make_linear(cpu, torch.bfloat16, eager=False) is plain_linear
-    assert make_linear(torch.device("cuda"), torch.float32, eager=False) is plain_linear
+    assert EngineConfig().linear_backend == "torch"
+    assert make_linear("torch", cpu, torch.float32) is plain_linear
+    assert isinstance(make_linear("onednn", cpu, torch.float32), PackedLinear)
+
+
+@pytest.mark.parametrize(("device", "dtype"), [("cpu", torch.bfloat16), ("cuda", torch.float32)])
+def test_packed_linears_elsewhere_than_float32_on_cpu_are_refused(device: str, dtype: torch.dtype) -> None:
+    with pytest.raises(ValueError, match="runs float32 on CPU"):
+        make_linear("onednn", torch.device(device), dtype)
+
+
+def test_an_unknown_linear_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="linear_backend"):
+        EngineConfig(linear_backend="mkl")
 
 
 def test_the_fast_cpu_paths_give_the_eager_engines_greedy_tokens(llama_dir: Path) -> None:
-    """Compiled decode attention and packed linears against the reference paths
-    (enforce_eager), end to end, through prefill, decodes and growing block tables."""
+    """Compiled decode attention and packed linears against the reference paths (the CPU
+    defaults), end to end, through prefill, decodes and growing block tables."""
     prompts = make_prompts(512, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     runs = []
     for fast in (True, False):
-        options = {"attention_backend": "inductor"} if fast else {"enforce_eager": True}
+        options = {"attention_backend": "inductor", "linear_backend": "onednn"} if fast else {}
         llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=128, **options)
         model = llm.engine.executor.worker.model
         assert isinstance(model.linear, PackedLinear) == fast

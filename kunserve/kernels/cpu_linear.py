@@ -1,12 +1,13 @@
-"""Linear layers on CPU through oneDNN, each weight packed once into oneDNN's blocked layout.
+"""Linear layers on CPU through oneDNN, each weight packed once into oneDNN's blocked layout
+(`EngineConfig.linear_backend="onednn"`).
 
 F.linear on CPU runs MKL's GEMM over the plain row-major weight every call; oneDNN's matmul
 over a weight reordered once runs the model's GEMMs 1.2-1.5x faster on 16 to 2048 rows (the
 benchmark machine, float32; vLLM's CPU backend packs its weights the same way). The packed
-copies live beside the arena, not in it: a CPU worker holds its decoder weights twice, and a
-drop frees only the arena's copy. Weights never change, so a pack stays valid across drops and
-restores; it is keyed by the weight's place in the model (global layer index and name), never
-by its address, which a drop hands to KV blocks.
+copies live beside the arena, not in it: a worker then holds its decoder weights twice, and a
+drop frees only the arena's copy, which is why it is not the default. Weights never change, so
+a pack stays valid across drops and restores; it is keyed by the weight's place in the model
+(global layer index and name), never by its address, which a drop hands to KV blocks.
 """
 
 from __future__ import annotations
@@ -45,8 +46,14 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def make_linear(device: torch.device, dtype: torch.dtype, eager: bool) -> Linear:
-    """Packed oneDNN linears for float32 on CPU (unless `eager`), F.linear elsewhere."""
-    if device.type == "cpu" and dtype == torch.float32 and not eager and torch.backends.mkldnn.is_available():
-        return PackedLinear()
-    return plain_linear
+def make_linear(backend: str, device: torch.device, dtype: torch.dtype) -> Linear:
+    """`torch`: F.linear; `onednn`: packed oneDNN linears (float32 on CPU only)."""
+    if backend == "torch":
+        return plain_linear
+    if backend != "onednn":
+        raise ValueError(f"linear_backend: expected 'torch' or 'onednn', got {backend!r}")
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ValueError(f"linear_backend 'onednn' runs float32 on CPU, not {dtype} on {device.type}")
+    if not torch.backends.mkldnn.is_available():
+        raise ValueError("linear_backend 'onednn': this torch build has no oneDNN")
+    return PackedLinear()

@@ -3,7 +3,8 @@
 A `DecoderStage` holds layers [start, end) of the model: the embedding only when it is the
 first stage, the final norm and LM head only when it is the last. Decoder-layer weights are
 views into the device's memory arena (kunserve/worker/arena.py), so dropping a layer frees
-its bytes without the model owning a copy.
+its bytes without the model owning a copy (unless the linears are oneDNN-packed on CPU:
+kunserve/kernels/cpu_linear.py).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ class Worker:
             [self.arena.kv_layer(k) for k in range(num_layers)],
             cos_sin_cache(spec.rope, spec.head_dim, max_model_len, device),
             make_attention_backend(config.attention_backend, config.block_size, device),
-            make_linear(device, dtype, config.enforce_eager),
+            make_linear(config.linear_backend, device, dtype),
         )
         self.config, self.max_model_len = config, max_model_len
         self.runner = ModelRunner(self.model, device, self.decode_graphs(self.model, lazy=False))
