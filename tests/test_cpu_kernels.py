@@ -34,7 +34,16 @@ def attend_both(
     ref.write_kv(ref_arena[:, LAYER], k.float(), v.float(), ref_meta)
     fast.write_kv(fast_arena[:, LAYER], k, v, fast_meta)
     expected = ref.attend(q.float(), ref_arena[:, LAYER], ref_meta, window)
-    return expected, fast.attend(q, fast_arena[:, LAYER], fast_meta, window)
+    got = fast.attend(q, fast_arena[:, LAYER], fast_meta, window)
+    skip_unless_compiled(fast)
+    return expected, got
+
+
+def skip_unless_compiled(backend: InductorAttentionBackend) -> None:
+    """Without a C++ compiler the backend falls back to the reference (tested below), and a
+    comparison with the reference would prove nothing."""
+    if backend._decode is None:
+        pytest.skip("TorchInductor could not compile here (no C++ compiler?)")
 
 
 def assert_close(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> None:
@@ -91,12 +100,17 @@ def test_a_failure_after_a_successful_compilation_is_raised() -> None:
     batch, arena, q, _, _ = make_step(DECODES_ONLY, block_size=BLOCK_SIZE)
     fast = InductorAttentionBackend(BLOCK_SIZE)
     meta = fast.build_metadata(batch, q.device)
+    calls = 0
+
+    def works_once(*args: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("a bug")
+        return torch.zeros_like(q)
+
+    fast._decode = works_once
     fast.attend(q, arena[:, LAYER], meta, None)
-
-    def broken(*args: object) -> torch.Tensor:
-        raise RuntimeError("a bug")
-
-    fast._decode = broken
     with pytest.raises(RuntimeError, match="a bug"):
         fast.attend(q, arena[:, LAYER], meta, None)
 
@@ -189,4 +203,6 @@ def test_the_fast_cpu_paths_give_the_eager_engines_greedy_tokens(llama_dir: Path
         assert isinstance(model.linear, PackedLinear) == fast
         assert isinstance(model.backend, InductorAttentionBackend) == fast
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        if fast:
+            skip_unless_compiled(model.backend)
     assert runs[0] == runs[1]
