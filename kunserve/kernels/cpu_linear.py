@@ -12,14 +12,11 @@ a pack stays valid across drops and restores; it is keyed by the weight's place 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 
 class Linear(Protocol):
