@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,7 +54,10 @@ import torch
 import triton
 import triton.testing
 
-from kunserve.kernels.attention import BatchLayout, TorchAttentionBackend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from attention_steps import random_layout
+
+from kunserve.kernels.attention import TorchAttentionBackend
 from kunserve.kernels.triton_attention import TritonAttentionBackend
 
 
@@ -99,32 +103,12 @@ def cases(tiny: bool) -> tuple[Shape, list[Case]]:
 
 def make_step(case: Case, shape: Shape, layers: int, device: torch.device, rng: np.random.Generator):
     bs = shape.block_size
-    needed = [-(-ctx // bs) for _, ctx in case.seqs]
-    num_blocks = sum(needed) + 8
-    ids = rng.permutation(num_blocks)
-    tables = np.zeros((len(case.seqs), max(needed)), dtype=np.int64)
-    used = 0
-    for i, n in enumerate(needed):
-        tables[i, :n] = ids[used : used + n]
-        used += n
-    query_lens = np.array([q for q, _ in case.seqs], dtype=np.int64)
-    context_lens = np.array([c for _, c in case.seqs], dtype=np.int64)
-    slots = []
-    for i, (q, ctx) in enumerate(case.seqs):
-        pos = np.arange(ctx - q, ctx)
-        slots.append(tables[i, pos // bs] * bs + pos % bs)
-    batch = BatchLayout(
-        query_lens=query_lens,
-        context_lens=context_lens,
-        block_tables=tables,
-        slot_mapping=np.concatenate(slots),
-        num_decodes=int(np.argmin(np.append(query_lens, 0) == 1)),
-    )
+    batch, num_blocks = random_layout(case.seqs, bs, rng, spare_blocks=8, pad_columns=0)
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(1 << 31)))
     arena = torch.randn(
         num_blocks, layers, 2, bs, shape.num_kv_heads, shape.head_dim, generator=gen, device=device, dtype=shape.dtype
     )
-    tokens = int(query_lens.sum())
+    tokens = int(batch.query_lens.sum())
     q = torch.randn(tokens, shape.num_heads, shape.head_dim, generator=gen, device=device, dtype=shape.dtype)
     k = torch.randn(tokens, shape.num_kv_heads, shape.head_dim, generator=gen, device=device, dtype=shape.dtype)
     v = torch.randn(tokens, shape.num_kv_heads, shape.head_dim, generator=gen, device=device, dtype=shape.dtype)
