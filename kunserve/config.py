@@ -25,7 +25,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     load_format: str = "auto"  # "auto" = safetensors from the model directory; "dummy" = seeded random
     # "auto" = triton on CUDA, torch elsewhere; or "torch" | "triton" | "inductor" (CPU: decode
-    # attention compiled by TorchInductor, faster steps for ~5 s of compiling per process)
+    # attention compiled by TorchInductor, faster steps for seconds of compiling per process)
     attention_backend: str = "auto"
     # "torch" (F.linear) | "onednn" (float32 on CPU: each weight packed once into oneDNN's layout,
     # faster GEMMs for a second copy of the weights beside the arena)

@@ -2,8 +2,8 @@
 (`EngineConfig.linear_backend="onednn"`).
 
 F.linear on CPU runs MKL's GEMM over the plain row-major weight every call; oneDNN's matmul
-over a weight reordered once runs the model's GEMMs 1.2-1.5x faster on 16 to 2048 rows (the
-benchmark machine, float32; vLLM's CPU backend packs its weights the same way). The packed
+over a weight reordered once runs the model's GEMMs 1.2-1.4x faster at 64 and 2048 rows
+(benchmarks/cpu_profile.py, float32; vLLM's CPU backend packs its weights the same way). The packed
 copies live beside the arena, not in it: a worker then holds its decoder weights twice, and a
 drop frees only the arena's copy, which is why it is not the default. Weights never change, so
 a pack stays valid across drops and restores; it is keyed by the weight's place in the model
