@@ -1,10 +1,10 @@
 """CPU kernels in isolation, on benchmarks/cpu_offline.py's shapes (tiny Llama: 4 query / 2 KV
 heads of 64, hidden 256, a block-major arena of 4 layers, block 16, batch 64):
 
-1. decode attention: the torch reference (gather the blocks, SDPA) against the TorchInductor-
-   compiled kernel (kunserve/kernels/cpu_attention.py), warm and with the caches flushed
-   before each call (as in a step, where the GEMMs evict the KV), and the compiled kernel's
-   first call (compiling, or loading Inductor's on-disk cache);
+1. decode attention: the torch reference (gather the blocks, SDPA) against the C kernel
+   (kunserve/kernels/cpu_attention.py), warm and with the caches flushed before each call (as
+   in a step, where the GEMMs evict the KV), the kernel's KV read rate, and what loading the
+   kernel costs (a build into an empty cache, then a load from the cache);
 2. elementwise ops (RMSNorm, SiLU-mul) eager against compiled one by one, and what a call of a
    compiled function costs beyond its kernel (`x + 1`).
 
@@ -16,14 +16,17 @@ Best of several timed batches of calls.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from kunserve.kernels import native
 from kunserve.kernels.attention import BatchLayout, TorchAttentionBackend
-from kunserve.kernels.cpu_attention import InductorAttentionBackend
+from kunserve.kernels.cpu_attention import CpuAttentionBackend
 from kunserve.kernels.fused import rms_norm_torch, silu_mul_torch
 
 NUM_BLOCKS, LAYERS, BLOCK, KV_HEADS, GROUP, HEAD_DIM, BATCH = 1204, 4, 16, 2, 2, 64, 64
@@ -62,26 +65,42 @@ def decode_step(context: int, generator: torch.Generator) -> tuple[BatchLayout, 
     return layout, arena[:, 1], torch.randn(BATCH, KV_HEADS * GROUP, HEAD_DIM, generator=generator)
 
 
+def kernel_load_seconds() -> tuple[float, float]:
+    """(build into an empty cache, load from the cache) of the C kernel library, in seconds."""
+    timings = []
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["KUNSERVE_CACHE_DIR"] = cache
+        for _ in range(2):
+            native.load_library.cache_clear()
+            start = time.perf_counter()
+            native.load_library("cpu_attention")
+            timings.append(time.perf_counter() - start)
+        del os.environ["KUNSERVE_CACHE_DIR"]
+    native.load_library.cache_clear()
+    return timings[0], timings[1]
+
+
 def bench_attention(calls: int) -> None:
     generator = torch.Generator().manual_seed(0)
     flush = torch.randn(FLUSH_BYTES // 4)
-    reference, compiled = TorchAttentionBackend(BLOCK), InductorAttentionBackend(BLOCK)
+    build, load = kernel_load_seconds()
+    print(f"the C kernel: built in {build:.2f} s, loaded from the cache in {load * 1e3:.1f} ms")
+    reference, kernel = TorchAttentionBackend(BLOCK), CpuAttentionBackend(BLOCK)
+    if not kernel.uses_kernel:
+        raise SystemExit("the C decode kernel could not be built here")
     print(f"decode attention, batch {BATCH}: µs per call (reference = gather + SDPA)")
-    print(f"{'keys':>5} {'reference':>10} {'compiled':>9} {'speedup':>8} {'ref cold':>9} {'comp cold':>10} {'KV MB':>6}")
-    for i, context in enumerate(CONTEXTS):
+    print(f"{'keys':>5} {'reference':>10} {'C kernel':>9} {'speedup':>8} {'ref cold':>9} {'C cold':>7} "
+          f"{'KV MB':>6} {'GB/s cold':>10}")
+    for context in CONTEXTS:
         layout, kv_layer, q = decode_step(context, generator)
-        ref_meta, comp_meta = reference.build_metadata(layout, q.device), compiled.build_metadata(layout, q.device)
-        if i == 0:
-            start = time.perf_counter()
-            compiled.attend(q, kv_layer, comp_meta, None)
-            print(f"(the compiled kernel's first call: {time.perf_counter() - start:.1f} s)")
-        got, expected = compiled.attend(q, kv_layer, comp_meta, None), reference.attend(q, kv_layer, ref_meta, None)
+        ref_meta, kernel_meta = reference.build_metadata(layout, q.device), kernel.build_metadata(layout, q.device)
+        got, expected = kernel.attend(q, kv_layer, kernel_meta, None), reference.attend(q, kv_layer, ref_meta, None)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         timings = [best_us(partial(b.attend, q, kv_layer, m, None), calls, f)
-                   for f in (None, flush) for b, m in ((reference, ref_meta), (compiled, comp_meta))]
+                   for f in (None, flush) for b, m in ((reference, ref_meta), (kernel, kernel_meta))]
         kv_mb = BATCH * context * 2 * KV_HEADS * HEAD_DIM * 4 / 1e6
         print(f"{context:>5} {timings[0]:>10.0f} {timings[1]:>9.0f} {timings[0] / timings[1]:>7.2f}x "
-              f"{timings[2]:>9.0f} {timings[3]:>10.0f} {kv_mb:>6.1f}")
+              f"{timings[2]:>9.0f} {timings[3]:>7.0f} {kv_mb:>6.1f} {kv_mb * 1e3 / timings[3]:>10.1f}")
 
 
 def bench_elementwise(calls: int) -> None:

@@ -2,8 +2,8 @@
 
 Same tiny Llama directory, float32, N prompts of fixed random token ids, greedy, ignore_eos,
 fixed output length; each engine gets the same cores. kunserve runs its CPU fast paths:
-`attention_backend="inductor"` (decode attention compiled, once per process, in the warm-up)
-and `linear_backend="onednn"` (weights packed once). The engines take turns for `--rounds`
+`attention_backend="cpu"` (decode attention in the C kernel, the CPU default) and
+`linear_backend="onednn"` (weights packed once). The engines take turns for `--rounds`
 rounds, a fresh process each turn timing `--repeats` runs after one warm-up run, so a drift in
 the machine's speed (a shared host) reaches both; the figure is the median of all timed runs. On a tiny model this measures per-step overhead (scheduling, batching,
 sampling). Both run with tcmalloc preloaded where the system has it. vLLM runs from the peer virtual environment made by
@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--attention-backend", default="inductor", choices=("inductor", "torch"),
-                        help="kunserve's CPU attention: decodes compiled by TorchInductor, or the torch reference")
+    parser.add_argument("--attention-backend", default="cpu", choices=("cpu", "torch"),
+                        help="kunserve's CPU attention: decodes in the C kernel (the default), or the torch reference")
     parser.add_argument("--linear-backend", default="onednn", choices=("onednn", "torch"),
                         help="kunserve's linears: oneDNN with packed weights, or F.linear")
     parser.add_argument("--threads", type=int, default=2)

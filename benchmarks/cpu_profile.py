@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--attention-backend", default="inductor", choices=("inductor", "torch"))
+    parser.add_argument("--attention-backend", default="cpu", choices=("cpu", "torch"))
     parser.add_argument("--linear-backend", default="onednn", choices=("onednn", "torch"))
     parser.add_argument("--peer", action="store_true", help="also profile vLLM's CPU build (benchmarks/cpu_offline.py's peer)")
     parser.add_argument("--peer-dir", default=os.environ.get("PEER_DIR", str(Path.home() / ".cache/kunserve-peers")))

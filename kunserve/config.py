@@ -10,7 +10,7 @@ GiB = 1 << 30
 PREEMPTION_MODES = ("recompute", "swap")
 ASYNC_SCHEDULING = ("auto", "on", "off")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "inductor")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 LINEAR_BACKENDS = ("torch", "onednn")
 # Ray's placement group strategies: STRICT_PACK puts all of a replica's devices on one node.
 RAY_PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
@@ -24,8 +24,8 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" = the checkpoint's dtype; float32 | float16 | bfloat16
     device: str = "auto"  # "auto" = cuda when available, else cpu
     load_format: str = "auto"  # "auto" = safetensors from the model directory; "dummy" = seeded random
-    # "auto" = triton on CUDA, torch elsewhere; or "torch" | "triton" | "inductor" (CPU: decode
-    # attention compiled by TorchInductor, faster steps for seconds of compiling per process)
+    # "auto" = triton on CUDA, cpu on CPU (decode attention in a C kernel, built once per machine;
+    # the torch reference where no C compiler is found); or "torch" (the reference) | "triton" | "cpu"
     attention_backend: str = "auto"
     # "torch" (F.linear) | "onednn" (float32 on CPU: each weight packed once into oneDNN's layout,
     # faster GEMMs for a second copy of the weights beside the arena)
@@ -81,8 +81,6 @@ class EngineConfig:
             raise ValueError(f"attention_backend: expected one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend: expected one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
-        if self.attention_backend == "inductor" and self.enforce_eager:
-            raise ValueError("attention_backend: 'inductor' compiles decode attention; enforce_eager forbids compiling")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode: expected one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if self.async_scheduling not in ASYNC_SCHEDULING:

@@ -1,10 +1,12 @@
-"""The CPU fast paths agree with the torch reference: decode attention compiled by TorchInductor
-(kunserve/kernels/cpu_attention.py) and linears through oneDNN-packed weights
-(kunserve/kernels/cpu_linear.py); where compilation fails, the reference runs instead."""
+"""The CPU fast paths agree with the torch reference: decode attention in a C kernel
+(kunserve/kernels/cpu_attention.py, built by kunserve/kernels/native.py) and linears through
+oneDNN-packed weights (kunserve/kernels/cpu_linear.py); where the kernel cannot be built, the
+reference runs instead."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ from attention_steps import DECODES_ONLY, MIXED, make_step
 from conftest import make_prompts
 
 from kunserve import LLM, EngineConfig, SamplingParams
+from kunserve.kernels import native
 from kunserve.kernels.attention import TorchAttentionBackend, make_attention_backend
-from kunserve.kernels.cpu_attention import InductorAttentionBackend
+from kunserve.kernels.cpu_attention import CpuAttentionBackend
 from kunserve.kernels.cpu_linear import PackedLinear, make_linear, plain_linear
 
 BLOCK_SIZE = 4
@@ -26,24 +29,24 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 def attend_both(
     seqs: list[tuple[int, int]], window: int | None, dtype: torch.dtype = torch.float32, group: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference output in float32, compiled backend's output) for one random step."""
+    """(reference output in float32, the C kernel backend's output) for one random step."""
     batch, arena, q, k, v = make_step(seqs, block_size=BLOCK_SIZE, dtype=dtype, group=group)
-    ref, fast = TorchAttentionBackend(BLOCK_SIZE), InductorAttentionBackend(BLOCK_SIZE)
+    ref, fast = TorchAttentionBackend(BLOCK_SIZE), CpuAttentionBackend(BLOCK_SIZE)
+    skip_unless_built(fast)
     ref_arena, fast_arena = arena.float(), arena.clone()
     ref_meta, fast_meta = ref.build_metadata(batch, q.device), fast.build_metadata(batch, q.device)
     ref.write_kv(ref_arena[:, LAYER], k.float(), v.float(), ref_meta)
     fast.write_kv(fast_arena[:, LAYER], k, v, fast_meta)
     expected = ref.attend(q.float(), ref_arena[:, LAYER], ref_meta, window)
     got = fast.attend(q, fast_arena[:, LAYER], fast_meta, window)
-    skip_unless_compiled(fast)
     return expected, got
 
 
-def skip_unless_compiled(backend: InductorAttentionBackend) -> None:
-    """Without a C++ compiler the backend falls back to the reference (tested below), and a
+def skip_unless_built(backend: CpuAttentionBackend) -> None:
+    """Without a C compiler the backend falls back to the reference (tested below), and a
     comparison with the reference would prove nothing."""
-    if backend._decode is None:
-        pytest.skip("TorchInductor could not compile here (no C++ compiler?)")
+    if not backend.uses_kernel:
+        pytest.skip("the C decode kernel could not be built here (no C compiler?)")
 
 
 def assert_close(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> None:
@@ -53,78 +56,114 @@ def assert_close(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) 
     assert err < TOLERANCE[dtype], f"max abs error {err:.3g}"
 
 
+@pytest.fixture
+def fresh_kernel_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty kernel cache, and no library loaded in this process yet."""
+    monkeypatch.setenv("KUNSERVE_CACHE_DIR", str(tmp_path))
+    native.load_library.cache_clear()
+    yield tmp_path / "native"
+    native.load_library.cache_clear()
+
+
 @pytest.mark.parametrize("window", [None, 5], ids=["causal", "window5"])
 @pytest.mark.parametrize("group", [1, 4])
-def test_compiled_decode_attention_matches_the_reference(window: int | None, group: int) -> None:
+def test_decode_kernel_matches_the_reference(window: int | None, group: int) -> None:
     expected, got = attend_both(DECODES_ONLY, window, group=group)
     assert_close(expected, got, torch.float32)
 
 
-def test_compiled_decodes_in_a_mixed_step_match_the_reference() -> None:
-    """Decodes go through the compiled kernel, the prefill chunks after them through SDPA."""
+def test_decodes_in_a_mixed_step_match_the_reference() -> None:
+    """Decodes go through the C kernel, the prefill chunks after them through SDPA."""
     expected, got = attend_both(MIXED, None)
     assert_close(expected, got, torch.float32)
 
 
-def test_compiled_decode_attention_in_bfloat16_matches_the_float32_reference() -> None:
+def test_decode_kernel_in_bfloat16_matches_the_float32_reference() -> None:
     expected, got = attend_both(DECODES_ONLY, None, dtype=torch.bfloat16)
     assert_close(expected, got, torch.bfloat16)
 
 
-def test_compiled_decode_attention_takes_every_batch_and_block_count() -> None:
-    """The batch size and block count are compiled as symbols: steps of other shapes (one
-    sequence, more blocks) give the reference's result too."""
-    for seqs in ([(1, 5)], [(1, 70), (1, 2)], DECODES_ONLY):
-        expected, got = attend_both(seqs, None)
-        assert_close(expected, got, torch.float32)
+@pytest.mark.parametrize("seqs", [[(1, 1)], [(1, 5)], [(1, 70), (1, 2)], [(1, 33)] * 9], ids=str)
+def test_decode_kernel_takes_any_batch_and_context(seqs: list[tuple[int, int]]) -> None:
+    """One key, a partial last block, one long context beside a short one, many sequences."""
+    expected, got = attend_both(seqs, None)
+    assert_close(expected, got, torch.float32)
 
 
-def test_a_failing_first_compilation_falls_back_to_the_reference(caplog: pytest.LogCaptureFixture) -> None:
-    batch, arena, q, _, _ = make_step(DECODES_ONLY, block_size=BLOCK_SIZE)
-    fast = InductorAttentionBackend(BLOCK_SIZE)
+@pytest.mark.parametrize("window", [1, 4, 9, 200], ids=lambda w: f"window{w}")
+def test_decode_kernel_windows_start_anywhere_in_a_block(window: int) -> None:
+    """A window of one key, of exactly a block, cutting into a block, longer than the context."""
+    expected, got = attend_both([(1, 70), (1, 3), (1, 17)], window)
+    assert_close(expected, got, torch.float32)
 
-    def no_compiler(*args: object) -> torch.Tensor:
-        raise RuntimeError("no C++ compiler")
 
-    fast._decode = no_compiler
+def test_float16_decodes_run_the_reference() -> None:
+    """The kernel reads float32 and bfloat16 only; float16 steps are not refused, they take the
+    reference path."""
+    batch, arena, q, _, _ = make_step(DECODES_ONLY, block_size=BLOCK_SIZE, dtype=torch.float16)
+    fast = CpuAttentionBackend(BLOCK_SIZE)
     meta = fast.build_metadata(batch, q.device)
-    with caplog.at_level(logging.WARNING):
-        got = fast.attend(q, arena[:, LAYER], meta, None)
     expected = TorchAttentionBackend(BLOCK_SIZE).attend(q, arena[:, LAYER], meta, None)
-    assert torch.equal(got, expected)
-    assert "using the torch reference" in caplog.text
-    assert fast._decode is None  # later steps do not retry
+    assert torch.equal(fast.attend(q, arena[:, LAYER], meta, None), expected)
 
 
-def test_a_failure_after_a_successful_compilation_is_raised() -> None:
+def test_without_a_compiler_the_reference_runs(
+    fresh_kernel_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.WARNING):
+        fast = CpuAttentionBackend(BLOCK_SIZE)
+    assert not fast.uses_kernel
+    assert "using the torch reference" in caplog.text and "no C compiler" in caplog.text
     batch, arena, q, _, _ = make_step(DECODES_ONLY, block_size=BLOCK_SIZE)
-    fast = InductorAttentionBackend(BLOCK_SIZE)
     meta = fast.build_metadata(batch, q.device)
-    calls = 0
-
-    def works_once(*args: object) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise RuntimeError("a bug")
-        return torch.zeros_like(q)
-
-    fast._decode = works_once
-    fast.attend(q, arena[:, LAYER], meta, None)
-    with pytest.raises(RuntimeError, match="a bug"):
-        fast.attend(q, arena[:, LAYER], meta, None)
+    expected = TorchAttentionBackend(BLOCK_SIZE).attend(q, arena[:, LAYER], meta, None)
+    assert torch.equal(fast.attend(q, arena[:, LAYER], meta, None), expected)
 
 
-def test_compiled_attention_is_asked_for_by_name() -> None:
-    """Compiling costs seconds per process, so CPU engines default to the reference."""
-    cpu = torch.device("cpu")
-    assert type(make_attention_backend("auto", BLOCK_SIZE, cpu)) is TorchAttentionBackend
-    assert isinstance(make_attention_backend("inductor", BLOCK_SIZE, cpu), InductorAttentionBackend)
+def test_a_failing_build_says_what_failed(fresh_kernel_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(native.NativeBuildError, match="failed"):
+        native.load_library("cpu_attention")
+    assert not list(fresh_kernel_cache.glob("*.so"))  # nothing half-built is left to be loaded
 
 
-def test_compiled_attention_with_enforce_eager_is_refused() -> None:
-    with pytest.raises(ValueError, match="enforce_eager"):
-        EngineConfig(attention_backend="inductor", enforce_eager=True)
+def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first process on a machine compiles; later ones load the cached library."""
+    if not CpuAttentionBackend(BLOCK_SIZE).uses_kernel:
+        pytest.skip("the C decode kernel could not be built here (no C compiler?)")
+    (library,) = fresh_kernel_cache.glob("cpu_attention-*.so")
+    native.load_library.cache_clear()
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("rebuilt a cached kernel")
+
+    monkeypatch.setattr(native, "_build", no_build)
+    assert CpuAttentionBackend(BLOCK_SIZE).uses_kernel
+    assert list(fresh_kernel_cache.glob("*.so")) == [library]
+
+
+def test_loading_the_kernel_keeps_denormal_floats() -> None:
+    """-ffast-math reaches the compiler only: linked into the library, it would switch the whole
+    process to flush denormals to zero when the library loads."""
+    skip_unless_built(CpuAttentionBackend(BLOCK_SIZE))
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 2).item() > 0 and (tiny / 2).item() > 0
+
+
+def test_cpu_engines_use_the_decode_kernel_by_default() -> None:
+    assert isinstance(make_attention_backend("auto", BLOCK_SIZE, torch.device("cpu")), CpuAttentionBackend)
+    assert type(make_attention_backend("torch", BLOCK_SIZE, torch.device("cpu"))) is TorchAttentionBackend
+
+
+def test_the_cpu_kernel_on_a_gpu_is_refused() -> None:
+    with pytest.raises(ValueError, match="runs on CPU devices"):
+        make_attention_backend("cpu", BLOCK_SIZE, torch.device("cuda"))
+
+
+def test_an_unknown_attention_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="inductor")
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
@@ -190,19 +229,19 @@ def test_an_unknown_linear_backend_is_refused() -> None:
         EngineConfig(linear_backend="mkl")
 
 
-def test_the_fast_cpu_paths_give_the_eager_engines_greedy_tokens(llama_dir: Path) -> None:
-    """Compiled decode attention and packed linears against the reference paths (the CPU
-    defaults), end to end, through prefill, decodes and growing block tables."""
+def test_the_fast_cpu_paths_give_the_reference_engines_greedy_tokens(llama_dir: Path) -> None:
+    """The C decode kernel and packed linears against the torch reference paths, end to end,
+    through prefill, decodes and growing block tables."""
     prompts = make_prompts(512, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     runs = []
     for fast in (True, False):
-        options = {"attention_backend": "inductor", "linear_backend": "onednn"} if fast else {}
+        options = {"attention_backend": "cpu", "linear_backend": "onednn"} if fast else {"attention_backend": "torch"}
         llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=128, **options)
         model = llm.engine.executor.worker.model
         assert isinstance(model.linear, PackedLinear) == fast
-        assert isinstance(model.backend, InductorAttentionBackend) == fast
-        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert isinstance(model.backend, CpuAttentionBackend) == fast
         if fast:
-            skip_unless_compiled(model.backend)
+            skip_unless_built(model.backend)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
     assert runs[0] == runs[1]

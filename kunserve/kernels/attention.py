@@ -186,16 +186,18 @@ def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None)
 
 
 def make_attention_backend(name: str, block_size: int, device: torch.device) -> AttentionBackend:
-    """`auto` picks the Triton kernels on CUDA and the torch reference elsewhere; `inductor` is
-    the reference with decodes compiled by TorchInductor (kunserve/kernels/cpu_attention.py)."""
+    """`auto` picks the Triton kernels on CUDA and the C decode kernel on CPU
+    (kunserve/kernels/cpu_attention.py); `torch` is the reference everywhere."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" else "cpu"
     if name == "triton":
         from kunserve.kernels.triton_attention import TritonAttentionBackend
 
         return TritonAttentionBackend(block_size)
-    if name == "inductor":
-        from kunserve.kernels.cpu_attention import InductorAttentionBackend
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention_backend 'cpu' runs on CPU devices, not {device.type}")
+        from kunserve.kernels.cpu_attention import CpuAttentionBackend
 
-        return InductorAttentionBackend(block_size)
+        return CpuAttentionBackend(block_size)
     return TorchAttentionBackend(block_size)
