@@ -5,8 +5,9 @@ heads of 64, hidden 256, a block-major arena of 4 layers, block 16, batch 64):
    (kunserve/kernels/cpu_attention.py), warm and with the caches flushed before each call (as
    in a step, where the GEMMs evict the KV), the kernel's KV read rate, and what loading the
    kernel costs (a build into an empty cache, then a load from the cache);
-2. elementwise ops (RMSNorm, SiLU-mul) eager against compiled one by one, and what a call of a
-   compiled function costs beyond its kernel (`x + 1`).
+2. elementwise ops (RMSNorm, SiLU-mul): torch eager, compiled one by one by TorchInductor, and
+   the C kernels (kunserve/kernels/cpu_fused.py), and what a call of a compiled function costs
+   beyond its kernel (`x + 1`).
 
 Best of several timed batches of calls.
 
@@ -24,7 +25,7 @@ from functools import partial
 
 import torch
 
-from kunserve.kernels import native
+from kunserve.kernels import cpu_fused, native
 from kunserve.kernels.attention import BatchLayout, TorchAttentionBackend
 from kunserve.kernels.cpu_attention import CpuAttentionBackend
 from kunserve.kernels.fused import rms_norm_torch, silu_mul_torch
@@ -106,19 +107,21 @@ def bench_attention(calls: int) -> None:
 def bench_elementwise(calls: int) -> None:
     norm, silu_mul, plus_one = (torch.compile(fn, options={"compile_threads": 1})
                                 for fn in (rms_norm_torch, silu_mul_torch, torch.Tensor.__add__))
-    print("\nelementwise ops, µs per call: eager / compiled one by one")
+    c_norm = partial(cpu_fused.add_rms_norm, residual=None)
+    print("\nelementwise ops, µs per call: torch eager / compiled one by one / C kernel")
     for rows in (BATCH, 2048):
         x, weight, gate_up = torch.randn(rows, HIDDEN), torch.randn(HIDDEN), torch.randn(rows, 2 * INTERMEDIATE)
         for tensor in (x, gate_up):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        cases = {  # name: (eager, compiled, arguments)
-            "rms_norm": (rms_norm_torch, norm, (x, weight, 1e-5)),
-            "silu_mul": (silu_mul_torch, silu_mul, (gate_up,)),
-            "x + 1": (torch.Tensor.__add__, plus_one, (x, 1)),
+        cases = {  # name: (eager, compiled, C kernel or None, arguments)
+            "rms_norm": (rms_norm_torch, norm, lambda x, w, eps: c_norm(x, weight=w, eps=eps), (x, weight, 1e-5)),
+            "silu_mul": (silu_mul_torch, silu_mul, cpu_fused.silu_mul, (gate_up,)),
+            "x + 1": (torch.Tensor.__add__, plus_one, None, (x, 1)),
         }
-        for name, (eager, compiled, arguments) in cases.items():
+        for name, (eager, compiled, kernel, arguments) in cases.items():
+            c_us = f"{best_us(partial(kernel, *arguments), calls):7.1f}" if kernel is not None else "      -"
             print(f"{rows:>5} rows {name:>9}: {best_us(partial(eager, *arguments), calls):7.1f} / "
-                  f"{best_us(partial(compiled, *arguments), calls):7.1f}")
+                  f"{best_us(partial(compiled, *arguments), calls):7.1f} / {c_us}")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""The CPU fast paths agree with the torch reference: decode attention in a C kernel
-(kunserve/kernels/cpu_attention.py, built by kunserve/kernels/native.py) and linears through
-oneDNN-packed weights (kunserve/kernels/cpu_linear.py); where the kernel cannot be built, the
-reference runs instead."""
+"""The CPU fast paths agree with the torch reference: decode attention and the KV write in C
+(kunserve/kernels/cpu_attention.py), the fused elementwise steps in C (kunserve/kernels/cpu_fused.py),
+both built by kunserve/kernels/native.py, and linears through oneDNN-packed weights
+(kunserve/kernels/cpu_linear.py); where the C kernels cannot be built, the reference runs instead."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from attention_steps import DECODES_ONLY, MIXED, make_step
 from conftest import make_prompts
 
 from kunserve import LLM, EngineConfig, SamplingParams
-from kunserve.kernels import native
+from kunserve.kernels import cpu_fused, fused, native
 from kunserve.kernels.attention import TorchAttentionBackend, make_attention_backend
 from kunserve.kernels.cpu_attention import CpuAttentionBackend
 from kunserve.kernels.cpu_linear import PackedLinear, make_linear, plain_linear
@@ -52,7 +52,7 @@ def skip_unless_built(backend: CpuAttentionBackend) -> None:
 def assert_close(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype) -> None:
     assert got.dtype == dtype and got.shape == expected.shape
     assert not torch.isnan(got).any()
-    err = (got.float() - expected).abs().max().item()
+    err = (got.float() - expected).abs().max().item() if got.numel() else 0.0
     assert err < TOLERANCE[dtype], f"max abs error {err:.3g}"
 
 
@@ -128,6 +128,14 @@ def test_a_failing_build_says_what_failed(fresh_kernel_cache: Path, monkeypatch:
     assert not list(fresh_kernel_cache.glob("*.so"))  # nothing half-built is left to be loaded
 
 
+def test_an_unwritable_cache_is_a_build_error(fresh_kernel_cache: Path) -> None:
+    """Raised as NativeBuildError, so engines fall back to the reference instead of failing."""
+    fresh_kernel_cache.parent.mkdir(parents=True, exist_ok=True)
+    fresh_kernel_cache.write_text("a file where the cache directory should be")
+    with pytest.raises(native.NativeBuildError, match="KUNSERVE_CACHE_DIR"):
+        native.load_library("cpu_attention")
+
+
 def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first process on a machine compiles; later ones load the cached library."""
     if not CpuAttentionBackend(BLOCK_SIZE).uses_kernel:
@@ -164,6 +172,118 @@ def test_the_cpu_kernel_on_a_gpu_is_refused() -> None:
 def test_an_unknown_attention_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(attention_backend="inductor")
+
+
+def test_the_kv_write_fills_the_slots_as_the_reference_does() -> None:
+    batch, arena, _, k, v = make_step(MIXED, block_size=BLOCK_SIZE)
+    ref, fast = TorchAttentionBackend(BLOCK_SIZE), CpuAttentionBackend(BLOCK_SIZE)
+    skip_unless_built(fast)
+    ref_arena, fast_arena = arena.clone(), arena.clone()
+    ref.write_kv(ref_arena[:, LAYER], k, v, ref.build_metadata(batch, k.device))
+    fast.write_kv(fast_arena[:, LAYER], k, v, fast.build_metadata(batch, k.device))
+    assert torch.equal(fast_arena, ref_arena)  # the other layers' KV untouched too
+
+
+# ---- fused elementwise steps in C -------------------------------------------------------------
+
+FUSED_DTYPES = [torch.float32, torch.bfloat16]
+EPS = 1e-5
+
+
+@pytest.fixture
+def c_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fused.* through the C kernels (raising where they would not run)."""
+    if not cpu_fused.available():
+        pytest.skip("the fused C kernels could not be built here (no C compiler?)")
+    monkeypatch.setattr(fused, "BACKEND", "cpu")
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (shift + scale * torch.randn(*shape, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+def test_c_add_rms_norm_matches_torch(dtype: torch.dtype, c_fused: None) -> None:
+    """The residual sum is rounded as torch rounds it (bit-identical); the norm differs only by
+    the order its squares are summed in."""
+    x, residual = randn(9, 176, dtype=dtype, seed=1), randn(9, 176, dtype=dtype, seed=2, scale=4.0)
+    weight = randn(176, dtype=dtype, seed=3, scale=0.1, shift=1.0)
+    expected_normed, expected_residual = fused.add_rms_norm_torch(x, residual, weight, EPS)
+    normed, new_residual = fused.add_rms_norm(x, residual, weight, EPS)
+    assert torch.equal(new_residual, expected_residual)
+    assert_close(expected_normed.float(), normed, dtype)
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+def test_c_rms_norm_of_strided_rows_matches_torch(dtype: torch.dtype, c_fused: None) -> None:
+    wide = randn(5, 300, dtype=dtype, seed=4)
+    x, weight = wide[:, 20:276], randn(256, dtype=dtype, seed=5, shift=1.0)
+    assert_close(fused.rms_norm_torch(x, weight, EPS).float(), fused.rms_norm(x, weight, EPS), dtype)
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+def test_c_rotary_is_bit_identical_to_torch_in_place_inside_qkv(dtype: torch.dtype, c_fused: None) -> None:
+    """Products rounded before they are added, as torch's separate ops: no tolerance. q and k are
+    the column slices of a fused qkv output that the decoder rotates in place."""
+    tokens, q_heads, kv_heads, head_dim = 11, 4, 2, 16
+    qkv = randn(tokens, q_heads + 2 * kv_heads, head_dim, dtype=dtype, seed=6)
+    cos_sin = randn(64, head_dim, dtype=torch.float32, seed=7)
+    positions = torch.randint(0, 64, (tokens,), generator=torch.Generator().manual_seed(8))
+    expected = qkv.clone()
+    fused.rotary_qk_torch(*expected.split([q_heads, kv_heads, kv_heads], dim=1)[:2], cos_sin, positions)
+    q, k, _ = qkv.split([q_heads, kv_heads, kv_heads], dim=1)
+    fused.rotary_qk(q, k, cos_sin, positions)
+    assert torch.equal(qkv, expected)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+def test_c_silu_mul_matches_torch(dtype: torch.dtype, c_fused: None) -> None:
+    for rows in (0, 3, 700):  # none, a decode step's few, a prefill's many (split over threads)
+        gate_up = randn(rows, 2 * 344, dtype=dtype, seed=9 + rows, scale=3.0)
+        assert_close(fused.silu_mul_torch(gate_up).float(), fused.silu_mul(gate_up), dtype)
+
+
+def test_auto_takes_the_c_kernels_for_cpu_tensors_they_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not cpu_fused.available():
+        pytest.skip("the fused C kernels could not be built here (no C compiler?)")
+    calls = []
+    monkeypatch.setattr(cpu_fused, "silu_mul", lambda gate_up: calls.append(gate_up.dtype) or gate_up[..., :1])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        fused.silu_mul(torch.ones(2, 4, dtype=dtype))
+    assert calls == [torch.float32, torch.bfloat16]  # float16 stays with torch
+
+
+def test_asking_for_the_c_kernels_where_they_do_not_run_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match="BACKEND is 'cpu'"):
+        fused.silu_mul(torch.ones(2, 4, dtype=torch.float16))
+
+
+def test_without_a_compiler_the_torch_versions_run(fresh_kernel_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    cpu_fused._kernels.cache_clear()
+    try:
+        gate_up = randn(3, 8, dtype=torch.float32, seed=12)
+        assert not cpu_fused.available()
+        assert torch.equal(fused.silu_mul(gate_up), fused.silu_mul_torch(gate_up))
+    finally:
+        cpu_fused._kernels.cache_clear()
+
+
+def test_greedy_generation_with_the_c_kernels_matches_torch(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end through the decoder (qkv views, positions, residual stream), prefill chunked
+    so steps mix decodes and prefill chunks: fused steps and attention in C against torch."""
+    if not cpu_fused.available():
+        pytest.skip("the fused C kernels could not be built here (no C compiler?)")
+    prompts = make_prompts(512, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    runs = []
+    for backend in ("cpu", "torch"):
+        monkeypatch.setattr(fused, "BACKEND", backend)
+        llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=128, max_num_batched_tokens=16, attention_backend=backend)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])

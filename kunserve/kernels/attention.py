@@ -167,14 +167,15 @@ class TorchAttentionBackend(AttentionBackend):
         nb, _, bs, h, d = blocks.shape
         k = blocks[:, 0].reshape(nb * bs, h, d)[: p.context_len].transpose(0, 1)
         v = blocks[:, 1].reshape(nb * bs, h, d)[: p.context_len].transpose(0, 1)
-        qh = q.transpose(0, 1)
+        # With a batch dimension: 3-D inputs send CPU SDPA to its unfused math path.
+        qh, k, v = q.transpose(0, 1)[None], k[None], v[None]
         if p.query_len == p.context_len and (window is None or window >= p.context_len):
             out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=True)
         else:
             q_pos = torch.arange(p.context_len - p.query_len, p.context_len, device=q.device)[:, None]
             mask = _visible(torch.arange(p.context_len, device=q.device)[None], q_pos, window)
             out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
 
 
 def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:

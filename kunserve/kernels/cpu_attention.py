@@ -1,12 +1,13 @@
-"""Decode attention on CPU: a C kernel (kunserve/kernels/csrc/cpu_attention.c) that reads the
-paged KV in place.
+"""Paged KV on CPU in C (kunserve/kernels/csrc/cpu_attention.c): decode attention that reads the
+paged KV in place, and the KV write.
 
 The torch reference gathers every decode's KV blocks into a contiguous copy and hands it to
 scaled_dot_product_attention. On CPU the copy and SDPA's kernel (tuned for long queries, not a
 decode's one row per head) cost several times the attention itself. The C kernel walks each
 sequence's block table and reads each block's K and V once for all its heads, with an online
 softmax, as vLLM's CPU paged-attention kernel does. Prefill chunks keep the reference path: SDPA
-is efficient for their long queries.
+is efficient for their long queries. The KV write is one copy per token (torch's two indexed
+assignments cost more to dispatch than to copy at a decode step's few rows).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's DTYPE_* codes
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ARGTYPES = [
+_DECODE_ARGTYPES = [
     _PTR, _I64, _I64,  # q, its strides (sequence, head)
     _PTR, _I64, _I64, _I64, _I64,  # one layer's KV, its strides (block, K/V, slot, head)
     _PTR, _I64, _PTR,  # block tables, their row stride, context lengths
@@ -32,12 +33,20 @@ _ARGTYPES = [
     _I64, _I64, _I64, _I64, _I64,  # sequences, heads, kv heads, head dim, block size
     _I64, ctypes.c_float, ctypes.c_int,  # window (0: none), softmax scale, dtype code
 ]  # fmt: skip
+_WRITE_ARGTYPES = [
+    _PTR, _I64, _PTR, _I64,  # k, its token stride, v, its token stride
+    _PTR, _I64, _I64, _I64,  # one layer's KV, its strides (block, K/V, slot)
+    _PTR, _PTR, _I64, _I64, ctypes.c_int,  # slot blocks, slot offsets, tokens, elements per row, dtype code
+]  # fmt: skip
 
 
-def load_decode_kernel() -> ctypes._CFuncPtr:
-    kernel = load_library("cpu_attention").paged_decode_attention
-    kernel.argtypes, kernel.restype = _ARGTYPES, None
-    return kernel
+def load_kernels() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
+    """(decode attention, KV write) from the built library."""
+    library = load_library("cpu_attention")
+    decode, write = library.paged_decode_attention, library.write_kv
+    decode.argtypes, decode.restype = _DECODE_ARGTYPES, None
+    write.argtypes, write.restype = _WRITE_ARGTYPES, None
+    return decode, write
 
 
 def paged_decode_attention(
@@ -65,29 +74,56 @@ def paged_decode_attention(
     )  # fmt: skip
 
 
+def write_kv(
+    kernel: ctypes._CFuncPtr, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
+) -> None:
+    """kv_layer[slot_blocks[t], 0 (K) / 1 (V), slot_offsets[t]] = k[t] / v[t]."""
+    tokens, kv_heads, dim = k.shape
+    for name, tensor in (("k", k), ("v", v), ("kv_layer", kv_layer)):
+        if tensor.stride(-1) != 1 or tensor.stride(-2) != dim:
+            raise ValueError(f"write_kv: {name}'s rows of kv heads must be contiguous")
+    for name, index in (("slot_blocks", slot_blocks), ("slot_offsets", slot_offsets)):
+        if index.dtype != torch.int64 or not index.is_contiguous() or index.shape != (tokens,):
+            raise ValueError(f"write_kv: {name} must be {tokens} contiguous int64")
+    kernel(
+        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        kv_layer.data_ptr(), *kv_layer.stride()[:3],
+        slot_blocks.data_ptr(), slot_offsets.data_ptr(), tokens, kv_heads * dim, KERNEL_DTYPES[k.dtype],
+    )  # fmt: skip
+
+
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The torch reference with decodes in the C kernel. Falls back to the reference where the
-    kernel cannot be built (no C compiler), or for a dtype it does not read (float16)."""
+    """The torch reference with decodes and the KV write in C. Falls back to the reference where
+    the library cannot be built (no C compiler), or for a dtype it does not read (float16)."""
 
     def __init__(self, block_size: int) -> None:
         super().__init__(block_size)
         try:
-            self._kernel: ctypes._CFuncPtr | None = load_decode_kernel()
+            self._kernels: tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None = load_kernels()
         except NativeBuildError as error:
-            logger.warning("CPU decode attention kernel unavailable (%s); using the torch reference", error)
-            self._kernel = None
+            logger.warning("CPU attention kernels unavailable (%s); using the torch reference", error)
+            self._kernels = None
 
     @property
     def uses_kernel(self) -> bool:
-        return self._kernel is not None
+        return self._kernels is not None
+
+    def _reads(self, x: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+        return self._kernels is not None and x.dtype in KERNEL_DTYPES and kv_layer.dtype == x.dtype
+
+    def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TorchAttentionMetadata) -> None:
+        if not self._reads(k, kv_layer) or v.dtype != k.dtype:
+            return super().write_kv(kv_layer, k, v, meta)
+        write_kv(self._kernels[1], kv_layer, k, v, meta.slot_blocks, meta.slot_offsets)
 
     def _attend_decodes(
         self, q: torch.Tensor, kv_layer: torch.Tensor, meta: TorchAttentionMetadata, window: int | None
     ) -> torch.Tensor:
-        if self._kernel is None or q.dtype not in KERNEL_DTYPES or kv_layer.dtype != q.dtype:
+        if not self._reads(q, kv_layer):
             return super()._attend_decodes(q, kv_layer, meta, window)
         out = torch.empty_like(q)
         paged_decode_attention(
-            self._kernel, q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, window, out
+            self._kernels[0], q, kv_layer, meta.decode_block_tables, meta.decode_context_lens, window, out
         )
         return out

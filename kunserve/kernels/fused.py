@@ -15,9 +15,12 @@ only where float32 summation order or a transcendental's last bit differs:
   off), so in float32 it is bit-identical to `kunserve.model.rotary.apply_rotary`.
 * `silu_mul`: silu in float32, rounded to the input dtype, then the product, as `F.silu(g) * u`.
 
-`BACKEND` picks the implementation: "auto" (Triton on CUDA tensors, torch elsewhere), "torch" or
-"triton". "triton" on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set before triton
-is imported): that is how the tests run the kernels without a GPU.
+On CPU tensors the same steps run in C (kunserve/kernels/cpu_fused.py), with the same roundings.
+
+`BACKEND` picks the implementation: "auto" (Triton on CUDA tensors, C on CPU tensors where the C
+library could be built and reads the dtype, torch elsewhere), "torch", "triton" or "cpu" (C only).
+"triton" on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set before triton is
+imported): that is how the tests run the kernels without a GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kunserve.kernels import cpu_fused
 from kunserve.model.rotary import apply_rotary
 
 try:
@@ -45,11 +49,26 @@ def _jit(fn):  # type: ignore[no-untyped-def]
     return fn if triton is None else triton.jit(fn)
 
 
+def _use_cpu(*tensors: torch.Tensor) -> bool:
+    """C kernels: asked for ("cpu", where they must run), or "auto" on CPU tensors they read."""
+    if BACKEND not in ("auto", "cpu"):
+        return False
+    takes = all(cpu_fused.runs(t) and t.dtype == tensors[0].dtype for t in tensors)
+    if BACKEND == "cpu" and not takes:
+        raise RuntimeError(
+            "kunserve.kernels.fused: BACKEND is 'cpu' but the C kernels do not take these tensors "
+            f"({', '.join(f'{t.device.type} {t.dtype}' for t in tensors)}; library built: {cpu_fused.available()})"
+        )
+    return takes
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     if BACKEND == "torch" or (BACKEND == "auto" and not x.is_cuda):
         return False
-    if BACKEND not in ("auto", "triton"):
-        raise ValueError(f"kunserve.kernels.fused.BACKEND must be 'auto', 'torch' or 'triton', got {BACKEND!r}")
+    if BACKEND not in ("auto", "triton", "cpu"):
+        raise ValueError(f"kunserve.kernels.fused.BACKEND must be 'auto', 'torch', 'triton' or 'cpu', got {BACKEND!r}")
+    if BACKEND == "cpu":
+        return False
     if triton is None:
         if BACKEND == "triton":
             raise RuntimeError("kunserve.kernels.fused: BACKEND is 'triton' but triton is not installed")
@@ -79,6 +98,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x normalized in float32, rounded to x's dtype), over the last dimension."""
     if _use_triton(x):
         return _norm_triton(x, None, weight, eps)[0]
+    if _use_cpu(x, weight):
+        return cpu_fused.add_rms_norm(x, None, weight, eps)[0]
     return rms_norm_torch(x, weight, eps)
 
 
@@ -89,6 +110,9 @@ def add_rms_norm(
     norm that follows it. Both outputs are new tensors."""
     if _use_triton(x):
         normed, new_residual = _norm_triton(x, residual, weight, eps)
+        return normed, new_residual
+    if _use_cpu(x, residual, weight):
+        normed, new_residual = cpu_fused.add_rms_norm(x, residual, weight, eps)
         return normed, new_residual
     return add_rms_norm_torch(x, residual, weight, eps)
 
@@ -106,6 +130,9 @@ def rotary_qk(
     if _use_triton(q):
         _rotary_triton(q, k, cos_sin, positions)
         return q, k
+    if _use_cpu(q, k):
+        cpu_fused.rotary_qk(q, k, cos_sin, positions)
+        return q, k
     return rotary_qk_torch(q, k, cos_sin, positions)
 
 
@@ -115,6 +142,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"silu_mul: odd last dimension {gate_up.shape[-1]}")
     if _use_triton(gate_up):
         return _silu_mul_triton(gate_up)
+    if _use_cpu(gate_up):
+        return cpu_fused.silu_mul(gate_up)
     return silu_mul_torch(gate_up)
 
 

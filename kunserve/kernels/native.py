@@ -6,8 +6,10 @@ torch headers, so a build takes under a second and a process that finds the libr
 cache loads it in milliseconds. The libraries link the OpenMP runtime torch has loaded
 (libgomp.so.1), so their threads are torch's threads, not a second pool competing for the cores.
 
-`-ffast-math` is given to the compiler only, not to the link: linked into a shared library it
-would set flush-to-zero for the whole process on load.
+Each library has its own floating-point flags (LIBRARY_FLAGS), beside the code that relies on
+them: the attention kernel's reductions are free to reassociate, the fused elementwise kernels
+round as torch does. `-ffast-math` is given to the compiler only, never to the link: linked into
+a shared library it would set flush-to-zero for the whole process on load.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11")
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11")
+LIBRARY_FLAGS = {
+    "cpu_attention": ("-ffast-math",),
+    "cpu_fused": ("-fno-math-errno", "-ffp-contract=off"),
+}
 LINK_FLAGS = ("-shared", "-fopenmp")
 LINK_LIBRARIES = ("-lm",)
 
@@ -61,19 +67,23 @@ def load_library(name: str) -> ctypes.CDLL:
     """csrc/<name>.c built (or found in the cache) and loaded."""
     source = SOURCE_DIR / f"{name}.c"
     compiler = _compiler()
+    flags = [*COMPILE_FLAGS, *LIBRARY_FLAGS[name]]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, *COMPILE_FLAGS, *LINK_FLAGS, _cpu_signature()]).encode()
+        "\0".join([source.read_text(), compiler, *flags, *LINK_FLAGS, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     library = cache_dir() / f"{name}-{key}.so"
     if not library.exists():
-        _build(compiler, source, library)
+        try:
+            _build(compiler, flags, source, library)
+        except OSError as error:  # an unwritable cache, a full disk
+            raise NativeBuildError(f"cannot build into {library.parent} ({error}); set KUNSERVE_CACHE_DIR") from error
     try:
         return ctypes.CDLL(str(library))
     except OSError as error:
         raise NativeBuildError(f"cannot load {library}: {error}") from error
 
 
-def _build(compiler: str, source: Path, library: Path) -> None:
+def _build(compiler: str, flags: list[str], source: Path, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     logger.info("compiling %s into %s", source.name, library)
     # Build beside the target and rename into place: processes building at once never load a
@@ -81,7 +91,7 @@ def _build(compiler: str, source: Path, library: Path) -> None:
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         obj, shared = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
         for command in (
-            [compiler, *COMPILE_FLAGS, "-c", str(source), "-o", str(obj)],
+            [compiler, *flags, "-c", str(source), "-o", str(obj)],
             [compiler, *LINK_FLAGS, str(obj), "-o", str(shared), *LINK_LIBRARIES],
         ):
             result = subprocess.run(command, capture_output=True, text=True, check=False)

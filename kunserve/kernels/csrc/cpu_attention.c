@@ -1,5 +1,5 @@
-/* Paged decode attention on CPU: one new query token per sequence, its keys and values read in
- * place through the block table, each block's K and V once for all the sequence's heads (a
+/* Paged KV on CPU: the KV write of a step's tokens, and decode attention: one new query token
+ * per sequence, its keys and values read in place through the block table, each block's K and V once for all the sequence's heads (a
  * block is one contiguous run of memory: [block_size, kv_heads, dim]), the softmax computed
  * online block by block.
  *
@@ -125,5 +125,19 @@ void paged_decode_attention(
             for (int64_t d = 0; d < dim; ++d)
                 store(out, dtype, seq * out_stride_seq + h * out_stride_head + d, acc[h * dim + d] * inv);
         }
+    }
+}
+
+/* Copies each token's key and value rows (`row` elements: all its kv heads, contiguous) into
+ * its slot: offset slot_offsets[t] of block slot_blocks[t] of the layer's KV. */
+void write_kv(const void *k, int64_t k_stride_token, const void *v, int64_t v_stride_token, void *kv,
+              int64_t kv_stride_block, int64_t kv_stride_kv, int64_t kv_stride_slot, const int64_t *slot_blocks,
+              const int64_t *slot_offsets, int64_t tokens, int64_t row, int dtype)
+{
+    const int64_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    for (int64_t t = 0; t < tokens; ++t) {
+        char *key = (char *)kv + (slot_blocks[t] * kv_stride_block + slot_offsets[t] * kv_stride_slot) * elem;
+        memcpy(key, (const char *)k + t * k_stride_token * elem, row * elem);
+        memcpy(key + kv_stride_kv * elem, (const char *)v + t * v_stride_token * elem, row * elem);
     }
 }
