@@ -1,9 +1,10 @@
 """Offline throughput on CPU, kunserve side by side with the real vLLM (CPU build).
 
 Same tiny Llama directory, float32, N prompts of fixed random token ids, greedy, ignore_eos,
-fixed output length; each engine gets the same cores. kunserve runs its CPU fast paths:
-`attention_backend="cpu"` (decode attention in the C kernel, the CPU default) and
-`linear_backend="onednn"` (weights packed once). The engines take turns for `--rounds`
+fixed output length; each engine gets the same cores. kunserve runs its CPU defaults (decode
+attention, the KV write and the fused elementwise steps in C; linears through oneDNN over the
+arena's weights) unless told otherwise: `--linear-backend onednn-packed` packs the weights once
+(faster at few rows, a second copy of them). The engines take turns for `--rounds`
 rounds, a fresh process each turn timing `--repeats` runs after one warm-up run, so a drift in
 the machine's speed (a shared host) reaches both; the figure is the median of all timed runs. On a tiny model this measures per-step overhead (scheduling, batching,
 sampling). Both run with tcmalloc preloaded where the system has it. vLLM runs from the peer virtual environment made by
@@ -108,8 +109,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attention-backend", default="cpu", choices=("cpu", "torch"),
                         help="kunserve's CPU attention: decodes in the C kernel (the default), or the torch reference")
-    parser.add_argument("--linear-backend", default="onednn", choices=("onednn", "torch"),
-                        help="kunserve's linears: oneDNN with packed weights, or F.linear")
+    parser.add_argument("--linear-backend", default="auto", choices=("auto", "onednn", "onednn-packed", "torch"),
+                        help="kunserve's linears: the default (oneDNN over the arena's weights), packed oneDNN weights, "
+                             "or F.linear")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)

@@ -22,7 +22,7 @@ import torch
 from cpu_offline import engine_env, vllm_peer
 
 from kunserve import LLM, SamplingParams
-from kunserve.kernels.cpu_linear import Linear, PackedLinear, plain_linear
+from kunserve.kernels.cpu_linear import Linear, PackedLinear, onednn_linear, plain_linear
 from kunserve.model.tiny import make_tiny_model
 
 TOP_FUNCTIONS = 12
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--attention-backend", default="cpu", choices=("cpu", "torch"))
-    parser.add_argument("--linear-backend", default="onednn", choices=("onednn", "torch"))
+    parser.add_argument("--linear-backend", default="auto", choices=("auto", "onednn", "onednn-packed", "torch"))
     parser.add_argument("--peer", action="store_true", help="also profile vLLM's CPU build (benchmarks/cpu_offline.py's peer)")
     parser.add_argument("--peer-dir", default=os.environ.get("PEER_DIR", str(Path.home() / ".cache/kunserve-peers")))
     args = parser.parse_args()
@@ -105,7 +105,7 @@ def main() -> None:
     stats.sort_stats("tottime").print_stats(TOP_FUNCTIONS)
     shapes = linear_shapes(llm)
     for rows in (args.num_prompts, 2048):
-        for name, linear in (("F.linear", plain_linear), ("oneDNN-packed", PackedLinear())):
+        for name, linear in (("F.linear", plain_linear), ("oneDNN", onednn_linear), ("oneDNN-packed", PackedLinear())):
             print(f"{name} on the model's shapes with {rows} rows: {gemm_gflops(rows, shapes, linear):.0f} GFLOP/s")
     peer = vllm_peer(Path(args.peer_dir), args.threads, engine_env(args.threads)) if args.peer else None
     if peer is not None:

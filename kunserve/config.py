@@ -11,7 +11,7 @@ PREEMPTION_MODES = ("recompute", "swap")
 ASYNC_SCHEDULING = ("auto", "on", "off")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
-LINEAR_BACKENDS = ("torch", "onednn")
+LINEAR_BACKENDS = ("auto", "torch", "onednn", "onednn-packed")
 # Ray's placement group strategies: STRICT_PACK puts all of a replica's devices on one node.
 RAY_PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -27,9 +27,10 @@ class EngineConfig:
     # "auto" = triton on CUDA, cpu on CPU (decode attention in a C kernel, built once per machine;
     # the torch reference where no C compiler is found); or "torch" (the reference) | "triton" | "cpu"
     attention_backend: str = "auto"
-    # "torch" (F.linear) | "onednn" (float32 on CPU: each weight packed once into oneDNN's layout,
-    # faster GEMMs for a second copy of the weights beside the arena)
-    linear_backend: str = "torch"
+    # "auto" = onednn for float32 on CPU, torch elsewhere; "torch" (F.linear) | "onednn" (oneDNN's
+    # matmul over the arena's weights) | "onednn-packed" (float32 on CPU: each weight packed once
+    # into oneDNN's layout, faster GEMMs for a second copy of the weights beside the arena)
+    linear_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     max_graph_batch_size: int = 256  # largest decode batch replayed from a CUDA graph
     seed: int = 0

@@ -19,7 +19,7 @@ from kunserve import LLM, EngineConfig, SamplingParams
 from kunserve.kernels import cpu_fused, fused, native
 from kunserve.kernels.attention import TorchAttentionBackend, make_attention_backend
 from kunserve.kernels.cpu_attention import CpuAttentionBackend
-from kunserve.kernels.cpu_linear import PackedLinear, make_linear, plain_linear
+from kunserve.kernels.cpu_linear import Linear, PackedLinear, make_linear, onednn_linear, plain_linear
 
 BLOCK_SIZE = 4
 LAYER = 1
@@ -286,24 +286,44 @@ def test_greedy_generation_with_the_c_kernels_matches_torch(llama_dir: Path, mon
     assert runs[0] == runs[1]
 
 
+LINEARS = ("onednn", "onednn-packed")
+
+
+def make_test_linear(name: str) -> Linear:
+    return onednn_linear if name == "onednn" else PackedLinear()
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_packed_linear_matches_f_linear(with_bias: bool) -> None:
+@pytest.mark.parametrize("name", LINEARS)
+def test_onednn_linears_match_f_linear(name: str, with_bias: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 32, generator=gen)
     bias = torch.randn(48, generator=gen) if with_bias else None
-    linear = PackedLinear()
+    linear = make_test_linear(name)
     for rows in (0, 1, 7, 300):
         x = torch.randn(rows, 32, generator=gen)
         torch.testing.assert_close(linear(x, weight, bias, "w"), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_linear_takes_a_strided_input() -> None:
+@pytest.mark.parametrize("name", LINEARS)
+def test_onednn_linears_take_a_strided_input(name: str) -> None:
     """The attention output reaches the o projection as a reshaped view."""
     gen = torch.Generator().manual_seed(1)
     weight, wide = torch.randn(16, 32, generator=gen), torch.randn(5, 64, generator=gen)
     x = wide[:, ::2]
     assert not x.is_contiguous()
-    torch.testing.assert_close(PackedLinear()(x, weight, None, "w"), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(make_test_linear(name)(x, weight, None, "w"), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_the_in_place_onednn_linear_reads_the_weight_as_it_is_now() -> None:
+    """No copy is kept: a weight view into an arena slot is read at each call, so a restore
+    that writes new bytes into the slot is seen at once."""
+    gen = torch.Generator().manual_seed(4)
+    arena, x = torch.randn(1000, generator=gen), torch.randn(3, 8, generator=gen)
+    weight = arena[200:264].view(8, 8)
+    onednn_linear(x, weight, None, (0, "o"))
+    weight.mul_(-2.0)
+    torch.testing.assert_close(onednn_linear(x, weight, None, (0, "o")), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_linear_packs_each_weight_once_by_its_key() -> None:
@@ -330,18 +350,22 @@ def test_packed_linear_keeps_its_pack_when_the_weights_memory_is_reused() -> Non
     torch.testing.assert_close(linear(x, slot, None, (0, "o")), F.linear(x, original), rtol=1e-5, atol=1e-5)
 
 
-def test_linears_are_packed_when_asked_for() -> None:
-    """Packing keeps a second copy of the weights beside the arena, so F.linear is the default."""
+def test_float32_cpu_workers_use_onednn_in_place_by_default() -> None:
+    """Packing keeps a second copy of the weights beside the arena, so it is asked for by name."""
     cpu = torch.device("cpu")
-    assert EngineConfig().linear_backend == "torch"
+    assert EngineConfig().linear_backend == "auto"
+    assert make_linear("auto", cpu, torch.float32) is onednn_linear
+    assert make_linear("auto", cpu, torch.bfloat16) is plain_linear
+    assert make_linear("auto", torch.device("cuda"), torch.float32) is plain_linear
     assert make_linear("torch", cpu, torch.float32) is plain_linear
-    assert isinstance(make_linear("onednn", cpu, torch.float32), PackedLinear)
+    assert isinstance(make_linear("onednn-packed", cpu, torch.float32), PackedLinear)
 
 
+@pytest.mark.parametrize("name", LINEARS)
 @pytest.mark.parametrize(("device", "dtype"), [("cpu", torch.bfloat16), ("cuda", torch.float32)])
-def test_packed_linears_elsewhere_than_float32_on_cpu_are_refused(device: str, dtype: torch.dtype) -> None:
+def test_onednn_linears_elsewhere_than_float32_on_cpu_are_refused(name: str, device: str, dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match="runs float32 on CPU"):
-        make_linear("onednn", torch.device(device), dtype)
+        make_linear(name, torch.device(device), dtype)
 
 
 def test_an_unknown_linear_backend_is_refused() -> None:
@@ -351,12 +375,17 @@ def test_an_unknown_linear_backend_is_refused() -> None:
 
 def test_the_fast_cpu_paths_give_the_reference_engines_greedy_tokens(llama_dir: Path) -> None:
     """The C decode kernel and packed linears against the torch reference paths, end to end,
-    through prefill, decodes and growing block tables."""
+    through prefill, decodes and growing block tables. (The in-place oneDNN linear is the float32
+    CPU default, so every other engine test here runs it.)"""
     prompts = make_prompts(512, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     runs = []
     for fast in (True, False):
-        options = {"attention_backend": "cpu", "linear_backend": "onednn"} if fast else {"attention_backend": "torch"}
+        options = (
+            {"attention_backend": "cpu", "linear_backend": "onednn-packed"}
+            if fast
+            else {"attention_backend": "torch", "linear_backend": "torch"}
+        )
         llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=128, **options)
         model = llm.engine.executor.worker.model
         assert isinstance(model.linear, PackedLinear) == fast

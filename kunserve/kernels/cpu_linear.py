@@ -1,13 +1,16 @@
-"""Linear layers on CPU through oneDNN, each weight packed once into oneDNN's blocked layout
-(`EngineConfig.linear_backend="onednn"`).
+"""Linear layers on CPU through oneDNN (`EngineConfig.linear_backend`).
 
-F.linear on CPU runs MKL's GEMM over the plain row-major weight every call; oneDNN's matmul
-over a weight reordered once runs the model's GEMMs 1.2-1.4x faster at 64 and 2048 rows
-(benchmarks/cpu_profile.py, float32; vLLM's CPU backend packs its weights the same way). The packed
-copies live beside the arena, not in it: a worker then holds its decoder weights twice, and a
-drop frees only the arena's copy, which is why it is not the default. Weights never change, so
-a pack stays valid across drops and restores; it is keyed by the weight's place in the model
-(global layer index and name), never by its address, which a drop hands to KV blocks.
+F.linear on CPU runs MKL's GEMM, which on the AMD cores measured here takes the slower of its
+code paths. oneDNN's matmul runs the same product over the arena's row-major weight in place
+("onednn", the float32 CPU default: no copy, so a drop frees the weight's bytes as on a GPU),
+or over a copy of the weight reordered once into oneDNN's blocked layout ("onednn-packed",
+faster still at a decode step's few rows; vLLM's CPU backend packs its weights the same way).
+benchmarks/cpu_profile.py prints the three rates on the model's shapes.
+
+The packed copies live beside the arena, not in it: a worker then holds its decoder weights
+twice, and a drop frees only the arena's copy, which is why packing is opt-in. Weights never
+change, so a pack stays valid across drops and restores; it is keyed by the weight's place in
+the model (global layer index and name), never by its address, which a drop hands to KV blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: Hashable) -> torch.Tensor:
+    """F.linear's result through oneDNN's matmul, reading the weight where it is."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class PackedLinear:
     """F.linear's result through oneDNN, packing each weight at its first use."""
 
@@ -44,13 +52,18 @@ class PackedLinear:
 
 
 def make_linear(backend: str, device: torch.device, dtype: torch.dtype) -> Linear:
-    """`torch`: F.linear; `onednn`: packed oneDNN linears (float32 on CPU only)."""
+    """`auto`: oneDNN on float32 CPU workers, F.linear elsewhere; `torch`: F.linear; `onednn`:
+    oneDNN over the weights in place; `onednn-packed`: oneDNN over packed copies. The oneDNN
+    backends run float32 on CPU only."""
+    if backend not in ("auto", "torch", "onednn", "onednn-packed"):
+        raise ValueError(f"linear_backend: expected 'auto', 'torch', 'onednn' or 'onednn-packed', got {backend!r}")
+    runs_onednn = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if backend == "auto":
+        backend = "onednn" if runs_onednn else "torch"
     if backend == "torch":
         return plain_linear
-    if backend != "onednn":
-        raise ValueError(f"linear_backend: expected 'torch' or 'onednn', got {backend!r}")
     if device.type != "cpu" or dtype != torch.float32:
-        raise ValueError(f"linear_backend 'onednn' runs float32 on CPU, not {dtype} on {device.type}")
-    if not torch.backends.mkldnn.is_available():
-        raise ValueError("linear_backend 'onednn': this torch build has no oneDNN")
-    return PackedLinear()
+        raise ValueError(f"linear_backend {backend!r} runs float32 on CPU, not {dtype} on {device.type}")
+    if not runs_onednn:
+        raise ValueError(f"linear_backend {backend!r}: this torch build has no oneDNN")
+    return onednn_linear if backend == "onednn" else PackedLinear()
