@@ -70,12 +70,13 @@ def add_rms_norm(
         raise ValueError(f"add_rms_norm: residual {residual.dtype}{tuple(residual.shape)} != x {x.dtype}{tuple(x.shape)}")
     x2 = _rows(x)
     r2 = None if residual is None else _rows(residual)
+    w = weight.contiguous()  # held until the call returns
     out = torch.empty(x.shape, dtype=x.dtype)
     new_residual = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
     rows = x2.shape[0]
     _kernels()["add_rms_norm"](
         x2.data_ptr(), x2.stride(0), None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0),
-        weight.contiguous().data_ptr(), out.data_ptr(), n, None if new_residual is None else new_residual.data_ptr(), n,
+        w.data_ptr(), out.data_ptr(), n, None if new_residual is None else new_residual.data_ptr(), n,
         rows, n, eps, KERNEL_DTYPES[x.dtype],
     )  # fmt: skip
     return out, new_residual
