@@ -6,6 +6,7 @@ both built by kunserve/kernels/native.py, and linears through oneDNN-packed weig
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +150,25 @@ def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel_cache: Path, monke
     monkeypatch.setattr(native, "_build", no_build)
     assert CpuAttentionBackend(BLOCK_SIZE).uses_kernel
     assert list(fresh_kernel_cache.glob("*.so")) == [library]
+
+
+def test_a_changed_header_builds_a_new_library(
+    fresh_kernel_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache key covers the headers the sources include, not only the sources."""
+    if not CpuAttentionBackend(BLOCK_SIZE).uses_kernel:
+        pytest.skip("the C decode kernel could not be built here (no C compiler?)")
+    sources = tmp_path / "csrc"
+    shutil.copytree(native.SOURCE_DIR, sources)
+    monkeypatch.setattr(native, "SOURCE_DIR", sources)
+    native.load_library.cache_clear()
+    native.load_library("cpu_attention")
+    before = set(fresh_kernel_cache.glob("cpu_attention-*.so"))
+    with (sources / "dtype.h").open("a") as header:
+        header.write("\n/* changed */\n")
+    native.load_library.cache_clear()
+    native.load_library("cpu_attention")
+    assert len(before) == 1 and len(set(fresh_kernel_cache.glob("cpu_attention-*.so")) - before) == 1
 
 
 def test_loading_the_kernel_keeps_denormal_floats() -> None:

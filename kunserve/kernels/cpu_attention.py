@@ -18,11 +18,10 @@ import logging
 import torch
 
 from kunserve.kernels.attention import TorchAttentionBackend, TorchAttentionMetadata
-from kunserve.kernels.native import NativeBuildError, load_library
+from kunserve.kernels.native import DTYPE_CODES, NativeBuildError, load_library
 
 logger = logging.getLogger(__name__)
 
-KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's DTYPE_* codes
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _DECODE_ARGTYPES = [
@@ -70,7 +69,7 @@ def paged_decode_attention(
         block_tables.data_ptr(), block_tables.stride(0), lens.data_ptr(),
         out.data_ptr(), out.stride(0), out.stride(1),
         batch, heads, kv_heads, dim, block_size,
-        window or 0, dim**-0.5, KERNEL_DTYPES[q.dtype],
+        window or 0, dim**-0.5, DTYPE_CODES[q.dtype],
     )  # fmt: skip
 
 
@@ -89,7 +88,7 @@ def write_kv(
     kernel(
         k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         kv_layer.data_ptr(), *kv_layer.stride()[:3],
-        slot_blocks.data_ptr(), slot_offsets.data_ptr(), tokens, kv_heads * dim, KERNEL_DTYPES[k.dtype],
+        slot_blocks.data_ptr(), slot_offsets.data_ptr(), tokens, kv_heads * dim, DTYPE_CODES[k.dtype],
     )  # fmt: skip
 
 
@@ -110,7 +109,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return self._kernels is not None
 
     def _reads(self, x: torch.Tensor, kv_layer: torch.Tensor) -> bool:
-        return self._kernels is not None and x.dtype in KERNEL_DTYPES and kv_layer.dtype == x.dtype
+        return self._kernels is not None and x.dtype in DTYPE_CODES and kv_layer.dtype == x.dtype
 
     def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TorchAttentionMetadata) -> None:
         if not self._reads(k, kv_layer) or v.dtype != k.dtype:

@@ -10,11 +10,10 @@ from functools import cache
 
 import torch
 
-from kunserve.kernels.native import NativeBuildError, load_library
+from kunserve.kernels.native import DTYPE_CODES, NativeBuildError, load_library
 
 logger = logging.getLogger(__name__)
 
-KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' DTYPE_* codes
 
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _ARGTYPES = {
@@ -50,7 +49,7 @@ def available() -> bool:
 
 def runs(x: torch.Tensor) -> bool:
     """Whether these kernels take `x`: a CPU tensor of a dtype they read, the library built."""
-    return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and available()
+    return x.device.type == "cpu" and x.dtype in DTYPE_CODES and available()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +76,7 @@ def add_rms_norm(
     _kernels()["add_rms_norm"](
         x2.data_ptr(), x2.stride(0), None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0),
         w.data_ptr(), out.data_ptr(), n, None if new_residual is None else new_residual.data_ptr(), n,
-        rows, n, eps, KERNEL_DTYPES[x.dtype],
+        rows, n, eps, DTYPE_CODES[x.dtype],
     )  # fmt: skip
     return out, new_residual
 
@@ -95,7 +94,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, positions
     _kernels()["rotary_qk"](
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
         cos_sin.data_ptr(), cos_sin.stride(0), pos.data_ptr(), tokens, q_heads, k.shape[1], head_dim // 2,
-        KERNEL_DTYPES[q.dtype],
+        DTYPE_CODES[q.dtype],
     )  # fmt: skip
 
 
@@ -105,5 +104,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gu.shape
     inner = width // 2
     out = torch.empty((*gate_up.shape[:-1], inner), dtype=gate_up.dtype)
-    _kernels()["silu_mul"](gu.data_ptr(), gu.stride(0), out.data_ptr(), inner, rows, inner, KERNEL_DTYPES[gu.dtype])
+    _kernels()["silu_mul"](gu.data_ptr(), gu.stride(0), out.data_ptr(), inner, rows, inner, DTYPE_CODES[gu.dtype])
     return out

@@ -21,6 +21,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from kunserve.config import LINEAR_BACKENDS
+
 
 class Linear(Protocol):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, key: Hashable) -> torch.Tensor:
@@ -55,8 +57,8 @@ def make_linear(backend: str, device: torch.device, dtype: torch.dtype) -> Linea
     """`auto`: oneDNN on float32 CPU workers, F.linear elsewhere; `torch`: F.linear; `onednn`:
     oneDNN over the weights in place; `onednn-packed`: oneDNN over packed copies. The oneDNN
     backends run float32 on CPU only."""
-    if backend not in ("auto", "torch", "onednn", "onednn-packed"):
-        raise ValueError(f"linear_backend: expected 'auto', 'torch', 'onednn' or 'onednn-packed', got {backend!r}")
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"linear_backend: expected one of {LINEAR_BACKENDS}, got {backend!r}")
     runs_onednn = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
     if backend == "auto":
         backend = "onednn" if runs_onednn else "torch"

@@ -1,6 +1,6 @@
 """The C kernels in kunserve/kernels/csrc, compiled on first use for the machine they run on.
 
-A kernel library is built once per (source, compiler, flags, CPU) into a cache directory
+A kernel library is built once per (source and headers, compiler, flags, CPU) into a cache directory
 ($KUNSERVE_CACHE_DIR, else ~/.cache/kunserve) and loaded with ctypes: no Python headers, no
 torch headers, so a build takes under a second and a process that finds the library in the
 cache loads it in milliseconds. The libraries link the OpenMP runtime torch has loaded
@@ -25,9 +25,12 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/dtype.h's DTYPE_* codes: what the kernels read
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11")
 LIBRARY_FLAGS = {
     "cpu_attention": ("-ffast-math",),
@@ -52,6 +55,11 @@ def _compiler() -> str:
     return compiler
 
 
+def _source_texts(source: Path) -> list[str]:
+    """The source and every header beside it: a change to either is a new library."""
+    return [path.read_text() for path in (source, *sorted(SOURCE_DIR.glob("*.h")))]
+
+
 def _cpu_signature() -> str:
     """What -march=native compiles for: the CPU's model and feature flags."""
     try:
@@ -69,7 +77,7 @@ def load_library(name: str) -> ctypes.CDLL:
     compiler = _compiler()
     flags = [*COMPILE_FLAGS, *LIBRARY_FLAGS[name]]
     key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, *flags, *LINK_FLAGS, _cpu_signature()]).encode()
+        "\0".join([*_source_texts(source), compiler, *flags, *LINK_FLAGS, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     library = cache_dir() / f"{name}-{key}.so"
     if not library.exists():

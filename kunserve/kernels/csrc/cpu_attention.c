@@ -1,7 +1,7 @@
 /* Paged KV on CPU: the KV write of a step's tokens, and decode attention: one new query token
- * per sequence, its keys and values read in place through the block table, each block's K and V once for all the sequence's heads (a
- * block is one contiguous run of memory: [block_size, kv_heads, dim]), the softmax computed
- * online block by block.
+ * per sequence, its keys and values read in place through the block table, each block's K and V
+ * once for all the sequence's heads (a block is one contiguous run of memory: [block_size,
+ * kv_heads, dim]), the softmax computed online block by block.
  *
  * Built by kunserve/kernels/native.py with -O3 -march=native -ffast-math -fopenmp: the fast-math
  * flags let GCC vectorize the dot products' reductions and expf (through glibc's libmvec). No
@@ -13,26 +13,13 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+#include "dtype.h"
 
 /* `n` elements at `src` as float32: `src` itself for float32, else widened into `buf`. */
 static inline const float *as_float(const void *src, int dtype, float *buf, int64_t n) {
     if (dtype == DTYPE_FLOAT32) return (const float *)src;
-    const uint16_t *bits = (const uint16_t *)src;
-    uint32_t *wide = (uint32_t *)buf;
-    for (int64_t i = 0; i < n; ++i) wide[i] = (uint32_t)bits[i] << 16;
+    for (int64_t i = 0; i < n; ++i) buf[i] = load(src, dtype, i);
     return buf;
-}
-
-static inline void store(void *dst, int dtype, int64_t index, float value) {
-    if (dtype == DTYPE_FLOAT32) {
-        ((float *)dst)[index] = value;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even, as torch rounds to bfloat16 */
-    ((uint16_t *)dst)[index] = (uint16_t)(bits >> 16);
 }
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
@@ -76,7 +63,7 @@ void paged_decode_attention(
     int64_t window, float scale, int dtype)
 {
     const int64_t group = num_heads / num_kv_heads;
-    const int64_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t elem = element_size(dtype);
     const char *kv_bytes = (const char *)kv;
     /* One sequence per work item, handed out dynamically: contexts differ in length. */
 #pragma omp parallel for schedule(dynamic, 1)
@@ -122,8 +109,8 @@ void paged_decode_attention(
         }
         for (int64_t h = 0; h < num_heads; ++h) {
             const float inv = 1.0f / denom[h];
-            for (int64_t d = 0; d < dim; ++d)
-                store(out, dtype, seq * out_stride_seq + h * out_stride_head + d, acc[h * dim + d] * inv);
+            const int64_t row = seq * out_stride_seq + h * out_stride_head;
+            for (int64_t d = 0; d < dim; ++d) store(out, dtype, row + d, round_to(acc[h * dim + d] * inv, dtype));
         }
     }
 }
@@ -134,7 +121,7 @@ void write_kv(const void *k, int64_t k_stride_token, const void *v, int64_t v_st
               int64_t kv_stride_block, int64_t kv_stride_kv, int64_t kv_stride_slot, const int64_t *slot_blocks,
               const int64_t *slot_offsets, int64_t tokens, int64_t row, int dtype)
 {
-    const int64_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t elem = element_size(dtype);
     for (int64_t t = 0; t < tokens; ++t) {
         char *key = (char *)kv + (slot_blocks[t] * kv_stride_block + slot_offsets[t] * kv_stride_slot) * elem;
         memcpy(key, (const char *)k + t * k_stride_token * elem, row * elem);

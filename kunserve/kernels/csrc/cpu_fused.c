@@ -10,9 +10,8 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+#include "dtype.h"
 
 /* glibc's vector expf (libmvec), which GCC calls from vectorized loops only under -ffast-math
  * unless the declaration says it exists. */
@@ -21,42 +20,13 @@ __attribute__((__simd__("notinbranch"))) float expf(float);
 /* Rows of at least this many elements in all are split over the threads. */
 #define PARALLEL_ELEMENTS 32768
 
-static inline float load(const void *p, int dtype, int64_t i) {
-    if (dtype == DTYPE_FLOAT32) return ((const float *)p)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-/* `value` rounded to the dtype's precision (round to nearest even), still as a float. */
-static inline float round_to(float value, int dtype) {
-    if (dtype == DTYPE_FLOAT32) return value;
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-/* Stores a value already rounded to the dtype. */
-static inline void store(void *p, int dtype, int64_t i, float value) {
-    if (dtype == DTYPE_FLOAT32) {
-        ((float *)p)[i] = value;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    ((uint16_t *)p)[i] = (uint16_t)(bits >> 16);
-}
-
 /* out = weight * round(h * rsqrt(mean(h^2) + eps)) with h = round(x + residual) stored to
  * new_residual, or h = x where residual is NULL. Strides are row strides in elements. */
 void add_rms_norm(const void *x, int64_t x_stride, const void *residual, int64_t residual_stride,
                   const void *weight, void *out, int64_t out_stride, void *new_residual,
                   int64_t new_residual_stride, int64_t rows, int64_t n, float eps, int dtype)
 {
-    const int64_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t elem = element_size(dtype);
 #pragma omp parallel for if (rows * n >= PARALLEL_ELEMENTS)
     for (int64_t row = 0; row < rows; ++row) {
         float h[n];
@@ -101,7 +71,7 @@ void rotary_qk(void *q, int64_t q_stride_token, int64_t q_stride_head, void *k, 
                int64_t k_stride_head, const float *cos_sin, int64_t cos_sin_stride, const int64_t *positions,
                int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t half, int dtype)
 {
-    const int64_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t elem = element_size(dtype);
 #pragma omp parallel for if (tokens * (q_heads + kv_heads) * half >= PARALLEL_ELEMENTS)
     for (int64_t t = 0; t < tokens; ++t) {
         const float *cos = cos_sin + positions[t] * cos_sin_stride, *sin = cos + half;
@@ -114,7 +84,7 @@ void rotary_qk(void *q, int64_t q_stride_token, int64_t q_stride_head, void *k, 
 void silu_mul(const void *gate_up, int64_t gate_up_stride, void *out, int64_t out_stride, int64_t rows,
               int64_t inner, int dtype)
 {
-    const int64_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t elem = element_size(dtype);
 #pragma omp parallel for if (rows * inner >= PARALLEL_ELEMENTS)
     for (int64_t row = 0; row < rows; ++row) {
         const char *gate = (const char *)gate_up + row * gate_up_stride * elem, *up = gate + inner * elem;
