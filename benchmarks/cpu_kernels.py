@@ -69,14 +69,20 @@ def decode_step(context: int, generator: torch.Generator) -> tuple[BatchLayout, 
 def kernel_load_seconds() -> tuple[float, float]:
     """(build into an empty cache, load from the cache) of the C kernel library, in seconds."""
     timings = []
+    previous = os.environ.get("KUNSERVE_CACHE_DIR")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["KUNSERVE_CACHE_DIR"] = cache
-        for _ in range(2):
-            native.load_library.cache_clear()
-            start = time.perf_counter()
-            native.load_library("cpu_attention")
-            timings.append(time.perf_counter() - start)
-        del os.environ["KUNSERVE_CACHE_DIR"]
+        try:
+            for _ in range(2):
+                native.load_library.cache_clear()
+                start = time.perf_counter()
+                native.load_library("cpu_attention")
+                timings.append(time.perf_counter() - start)
+        finally:
+            if previous is None:
+                del os.environ["KUNSERVE_CACHE_DIR"]
+            else:
+                os.environ["KUNSERVE_CACHE_DIR"] = previous
     native.load_library.cache_clear()
     return timings[0], timings[1]
 
