@@ -6,10 +6,10 @@
    128, block 16, a block-major arena of 2 layers, shuffled blocks) over tile configurations
    (keys per tile, warps, pipeline stages), timed replayed from a CUDA graph, as KV bytes read
    per second.
-3. The same kernel on contexts of mixed lengths (uniform in 100..2048, as in the end-to-end
-   workload of benchmarks/engine.py), with the key splits planned as for a graph captured for
-   4160-token contexts and with 1, 2, 4 splits forced: whether a step's long sequences hold
-   the kernel up while the short ones are done.
+3. The same kernel over key splits per sequence (the backend's plan, and 1..8 forced) on three
+   context mixes: uniform in 100..2048 (as in the end-to-end workload of benchmarks/engine.py),
+   all 1k, and uniform in 100..400; at batch 1..256. A step's long sequences hold the kernel
+   up while the short ones are done unless they are split; splits cost a reduction.
 
     python benchmarks/decode_breakdown.py --out $OUT/decode_breakdown.json
 """
@@ -40,8 +40,9 @@ SHOWN_TILES = 8  # fastest tile configurations printed per batch (the JSON has a
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 ARENA_LAYERS = 2
 TILE_KEYS, TILE_WARPS, TILE_STAGES = (32, 64, 128), (2, 4, 8), (2, 3)
-MIXED_MIN, MIXED_MAX, GRAPH_CONTEXT = 100, 2048, 4160
-SPLIT_COUNTS = (None, 1, 2, 4)  # None: the backend's plan
+CONTEXT_MIXES = {"100..2048": (100, 2048), "1k": (CONTEXT, CONTEXT), "100..400": (100, 400)}
+SPLIT_BATCHES = (1, 8, 16, 32, 64, 96, 128, 192, 256)
+SPLIT_COUNTS = (None, 1, 2, 3, 4, 6, 8)  # None: the backend's plan
 
 
 def profile_decode(batch: int) -> dict:
@@ -128,10 +129,11 @@ def sweep_tiles(batch: int) -> list[dict]:
     return rows
 
 
-def sweep_splits(batch: int) -> list[dict]:
-    """Mixed contexts, the default tile, splits planned for graph-sized contexts or forced."""
+def sweep_splits(mix: str, batch: int) -> list[dict]:
+    """One context mix at one batch size, the default tile, each split count."""
+    low, high = CONTEXT_MIXES[mix]
     rng = np.random.default_rng(batch + 1)
-    contexts = rng.integers(MIXED_MIN, MIXED_MAX + 1, batch)
+    contexts = rng.integers(low, high + 1, batch)
     layout, kv_layer, q = decode_inputs(batch, rng, contexts)
     kv_bytes = int(contexts.sum()) * 2 * NUM_KV_HEADS * HEAD_DIM * kv_layer.element_size()
     rows = []
@@ -139,12 +141,26 @@ def sweep_splits(batch: int) -> list[dict]:
         backend = TritonAttentionBackend(BLOCK, decode_splits=forced)
         meta = backend.build_metadata(layout, q.device)
         torch.cuda.synchronize()  # the metadata is copied on this stream; do_bench_cudagraph runs on another
-        meta.max_decode_context_len = GRAPH_CONTEXT  # as a captured graph plans its splits
         ms = float(triton.testing.do_bench_cudagraph(lambda b=backend, m=meta: b.attend(q, kv_layer, m, None), rep=30,
                                                      return_mode="median"))
-        rows.append({"batch": batch, "forced_splits": forced, "splits": next(iter(meta.decode_splits.values())),
-                     "ms": ms, "TBps": kv_bytes / ms / 1e9})
+        rows.append({"mix": mix, "batch": batch, "forced_splits": forced,
+                     "splits": next(iter(meta.decode_splits.values())), "ms": ms, "TBps": kv_bytes / ms / 1e9})
     return rows
+
+
+def print_splits(rows: list[dict]) -> None:
+    """Per mix and batch: TB/s of KV read with the plan and with each forced split count."""
+    forced = [n for n in SPLIT_COUNTS if n is not None]
+    print("\nTB/s of KV read by key splits per sequence (plan: the backend's choice)")
+    print(f"{'mix':>9} {'batch':>5} {'plan':>10} " + " ".join(f"{n:>5}" for n in forced))
+    for mix in CONTEXT_MIXES:
+        for batch in SPLIT_BATCHES:
+            by_count = {r["forced_splits"]: r for r in rows if r["mix"] == mix and r["batch"] == batch}
+            if not by_count:
+                continue
+            plan = by_count[None]
+            print(f"{mix:>9} {batch:>5} {plan['TBps']:>5.2f} ({plan['splits']}) "
+                  + " ".join(f"{by_count[n]['TBps']:>5.2f}" for n in forced))
 
 
 def main() -> None:
@@ -162,7 +178,7 @@ def main() -> None:
         report["tiles"] += sweep_tiles(batch)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
-    report["mixed_contexts"] = [row for batch in BATCHES for row in sweep_splits(batch)]
+    report["splits"] = [row for mix in CONTEXT_MIXES for batch in SPLIT_BATCHES for row in sweep_splits(mix, batch)]
     Path(args.out).write_text(json.dumps(report, indent=2))
 
     print(f"\n{report['device']}: Triton decode attention, ctx {CONTEXT}, graph-replayed")
@@ -172,12 +188,7 @@ def main() -> None:
     for row in shown:
         print(f"{row['batch']:>5} {row['keys']:>5} {row['warps']:>5} {row['stages']:>6} "
               f"{row['ms']:>8.3f} {row['TBps']:>6.2f}")
-    print(f"\ncontexts uniform in {MIXED_MIN}..{MIXED_MAX}, splits planned for {GRAPH_CONTEXT}-token graphs")
-    print(f"{'batch':>5} {'splits':>8} {'ms':>8} {'TB/s':>6}")
-    for row in report["mixed_contexts"]:
-        splits = f"{row['splits']}" + (" (plan)" if row["forced_splits"] is None else "")
-        print(f"{row['batch']:>5} {splits:>8} {row['ms']:>8.3f} {row['TBps']:>6.2f}")
-
+    print_splits(report["splits"])
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,13 @@ def test_graph_batch_sizes_cover_every_batch_up_to_the_maximum() -> None:
     assert all(any(s >= b for s in sizes) for b in range(1, 41))
 
 
+def test_graph_batch_sizes_include_every_power_of_two() -> None:
+    """The Triton backend plans key splits from the batch rounded up to a power of two, which
+    then equals the plan for the batch's bucket."""
+    sizes = graph_batch_sizes(200)
+    assert {1, 2, 4, 8, 16, 32, 64, 128} <= set(sizes)
+
+
 def test_static_decode_path_matches_eager(llama_dir: Path) -> None:
     prompts = make_prompts(256, (3, 20, 9))  # 3 rows: padded up to the 4-row size
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -110,6 +110,27 @@ def test_split_k_decode_matches_reference(splits: int, window: int | None) -> No
     assert_close(expected, got, torch.float32)
 
 
+def test_graph_buffers_and_step_metadata_attend_to_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode batch padded to its graph bucket splits its keys as the eager step does, so a
+    graph replay and an eager step give bit-identical attention (a GPU's SM count, emulated,
+    makes the plan split)."""
+    batch, arena, q, _, _ = make_step(DECODES_ONLY, device=DEVICE)
+    backend = TritonAttentionBackend(4)
+    monkeypatch.setattr(backend, "_sm_count", lambda device: 16)
+    eager_meta = backend.build_metadata(batch, DEVICE)
+    eager = backend.attend(q, arena[:, 1], eager_meta, None)
+    bucket = 8
+    buffers = backend.decode_graph_buffers(bucket, batch.block_tables.shape[1], DEVICE)
+    buffers.fill(batch)
+    graph_meta = buffers.metadata(bucket)
+    padded_q = torch.zeros((bucket, *q.shape[1:]), dtype=q.dtype, device=DEVICE)
+    padded_q[: len(q)] = q
+    replayed = backend.attend(padded_q, arena[:, 1], graph_meta, None)
+    assert eager_meta.decode_splits == graph_meta.decode_splits
+    assert min(eager_meta.decode_splits.values()) > 1
+    assert torch.equal(replayed[: len(q)], eager)
+
+
 @pytest.mark.parametrize("window", [None, 1, 6, 1000], ids=["full", "window1", "window6", "window1000"])
 def test_prefill_only_batch_matches_reference(window: int | None) -> None:
     expected, got, _, _ = run_both(PREFILLS_ONLY, window, group=2)

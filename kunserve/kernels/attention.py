@@ -50,9 +50,7 @@ class AttentionBackend(ABC):
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: object, sliding_window: int | None) -> torch.Tensor:
         """q: [tokens, heads, head_dim] -> [tokens, heads, head_dim], causal over the paged KV."""
 
-    def decode_graph_buffers(
-        self, max_batch: int, max_blocks: int, max_context: int, device: torch.device
-    ) -> DecodeGraphBuffers | None:
+    def decode_graph_buffers(self, max_batch: int, max_blocks: int, device: torch.device) -> DecodeGraphBuffers | None:
         """Static metadata buffers for decode steps replayed from CUDA graphs; None when this
         backend cannot run inside a graph."""
         return None

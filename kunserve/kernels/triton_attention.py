@@ -40,6 +40,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.0 / math.log(2.0)
 # Running max before any key is seen: finite, so exp2(m_old - m_new) never computes inf - inf.
 _NEG_BIG = tl.constexpr(-1.0e30)
+# Decode programs (sequence x kv head x key split) to launch per SM: key splits are added until
+# a batch has about this many. From benchmarks/decode_breakdown.py's split sweep on an H200:
+# fewer leave a step waiting on its longest sequences at batch 8-64; more only add reductions.
+_DECODE_PROGRAMS_PER_SM = 8
+_MAX_DECODE_SPLITS = 32
 
 
 def _patch_interpreter_scalar_index() -> None:
@@ -381,7 +386,6 @@ class TritonAttentionMetadata:
     num_decodes: int
     num_prefills: int
     max_prefill_query_len: int
-    max_decode_context_len: int
     decode_splits: dict[tuple[int, int | None], int] = field(default_factory=dict)
 
 
@@ -436,7 +440,6 @@ class TritonAttentionBackend(AttentionBackend):
             num_decodes=nd,
             num_prefills=num_seqs - nd,
             max_prefill_query_len=int(query_lens[nd:].max()) if num_seqs > nd else 0,
-            max_decode_context_len=int(context_lens[:nd].max()) if nd else 0,
         )
 
     # ---- KV write ---------------------------------------------------------------------------
@@ -525,10 +528,8 @@ class TritonAttentionBackend(AttentionBackend):
             )  # fmt: skip
         return out
 
-    def decode_graph_buffers(
-        self, max_batch: int, max_blocks: int, max_context: int, device: torch.device
-    ) -> TritonDecodeGraphBuffers:
-        return TritonDecodeGraphBuffers(max_batch, max_blocks, max_context, device)
+    def decode_graph_buffers(self, max_batch: int, max_blocks: int, device: torch.device) -> TritonDecodeGraphBuffers:
+        return TritonDecodeGraphBuffers(max_batch, max_blocks, device)
 
     # ---- launch parameters --------------------------------------------------------------------
 
@@ -556,6 +557,10 @@ class TritonAttentionBackend(AttentionBackend):
         window: int | None,
         cfg: _KernelConfig,
     ) -> int:
+        """Key splits per decode sequence, from the batch size rounded up to a power of two
+        alone: a graph captured for a batch's bucket (kunserve/worker/cuda_graphs.py captures
+        every power of two) and an eager step of the batch then split alike and give the same
+        bits, whatever the contexts (a split past a sequence's keys sees none, weighs nothing)."""
         key = (num_kv_heads, window)
         splits = meta.decode_splits.get(key)
         if splits is not None:
@@ -563,11 +568,10 @@ class TritonAttentionBackend(AttentionBackend):
         if self.forced_decode_splits is not None:
             splits = max(1, self.forced_decode_splits)
         else:
-            programs = meta.num_decodes * num_kv_heads
-            span = meta.max_decode_context_len if window is None else min(window, meta.max_decode_context_len)
-            # Enough programs to fill the GPU about twice over, each with at least two key tiles.
-            target = 2 * self._sm_count(device)
-            splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(span, 2 * cfg.decode_block_n), 32))
+            programs = triton.next_power_of_2(meta.num_decodes) * num_kv_heads
+            splits = max(1, min(_DECODE_PROGRAMS_PER_SM * self._sm_count(device) // programs, _MAX_DECODE_SPLITS))
+            if window is not None:  # each split at least two key tiles of the window
+                splits = min(splits, max(1, window // (2 * cfg.decode_block_n)))
         meta.decode_splits[key] = splits
         return splits
 
@@ -593,8 +597,8 @@ class TritonDecodeGraphBuffers(DecodeGraphBuffers):
     staged in pinned host memory (a ring: see kunserve/kernels/staging.py) and copied to the
     device in one transfer per step."""
 
-    def __init__(self, max_batch: int, max_blocks: int, max_context: int, device: torch.device) -> None:
-        self.max_batch, self.max_blocks, self.max_context = max_batch, max_blocks, max_context
+    def __init__(self, max_batch: int, max_blocks: int, device: torch.device) -> None:
+        self.max_batch, self.max_blocks = max_batch, max_blocks
         sizes = (max_batch, max_batch, max_batch + 1, max_batch * max_blocks)
         _, self._bounds = _pack_int32(sizes)
         self._staging = PinnedRing(lambda: self._padding_rows(sizes), device)
@@ -621,8 +625,6 @@ class TritonDecodeGraphBuffers(DecodeGraphBuffers):
             num_decodes=batch_size,
             num_prefills=0,
             max_prefill_query_len=0,
-            # Splits are fixed at capture time, so they are chosen for the longest context.
-            max_decode_context_len=self.max_context,
         )
 
     def fill(self, batch: BatchLayout) -> None:

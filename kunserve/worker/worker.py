@@ -112,7 +112,7 @@ class Worker:
             return None
         max_batch = min(config.max_graph_batch_size, config.max_num_seqs)
         max_blocks = -(-max_model_len // config.block_size)
-        buffers = model.backend.decode_graph_buffers(max_batch, max_blocks, max_model_len, self.device)
+        buffers = model.backend.decode_graph_buffers(max_batch, max_blocks, self.device)
         if buffers is None:
             return None
         return DecodeGraphs(model, buffers, max_batch, max_blocks, self.device, lazy)
