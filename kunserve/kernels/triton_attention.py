@@ -547,7 +547,10 @@ class TritonAttentionBackend(AttentionBackend):
             return _KernelConfig(128, 64, 4, 3, 64, 4, 3)
         # Decode tiles: the fastest of benchmarks/decode_breakdown.py's sweep on an H200
         # (4.2-4.3 TB/s of KV read at batch 128-256, 1k contexts; 64 keys x 4 warps: 3.9-4.0).
-        return _KernelConfig(128, 64, 8, 2, 32, 2, 2)
+        # Prefill tiles: within 7% of the fastest of benchmarks/prefill_tiles.py's sweep on an
+        # H200 in each of its steps (a fresh 4k prompt, a step of short prompts, a chunk after
+        # context); 128 rows x 8 warps was 11-15% slower.
+        return _KernelConfig(64, 64, 4, 2, 32, 2, 2)
 
     def _decode_splits(
         self,
