@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -29,7 +30,7 @@ import triton.testing
 
 from kunserve import LLM, SamplingParams
 from kunserve.kernels.attention import BatchLayout
-from kunserve.kernels.triton_attention import TritonAttentionBackend, _KernelConfig
+from kunserve.kernels.triton_attention import TritonAttentionBackend
 from kunserve.sampling_params import RequestOutputKind
 
 BATCHES = (128, 256)
@@ -76,17 +77,6 @@ def profile_decode(batch: int) -> dict:
     return profile
 
 
-class TiledBackend(TritonAttentionBackend):
-    """The backend with one tile configuration for decodes (the sweep's variable)."""
-
-    def __init__(self, tile: _KernelConfig) -> None:
-        super().__init__(BLOCK)
-        self.tile = tile
-
-    def _config(self, device: torch.device, head_dim: int, dtype: torch.dtype) -> _KernelConfig:
-        return self.tile
-
-
 def decode_inputs(
     batch: int, rng: np.random.Generator, contexts: np.ndarray | None = None
 ) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
@@ -111,7 +101,9 @@ def sweep_tiles(batch: int) -> list[dict]:
     kv_bytes = batch * CONTEXT * 2 * NUM_KV_HEADS * HEAD_DIM * kv_layer.element_size()
     rows = []
     for keys, warps, stages in itertools.product(TILE_KEYS, TILE_WARPS, TILE_STAGES):
-        backend = TiledBackend(_KernelConfig(128, 64, 8, 2, keys, warps, stages))
+        tile = dataclasses.replace(TritonAttentionBackend.tuned_tiles(HEAD_DIM, torch.bfloat16),
+                                   decode_block_n=keys, decode_warps=warps, decode_stages=stages)
+        backend = TritonAttentionBackend(BLOCK, tiles=tile)
         meta = backend.build_metadata(layout, q.device)
         torch.cuda.synchronize()  # the metadata is copied on this stream; do_bench_cudagraph runs on another
         try:

@@ -13,6 +13,7 @@ causal attention TFLOP/s; the torch reference backend is timed eagerly for compa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -23,7 +24,7 @@ import torch
 import triton.testing
 
 from kunserve.kernels.attention import BatchLayout, TorchAttentionBackend
-from kunserve.kernels.triton_attention import TritonAttentionBackend, _KernelConfig
+from kunserve.kernels.triton_attention import TritonAttentionBackend
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 ARENA_LAYERS = 2
@@ -32,17 +33,6 @@ E2E_MIN_LEN, E2E_MAX_LEN = 100, 1024
 TILE_ROWS, TILE_KEYS, TILE_WARPS, TILE_STAGES = (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)
 SHOWN_TILES = 6  # fastest configurations printed per step (the JSON has all)
 REPEAT_MS = 30
-
-
-class TiledBackend(TritonAttentionBackend):
-    """The backend with one tile configuration for prefills (the sweep's variable)."""
-
-    def __init__(self, tile: _KernelConfig) -> None:
-        super().__init__(BLOCK)
-        self.tile = tile
-
-    def _config(self, device: torch.device, head_dim: int, dtype: torch.dtype) -> _KernelConfig:
-        return self.tile
 
 
 def e2e_prompt_lens(rng: np.random.Generator) -> list[int]:
@@ -84,7 +74,9 @@ def sweep(name: str, query_lens: list[int], context_lens: list[int], rng: np.ran
                                              return_mode="median"))
     tiles = []
     for rows, keys, warps, stages in itertools.product(TILE_ROWS, TILE_KEYS, TILE_WARPS, TILE_STAGES):
-        backend = TiledBackend(_KernelConfig(rows, keys, warps, stages, 32, 2, 2))
+        tile = dataclasses.replace(TritonAttentionBackend.tuned_tiles(HEAD_DIM, torch.bfloat16), prefill_block_m=rows,
+                                   prefill_block_n=keys, prefill_warps=warps, prefill_stages=stages)
+        backend = TritonAttentionBackend(BLOCK, tiles=tile)
         meta = backend.build_metadata(layout, q.device)
         torch.cuda.synchronize()  # the metadata is copied on this stream; do_bench_cudagraph runs on another
         try:
@@ -108,7 +100,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     e2e_lens = e2e_prompt_lens(rng)
     steps = {"fresh 4k": ([4096], [4096]), "step of (c)": (e2e_lens, e2e_lens), "2k after 2k": ([2048], [4096])}
-    default = TritonAttentionBackend(BLOCK)._config(torch.device("cuda"), HEAD_DIM, torch.bfloat16)
+    default = TritonAttentionBackend.tuned_tiles(HEAD_DIM, torch.bfloat16)
     report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "default_tile": [default.prefill_block_m, default.prefill_block_n, default.prefill_warps,
                                default.prefill_stages],

@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 from attention_steps import DECODES_ONLY, MIXED, PREFILLS_ONLY, make_step
 
 from kunserve.kernels.attention import TorchAttentionBackend
-from kunserve.kernels.triton_attention import TritonAttentionBackend
+from kunserve.kernels.triton_attention import KernelConfig, TritonAttentionBackend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -35,6 +35,7 @@ def run_both(
     *,
     layer: int = 1,
     decode_splits: int | None = None,
+    tiles: KernelConfig | None = None,
     **step_args,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Writes the step's K/V and attends with both backends; returns (reference output,
@@ -42,7 +43,7 @@ def run_both(
     (rounded) inputs."""
     block_size = step_args.get("block_size", 4)
     batch, arena, q, k, v = make_step(seqs, device=DEVICE, **step_args)
-    ref, tri = TorchAttentionBackend(block_size), TritonAttentionBackend(block_size, decode_splits=decode_splits)
+    ref, tri = TorchAttentionBackend(block_size), TritonAttentionBackend(block_size, decode_splits=decode_splits, tiles=tiles)
     ref_arena, tri_arena = arena.float(), arena.clone()
     ref_meta = ref.build_metadata(batch, DEVICE)
     tri_meta = tri.build_metadata(batch, DEVICE)
@@ -107,6 +108,15 @@ def test_mixed_batch_matches_reference(group: int, window: int | None) -> None:
 def test_split_k_decode_matches_reference(splits: int, window: int | None) -> None:
     """Flash-decoding path: some splits of the short sequences see no key at all."""
     expected, got, _, _ = run_both(DECODES_ONLY, window, group=4, decode_splits=splits)
+    assert_close(expected, got, torch.float32)
+
+
+def test_forced_tiles_match_reference() -> None:
+    """Tiles of a sweep (here 16 rows and keys, smaller than every sequence's span) leave the
+    result as the tuned ones do."""
+    tiles = KernelConfig(16, 16, 1, 1, 16, 1, 1)
+    assert TritonAttentionBackend(4, tiles=tiles)._config(DEVICE, 16, torch.float32) is tiles
+    expected, got, _, _ = run_both(MIXED, 7, group=2, decode_splits=2, tiles=tiles)
     assert_close(expected, got, torch.float32)
 
 

@@ -390,7 +390,10 @@ class TritonAttentionMetadata:
 
 
 @dataclass(frozen=True)
-class _KernelConfig:
+class KernelConfig:
+    """Tiles of the kernels: prefill query rows and keys per tile, warps and pipeline stages;
+    decode keys per tile, warps and stages."""
+
     prefill_block_m: int
     prefill_block_n: int
     prefill_warps: int
@@ -405,11 +408,13 @@ class TritonAttentionBackend(AttentionBackend):
     under Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported).
 
     `decode_splits` forces the number of key splits per decode sequence (None: chosen from the
-    batch size and the number of SMs)."""
+    batch size and the number of SMs); `tiles` forces the kernels' tiles on CUDA (None: the
+    tuned ones of `tuned_tiles`), for tile sweeps."""
 
-    def __init__(self, block_size: int, decode_splits: int | None = None) -> None:
+    def __init__(self, block_size: int, decode_splits: int | None = None, tiles: KernelConfig | None = None) -> None:
         super().__init__(block_size)
         self.forced_decode_splits = decode_splits
+        self.forced_tiles = tiles
         self._num_sms: dict[int, int] = {}
 
     # ---- metadata ---------------------------------------------------------------------------
@@ -533,24 +538,31 @@ class TritonAttentionBackend(AttentionBackend):
 
     # ---- launch parameters --------------------------------------------------------------------
 
-    def _config(self, device: torch.device, head_dim: int, dtype: torch.dtype) -> _KernelConfig:
+    def _config(self, device: torch.device, head_dim: int, dtype: torch.dtype) -> KernelConfig:
         if head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"unsupported KV dtype {dtype}")
+        if self.forced_tiles is not None:
+            return self.forced_tiles
         if device.type != "cuda":
             # Interpreter: every op is a numpy call, so fewer, larger tiles run faster.
-            return _KernelConfig(32, 32, 1, 1, 32, 1, 1)
+            return KernelConfig(32, 32, 1, 1, 32, 1, 1)
+        return self.tuned_tiles(head_dim, dtype)
+
+    @staticmethod
+    def tuned_tiles(head_dim: int, dtype: torch.dtype) -> KernelConfig:
+        """The tiles CUDA kernels run with for this head size and KV dtype."""
         if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
-            return _KernelConfig(64, 32, 4, 2, 32, 4, 2)
+            return KernelConfig(64, 32, 4, 2, 32, 4, 2)
         if head_dim <= 64:
-            return _KernelConfig(128, 64, 4, 3, 64, 4, 3)
+            return KernelConfig(128, 64, 4, 3, 64, 4, 3)
         # Decode tiles: the fastest of benchmarks/decode_breakdown.py's sweep on an H200
         # (4.2-4.3 TB/s of KV read at batch 128-256, 1k contexts; 64 keys x 4 warps: 3.9-4.0).
         # Prefill tiles: within 7% of the fastest of benchmarks/prefill_tiles.py's sweep on an
         # H200 in each of its steps (a fresh 4k prompt, a step of short prompts, a chunk after
         # context); 128 rows x 8 warps was 11-15% slower.
-        return _KernelConfig(64, 64, 4, 2, 32, 2, 2)
+        return KernelConfig(64, 64, 4, 2, 32, 2, 2)
 
     def _decode_splits(
         self,
@@ -558,7 +570,7 @@ class TritonAttentionBackend(AttentionBackend):
         device: torch.device,
         num_kv_heads: int,
         window: int | None,
-        cfg: _KernelConfig,
+        cfg: KernelConfig,
     ) -> int:
         """Key splits per decode sequence, from the batch size rounded up to a power of two
         alone: a graph captured for a batch's bucket (kunserve/worker/cuda_graphs.py captures
