@@ -26,9 +26,10 @@ from functools import partial
 import torch
 
 from kunserve.kernels import cpu_fused, native
-from kunserve.kernels.attention import BatchLayout, TorchAttentionBackend
+from kunserve.kernels.attention import TorchAttentionBackend
 from kunserve.kernels.cpu_attention import CpuAttentionBackend
 from kunserve.kernels.fused import rms_norm_torch, silu_mul_torch
+from kunserve.step import BatchLayout
 
 NUM_BLOCKS, LAYERS, BLOCK, KV_HEADS, GROUP, HEAD_DIM, BATCH = 1204, 4, 16, 2, 2, 64, 64
 HIDDEN, INTERMEDIATE = 256, 688

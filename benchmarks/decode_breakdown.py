@@ -29,9 +29,9 @@ import torch
 import triton.testing
 
 from kunserve import LLM, SamplingParams
-from kunserve.kernels.attention import BatchLayout
 from kunserve.kernels.triton_attention import TritonAttentionBackend
 from kunserve.sampling_params import RequestOutputKind
+from kunserve.step import BatchLayout
 
 BATCHES = (128, 256)
 CONTEXT = 1024

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import triton.testing
 
-from kunserve.kernels.attention import BatchLayout, TorchAttentionBackend
+from kunserve.kernels.attention import TorchAttentionBackend
 from kunserve.kernels.triton_attention import TritonAttentionBackend
+from kunserve.step import BatchLayout
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 ARENA_LAYERS = 2

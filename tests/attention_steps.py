@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kunserve.kernels.attention import BatchLayout
+from kunserve.step import BatchLayout
 
 # (query_len, context_len) per sequence, decodes first. Covers: a decode with a single key, a
 # decode right at a block boundary, chunks with prior context, a fresh prompt (q == ctx) and a

@@ -15,7 +15,7 @@ from kunserve import LLM, SamplingParams
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence
-from kunserve.step import build_step_input
+from kunserve.engine.step_builder import build_step_input
 
 MAX_MODEL_LEN = 128
 PROMPT_LENGTHS = (3, 40, 17, 90, 1, 64)

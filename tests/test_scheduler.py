@@ -5,8 +5,8 @@ from __future__ import annotations
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.scheduler import Scheduler
 from kunserve.engine.sequence import Sequence, SequenceStatus
+from kunserve.engine.step_builder import build_step_input
 from kunserve.sampling_params import SamplingParams
-from kunserve.step import build_step_input
 
 BLOCK = 4
 

@@ -21,10 +21,10 @@ from kunserve.cluster.transitions import fuse
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.cost_model import StepShape
 from kunserve.engine.sequence import Sequence
+from kunserve.engine.step_builder import build_step_input
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.sim.cluster import SimulatedCluster
 from kunserve.sim.executor import SimulatorConfig, StagePipeline, VirtualClock
-from kunserve.step import build_step_input
 
 # The first 45 s of ../shared/traces/azure_llm_conv_2023.csv, kept with the tests (a clean checkout has no ../shared).
 TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"

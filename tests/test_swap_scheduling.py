@@ -9,8 +9,8 @@ import pytest
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence, SequenceStatus
+from kunserve.engine.step_builder import build_step_input
 from kunserve.sampling_params import SamplingParams
-from kunserve.step import build_step_input
 
 BLOCK = 4
 

@@ -19,13 +19,13 @@ from kunserve.engine.output_processor import OutputProcessor
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.stats import FinishedRequestStats, PipelineBusy, StatsListener, StepStats
+from kunserve.engine.step_builder import build_step_input
 from kunserve.executor.base import Executor
 from kunserve.executor.in_process import InProcessExecutor
 from kunserve.executor.multiproc import MultiprocExecutor
 from kunserve.model.presets import ResolvedModel, resolve_model
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
-from kunserve.step import build_step_input
 from kunserve.worker.worker import build_worker
 from kunserve.worker.worker_process import WorkerWorld
 

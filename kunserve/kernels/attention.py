@@ -17,21 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class BatchLayout:
-    """Host-side shape of one step's batch. Sequences with one query token (decodes) come
-    first, then prefill chunks; tokens are laid out in the same order."""
-
-    query_lens: np.ndarray  # [B] int64
-    context_lens: np.ndarray  # [B] int64: KV length once this step's tokens are written
-    block_tables: np.ndarray  # [B, max_blocks] int64, padded with 0
-    slot_mapping: np.ndarray  # [T] int64: block * block_size + offset of each new token
-    num_decodes: int
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
+from kunserve.step import BatchLayout
 
 
 class AttentionBackend(ABC):

@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kunserve.kernels.attention import AttentionBackend, BatchLayout, DecodeGraphBuffers
+from kunserve.kernels.attention import AttentionBackend, DecodeGraphBuffers
 from kunserve.kernels.staging import PinnedRing, to_device
+from kunserve.step import BatchLayout
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.0 / math.log(2.0)

@@ -19,8 +19,9 @@ import torch
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.cost_model import ProfilePoint, StepShape
 from kunserve.engine.sequence import Sequence
+from kunserve.engine.step_builder import build_step_input
 from kunserve.sampling_params import SamplingParams
-from kunserve.step import StepInput, build_step_input
+from kunserve.step import StepInput
 from kunserve.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
