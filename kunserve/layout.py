@@ -13,8 +13,11 @@ inside its slot into KV blocks without moving anything (see DESIGN.md §3).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from kunserve.model.spec import ModelSpec
 
@@ -151,8 +154,7 @@ class ArenaLayout:
     # ---- a replica's arena seen as stage r of a g-stage group (block-major split) --------------
 
     def check_split(self, num_stages: int) -> None:
-        if num_stages < 1 or self.num_layers % num_stages:
-            raise ValueError(f"num_stages: {num_stages} does not divide the {self.num_layers} layers held")
+        check_divides(self.num_layers, num_stages)
 
     def sub_block_elems(self, num_stages: int) -> int:
         """A block split into `num_stages` sub-blocks of num_layers / num_stages layers each:
@@ -164,6 +166,56 @@ class ArenaLayout:
         """Sub-blocks lying wholly inside layer `layer`'s parameter bytes."""
         first = layer * self.slot_blocks * num_stages
         return range(first, first + self.layer_elems // self.sub_block_elems(num_stages))
+
+    def released_sub_blocks_of_stage(self, stage: int, num_stages: int) -> list[int]:
+        """The sub-blocks a replica's arena gains when it becomes stage `stage` of a
+        `num_stages`-stage group: those inside every layer it releases."""
+        return [i for layer in layers_outside_stage(self.num_layers, stage, num_stages)
+                for i in self.released_sub_blocks(layer, num_stages)]
+
+
+# ---- pipeline stages and sub-blocks: the arithmetic every layer above shares -----------------
+
+
+def stage_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Stage r's layers [r·L/g, (r+1)·L/g), floored: uneven when g does not divide L (a static
+    pipeline may be uneven; a drop's group needs g to divide L: `check_divides`)."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"pipeline_parallel_size: must be in [1, {num_layers}] (the layers), got {num_stages}")
+    bounds = [r * num_layers // num_stages for r in range(num_stages + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def stage_layers(num_layers: int, stage: int, num_stages: int) -> range:
+    """The layers stage `stage` of a `num_stages`-stage pipeline holds."""
+    return range(*stage_ranges(num_layers, num_stages)[stage])
+
+
+def layers_outside_stage(num_layers: int, stage: int, num_stages: int) -> list[int]:
+    """The layers a replica releases when it becomes stage `stage` of a drop's group."""
+    keep = stage_layers(num_layers, stage, num_stages)
+    return [layer for layer in range(num_layers) if layer not in keep]
+
+
+def check_divides(num_layers: int, num_stages: int) -> None:
+    """A drop's group of `num_stages` replicas needs equal stages: g must divide L."""
+    if num_stages < 1 or num_layers % num_stages:
+        raise ValueError(f"num_stages: {num_stages} does not divide the {num_layers} layers held")
+
+
+def sub_block_id(block: int, num_stages: int, stage: int) -> int:
+    """Sub-block `stage` of block `block` split into `num_stages`: the KV of layers
+    [stage·L/g, (stage+1)·L/g) for that block's tokens, in place."""
+    return block * num_stages + stage
+
+
+def sub_block_ids(blocks: np.ndarray | list[int], num_stages: int, stage: int | None = None) -> np.ndarray:
+    """`sub_block_id` of many blocks: with `stage`, that stage's sub-block of each block; else
+    every sub-block, block by block (b·g + 0, ..., b·g + g-1)."""
+    blocks = np.asarray(blocks, dtype=np.int64)
+    if stage is not None:
+        return blocks * num_stages + stage
+    return (blocks[:, None] * num_stages + np.arange(num_stages)).ravel()
 
 
 def _round_up(value: int, multiple: int) -> int:

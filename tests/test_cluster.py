@@ -22,7 +22,8 @@ from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
 from kunserve.engine.async_engine import RequestStream
 from kunserve.engine.stats import StepStats
-from kunserve.executor.multiproc import MultiprocExecutor, pipeline_stage_ranges
+from kunserve.executor.multiproc import MultiprocExecutor
+from kunserve.layout import stage_ranges
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
 
@@ -46,12 +47,12 @@ def single_device(llama_dir: Path) -> list[list[int]]:
     (32, 4, [(0, 8), (8, 16), (16, 24), (24, 32)]),
 ])
 def test_pipeline_stages_split_the_layers_in_order(layers: int, stages: int, expected: list) -> None:
-    assert pipeline_stage_ranges(layers, stages) == expected
+    assert stage_ranges(layers, stages) == expected
 
 
 def test_more_stages_than_layers_is_refused() -> None:
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
-        pipeline_stage_ranges(4, 5)
+        stage_ranges(4, 5)
 
 
 def test_round_robin_cycles_over_live_replicas() -> None:

@@ -31,8 +31,8 @@ from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.executor.base import FusedGroupExecutor, WorkerExecutor
+from kunserve.layout import stage_layers, sub_block_id, sub_block_ids
 from kunserve.outputs import RequestOutput
-from kunserve.worker.drop import stage_layers
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     stages = []
     for r, member in enumerate(members):
         pool = np.fromiter(member.block_manager.pool, dtype=np.int64)
-        stage = BlockManager(block_size, _sub_blocks(pool, g).tolist() + released[r])
-        stage.claim(_sub_blocks(homed[r], g).tolist())
+        stage = BlockManager(block_size, sub_block_ids(pool, g).tolist() + released[r])
+        stage.claim(sub_block_ids(homed[r], g).tolist())
         stages.append(stage)
     blocks = StagedBlockManager(block_size, stages)
     exchange_start = clock()
@@ -174,7 +174,7 @@ def _gather_plan(
         free = np.zeros(int(pool.max()) * g + g, dtype=bool)
         free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
         free[free_ids[free_ids < len(free)]] = True
-        free_full = pool[free[_sub_blocks(pool, g)].reshape(-1, g).all(axis=1)].tolist()
+        free_full = pool[free[sub_block_ids(pool, g)].reshape(-1, g).all(axis=1)].tolist()
         if len(free_full) < need:
             raise SplitRefused(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full)}")
         targets = iter(free_full[:need])
@@ -184,7 +184,7 @@ def _gather_plan(
             ids = np.asarray(seq.block_ids)
             for r in range(g):
                 sources = blocks.physical[r, ids].tolist()
-                dests = [b * g + r for b in full]
+                dests = sub_block_ids(full, g, r).tolist()
                 pair = local[h] if r == h else transfers.setdefault((r, h), ([], []))
                 pair[0].extend(sources)
                 pair[1].extend(dests)
@@ -206,7 +206,7 @@ def _exchange_in_rounds(
     g = len(stages)
     physical = [np.empty((g, len(seq.block_ids)), dtype=np.int64) for seq in seqs]
     for seq, home, rows in zip(seqs, homes, physical):
-        rows[home] = np.asarray(seq.block_ids, dtype=np.int64) * g + home
+        rows[home] = sub_block_ids(seq.block_ids, g, home)
     pending = {r: [(i, k) for i, (seq, home) in enumerate(zip(seqs, homes)) if home != r
                    for k in range(len(seq.block_ids))] for r in range(g)}
     moved = rounds = 0
@@ -218,7 +218,7 @@ def _exchange_in_rounds(
             count = min(len(pending[r]), stages[r].num_free_blocks)
             batch, pending[r] = pending[r][:count], pending[r][count:]
             for (i, k), target in zip(batch, stages[r].take(count)):
-                source = seqs[i].block_ids[k] * g + r
+                source = sub_block_id(seqs[i].block_ids[k], g, r)
                 physical[i][r, k] = target
                 sources, targets = transfers.setdefault((homes[i], r), ([], []))
                 sources.append(source)
@@ -239,11 +239,6 @@ def _move_sampler_states(executors: list[WorkerExecutor], src: int, dst: int, re
     states = executors[src].call(0, "take_sampler_states", request_ids)
     if states:
         executors[dst].call(0, "give_sampler_states", states)
-
-
-def _sub_blocks(blocks: np.ndarray, num_stages: int) -> np.ndarray:
-    """The sub-block ids of full blocks, block by block: b·g + 0, ..., b·g + g-1."""
-    return (blocks[:, None] * num_stages + np.arange(num_stages)).ravel()
 
 
 def _exchange(executors: list[WorkerExecutor], transfers: Transfers) -> int:
@@ -268,9 +263,7 @@ def _evacuate_dropped_memory(
     layout = executors[0].layout
     bound = np.asarray([b for seq in running for b in seq.block_ids], dtype=np.int64)
     for r, (executor, stage) in enumerate(zip(executors, blocks.stages)):
-        keep = stage_layers(num_layers, r, g)
-        slot_ids = {i for layer in range(num_layers) if layer not in keep
-                    for i in layout.released_sub_blocks(layer, g)}
+        slot_ids = set(layout.released_sub_blocks_of_stage(r, g))
         stage.claim(i for i in slot_ids if stage.is_free(i))  # so nothing is moved into them
         inside = [int(logical) for logical in bound if int(blocks.physical[r, logical]) in slot_ids]
         if not inside:

@@ -8,7 +8,6 @@ what this shares with the Ray executor (ray_executor.py): the same commands, ano
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing as mp
 import pickle
@@ -20,7 +19,7 @@ import numpy as np
 from kunserve.config import EngineConfig
 from kunserve.executor.base import Executor, WorkerExecutor
 from kunserve.executor.workers import WorkerHandle, WorkerSet
-from kunserve.layout import ArenaLayout
+from kunserve.layout import ArenaLayout, stage_ranges
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
 from kunserve.worker.worker_process import StageAssignment, WorkerWorld, worker_main
@@ -29,14 +28,6 @@ if TYPE_CHECKING:
     from kunserve.engine.staged_block_manager import StagedBlockManager
 
 logger = logging.getLogger(__name__)
-
-def pipeline_stage_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """Stage r's layers [r·L/g, (r+1)·L/g), floored: uneven when g does not divide L."""
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"pipeline_parallel_size: must be in [1, {num_layers}] (the layers), got {num_stages}")
-    bounds = [r * num_layers // num_stages for r in range(num_stages + 1)]
-    return list(itertools.pairwise(bounds))
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -50,7 +41,7 @@ def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerW
     return [
         StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), world,
                         logical_block_ids=num_stages > 1)
-        for rank, layers in enumerate(pipeline_stage_ranges(model.spec.num_layers, num_stages))
+        for rank, layers in enumerate(stage_ranges(model.spec.num_layers, num_stages))
     ]
 
 

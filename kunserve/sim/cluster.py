@@ -26,6 +26,7 @@ from kunserve.cluster.dispatcher import Dispatcher
 from kunserve.config import EngineConfig
 from kunserve.engine.cost_model import CostModel, resolve_cost_model
 from kunserve.engine.llm_engine import LLMEngine
+from kunserve.layout import stage_ranges
 from kunserve.model.presets import resolve_model
 from kunserve.model.spec import parse_dtype
 from kunserve.outputs import RequestOutput
@@ -107,8 +108,7 @@ class SimulatedCluster:
             raise ValueError("num_kv_blocks, memory_budget_bytes or device_budget_bytes: a simulated device needs one")
         self.engines = []
         for i in range(num_replicas):
-            layouts = [arena_layout(spec, config, (r * spec.num_layers // g, (r + 1) * spec.num_layers // g),
-                                    elem_bytes, budget) for r in range(g)]
+            layouts = [arena_layout(spec, config, layers, elem_bytes, budget) for layers in stage_ranges(spec.num_layers, g)]
             swap_blocks = (min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts)
                            if config.preemption_mode == "swap" else 0)
             executor = SimulatedExecutor(layouts[0], self.cost, self.clock, self.settings, spec.num_layers, i * g, g,

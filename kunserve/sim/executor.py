@@ -26,9 +26,8 @@ import numpy as np
 from kunserve.engine.cost_model import CostModel, HostTime, StepShape
 from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.executor.base import Executor, FusedGroupExecutor, WorkerExecutor
-from kunserve.layout import ArenaLayout
+from kunserve.layout import ArenaLayout, layers_outside_stage
 from kunserve.step import StepInput
-from kunserve.worker.drop import stage_layers
 
 SIMULATED_TOKEN = 0  # what every simulated step samples (simulated requests ignore EOS)
 
@@ -306,12 +305,8 @@ def swap_time(executor: SimulatedExecutor, step: StepInput) -> float:
 
 def _become_stage(device: SimulatedExecutor, stage: int, num_stages: int, *_: Any) -> tuple[list[int], float]:
     layout = device.layout
-    keep = stage_layers(layout.num_layers, stage, num_stages)
-    released = []
-    for layer in range(layout.num_layers):
-        if layer not in keep:
-            device.released.add(layer)
-            released.extend(layout.released_sub_blocks(layer, num_stages))
+    device.released.update(layers_outside_stage(layout.num_layers, stage, num_stages))
+    released = layout.released_sub_blocks_of_stage(stage, num_stages)
     device.group = (stage, num_stages)
     return released, device.settings.stage_switch_s
 

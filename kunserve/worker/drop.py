@@ -23,16 +23,12 @@ import torch
 import torch.distributed as dist
 
 from kunserve.kernels.kv_copy import TORCH_STAGING_BYTES, copy_sub_blocks
+from kunserve.layout import layers_outside_stage, stage_layers
 from kunserve.model.decoder import DecoderStage
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.worker import Worker
 
 WARM_UP_ELEMS = 1024  # a row copied from a newly mapped peer arena, to set up the path
-
-
-def stage_layers(num_layers: int, stage: int, num_stages: int) -> range:
-    per_stage = num_layers // num_stages
-    return range(stage * per_stage, (stage + 1) * per_stage)
 
 
 def become_stage(
@@ -47,11 +43,9 @@ def become_stage(
         raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
     layout.check_split(num_stages)
     keep = stage_layers(spec.num_layers, stage, num_stages)
-    released: list[int] = []
-    for layer in range(spec.num_layers):
-        if layer not in keep:
-            worker.arena.release(layer)
-            released.extend(layout.released_sub_blocks(layer, num_stages))
+    for layer in layers_outside_stage(spec.num_layers, stage, num_stages):
+        worker.arena.release(layer)
+    released = layout.released_sub_blocks_of_stage(stage, num_stages)
     if (stage, num_stages) not in worker.stage_runners:
         cache = worker.arena.stage_kv_cache(num_stages)
         replica = worker.replica_model
