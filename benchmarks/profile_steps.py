@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from kunserve import EngineConfig
+from kunserve.bench.profiler import ProfileCase, profile_grid, profile_worker, split_holdout
 from kunserve.engine.cost_model import CostModel, ProfilePoint, fit_step_coefficients, relative_errors
 from kunserve.model.presets import resolve_model
-from kunserve.worker.profiler import ProfileCase, profile_grid, profile_worker, split_holdout
 from kunserve.worker.worker import build_worker
 
 HOLDOUT_EVERY = 4

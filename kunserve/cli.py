@@ -10,8 +10,9 @@ import time
 from kunserve.bench.demo import run_demo
 from kunserve.bench.launch import add_launch_arguments, run_launch
 from kunserve.bench.run import add_bench_arguments, run_bench
-from kunserve.cluster.coordinator import OVERLOAD_POLICIES, CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.dispatcher import DISPATCH_POLICIES
+from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
 from kunserve.config import EXECUTOR_BACKENDS
 from kunserve.engine_args import add_engine_arguments, engine_config
 from kunserve.model.tiny import TINY_ARCHS, make_tiny_model

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kunserve.config import EngineConfig
 from kunserve.model.spec import ModelSpec
 
 # Parameter tensors inside a slot start at multiples of this many bytes, so GEMMs see aligned
@@ -172,6 +173,40 @@ class ArenaLayout:
         `num_stages`-stage group: those inside every layer it releases."""
         return [i for layer in layers_outside_stage(self.num_layers, stage, num_stages)
                 for i in self.released_sub_blocks(layer, num_stages)]
+
+
+# ---- an engine's arena: what its budget leaves for KV ------------------------------------
+
+# Scratch memory a step may take beyond the arena, per batched token: the widest
+# activations of one layer (residual, normed input, qkv, attention output, gate_up, the
+# SiLU product) with room for the allocator's rounding.
+ACTIVATION_SAFETY_FACTOR = 2
+# Logits are float32 and the sampler holds a few vocab-wide copies of them per sampled row.
+SAMPLER_LOGIT_COPIES = 4
+
+
+def arena_layout(
+    spec: ModelSpec, config: EngineConfig, layer_range: tuple[int, int], elem_bytes: int, budget_bytes: int | None
+) -> ArenaLayout:
+    """The arena of a device holding `layer_range`: exactly `num_kv_blocks` KV blocks when
+    set, else what `budget_bytes` leaves after the stage's other weights and a step's scratch
+    memory (None: `cpu_kv_cache_bytes` of KV). Simulated devices use it too."""
+    start, end = layer_range
+    num_layers = end - start
+    if config.num_kv_blocks is not None:
+        return ArenaLayout.for_kv_blocks(spec, num_layers, config.block_size, elem_bytes, config.num_kv_blocks)
+    _, layer_elems = layer_param_slices(spec, elem_bytes)
+    if budget_bytes is None:
+        arena_bytes = num_layers * layer_elems * elem_bytes + config.cpu_kv_cache_bytes
+    else:
+        first, last = start == 0, end == spec.num_layers
+        vocab_rows = (first + (last and not (first and spec.tie_word_embeddings))) * spec.vocab_size
+        stage_bytes = (vocab_rows + last) * spec.hidden_size * elem_bytes
+        widest = 3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size
+        activations = ACTIVATION_SAFETY_FACTOR * config.max_num_batched_tokens * widest * elem_bytes
+        logits = SAMPLER_LOGIT_COPIES * config.max_num_seqs * spec.vocab_size * 4
+        arena_bytes = budget_bytes - stage_bytes - activations - logits
+    return ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes)
 
 
 # ---- pipeline stages and sub-blocks: the arithmetic every layer above shares -----------------

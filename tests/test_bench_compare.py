@@ -22,7 +22,7 @@ from kunserve.bench.slo import (
 )
 from kunserve.bench.workload import RequestSpec
 from kunserve.cli import main
-from kunserve.cluster.coordinator import OVERLOAD_POLICIES
+from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
 from kunserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 

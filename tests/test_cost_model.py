@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kunserve import EngineConfig
+from kunserve.bench.profiler import ProfileCase, profile_worker, split_holdout
 from kunserve.engine.cost_model import (
     CostModel,
     ProfilePoint,
@@ -16,7 +17,6 @@ from kunserve.engine.cost_model import (
     resolve_cost_model,
 )
 from kunserve.model.presets import resolve_model
-from kunserve.worker.profiler import ProfileCase, profile_worker, split_holdout
 from kunserve.worker.worker import build_worker
 
 TRUE = StepCoefficients(step_s=4e-4, layer_s=2e-4, knee_tokens=64, layer_token_s=3e-7, layer_context_s=2e-9,

@@ -18,9 +18,9 @@ import pytest
 from server_harness import MAX_MODEL_LEN, WAIT_S, RunningServer, scrape
 
 from kunserve import LLM, EngineConfig, RequestOutput, SamplingParams
-from kunserve.cluster import coordinator as coordinator_module
+from kunserve.cluster import runner as runner_module
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.coordinator import CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
 from kunserve.engine.async_engine import EngineDeadError, RequestStream
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
@@ -86,7 +86,7 @@ def run_burst(llama_dir: Path, policy: str) -> tuple[list[RequestOutput], int, l
     async def watch(done: asyncio.Event) -> None:
         nonlocal most_running
         while not done.is_set():
-            engines = {id(e): e for e in map(cluster.coordinator.engine_of, range(2))}.values()
+            engines = {id(e): e for e in map(cluster.coordinator.runner.engine_of, range(2))}.values()
             most_running = max(most_running, sum(len(e.scheduler.running) for e in engines))
             await asyncio.sleep(0.002)
 
@@ -96,7 +96,7 @@ def run_burst(llama_dir: Path, policy: str) -> tuple[list[RequestOutput], int, l
         watcher = asyncio.create_task(watch(done))
         streams = [cluster.add_requests([f"b{i}"], [PROMPTS[i][:8] * 5], [params]) for i in range(16)]
         outputs = [await final(stream) for stream in streams]
-        while cluster.coordinator.groups:  # let the restore happen
+        while cluster.coordinator.runner.groups:  # let the restore happen
             await asyncio.sleep(0.01)
         done.set()
         await watcher
@@ -104,7 +104,7 @@ def run_burst(llama_dir: Path, policy: str) -> tuple[list[RequestOutput], int, l
 
     try:
         outputs = asyncio.run(run())
-        transitions = [t.kind for t in cluster.coordinator.history]
+        transitions = [t.kind for t in cluster.coordinator.runner.history]
     finally:
         cluster.shutdown()
     return outputs, most_running, transitions
@@ -129,7 +129,7 @@ def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
             member.hand_over()
         raise RuntimeError("a device failed during the exchange")
 
-    monkeypatch.setattr(coordinator_module, "fuse", fuse_failing_after_the_hand_over)
+    monkeypatch.setattr(runner_module, "fuse", fuse_failing_after_the_hand_over)
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, worker_threads=1)
     cluster = Cluster.launch(config, num_replicas=2, coordinator=CoordinatorConfig("recompute"))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_MODEL_LEN - 40, ignore_eos=True,
@@ -140,7 +140,7 @@ def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
         streams = [cluster.add_requests([f"f{i}"], [PROMPTS[i]], [params]) for i in range(4)]
         await asyncio.sleep(0.2)  # running on both replicas
         with pytest.raises(RuntimeError, match="during the exchange"):
-            await asyncio.to_thread(cluster.coordinator.drop, [0, 1])
+            await asyncio.to_thread(cluster.coordinator.runner.drop, [0, 1])
         ends: list[BaseException | RequestOutput] = []
         for stream in streams:
             try:

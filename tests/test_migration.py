@@ -12,8 +12,10 @@ import pytest
 from kunserve import LLM, EngineConfig, SamplingParams
 from kunserve.cluster import migration
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.coordinator import CoordinatorConfig, Transition
+from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.runner import Transition
 from kunserve.engine.llm_engine import LLMEngine
+from kunserve.worker.protocol import DeviceCalls
 
 MAX_MODEL_LEN = 256
 PROMPTS = [[(5 * i + 17 * j) % 500 for j in range(8 + 9 * (i % 7))] for i in range(6)]
@@ -53,9 +55,9 @@ def migrated(llama_dir: Path) -> Migrated:
         for _ in range(STEPS_BEFORE):
             source.step()
         seq = source.scheduler.running[-1]
-        source_digests = source.executor.call(0, "kv_digests", list(seq.block_ids))
-        transition = cluster.coordinator.migrate(seq, 0, 1)
-        destination_digests = destination.executor.call(0, "kv_digests", list(seq.block_ids))
+        source_digests = source.executor.call(0, DeviceCalls.kv_digests, list(seq.block_ids))
+        transition = cluster.coordinator.runner.migrate(seq, 0, 1)
+        destination_digests = destination.executor.call(0, DeviceCalls.kv_digests, list(seq.block_ids))
         finished = _run_to_end(cluster.engines)
         free = [(e.block_manager.num_free_blocks, e.block_manager.num_total_blocks) for e in cluster.engines]
     finally:

@@ -13,7 +13,8 @@ import pytest
 
 from kunserve import LLM, EngineConfig, RequestOutput, SamplingParams
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.coordinator import OVERLOAD_POLICIES, CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
 from kunserve.engine.async_engine import RequestStream
 from kunserve.sampling_params import RequestOutputKind
 
@@ -56,7 +57,7 @@ def run_policy(llama_dir: Path, policy: str, async_scheduling: str = "off") -> P
         cluster.start(asyncio.get_running_loop())
         streams = [cluster.add_requests([f"r{i}"], [_prompt(i)], [_params(i)]) for i in range(NUM_REQUESTS)]
         outputs = [await final(stream) for stream in streams]
-        while cluster.coordinator.groups:  # let a restore happen
+        while cluster.coordinator.runner.groups:  # let a restore happen
             await asyncio.sleep(0.01)
         return outputs
 
@@ -64,7 +65,7 @@ def run_policy(llama_dir: Path, policy: str, async_scheduling: str = "off") -> P
         outputs = asyncio.run(run())
         schedulers = [engine.scheduler for engine in cluster.engines]
         return PolicyRun([o.outputs[0].token_ids for o in outputs], sum(s.num_preemptions for s in schedulers),
-                         sum(s.num_swap_outs for s in schedulers), [t.kind for t in cluster.coordinator.history],
+                         sum(s.num_swap_outs for s in schedulers), [t.kind for t in cluster.coordinator.runner.history],
                          sum(s.num_steps_ahead for s in schedulers))
     finally:
         cluster.shutdown()

@@ -31,11 +31,13 @@ from ray.cluster_utils import Cluster as RayCluster
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster import migration
 from kunserve.cluster.cluster import Cluster
+from kunserve.cluster.policies.kunserve import KunServePolicy
 from kunserve.cluster.transitions import fuse, split
 from kunserve.executor.ray_executor import RayExecutor
 from kunserve.executor.workers import WorkerDiedError
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
+from kunserve.worker.protocol import DeviceCalls
 
 NODES = 2
 CPUS_PER_NODE = 1  # a worker reserves one: a node holds one replica
@@ -78,13 +80,13 @@ def replicas_on_two_hosts(llama_dir: Path) -> Iterator[Cluster]:
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple]]:
     """The worker calls (name, arguments) the control plane makes on Ray replicas."""
     made: list[tuple[str, tuple]] = []
-    post = RayExecutor.post
+    start_call = RayExecutor._start_call
 
-    def recording(self: RayExecutor, rank: int, name: str, *args: object) -> None:
+    def recording(self: RayExecutor, rank: int, name: str, args: tuple, kwargs: dict) -> None:
         made.append((name, args))
-        post(self, rank, name, *args)
+        start_call(self, rank, name, args, kwargs)
 
-    monkeypatch.setattr(RayExecutor, "post", recording)
+    monkeypatch.setattr(RayExecutor, "_start_call", recording)
     return made
 
 
@@ -132,8 +134,10 @@ def test_a_drop_and_a_restore_across_hosts_keep_the_tokens_over_the_network(
     replicas = cluster.engines
     assert ray_executor(replicas[0]).hosts != ray_executor(replicas[1]).hosts
     # What the planner sees: two hosts (it charges a group of both the network's cost).
-    assert cluster.coordinator.replica_load(0).host != cluster.coordinator.replica_load(1).host
-    weights_before = [ray_executor(engine).call(0, "weight_digests") for engine in replicas]
+    policy = cluster.coordinator.policy
+    assert isinstance(policy, KunServePolicy)
+    assert policy.replica_load(0).host != policy.replica_load(1).host
+    weights_before = [ray_executor(engine).call(0, DeviceCalls.weight_digests) for engine in replicas]
     cluster.open_links()
     for i, prompt in enumerate(PROMPTS):
         replicas[i % 2].add_request(f"r{i}", prompt, GREEDY)
@@ -150,7 +154,7 @@ def test_a_drop_and_a_restore_across_hosts_keep_the_tokens_over_the_network(
     assert run_to_end(replicas, finished) == reference
     for engine in replicas:
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
-    assert [ray_executor(engine).call(0, "weight_digests") for engine in replicas] == weights_before
+    assert [ray_executor(engine).call(0, DeviceCalls.weight_digests) for engine in replicas] == weights_before
     # The KV of the drop and of the restore, and the restored weights, all went over the network.
     assert NETWORK_CALLS <= names(drop_calls) and NETWORK_CALLS <= names(restore_calls)
     refills = [args for name, args in restore_calls if name == "become_replica"]
@@ -165,14 +169,14 @@ def test_kv_sent_across_hosts_in_chunks_arrives_bit_for_bit(replicas_on_two_host
     engine.step()  # the prompt's first chunk: KV in a few blocks
     blocks = list(engine.scheduler.running[0].block_ids)
     targets = list(destination.kv_block_ids())[: len(blocks)]
-    sent = source.call(0, "kv_digests", blocks)
-    assert len(blocks) > 1 and destination.call(0, "kv_digests", targets) != sent
+    sent = source.call(0, DeviceCalls.kv_digests, blocks)
+    assert len(blocks) > 1 and destination.call(0, DeviceCalls.kv_digests, targets) != sent
     row_bytes = source.layout.block_bytes
-    source.post(0, "send_kv", destination.global_ranks[0], blocks, row_bytes)  # one block per chunk
-    destination.post(0, "recv_kv", source.global_ranks[0], targets, row_bytes)
-    source.result(0)
-    destination.result(0)
-    assert destination.call(0, "kv_digests", targets) == sent
+    sending = source.post(0, DeviceCalls.send_kv, destination.global_ranks[0], blocks, row_bytes)  # a block a chunk
+    receiving = destination.post(0, DeviceCalls.recv_kv, source.global_ranks[0], targets, row_bytes)
+    sending.wait()
+    receiving.wait()
+    assert destination.call(0, DeviceCalls.kv_digests, targets) == sent
 
 
 def test_a_request_migrates_across_hosts_over_the_network(

@@ -16,7 +16,7 @@ from kunserve import EngineConfig, SamplingParams
 from kunserve.bench.in_process import request_params
 from kunserve.bench.workload import load_trace
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.coordinator import CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.transitions import fuse
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.cost_model import StepShape
@@ -24,7 +24,8 @@ from kunserve.engine.sequence import Sequence
 from kunserve.engine.step_builder import build_step_input
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.sim.cluster import SimulatedCluster
-from kunserve.sim.executor import SimulatorConfig, StagePipeline, VirtualClock
+from kunserve.sim.executor import StagePipeline
+from kunserve.sim.settings import SimulatorConfig, VirtualClock
 
 # The first 45 s of ../shared/traces/azure_llm_conv_2023.csv, kept with the tests (a clean checkout has no ../shared).
 TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"
@@ -53,12 +54,12 @@ def lock_step(cluster: Cluster | SimulatedCluster) -> list[tuple]:
             if replica.forward_to is None and replica.engine.has_unfinished_requests():
                 replica.engine.step()
         cluster.coordinator.check(round_ * ROUND_S)
-        engines = [cluster.coordinator.engine_of(i) for i in range(len(cluster.replicas))]
+        engines = [cluster.coordinator.runner.engine_of(i) for i in range(len(cluster.replicas))]
         log.append((tuple((tuple(s.request_id for s in e.scheduler.running),
                            tuple(s.request_id for s in e.scheduler.waiting)) for e in engines),
-                     tuple((t.kind, tuple(t.members)) for t in cluster.coordinator.history)))
+                     tuple((t.kind, tuple(t.members)) for t in cluster.coordinator.runner.history)))
         if round_ > ARRIVALS[-1][0] and not any(e.has_unfinished_requests() for e in engines) \
-                and not cluster.coordinator.groups:
+                and not cluster.coordinator.runner.groups:
             break
     return log
 
@@ -89,7 +90,7 @@ def test_fast_forwarding_steady_decodes_changes_no_result() -> None:
         outputs = cluster.run([s.arrival_s for s in specs], [[0] * s.prompt_len for s in specs],
                               [request_params(s.output_len) for s in specs], fast_forward=fast)
         runs.append(({rid: (o.metrics.first_token_time, o.metrics.finished_time, o.metrics.num_preemptions)
-                      for rid, o in outputs.items()}, [(t.kind, t.at) for t in cluster.coordinator.history]))
+                      for rid, o in outputs.items()}, [(t.kind, t.at) for t in cluster.coordinator.runner.history]))
     assert runs[0][1], "the workload should overload the replicas into a drop"
     assert runs[0] == runs[1]
 
@@ -157,7 +158,7 @@ def test_drops_of_disjoint_replicas_due_at_one_check_run_side_by_side() -> None:
             if replica.forward_to is None and replica.engine.has_unfinished_requests():
                 replica.engine.step()
         cluster.coordinator.check(round_ * ROUND_S)
-    drops = [t for t in cluster.coordinator.history if t.kind == "drop"]
+    drops = [t for t in cluster.coordinator.runner.history if t.kind == "drop"]
     assert len(drops) == 2 and not set(drops[0].members) & set(drops[1].members)
     starts = [t.at - t.duration_s for t in drops]
     assert starts[1] == pytest.approx(starts[0], abs=1e-9) and drops[0].duration_s > 0
@@ -165,6 +166,6 @@ def test_drops_of_disjoint_replicas_due_at_one_check_run_side_by_side() -> None:
 
 def test_a_transition_is_refused_on_a_replica_another_transition_holds() -> None:
     cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", num_kv_blocks=12), 3, CoordinatorConfig("kunserve"))
-    with cluster.coordinator._holding([1]), pytest.raises(ValueError, match="in another transition"):
-        cluster.coordinator.drop([0, 1])
-    assert not cluster.coordinator.groups
+    with cluster.coordinator.runner.holding([1]), pytest.raises(ValueError, match="in another transition"):
+        cluster.coordinator.runner.drop([0, 1])
+    assert not cluster.coordinator.runner.groups

@@ -23,7 +23,7 @@ from kunserve.cluster.transitions import SplitRefused, fuse, split
 from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import RequestOutputKind
-from kunserve.worker.drop import become_replica, become_stage
+from kunserve.worker.protocol import DeviceCalls
 from kunserve.worker.worker import build_worker
 
 MAX_MODEL_LEN = 256
@@ -87,11 +87,11 @@ def run_through_cycles(replicas: list[LLMEngine], params: SamplingParams) -> dic
 def test_requests_keep_their_tokens_across_drop_and_restore_cycles(
     replicas: list[LLMEngine], reference: dict[str, list[int]]
 ) -> None:
-    weights_before = [engine.executor.call(0, "weight_digests") for engine in replicas]  # type: ignore[attr-defined]
+    weights_before = [engine.executor.call(0, DeviceCalls.weight_digests) for engine in replicas]
     assert run_through_cycles(replicas, GREEDY) == reference
     for engine in replicas:
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
-    assert [engine.executor.call(0, "weight_digests") for engine in replicas] == weights_before  # type: ignore[attr-defined]
+    assert [engine.executor.call(0, DeviceCalls.weight_digests) for engine in replicas] == weights_before
 
 
 def test_seeded_requests_keep_their_random_streams_across_cycles(
@@ -170,10 +170,10 @@ def test_stages_of_a_group_decode_through_graphs_captured_as_sizes_come(llama_di
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=64,
                           attention_backend="triton")
     worker = build_worker(config, resolve_model(str(llama_dir)), (0, 4), torch.device("cpu"))
-    become_stage(worker, 0, 2)
+    worker.become_stage(0, 2)
     assert worker.runner.graphs is not None and worker.runner.graphs is not worker.replica_runner.graphs
-    become_replica(worker, None)
-    become_stage(worker, 0, 2)  # the stage, and its graphs, are kept for the next drop
+    worker.become_replica(None)
+    worker.become_stage(0, 2)  # the stage, and its graphs, are kept for the next drop
     assert worker.runner is worker.stage_runners[(0, 2)][1]
 
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from kunserve.executor.workers import WorkerDiedError, WorkerHandle, WorkerSet
+from kunserve.worker.protocol import Command
 
 
 def exited_worker_set() -> WorkerSet:
@@ -33,6 +34,6 @@ def test_a_failed_set_refuses_later_calls_at_once() -> None:
     with pytest.raises(WorkerDiedError):
         workers.receive(0, "returned")
     with pytest.raises(WorkerDiedError, match="exited with code 3"):
-        workers.post(0, "call", ("weight_digests", ()))
+        workers.post(0, Command.CALL, ("weight_digests", (), {}))
     with pytest.raises(WorkerDiedError, match="exited with code 3"):
         workers.receive(0, "returned")

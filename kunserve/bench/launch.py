@@ -39,8 +39,9 @@ from kunserve.bench.slo import (
 from kunserve.bench.timeline import DEFAULT_TIMELINE_INTERVAL_S, Clock, TransitionRecorder, sample_until
 from kunserve.bench.workload import RequestSpec, prompt_token_ids
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.coordinator import OVERLOAD_POLICIES, CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.dispatcher import DISPATCH_POLICIES
+from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
 from kunserve.config import EngineConfig
 from kunserve.engine_args import add_engine_arguments, engine_config
 
@@ -282,12 +283,12 @@ async def measure_unloaded(
 async def settle(cluster: Cluster) -> bool:
     """Wait (up to SETTLE_TIMEOUT_S) until no pipeline group is left; whether none is."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while cluster.coordinator.groups and time.monotonic() < deadline:
+    while cluster.coordinator.runner.groups and time.monotonic() < deadline:
         await asyncio.sleep(SETTLE_POLL_S)
-    if cluster.coordinator.groups:
+    if cluster.coordinator.runner.groups:
         logger.warning("%d pipeline group(s) not restored %.0f s after the last request",
-                       len(cluster.coordinator.groups), SETTLE_TIMEOUT_S)
-    return not cluster.coordinator.groups
+                       len(cluster.coordinator.runner.groups), SETTLE_TIMEOUT_S)
+    return not cluster.coordinator.runner.groups
 
 
 def write_outputs(record: dict, out_dir: Path) -> None:

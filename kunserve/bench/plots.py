@@ -14,13 +14,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from kunserve.bench.report import MS_PER_S
+from kunserve.cluster.status import PIPELINE_MODE
 
 FIGURE_DPI = 120
 CDF_SIZE_IN = (6.0, 4.0)
 TIMELINE_SIZE_IN = (8.0, 7.0)
 TRANSITION_STYLES = {"drop": ("tab:red", "--"), "restore": ("tab:green", "--")}
 OTHER_TRANSITION_STYLE = ("tab:gray", ":")
-PIPELINE_MODE = "pipeline"  # Coordinator.mode_of's name for a replica fused into a group
+
 
 
 def plot_ttft_cdf(runs: list[dict], path: Path) -> None:

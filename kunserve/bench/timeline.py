@@ -10,7 +10,8 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from kunserve.cluster.coordinator import Coordinator, Transition
+from kunserve.cluster.coordinator import Coordinator
+from kunserve.cluster.runner import Transition
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class TransitionRecorder:
     def __init__(self, coordinator: Coordinator, start: Clock) -> None:
         self.start = start
         self._seen: list[Transition] = []  # appended on the coordinator's thread
-        self._previous = coordinator.on_transition
-        coordinator.on_transition = self._record
+        self._previous = coordinator.runner.on_transition
+        coordinator.runner.on_transition = self._record
 
     def _record(self, transition: Transition) -> None:
         self._seen.append(transition)

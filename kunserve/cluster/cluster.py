@@ -16,16 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from transformers import PreTrainedTokenizerBase
 
-from kunserve.cluster.coordinator import Coordinator, CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.coordinator import Coordinator
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
-from kunserve.cluster.links import share_host
+from kunserve.cluster.links import Links
+from kunserve.cluster.policies.registry import policy_class
 from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kunserve.engine.llm_engine import Clock, LLMEngine, PromptInput
-from kunserve.executor.base import WorkerExecutor
-from kunserve.executor.multiproc import free_port
+from kunserve.executor.factory import build_executor, cluster_worlds
+from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import SamplingParams
-from kunserve.worker.worker_process import WorkerWorld
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +55,6 @@ def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfi
     ]
 
 
-def cluster_world(config: EngineConfig, size: int) -> WorkerWorld:
-    """The torch.distributed world of all of a cluster's devices (its first rank is 0)."""
-    if config.resolve_executor_backend() == "ray":
-        from kunserve.executor.ray_executor import ray_world  # ray: an optional extra
-
-        return ray_world(config, size)
-    return WorkerWorld(f"tcp://127.0.0.1:{free_port()}", size)
-
-
 class Cluster:
     def __init__(
         self,
@@ -81,9 +73,8 @@ class Cluster:
         for replica in self.replicas:
             replica.peers = self.replicas
         self.dispatcher = Dispatcher(dispatch_policy)
+        self.links = Links()
         self.coordinator = Coordinator(self, coordinator or CoordinatorConfig())
-        self._arena_handles: dict[int, bytes] = {}
-        self._open_pairs: set[tuple[int, int]] = set()
 
     @classmethod
     def launch(
@@ -95,21 +86,19 @@ class Cluster:
         coordinator: CoordinatorConfig | None = None,
     ) -> Cluster:
         coordinator = coordinator or CoordinatorConfig()
-        if config.preemption_mode != coordinator.preemption_mode:
-            logger.info("overload policy %r: preemption_mode=%r", coordinator.overload_policy,
-                        coordinator.preemption_mode)
-            config = dataclasses.replace(config, preemption_mode=coordinator.preemption_mode)
+        preemption_mode = policy_class(coordinator.overload_policy).preemption_mode
+        if config.preemption_mode != preemption_mode:
+            logger.info("overload policy %r: preemption_mode=%r", coordinator.overload_policy, preemption_mode)
+            config = dataclasses.replace(config, preemption_mode=preemption_mode)
         configs = replica_configs(config, num_replicas)
         logger.info("starting %d replica(s)", num_replicas)
-        worlds: list[WorkerWorld | None] = [None]
-        if num_replicas > 1:
-            g = config.pipeline_parallel_size
-            world = cluster_world(config, num_replicas * g)
-            worlds = [dataclasses.replace(world, first_rank=i * g) for i in range(num_replicas)]
+        model = resolve_model(config.model)
+        worlds = cluster_worlds(config, num_replicas)
         # Replicas start side by side (they also meet in one world): most of a start is
         # the workers loading weights.
         with ThreadPoolExecutor(len(configs)) as pool:
-            futures = [pool.submit(LLMEngine, c, w) for c, w in zip(configs, worlds)]
+            futures = [pool.submit(lambda c, w: LLMEngine(c, build_executor(c, model, w)), c, w)
+                       for c, w in zip(configs, worlds)]
         errors = [error for f in futures if (error := f.exception()) is not None]
         engines = [f.result() for f in futures if f.exception() is None]
         if errors:
@@ -119,31 +108,12 @@ class Cluster:
         return cls(engines, dispatch_policy, max_waiting_requests, coordinator)
 
     def open_links(self, members: list[int] | None = None) -> None:
-        """Map each member replica's arena into the other members' processes on its host
-        (once per pair), so a drop copies device to device directly (mapping pays for a context
-        on the peer device), and open the pairs' activation links (pairs on two hosts send
-        over them: kunserve/cluster/links.py). Only when a drop needs them, not at launch: a
-        worker holding a dead peer's mapped arena hangs. The members' engine loops must be
-        paused (or not started)."""
-        indices = list(range(len(self.engines))) if members is None else members
-        executors: dict[int, WorkerExecutor] = {}
-        for i in indices:
-            executor = self.engines[i].executor
-            if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
-                raise ValueError("open_links: every replica must be one device whose device takes calls")
-            executors[i] = executor
-        for i in indices:
-            for j in indices:
-                if i < j and (i, j) not in self._open_pairs:
-                    a, b = executors[i], executors[j]
-                    if share_host(a, b):
-                        a.call(0, "open_peer", b.global_ranks[0], self._arena_handle(j, b))
-                        b.call(0, "open_peer", a.global_ranks[0], self._arena_handle(i, a))
-                    a.post(0, "warm_link", b.global_ranks[0], True)
-                    b.post(0, "warm_link", a.global_ranks[0], False)
-                    a.result(0)
-                    b.result(0)
-                    self._open_pairs.add((i, j))
+        """Open the links between these replicas' devices (all when None), once per pair, so a
+        drop or migration copies device to device at once (kunserve/cluster/links.py). Only
+        when a transition needs them, or before serving: a worker holding a dead peer's mapped
+        arena hangs. The replicas' engine loops must be paused (or not started)."""
+        indices = range(len(self.engines)) if members is None else members
+        self.links.open({i: self.engines[i].executor for i in indices})
 
     def run_together(self, transitions: list[Callable[[], object]]) -> None:
         """Run transitions of disjoint replicas side by side (each mostly waits on its own
@@ -157,15 +127,6 @@ class Cluster:
         errors = [error for future in futures if (error := future.exception()) is not None]
         if errors:
             raise errors[0]
-
-    def _arena_handle(self, replica: int, executor: WorkerExecutor) -> bytes:
-        if replica not in self._arena_handles:
-            self._arena_handles[replica] = executor.call(0, "export_arena")
-        return self._arena_handles[replica]
-
-    def links_open(self, a: int, b: int) -> bool:
-        """Whether replicas a and b can copy between their devices (open_links)."""
-        return (min(a, b), max(a, b)) in self._open_pairs
 
     # ---- what the server sees ---------------------------------------------------------------
 

@@ -1,15 +1,16 @@
-"""Which path a copy between two replicas' devices takes (drops, restores, migrations).
+"""Which path a copy between two replicas' devices takes, and opening those paths.
 
 Devices of one host copy straight from each other's arenas, mapped into the reader's process
 once (CUDA IPC; shared memory on CPU): the destination pulls, the source does nothing.
 Devices on two hosts (Ray nodes) cannot map each other's memory: the bytes go over
 torch.distributed point-to-point, the source posting a send and the destination a receive
-at once (kunserve/worker/drop.py's send_kv / recv_kv).
+at once (kunserve/worker/peers.py).
 """
 
 from __future__ import annotations
 
-from kunserve.executor.base import THIS_HOST, Executor, WorkerExecutor
+from kunserve.executor.base import THIS_HOST, Executor, Pending, WorkerExecutor
+from kunserve.worker.protocol import DeviceCalls
 
 
 def host_of(executor: Executor) -> str:
@@ -22,15 +23,59 @@ def share_host(a: WorkerExecutor, b: WorkerExecutor) -> bool:
     return host_of(a) == host_of(b)
 
 
-def post_kv_copy(
-    src: WorkerExecutor, dst: WorkerExecutor, sources: list[int], targets: list[int]
-) -> list[WorkerExecutor]:
+def replica_device(executor: Executor, purpose: str) -> WorkerExecutor:
+    """`executor` as a one-device replica whose device takes DeviceCalls (what drops, restores
+    and migrations work on); ValueError naming `purpose` otherwise."""
+    if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
+        raise ValueError(f"{purpose}: replicas must be one device each, whose devices take calls")
+    return executor
+
+
+def post_kv_copy(src: WorkerExecutor, dst: WorkerExecutor, sources: list[int], targets: list[int]) -> list[Pending[None]]:
     """Start copying the KV of (sub-)blocks `sources` on src's device into `targets` on dst's;
-    returns the executors whose results end it. Several copies are posted in one order (of
+    returns the calls whose completion ends it. Several copies are posted in one order (of
     their device pairs), so that no two devices wait for each other's sends in a cycle."""
     if share_host(src, dst):
-        dst.post(0, "pull_kv", src.global_ranks[0], sources, targets)
-        return [dst]
-    src.post(0, "send_kv", dst.global_ranks[0], sources)
-    dst.post(0, "recv_kv", src.global_ranks[0], targets)
-    return [src, dst]
+        return [dst.post(0, DeviceCalls.pull_kv, src.global_ranks[0], sources, targets)]
+    return [src.post(0, DeviceCalls.send_kv, dst.global_ranks[0], sources),
+            dst.post(0, DeviceCalls.recv_kv, src.global_ranks[0], targets)]
+
+
+class Links:
+    """Which replicas' devices can copy between each other, opened once per pair: each maps the
+    other's arena where they share a host, and both open their activation link."""
+
+    def __init__(self) -> None:
+        self._arena_handles: dict[int, bytes] = {}
+        self._open_pairs: set[tuple[int, int]] = set()
+
+    def are_open(self, a: int, b: int) -> bool:
+        return (min(a, b), max(a, b)) in self._open_pairs
+
+    def mark_open(self, a: int, b: int) -> None:
+        """Count a pair as opened beforehand (a simulation's links opened before its replay)."""
+        self._open_pairs.add((min(a, b), max(a, b)))
+
+    def open(self, executors: dict[int, Executor]) -> None:
+        """Open every pair among these replicas (by index) not yet open. Their engine loops
+        must be paused (or not started): the calls run on their devices."""
+        devices = {i: replica_device(executor, "open_links") for i, executor in executors.items()}
+        for i in sorted(devices):
+            for j in sorted(devices):
+                if i < j and not self.are_open(i, j):
+                    self._open_pair(i, devices[i], j, devices[j])
+
+    def _open_pair(self, i: int, a: WorkerExecutor, j: int, b: WorkerExecutor) -> None:
+        if share_host(a, b):
+            a.call(0, DeviceCalls.open_peer, b.global_ranks[0], self._arena_handle(j, b))
+            b.call(0, DeviceCalls.open_peer, a.global_ranks[0], self._arena_handle(i, a))
+        sending = a.post(0, DeviceCalls.warm_link, b.global_ranks[0], True)
+        receiving = b.post(0, DeviceCalls.warm_link, a.global_ranks[0], False)
+        sending.wait()
+        receiving.wait()
+        self.mark_open(i, j)
+
+    def _arena_handle(self, replica: int, device: WorkerExecutor) -> bytes:
+        if replica not in self._arena_handles:
+            self._arena_handles[replica] = device.call(0, DeviceCalls.export_arena)
+        return self._arena_handles[replica]

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from kunserve.cluster.links import post_kv_copy, share_host
+from kunserve.cluster.links import post_kv_copy, replica_device, share_host
+from kunserve.cluster.view import ClusterView
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence, SequenceStatus
 from kunserve.executor.base import WorkerExecutor
-
-if TYPE_CHECKING:
-    from kunserve.cluster.cluster import Cluster
+from kunserve.worker.protocol import DeviceCalls
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +37,15 @@ class MigrationStats:
     blocks_moved: int
 
 
-def migrate(cluster: Cluster, seq: Sequence, src: int, dst: int) -> MigrationStats | None:
+def migrate(cluster: ClusterView, seq: Sequence, src: int, dst: int) -> MigrationStats | None:
     """Move running `seq` from replica `src` to replica `dst` (both in replica mode, their
     engine loops running); None when it was called off."""
     clock = cluster.engines[src].clock
     start = clock()
     source, target = cluster.engines[src], cluster.engines[dst]
     src_loop, dst_loop = cluster.replicas[src], cluster.replicas[dst]
-    src_device, dst_device = _replica_executor(source), _replica_executor(target)
-    both = sorted((src_loop, dst_loop), key=cluster.replicas.index)  # one order: no deadlock
+    src_device, dst_device = replica_device(source.executor, "migrate"), replica_device(target.executor, "migrate")
+    both = [cluster.replicas[i] for i in sorted((src, dst))]  # one order: no deadlock
     # A send is a call on the source's device, which its running loop must not interleave with steps.
     early_pauses = [dst_loop] if share_host(src_device, dst_device) else both
     preemptions = seq.metrics.num_preemptions
@@ -88,20 +86,13 @@ def migrate(cluster: Cluster, seq: Sequence, src: int, dst: int) -> MigrationSta
     return MigrationStats(seq.request_id, end - start, end - pause_start, len(early) + len(late))
 
 
-def _replica_executor(engine: LLMEngine) -> WorkerExecutor:
-    executor = engine.executor
-    if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
-        raise ValueError("migrate: replicas must be one device each, whose devices take calls")
-    return executor
-
-
 def _copy_kv(source: WorkerExecutor, target: WorkerExecutor, src_ids: list[int], dst_ids: list[int]) -> None:
-    for executor in post_kv_copy(source, target, src_ids, dst_ids):
-        executor.result(0)
+    for pending in post_kv_copy(source, target, src_ids, dst_ids):
+        pending.wait()
 
 
 def _move_sampler_state(source: LLMEngine, target: LLMEngine, request_id: str) -> None:
     """A seeded request keeps its random stream on its new device."""
-    states = _replica_executor(source).call(0, "take_sampler_states", [request_id])
+    states = replica_device(source.executor, "migrate").call(0, DeviceCalls.take_sampler_states, [request_id])
     if states:
-        _replica_executor(target).call(0, "give_sampler_states", states)
+        replica_device(target.executor, "migrate").call(0, DeviceCalls.give_sampler_states, states)

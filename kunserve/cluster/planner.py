@@ -60,9 +60,14 @@ class PlannerConfig:
             raise ValueError(f"restore_fill: must be in (0, 1], got {self.restore_fill}")
 
     def group_sizes(self, num_replicas: int) -> list[int]:
-        """Sizes a group may have: divisors of the layer count (each stage holds L/g layers)."""
-        limit = min(num_replicas, self.max_group_size or num_replicas, self.num_layers)
-        return [g for g in range(2, limit + 1) if self.num_layers % g == 0]
+        return group_sizes(self.num_layers, num_replicas, self.max_group_size)
+
+
+def group_sizes(num_layers: int, num_replicas: int, max_group_size: int | None) -> list[int]:
+    """Sizes a group of at most `num_replicas` may have: divisors of the layer count (each
+    stage holds L/g layers), up to `max_group_size`."""
+    limit = min(num_replicas, max_group_size or num_replicas, num_layers)
+    return [g for g in range(2, limit + 1) if num_layers % g == 0]
 
 
 class Planner:

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kunserve.cluster.links import post_kv_copy, share_host
+from kunserve.cluster.links import post_kv_copy, replica_device, share_host
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.staged_block_manager import StagedBlockManager
-from kunserve.executor.base import FusedGroupExecutor, WorkerExecutor
+from kunserve.executor.base import FusedGroupExecutor, Pending, WorkerExecutor
 from kunserve.layout import stage_layers, sub_block_id, sub_block_ids
 from kunserve.outputs import RequestOutput
+from kunserve.worker.protocol import DeviceCalls
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +58,18 @@ class SplitRefused(RuntimeError):
         self.outputs = outputs or []
 
 
-def _replica_executor(engine: LLMEngine) -> WorkerExecutor:
-    executor = engine.executor
-    if not isinstance(executor, WorkerExecutor) or executor.num_stages != 1:
-        raise ValueError("fuse: every member must be a one-device replica whose device takes calls")
-    return executor
-
-
 def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     """The group engine of `members` (their steps must all be collected)."""
     clock = members[0].clock
     start = clock()
     g = len(members)
-    executors = [_replica_executor(m) for m in members]
+    executors = [replica_device(m.executor, "fuse") for m in members]
     ranks = [e.global_ranks[0] for e in executors]
     block_size = members[0].config.block_size
-    for r, e in enumerate(executors):  # all members at once
-        e.post(0, "become_stage", r, g, ranks[r - 1] if r else None, ranks[r + 1] if r < g - 1 else None)
-    released = [e.result(0) for e in executors]
+    becoming = [e.post(0, DeviceCalls.become_stage, r, g, ranks[r - 1] if r else None,
+                       ranks[r + 1] if r < g - 1 else None)
+                for r, e in enumerate(executors)]  # all members at once
+    released = [pending.wait() for pending in becoming]
     handed = [m.hand_over() for m in members]
     for h, (running, waiting) in enumerate(handed[:-1]):  # the last stage samples for the group
         _move_sampler_states(executors, h, g - 1, [s.request_id for s in running + waiting])
@@ -95,7 +90,7 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     # The group runs what its members ran: their sequence slots add up.
     config = dataclasses.replace(members[0].config, max_num_seqs=sum(m.config.max_num_seqs for m in members),
                                  pipeline_parallel_size=g)
-    group = LLMEngine.from_parts(members[0], config, executors[0].form_group(executors, blocks), blocks)
+    group = LLMEngine.for_group(members[0], config, executors[0].form_group(executors, blocks), blocks)
     for member, (running, waiting) in zip(members, handed):
         group.take_over(member, running, waiting)
     group.scheduler.running.sort(key=lambda s: s.age_key)
@@ -133,7 +128,7 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     exchange_start = clock()
     for h, (sources, dests) in enumerate(local):
         if sources:
-            executors[h].call(0, "move_kv", sources, dests)
+            executors[h].call(0, DeviceCalls.move_kv, sources, dests)
     moved = _exchange(executors, transfers)
     exchange_s = clock() - exchange_start
     weights_start = clock()
@@ -236,21 +231,21 @@ def _exchange_in_rounds(
 
 def _move_sampler_states(executors: list[WorkerExecutor], src: int, dst: int, request_ids: list[str]) -> None:
     """Seeded requests keep their random streams when another device samples for them."""
-    states = executors[src].call(0, "take_sampler_states", request_ids)
+    states = executors[src].call(0, DeviceCalls.take_sampler_states, request_ids)
     if states:
-        executors[dst].call(0, "give_sampler_states", states)
+        executors[dst].call(0, DeviceCalls.give_sampler_states, states)
 
 
 def _exchange(executors: list[WorkerExecutor], transfers: Transfers) -> int:
     """Run the KV transfers, all devices at once, each pair by its path (kunserve/cluster/
     links.py: a pull from the source's arena on one host, a send and a receive across two;
     sources and destinations never overlap, so nothing races)."""
-    posted = []
+    posted: list[Pending[None]] = []
     for (src, dst), (sources, targets) in sorted(transfers.items()):
         if sources:
             posted += post_kv_copy(executors[src], executors[dst], sources, targets)
-    for executor in posted:
-        executor.result(0)
+    for pending in posted:
+        pending.wait()
     return sum(len(sources) for sources, _ in transfers.values())
 
 
@@ -271,7 +266,7 @@ def _evacuate_dropped_memory(
         if stage.num_free_blocks < len(inside):
             raise SplitRefused(f"split: stage {r} has no room outside the dropped layers for {len(inside)} blocks")
         targets = stage.take(len(inside))
-        executor.call(0, "move_kv", blocks.physical[r, inside].tolist(), targets)
+        executor.call(0, DeviceCalls.move_kv, blocks.physical[r, inside].tolist(), targets)
         blocks.physical[r, inside] = targets
 
 
@@ -292,12 +287,10 @@ def _restore_weights(executors: list[WorkerExecutor], ranks: list[int], num_laye
     the members on other hosts (kunserve/cluster/links.py)."""
     g = len(executors)
     owner = {layer: r for r in range(g) for layer in stage_layers(num_layers, r, g)}
+    refilling = []
     for h, executor in enumerate(executors):
         refill = {layer: ranks[r] for layer, r in owner.items() if r != h}
         remote = [ranks[r] for r, other in enumerate(executors) if not share_host(executor, other)]
-        if remote:
-            executor.post(0, "become_replica", refill, remote)
-        else:  # one host: the call as every device takes it (simulated ones too)
-            executor.post(0, "become_replica", refill)
-    for executor in executors:
-        executor.result(0)
+        refilling.append(executor.post(0, DeviceCalls.become_replica, refill, remote or None))
+    for pending in refilling:
+        pending.wait()

@@ -204,6 +204,10 @@ class AsyncEngine:
         self._step_lock.release()
         self._wake.set()
 
+    def run_engine(self, engine: LLMEngine) -> None:
+        """While paused: step `engine` from now on (a group's after a drop, its own after a restore)."""
+        self.engine = engine
+
     def merge_into(self, owner: AsyncEngine) -> None:
         """While paused: requests now go to `owner` (which runs this engine's requests)."""
         self.forward_to = owner

@@ -8,6 +8,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -21,13 +22,10 @@ from kunserve.engine.sequence import Sequence
 from kunserve.engine.stats import FinishedRequestStats, PipelineBusy, StatsListener, StepStats
 from kunserve.engine.step_builder import build_step_input
 from kunserve.executor.base import Executor
-from kunserve.executor.in_process import InProcessExecutor
-from kunserve.executor.multiproc import MultiprocExecutor
+from kunserve.executor.factory import build_executor
 from kunserve.model.presets import ResolvedModel, resolve_model
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
-from kunserve.worker.worker import build_worker
-from kunserve.worker.worker_process import WorkerWorld
 
 logger = logging.getLogger(__name__)
 
@@ -35,31 +33,45 @@ PromptInput = str | list[int]
 Clock = Callable[[], float]  # seconds, monotonic: time.monotonic, or a simulation's virtual clock
 
 
+@dataclass(frozen=True)
+class ModelContext:
+    """What every engine of one model shares (a replica's, and its group's after a drop)."""
+
+    model: ResolvedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    max_model_len: int
+    cost_model: CostModel
+
+
 class LLMEngine:
     def __init__(
         self,
         config: EngineConfig,
-        world: WorkerWorld | None = None,
         executor: Executor | None = None,
         clock: Clock = time.monotonic,
+        *,
+        context: ModelContext | None = None,
+        block_manager: BlockAccounting | None = None,
     ) -> None:
-        """`world`: the torch.distributed world of a cluster's worker processes (see Cluster);
-        `executor`: given (a simulated one), instead of built from `config`; `clock`: what
-        request and step times are read from."""
+        """`executor`: the devices (built from `config` when None: kunserve/executor/factory.py);
+        `clock`: what request and step times are read from; `context` and `block_manager`: given
+        for a group formed by a drop (`for_group`)."""
         self.config = config
-        self._world = world
         self.clock = clock
-        model = resolve_model(config.model)
-        self.model = model
-        self.spec = model.spec
-        self.tokenizer = self._load_tokenizer(model)
-        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
-        self.executor = executor or self._build_executor(model)
-        self.cost_model: CostModel = resolve_cost_model(config.cost_profile, self.spec, model.name,
-                                                        self.executor.layout.elem_bytes)
-        self._assemble(BlockManager(config.block_size, self.executor.kv_block_ids()))
+        if context is None:
+            model = resolve_model(config.model)
+            tokenizer = self._load_tokenizer(model)  # before the devices load: a bad path fails fast
+            self.executor = executor or build_executor(config, model)
+            context = self._model_context(model, tokenizer)
+        else:
+            model, self.executor = context.model, executor or build_executor(config, context.model)
+        self.context = context
+        self.model, self.spec = model, model.spec
+        self.tokenizer, self.max_model_len = self.context.tokenizer, self.context.max_model_len
+        self.cost_model = self.context.cost_model
+        self._assemble(block_manager or BlockManager(config.block_size, self.executor.kv_block_ids()))
         capacity = self.block_manager.num_total_blocks * config.block_size
-        if capacity < self.max_model_len:
+        if block_manager is None and capacity < self.max_model_len:
             logger.warning(
                 "the KV cache holds %d tokens, less than max_model_len=%d: longer requests will be refused",
                 capacity,
@@ -67,20 +79,20 @@ class LLMEngine:
             )
 
     @classmethod
-    def from_parts(
+    def for_group(
         cls, like: LLMEngine, config: EngineConfig, executor: Executor, block_manager: BlockAccounting
     ) -> LLMEngine:
         """An engine of `like`'s model with `config` on another executor and block pool (a
         group formed by a drop); it starts with no requests."""
-        engine = cls.__new__(cls)
-        engine.config, engine._world, engine.clock = config, None, like.clock
-        engine.model, engine.spec, engine.tokenizer = like.model, like.spec, like.tokenizer
-        engine.max_model_len = like.max_model_len
-        engine.executor = executor
-        engine.cost_model = like.cost_model
-        engine._assemble(block_manager)
+        engine = cls(config, executor, like.clock, context=like.context, block_manager=block_manager)
         engine.stats_listener = like.stats_listener
         return engine
+
+    def _model_context(self, model: ResolvedModel, tokenizer: PreTrainedTokenizerBase | None) -> ModelContext:
+        config = self.config
+        cost_model = resolve_cost_model(config.cost_profile, model.spec, model.name, self.executor.layout.elem_bytes)
+        max_model_len = config.max_model_len or model.spec.max_position_embeddings
+        return ModelContext(model, tokenizer, max_model_len, cost_model)
 
     def _assemble(self, block_manager: BlockAccounting) -> None:
         config = self.config
@@ -107,6 +119,7 @@ class LLMEngine:
         self._bubble_window_start = self.clock()
         if self.executor.max_in_flight > 1:
             self.executor.take_busy_seconds()  # start the stages' clocks from here
+
     def _load_tokenizer(self, model: ResolvedModel) -> PreTrainedTokenizerBase | None:
         if self.config.skip_tokenizer_init:
             return None
@@ -115,18 +128,6 @@ class LLMEngine:
             logger.info("model %r ships no tokenizer: prompts must be token ids", model.name)
             return None
         return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-
-    def _build_executor(self, model: ResolvedModel) -> Executor:
-        config = self.config
-        backend = config.resolve_executor_backend()
-        if backend == "uni":
-            device = config.resolve_device()
-            return InProcessExecutor(build_worker(config, model, (0, self.spec.num_layers), device))
-        if backend == "ray":
-            from kunserve.executor.ray_executor import RayExecutor  # ray: an optional extra
-
-            return RayExecutor(config, model, self._world)
-        return MultiprocExecutor(config, model, self._world)
 
     # ---- requests -------------------------------------------------------------------------
 

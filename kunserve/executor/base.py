@@ -1,4 +1,6 @@
-"""How a step reaches the devices. The control plane talks only to this interface.
+"""How a step reaches the devices. The engine talks only to `Executor`; drops, restores and
+migrations (kunserve/cluster/) talk to a replica's device through `WorkerExecutor`'s typed
+calls (kunserve/worker/protocol.py's DeviceCalls).
 
 Steps are submitted and their results collected in order. An executor whose devices form
 a pipeline accepts up to `max_in_flight` steps (micro-batches) before the oldest must be
@@ -7,19 +9,22 @@ collected, so that every stage has work; a single device runs one at a time.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 
 from kunserve.layout import ArenaLayout
 from kunserve.step import StepInput
-
-if TYPE_CHECKING:
-    from kunserve.engine.staged_block_manager import StagedBlockManager
-
+from kunserve.worker.protocol import DeviceCalls, check_device_call
 
 THIS_HOST = "this host"  # the host of executors that never leave the driver's machine
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Executor(ABC):
@@ -74,10 +79,32 @@ class Executor(ABC):
         """Stop the devices' workers (nothing to do in-process)."""
 
 
+class Pending(Generic[R]):
+    """A device call under way; `wait` returns its result. Calls posted to one device
+    complete in the order they were posted."""
+
+    def __init__(self, settle: Callable[[Pending[R]], None]) -> None:
+        self._settle = settle
+        self._done = False
+        self._value: R | None = None
+
+    def resolve(self, value: R) -> None:
+        self._value, self._done = value, True
+
+    def wait(self) -> R:
+        if not self._done:
+            self._settle(self)
+        return self._value  # type: ignore[return-value]  # resolved by _settle
+
+
 class WorkerExecutor(Executor):
-    """An executor whose devices take named calls (kunserve/worker/worker_process.py's
-    WORKER_CALLS): what drops, restores and migrations (kunserve/cluster/) drive, the same on
-    worker processes and on simulated devices."""
+    """An executor whose devices take DeviceCalls: what drops, restores and migrations drive,
+    the same on worker processes, Ray actors and simulated devices. A call is posted to a
+    stage's device at once and completes when waited for, so several devices can run the
+    two ends of a transfer, or their halves of a drop, side by side."""
+
+    def __init__(self) -> None:
+        self._unsettled: defaultdict[int, deque[Pending[Any]]] = defaultdict(deque)
 
     @property
     @abstractmethod
@@ -95,30 +122,58 @@ class WorkerExecutor(Executor):
         machines."""
         return [THIS_HOST] * self.num_stages
 
-    @abstractmethod
-    def post(self, rank: int, name: str, *args: Any) -> None:
-        """Start a named call on stage `rank`'s device; `result` collects it. Posting first
-        and collecting later lets two devices run the two ends of a transfer."""
+    def post(self, rank: int, call: Callable[Concatenate[DeviceCalls, P], R], *args: P.args,
+             **kwargs: P.kwargs) -> Pending[R]:
+        """Start `call` (a DeviceCalls method, e.g. DeviceCalls.pull_kv) on stage `rank`'s device."""
+        self._start_call(rank, check_device_call(call.__name__), args, kwargs)
+        pending: Pending[R] = Pending(functools.partial(self._settle, rank))
+        self._unsettled[rank].append(pending)
+        return pending
+
+    def call(self, rank: int, call: Callable[Concatenate[DeviceCalls, P], R], *args: P.args,
+             **kwargs: P.kwargs) -> R:
+        """`post` and wait."""
+        return self.post(rank, call, *args, **kwargs).wait()
+
+    def _settle(self, rank: int, pending: Pending[Any]) -> None:
+        """Read the device's replies in order until `pending` has its value."""
+        queue = self._unsettled[rank]
+        while True:
+            first = queue.popleft()
+            first.resolve(self._finish_call(rank))
+            if first is pending:
+                return
 
     @abstractmethod
-    def result(self, rank: int) -> Any: ...
+    def _start_call(self, rank: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Send the call to the device."""
 
-    def call(self, rank: int, name: str, *args: Any) -> Any:
-        self.post(rank, name, *args)
-        return self.result(rank)
-
-    @classmethod
     @abstractmethod
-    def form_group(cls, members: list[WorkerExecutor], blocks: StagedBlockManager) -> Executor:
-        """The executor of a pipeline group fused from these one-device replicas (member r
-        is stage r), its steps translated to each stage's sub-blocks by `blocks`."""
+    def _finish_call(self, rank: int) -> Any:
+        """The result of the oldest call on the device not yet finished."""
+
+    @abstractmethod
+    def form_group(self, members: list[WorkerExecutor], blocks: StageBlockMap) -> Executor:
+        """The executor of a pipeline group fused from these one-device replicas of this
+        executor's kind (member r is stage r), its steps translated to each stage's sub-blocks
+        by `blocks`."""
+
+
+class StageBlockMap(Protocol):
+    """A group's logical block ids, bound to one physical sub-block per stage (the engine's
+    StagedBlockManager)."""
+
+    def translate(self, stage: int, block_tables: np.ndarray, slot_mapping: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """A step's logical block tables and KV slots as stage `stage`'s physical ones."""
+        ...
 
 
 class FusedGroupExecutor(Executor):
     """The executor of a pipeline group fused by a drop: its member replicas' executors
     (member r is stage r), which take the group's steps and, at the restore, run alone again."""
 
-    def __init__(self, members: list[WorkerExecutor], blocks: StagedBlockManager) -> None:
+    def __init__(self, members: list[WorkerExecutor], blocks: StageBlockMap) -> None:
         self.members = list(members)
         self.blocks = blocks
         self.max_in_flight = len(members)

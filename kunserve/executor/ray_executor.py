@@ -31,11 +31,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kunserve.config import EngineConfig
-from kunserve.executor.multiproc import WorkerSetExecutor, free_port, stage_assignments
+from kunserve.executor.worker_set import WorkerSetExecutor, free_port, stage_assignments
 from kunserve.executor.workers import SHUTDOWN_GRACE_S, WorkerSet
 from kunserve.model.presets import ResolvedModel
+from kunserve.worker.protocol import Command, WorkerWorld
 from kunserve.worker.ray_worker import RayWorker
-from kunserve.worker.worker_process import WorkerWorld
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class RayWorkerSet(WorkerSet):
         if self.failure is not None or self._stop_requested:
             return
         self._stop_requested = True
-        message = pickle.dumps(("shutdown", None), protocol=pickle.HIGHEST_PROTOCOL)
+        message = pickle.dumps((Command.SHUTDOWN, None), protocol=pickle.HIGHEST_PROTOCOL)
         for handle in self.handles:
             handle.pending.append(handle.actor.handle.remote(message))
 
@@ -143,6 +143,7 @@ class RayExecutor(WorkerSetExecutor):
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
         """`world`: the cluster's shared world (ray_world); None: a world of this executor's
         stages alone."""
+        super().__init__()
         connect(config.ray_address)
         world = world or ray_world(config, config.pipeline_parallel_size)
         # The executor of global rank 0 keeps the world's store: it lives as long as the world.

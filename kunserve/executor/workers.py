@@ -13,6 +13,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn
 
+from kunserve.worker.protocol import Command, Reply
+
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0  # how long a worker may take to exit before it is terminated
@@ -67,7 +69,7 @@ class WorkerSet:
 
     def receive_sampled(self) -> Any:
         """The last worker's answer to the oldest step: its sampled tokens."""
-        sampled, busy_s = self.receive(len(self.handles) - 1, "sampled")
+        sampled, busy_s = self.receive(len(self.handles) - 1, Reply.SAMPLED)
         self._last_stage_busy_s += busy_s
         return sampled
 
@@ -75,8 +77,8 @@ class WorkerSet:
         """Seconds each worker computed since the last take. The last stage reports with its
         steps; the others answer once the steps sent to them before this call have run."""
         for index in range(len(self.handles) - 1):
-            self.post(index, "take_busy_s", None)
-        taken = [self.receive(index, "busy_s") for index in range(len(self.handles) - 1)]
+            self.post(index, Command.TAKE_BUSY_S, None)
+        taken = [self.receive(index, Reply.BUSY_S) for index in range(len(self.handles) - 1)]
         taken.append(self._last_stage_busy_s)
         self._last_stage_busy_s = 0.0
         return taken
@@ -88,7 +90,7 @@ class WorkerSet:
         for other in self.handles:
             if other.conn in ready:
                 kind, payload = self._recv(other)
-                if kind == "error":
+                if kind == Reply.ERROR:
                     self.fail(f"{other.name} failed:\n{payload}")
                 other.inbox.append((kind, payload))
         for sentinel, other in sentinels.items():
@@ -100,7 +102,7 @@ class WorkerSet:
         for handle in self.handles:
             if handle.process.is_alive():
                 try:
-                    handle.conn.send(("shutdown", None))
+                    handle.conn.send((Command.SHUTDOWN, None))
                 except OSError:
                     pass  # it is exiting anyway
 

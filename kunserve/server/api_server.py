@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import kunserve
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.coordinator import CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
 from kunserve.config import EngineConfig
 from kunserve.server.metrics import ServerMetrics
 from kunserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, DropRequest, RestoreRequest
@@ -99,8 +99,8 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
     @app.post("/v1/cluster/drop", dependencies=authorized)
     async def cluster_drop(body: DropRequest) -> dict:
         try:
-            members = body.replicas or cluster.coordinator.default_drop_members()
-            transition = await asyncio.to_thread(cluster.coordinator.drop, members, "operator")
+            members = body.replicas or cluster.coordinator.runner.default_drop_members()
+            transition = await asyncio.to_thread(cluster.coordinator.runner.drop, members, "operator")
         except ValueError as error:
             raise APIError(400, str(error), "replicas") from None
         return dataclasses.asdict(transition)
@@ -108,7 +108,7 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
     @app.post("/v1/cluster/restore", dependencies=authorized)
     async def cluster_restore(body: RestoreRequest) -> dict:
         try:
-            transition = await asyncio.to_thread(cluster.coordinator.restore, body.group, "operator")
+            transition = await asyncio.to_thread(cluster.coordinator.runner.restore, body.group, "operator")
         except ValueError as error:
             raise APIError(400, str(error), "group") from None
         except RuntimeError as error:

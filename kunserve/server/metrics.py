@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kunserve.cluster.coordinator import Coordinator, Transition
+from kunserve.cluster import status
+from kunserve.cluster.coordinator import Coordinator
+from kunserve.cluster.runner import Transition
 from kunserve.engine.stats import StepStats
 
 # Bucket upper bounds, in seconds (latencies) or tokens (lengths).
@@ -121,11 +123,12 @@ class ServerMetrics:
 
     def watch_cluster(self, coordinator: Coordinator) -> None:
         """Gauges read from the coordinator at scrape time; transitions counted as they happen."""
+        runner = coordinator.runner
         for index in range(len(coordinator.cluster.engines)):
             labels = (self.model_name, str(index))
-            self.group_mode.labels(*labels).set_function(lambda i=index: coordinator.mode_of(i) == "pipeline")
-            self.layers_held.labels(*labels).set_function(lambda i=index: coordinator.layers_held(i))
-        coordinator.on_transition = self.record_transition
+            self.group_mode.labels(*labels).set_function(lambda i=index: status.mode_of(runner, i) == status.PIPELINE_MODE)
+            self.layers_held.labels(*labels).set_function(lambda i=index: status.layers_held(runner, i))
+        runner.on_transition = self.record_transition
 
     def record_transition(self, transition: Transition) -> None:
         if transition.kind == "migrate":

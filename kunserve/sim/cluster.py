@@ -21,19 +21,22 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from kunserve.cluster.coordinator import Coordinator, CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.coordinator import Coordinator
 from kunserve.cluster.dispatcher import Dispatcher
+from kunserve.cluster.links import Links
+from kunserve.cluster.policies.registry import policy_class
 from kunserve.config import EngineConfig
 from kunserve.engine.cost_model import CostModel, resolve_cost_model
 from kunserve.engine.llm_engine import LLMEngine
-from kunserve.layout import stage_ranges
+from kunserve.layout import arena_layout, stage_ranges
 from kunserve.model.presets import resolve_model
 from kunserve.model.spec import parse_dtype
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
-from kunserve.sim.executor import SimulatedExecutor, SimulatorConfig, VirtualClock, resolve_host_time
+from kunserve.sim.executor import SimulatedExecutor, resolve_host_time
 from kunserve.sim.fast_forward import decode_ahead
-from kunserve.worker.worker import arena_layout
+from kunserve.sim.settings import SimulatorConfig, VirtualClock
 
 STEP = 1  # the heap holds replica steps; arrivals (first at equal times, as into an inbox) and checks are kept apart
 
@@ -64,6 +67,9 @@ class SimulatedReplica:
     def resume(self) -> None:
         self.busy_until = max(self.busy_until, self.clock())
 
+    def run_engine(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
     def merge_into(self, owner: SimulatedReplica) -> None:
         self.forward_to = owner
 
@@ -92,7 +98,8 @@ class SimulatedCluster:
         neither `num_kv_blocks` nor `memory_budget_bytes` (a GPU's total x utilization, less
         what is used before the arena)."""
         coordinator = coordinator or CoordinatorConfig()
-        config = dataclasses.replace(config, preemption_mode=coordinator.preemption_mode, skip_tokenizer_init=True)
+        preemption_mode = policy_class(coordinator.overload_policy).preemption_mode
+        config = dataclasses.replace(config, preemption_mode=preemption_mode, skip_tokenizer_init=True)
         self.clock = VirtualClock()
         self.wall_clock = self.clock
         self.settings = settings or SimulatorConfig()
@@ -118,26 +125,23 @@ class SimulatedCluster:
         self.refused: dict[str, str] = {}
         self.replicas = [SimulatedReplica(self.clock, engine, self.finished) for engine in self.engines]
         self.dispatcher = Dispatcher(dispatch_policy)
-        self.coordinator = Coordinator(self, coordinator)  # type: ignore[arg-type]  # the Cluster interface
-        self._open_pairs: set[tuple[int, int]] = set()
+        self.links = Links()
+        self.coordinator = Coordinator(self, coordinator)
         self._events: list[tuple[float, int, int, SimulatedReplica]] = []
         self._order = itertools.count()
 
     # ---- what the coordinator asks of a cluster ------------------------------------------------
 
-    def open_links(self, members: list[int]) -> None:
-        for a, b in itertools.combinations(sorted(members), 2):
-            if (a, b) not in self._open_pairs:
-                self.clock.advance_to(self.clock() + self.settings.link_open_s)
-                self._open_pairs.add((a, b))
+    def open_links(self, members: list[int] | None = None) -> None:
+        """Open the links between these replicas' devices (all when None), at their simulated cost."""
+        indices = range(len(self.engines)) if members is None else members
+        self.links.open({i: self.engines[i].executor for i in indices})
 
     def open_all_links(self) -> None:
         """Every pair's links, opened before serving (as `bench --launch` opens a live
         cluster's), so no drop or migration pays for them."""
-        self._open_pairs.update(itertools.combinations(range(len(self.replicas)), 2))
-
-    def links_open(self, a: int, b: int) -> bool:
-        return (min(a, b), max(a, b)) in self._open_pairs
+        for a, b in itertools.combinations(range(len(self.replicas)), 2):
+            self.links.mark_open(a, b)
 
     def run_together(self, transitions: list[Callable[[], object]]) -> None:
         """Transitions of disjoint replicas, each from now on its members' own time (a live

@@ -1,68 +1,35 @@
 """Simulated devices behind the executor interface: a step takes the cost model's time on a
 virtual clock, and nothing is computed. The engine above is the real one (scheduler, block
 accounting, lookahead batching), and so are the coordinator, planner and transitions that
-drive these executors through the same named calls as worker processes; the arena layout
-is the same arithmetic as a real device's, so every block id agrees.
+drive these executors through the same device calls as worker processes
+(kunserve/sim/device.py answers them); the arena layout is the same arithmetic as a real
+device's, so every block id agrees.
 
 Timing. A replica's step costs the driver's host time (scheduling, sending, collecting;
 `SimulatorConfig.host_*`), then each stage's compute in turn (cost_model.stage_time: its
 layers, plus the activations' hop after the first stage); a stage starts a micro-batch when
 it is free and the previous stage is done with it, so a pipeline's micro-batches overlap.
-Swaps ride on the step over the host link. Named calls (become a stage, pull KV, refill
+Swaps ride on the step over the host link. Device calls (become a stage, pull KV, refill
 weights) occupy the device for their transfer time: calls posted to several devices run
-side by side, and `result` waits for the one asked.
+side by side, and waiting for one moves the clock to its end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kunserve.engine.cost_model import CostModel, HostTime, StepShape
-from kunserve.engine.staged_block_manager import StagedBlockManager
-from kunserve.executor.base import Executor, FusedGroupExecutor, WorkerExecutor
-from kunserve.layout import ArenaLayout, layers_outside_stage
+from kunserve.executor.base import Executor, FusedGroupExecutor, StageBlockMap, WorkerExecutor
+from kunserve.layout import ArenaLayout
+from kunserve.sim.device import SimulatedDevice
+from kunserve.sim.settings import SimulatorConfig, VirtualClock
 from kunserve.step import StepInput
 
 SIMULATED_TOKEN = 0  # what every simulated step samples (simulated requests ignore EOS)
-
-
-class VirtualClock:
-    """Simulated seconds. The simulator sets it to each event's time; devices move it on
-    while a step or a transfer runs."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance_to(self, t: float) -> None:
-        self.now = max(self.now, t)
-
-
-@dataclass(frozen=True)
-class SimulatorConfig:
-    """What the cost model's steps do not cover: the host time of live steps (None: the cost
-    profile's, measured with benchmarks/host_overhead.py; else the Llama-3-8B H200 figures)
-    and the transitions' fixed costs (measured on 2x H200, docs/benchmarks.md)."""
-
-    host_step_s: float | None = None  # the driver's time per step, beside the device's
-    host_seq_s: float | None = None  # and per sequence in the step (building, sending, updating)
-    host_token_s: float | None = None  # and per token computed
-    stage_switch_s: float = 0.1  # a device becoming a stage or a replica again (drop/restore), beside transfers
-    link_open_s: float = 1.08  # opening two replicas' links (arenas mapped, NCCL pair), once per pair
-    hbm_copy_bytes_s: float = 4.3e12  # a copy within one device (read + write)
-    devices_per_host: int = 8  # simulated GPUs of one host: device i is on host i // devices_per_host
-    device_link: str = "device"  # the cost model's link between devices of one host (NVLink)
-    network_link: str = "network"  # and between hosts
-    host_link: str = "host"  # pinned host memory <-> device, for swaps
-    idle_step_s: float = 1e-3  # a loop with requests but nothing to run looks again after this
 
 
 class SimulatedExecutor(WorkerExecutor):
@@ -79,19 +46,18 @@ class SimulatedExecutor(WorkerExecutor):
         num_stages: int = 1,
         num_swap_blocks: int = 0,
     ) -> None:
+        super().__init__()
         self._layout = layout
         self.cost = cost
         self.clock = clock
         self.settings = settings
         self.model_layers = num_layers
-        self._ranks = list(range(first_rank, first_rank + num_stages))
+        self.devices = [SimulatedDevice(layout, cost, settings, rank)
+                        for rank in range(first_rank, first_rank + num_stages)]
         self.max_in_flight = num_stages
         self._num_swap_blocks = num_swap_blocks
         self._steps = StepQueue(num_stages, clock, settings)
-        self._device_free_at = 0.0  # named calls (transitions) run one after another per device
-        self._posted: dict[int, deque[tuple[float, Any]]] = {rank: deque() for rank in range(num_stages)}
-        self.released: set[int] = set()
-        self.group: tuple[int, int] | None = None  # (stage, group size) while a stage of a drop's group
+        self._calls: dict[int, deque[tuple[float, Any]]] = {rank: deque() for rank in range(num_stages)}
 
     # ---- the executor interface ------------------------------------------------------------
 
@@ -133,63 +99,49 @@ class SimulatedExecutor(WorkerExecutor):
         self._steps.pipeline.busy_s[0] += compute_s
 
     def release_layer(self, layer: int) -> range:
-        if layer in self.released:
-            raise ValueError(f"layer {layer} is already released")
-        self.released.add(layer)
-        return self._layout.released_blocks(layer)
+        return self.devices[0].release_layer(layer)
 
     def reclaim_layer(self, layer: int) -> None:
-        self.released.discard(layer)
+        self.devices[0].reclaim_layer(layer)
 
-    # ---- named calls (drops, restores, migrations) ---------------------------------------------
+    # ---- device calls (drops, restores, migrations) ---------------------------------------------
 
     @property
     def global_ranks(self) -> list[int]:
-        return self._ranks
+        return [device.rank for device in self.devices]
 
     @property
     def num_stages(self) -> int:
-        return len(self._ranks)
+        return len(self.devices)
 
     @property
     def hosts(self) -> list[str]:
-        return [simulated_host(self.settings, rank) for rank in self._ranks]
+        return [device.host for device in self.devices]
 
-    def link_to(self, peer: int) -> str:
-        """The cost model's link between this (first) device and global rank `peer`."""
-        same = simulated_host(self.settings, peer) == self.hosts[0]
-        return self.settings.device_link if same else self.settings.network_link
+    def _start_call(self, rank: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The call runs at once on the simulated device; it completes once the device has
+        been busy for its cost, after the calls given to it before."""
+        device = self.devices[rank]
+        value = getattr(device, name)(*args, **kwargs)
+        device.free_at = max(self.clock(), device.free_at) + device.take_call_seconds()
+        self._calls[rank].append((device.free_at, value))
 
-    def post(self, rank: int, name: str, *args: Any) -> None:
-        handler = DEVICE_CALLS.get(name)
-        if handler is None:
-            raise ValueError(f"a simulated device cannot {name!r}")
-        value, busy_s = handler(self, *args)
-        start = max(self.clock(), self._device_free_at)
-        self._device_free_at = start + busy_s
-        self._posted[rank].append((self._device_free_at, value))
-
-    def result(self, rank: int) -> Any:
-        done_at, value = self._posted[rank].popleft()
+    def _finish_call(self, rank: int) -> Any:
+        done_at, value = self._calls[rank].popleft()
         self.clock.advance_to(done_at)
         return value
 
-    @classmethod
-    def form_group(cls, members: list[WorkerExecutor], blocks: StagedBlockManager) -> Executor:
+    def form_group(self, members: list[WorkerExecutor], blocks: StageBlockMap) -> Executor:
         simulated = [m for m in members if isinstance(m, SimulatedExecutor)]
         if len(simulated) != len(members):
             raise TypeError("a simulated group's members must all be simulated")
         return SimulatedGroupExecutor(simulated, blocks)
 
-    def sub_block_bytes(self) -> int:
-        """Bytes of one (sub-)block as this device addresses its arena now."""
-        return self._layout.block_bytes // (1 if self.group is None else self.group[1])
-
 
 class SimulatedGroupExecutor(FusedGroupExecutor):
     """A drop's pipeline group of simulated replicas: stage r is member r, holding L/g layers."""
 
-    def __init__(self, members: list[SimulatedExecutor], blocks: StagedBlockManager) -> None:
+    def __init__(self, members: list[SimulatedExecutor], blocks: StageBlockMap) -> None:
         super().__init__(list(members), blocks)
         first = members[0]
         self.cost, self.clock, self.settings = first.cost, first.clock, first.settings
@@ -197,7 +149,7 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         self._steps = StepQueue(len(members), first.clock, first.settings)
         # Stage s receives its activations over this link (a group may span hosts).
         self._hop_links = [self.settings.device_link] + [
-            members[s].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
+            members[s].devices[0].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
 
     def submit(self, step: StepInput) -> None:
         self.refuse_swaps(step)
@@ -258,10 +210,6 @@ class StagePipeline:
         return taken
 
 
-def simulated_host(settings: SimulatorConfig, rank: int) -> str:
-    return f"host{rank // settings.devices_per_host}"
-
-
 def step_shape(step: StepInput) -> StepShape:
     return StepShape.of_batch(step.batch.query_lens, step.batch.context_lens, len(step.sample_rows))
 
@@ -299,57 +247,3 @@ def swap_time(executor: SimulatedExecutor, step: StepInput) -> float:
     times = [executor.cost.transfer_time(len(pairs) * block, link) for pairs in (step.swap_out, step.swap_in)
              if len(pairs)]
     return max(times, default=0.0)
-
-
-# ---- what a simulated device does for each named call: (returned value, busy seconds) ----------
-
-def _become_stage(device: SimulatedExecutor, stage: int, num_stages: int, *_: Any) -> tuple[list[int], float]:
-    layout = device.layout
-    device.released.update(layers_outside_stage(layout.num_layers, stage, num_stages))
-    released = layout.released_sub_blocks_of_stage(stage, num_stages)
-    device.group = (stage, num_stages)
-    return released, device.settings.stage_switch_s
-
-
-def _become_replica(
-    device: SimulatedExecutor, refill_from: dict[int, int] | None, _over_network: list[int] | None = None
-) -> tuple[None, float]:
-    """Each dropped layer comes from the stage that kept it, over the link to that device
-    (from the weight source, here timed as the device link, when none is named)."""
-    layer_bytes = device.layout.layer_bytes
-    links = [device.link_to(refill_from[layer]) if refill_from else device.settings.device_link
-             for layer in sorted(device.released)]
-    refill = sum(device.cost.transfer_time(layer_bytes * links.count(link), link) for link in set(links))
-    device.released.clear()
-    device.group = None
-    return None, device.settings.stage_switch_s + refill
-
-
-def _pull_kv(device: SimulatedExecutor, peer: int, src_ids: list[int], _dst_ids: list[int]) -> tuple[None, float]:
-    return None, device.cost.transfer_time(len(src_ids) * device.sub_block_bytes(), device.link_to(peer))
-
-
-def _send_or_receive_kv(device: SimulatedExecutor, peer: int, ids: list[int]) -> tuple[None, float]:
-    """Either end of a copy across hosts: both devices are busy for the transfer."""
-    return None, device.cost.transfer_time(len(ids) * device.sub_block_bytes(), device.link_to(peer))
-
-
-def _move_kv(device: SimulatedExecutor, src_ids: list[int], _dst_ids: list[int]) -> tuple[None, float]:
-    return None, len(src_ids) * device.sub_block_bytes() * 2 / device.settings.hbm_copy_bytes_s
-
-
-def _no_state(_device: SimulatedExecutor, *_: Any) -> tuple[dict, float]:
-    """Sampler states: a simulation samples nothing."""
-    return {}, 0.0
-
-
-DEVICE_CALLS: dict[str, Callable[..., tuple[Any, float]]] = {
-    "become_stage": _become_stage,
-    "become_replica": _become_replica,
-    "pull_kv": _pull_kv,
-    "send_kv": _send_or_receive_kv,
-    "recv_kv": _send_or_receive_kv,
-    "move_kv": _move_kv,
-    "take_sampler_states": _no_state,
-    "give_sampler_states": _no_state,
-}

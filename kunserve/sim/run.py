@@ -30,7 +30,7 @@ from kunserve.bench.workload import RequestSpec
 from kunserve.config import EngineConfig, GiB
 from kunserve.engine_args import engine_config
 from kunserve.sim.cluster import SimulatedCluster
-from kunserve.sim.executor import SimulatorConfig
+from kunserve.sim.settings import SimulatorConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import torch
 from kunserve.config import EngineConfig
 from kunserve.layout import ArenaLayout
 from kunserve.model.presets import ResolvedModel
-from kunserve.worker.worker_process import CommandHandler, StageAssignment, start_worker
+from kunserve.worker.protocol import Command, Reply, StageAssignment
+from kunserve.worker.worker_process import CommandHandler, start_worker
 
 
 class RayWorker:
@@ -38,7 +39,7 @@ class RayWorker:
         self.node_id: str = ray.get_runtime_context().get_node_id()
 
     def ready(self) -> tuple[str, ArenaLayout]:
-        return "ready", self.worker.layout
+        return Reply.READY, self.worker.layout
 
     def identity(self) -> tuple[str, int]:
         """The Ray node this worker runs on, and its process id."""
@@ -48,7 +49,7 @@ class RayWorker:
         """One pickled (command, argument) of the driver; "shutdown" unmaps the peers' memory
         (the driver then ends the actor)."""
         command, argument = pickle.loads(message)
-        if command == "shutdown":
+        if command == Command.SHUTDOWN:
             self.handler.close()
             return None
         return self.handler.handle(command, argument)

@@ -1,4 +1,5 @@
-"""One device: its memory arena, the layers it holds, and the runner of its steps."""
+"""One device: its memory arena, the layers it holds, the runner of its steps, and the device
+calls (kunserve/worker/protocol.py) that drops, restores and migrations make on it."""
 
 from __future__ import annotations
 
@@ -6,36 +7,39 @@ import logging
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from kunserve.config import EngineConfig
 from kunserve.kernels.attention import make_attention_backend
 from kunserve.kernels.cpu_linear import make_linear
-from kunserve.layout import ArenaLayout, layer_param_slices
+from kunserve.layout import ArenaLayout, arena_layout
 from kunserve.model.decoder import DecoderStage
 from kunserve.model.presets import ResolvedModel
 from kunserve.model.rotary import cos_sin_cache
 from kunserve.model.spec import ModelSpec, parse_dtype
 from kunserve.model.weights import CheckpointWeights, DummyWeights, WeightSource
 from kunserve.step import StepInput
+from kunserve.worker import drop
 from kunserve.worker.arena import MemoryArena
+from kunserve.worker.busy_clock import BusyClock
 from kunserve.worker.cuda_graphs import DecodeGraphs
 from kunserve.worker.model_runner import ModelRunner, PendingTokens
+from kunserve.worker.peers import PeerLinks, digest
+from kunserve.worker.protocol import DeviceCalls, SamplerStates
 from kunserve.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
 
-# Scratch memory a step may take beyond the arena, per batched token: the widest
-# activations of one layer (residual, normed input, qkv, attention output, gate_up, the
-# SiLU product) with room for the allocator's rounding.
-ACTIVATION_SAFETY_FACTOR = 2
-# Logits are float32 and the sampler holds a few vocab-wide copies of them per sampled row.
-SAMPLER_LOGIT_COPIES = 4
-
 
 def build_worker(
-    config: EngineConfig, model: ResolvedModel, layer_range: tuple[int, int], device: torch.device
+    config: EngineConfig,
+    model: ResolvedModel,
+    layer_range: tuple[int, int],
+    device: torch.device,
+    pipe: tuple[int | None, int | None] = (None, None),
 ) -> Worker:
-    """The worker of one device holding layers `layer_range` of `model`, weights loaded."""
+    """The worker of one device holding layers `layer_range` of `model`, weights loaded;
+    `pipe`: the global ranks of a static pipeline's previous and next stages."""
     spec = model.spec
     dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
     weights: WeightSource
@@ -46,10 +50,10 @@ def build_worker(
     else:
         weights = CheckpointWeights(model.weights_dir, spec)
     max_model_len = config.max_model_len or spec.max_position_embeddings
-    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device)
+    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe)
 
 
-class Worker:
+class Worker(DeviceCalls):
     def __init__(
         self,
         spec: ModelSpec,
@@ -59,6 +63,7 @@ class Worker:
         max_model_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        pipe: tuple[int | None, int | None] = (None, None),
     ) -> None:
         torch.manual_seed(config.seed)
         self.spec = spec
@@ -93,17 +98,16 @@ class Worker:
         # Host memory for swapped-out KV: only for the swap preemption mode.
         self.swap_space = (SwapSpace(self.arena.kv_cache, layout.swap_blocks(config.swap_space_bytes))
                            if config.preemption_mode == "swap" else None)
-        # While this device is a stage of a group (kunserve/worker/drop.py): (stage, group size).
+        # While this device is a stage of a drop's group: (stage, group size).
         self.group: tuple[int, int] | None = None
         # Global ranks of the neighbour stages (None: none, this stage embeds / samples).
-        self.pipe_prev: int | None = None
-        self.pipe_next: int | None = None
-        # Other workers' arenas mapped into this process, by global rank (kunserve/worker/drop.py).
-        self.peer_arenas: dict[int, torch.Tensor] = {}
+        self.pipe_prev, self.pipe_next = pipe
+        self.peers = PeerLinks(device)
         self.replica_model, self.replica_runner = self.model, self.runner
         # The stage models a drop made, by (stage, group size): kept for the next drop, with
         # their captured graphs (their weights and KV views never move).
         self.stage_runners: dict[tuple[int, int], tuple[DecoderStage, ModelRunner]] = {}
+        self.clock = BusyClock(device)
 
     def decode_graphs(self, model: DecoderStage, lazy: bool) -> DecodeGraphs | None:
         """CUDA graphs for `model`'s decode steps (None: eager), captured now or as sizes come."""
@@ -121,15 +125,41 @@ class Worker:
     def layout(self) -> ArenaLayout:
         return self.arena.layout
 
+    # ---- steps -------------------------------------------------------------------------------
+
     def execute(self, step: StepInput) -> np.ndarray:
         return self.launch(step).result()
 
     def launch(self, step: StepInput) -> PendingTokens:
-        """Start a step; its sampled tokens come back through the result."""
-        if self.arena.released and self.group is None:
-            raise RuntimeError(f"layers {sorted(self.arena.released)} are released; this stage cannot run")
+        """Start a whole model's step; its sampled tokens come back through the result."""
+        self._check_runnable()
         self.swap(step)
         return self.runner.launch(step)
+
+    def run_stage(self, step: StepInput) -> np.ndarray | None:
+        """This device's part of a pipeline's step: the previous stage's hidden states in,
+        this stage's layers, the next stage's input out; the last stage samples and returns
+        the tokens (the others None)."""
+        self._check_runnable()
+        self.swap(step)
+        if step.num_tokens == 0:  # swaps only: nothing flows down the pipeline
+            return self.runner.execute(step) if self.pipe_next is None else None
+        hidden_in = None
+        if self.pipe_prev is not None:
+            hidden_in = torch.empty((step.num_tokens, self.spec.hidden_size), dtype=self.arena.buffer.dtype,
+                                    device=self.device)
+            dist.recv(hidden_in, src=self.pipe_prev)
+        self.clock.begin()
+        hidden = self.runner.forward(step, hidden_in)
+        sampled = self.runner.sample(step, hidden) if self.pipe_next is None else None
+        self.clock.end()
+        if self.pipe_next is not None:
+            dist.send(hidden.contiguous(), dst=self.pipe_next)
+        return sampled
+
+    def take_busy_seconds(self) -> float:
+        """Seconds this stage computed since the last take (the bubble metric)."""
+        return self.clock.take()
 
     def swap(self, step: StepInput) -> None:
         """Start the step's KV copies to and from host memory, ahead of its compute."""
@@ -140,14 +170,97 @@ class Worker:
         written = np.unique(step.batch.slot_mapping // self.layout.block_size)
         self.swap_space.apply(step.swap_out, step.swap_in, written)
 
+    def _check_runnable(self) -> None:
+        if self.arena.released and self.group is None:
+            raise RuntimeError(f"layers {sorted(self.arena.released)} are released; this stage cannot run")
+
+    # ---- device calls: memory ------------------------------------------------------------------
+
     def release_layer(self, layer: int) -> range:
-        """Drop the weights of local layer `layer`; returns the block ids its bytes provide."""
         return self.arena.release(layer)
 
     def reclaim_layer(self, layer: int) -> None:
-        """Take local layer `layer`'s slot back and refill its weights."""
         self.weights.load_layer(self.start + layer, self.arena.reclaim(layer))
 
+    # ---- device calls: role changes (kunserve/worker/drop.py) -----------------------------------
+
+    def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
+                     next_rank: int | None = None) -> list[int]:
+        if self.group is not None:
+            raise RuntimeError(f"already stage {self.group[0]} of a {self.group[1]}-stage group")
+        if self.layout.num_layers != self.spec.num_layers:
+            raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
+        released = drop.release_other_layers(self.arena, stage, num_stages)
+        self._run_with(*self._stage_runner(stage, num_stages))
+        self.runner.sampler = self.replica_runner.sampler  # seeded requests keep their generators
+        self.group = (stage, num_stages)
+        self.pipe_prev, self.pipe_next = prev_rank, next_rank
+        return released
+
+    def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
+        if self.group is None:
+            raise RuntimeError("not a stage of a group")
+        drop.refill_layers(self.arena, self.weights, self.peers, refill_from, over_network)
+        self._run_with(self.replica_model, self.replica_runner)
+        self.group = None
+        self.pipe_prev = self.pipe_next = None
+
+    def _stage_runner(self, stage: int, num_stages: int) -> tuple[DecoderStage, ModelRunner]:
+        """Stage `stage`'s model and runner, made at the first drop into it and kept."""
+        if (stage, num_stages) not in self.stage_runners:
+            model = drop.stage_model(self.replica_model, self.arena, stage, num_stages)
+            self.stage_runners[(stage, num_stages)] = (model, ModelRunner(model, self.device,
+                                                                          self.decode_graphs(model, lazy=True)))
+        return self.stage_runners[(stage, num_stages)]
+
+    def _run_with(self, model: DecoderStage, runner: ModelRunner) -> None:
+        self.model, self.runner = model, runner
+
+    # ---- device calls: links and KV copies (kunserve/worker/peers.py) ---------------------------
+
+    def export_arena(self) -> bytes:
+        return self.peers.export(self.arena)
+
+    def open_peer(self, peer: int, handle: bytes) -> None:
+        self.peers.open(peer, handle)
+
+    def warm_link(self, peer: int, send: bool) -> None:
+        self.peers.warm(peer, send, self.arena.buffer.dtype)
+
+    def kv_view(self) -> torch.Tensor:
+        """The KV cache as this device addresses it now: blocks, or a stage's sub-blocks."""
+        return self.arena.kv_cache if self.group is None else self.arena.stage_kv_cache(self.group[1])
+
+    def pull_kv(self, peer: int, src_ids: list[int], dst_ids: list[int], staging_bytes: int | None = None) -> None:
+        self.peers.pull_kv(self.kv_view(), peer, src_ids, dst_ids, staging_bytes)
+
+    def send_kv(self, peer: int, ids: list[int], staging_bytes: int | None = None) -> None:
+        self.peers.send_kv(self.kv_view(), peer, ids, staging_bytes)
+
+    def recv_kv(self, peer: int, ids: list[int], staging_bytes: int | None = None) -> None:
+        self.peers.recv_kv(self.kv_view(), peer, ids, staging_bytes)
+
+    def move_kv(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        self.peers.move_kv(self.kv_view(), src_ids, dst_ids)
+
+    # ---- device calls: sampler state and checks ---------------------------------------------
+
+    def take_sampler_states(self, request_ids: list[str]) -> SamplerStates:
+        return self.replica_runner.sampler.take_states(request_ids)
+
+    def give_sampler_states(self, states: SamplerStates) -> None:
+        self.replica_runner.sampler.give_states(states)
+
+    def kv_digests(self, ids: list[int]) -> list[str]:
+        view = self.kv_view()
+        return [digest(view[i]) for i in ids]
+
+    def weight_digests(self) -> list[str]:
+        return [digest(self.arena.slot(layer)) for layer in range(self.layout.num_layers)]
+
+    def close(self) -> None:
+        """Unmap the peers' memory before the process exits."""
+        self.peers.close()
 
 
 def device_budget_bytes(config: EngineConfig, device: torch.device) -> int | None:
@@ -159,27 +272,3 @@ def device_budget_bytes(config: EngineConfig, device: torch.device) -> int | Non
         return None
     free, total = torch.cuda.mem_get_info(device)
     return int(total * config.gpu_memory_utilization) - (total - free)
-
-
-def arena_layout(
-    spec: ModelSpec, config: EngineConfig, layer_range: tuple[int, int], elem_bytes: int, budget_bytes: int | None
-) -> ArenaLayout:
-    """The arena of a device holding `layer_range`: exactly `num_kv_blocks` KV blocks when
-    set, else what `budget_bytes` leaves after the stage's other weights and a step's scratch
-    memory (None: `cpu_kv_cache_bytes` of KV). Simulated devices use it too."""
-    start, end = layer_range
-    num_layers = end - start
-    if config.num_kv_blocks is not None:
-        return ArenaLayout.for_kv_blocks(spec, num_layers, config.block_size, elem_bytes, config.num_kv_blocks)
-    _, layer_elems = layer_param_slices(spec, elem_bytes)
-    if budget_bytes is None:
-        arena_bytes = num_layers * layer_elems * elem_bytes + config.cpu_kv_cache_bytes
-    else:
-        first, last = start == 0, end == spec.num_layers
-        vocab_rows = (first + (last and not (first and spec.tie_word_embeddings))) * spec.vocab_size
-        stage_bytes = (vocab_rows + last) * spec.hidden_size * elem_bytes
-        widest = 3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size
-        activations = ACTIVATION_SAFETY_FACTOR * config.max_num_batched_tokens * widest * elem_bytes
-        logits = SAMPLER_LOGIT_COPIES * config.max_num_seqs * spec.vocab_size * 4
-        arena_bytes = budget_bytes - stage_bytes - activations - logits
-    return ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes)

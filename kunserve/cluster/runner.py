@@ -1,0 +1,225 @@
+"""Carrying transitions out on a cluster while requests keep arriving: drops (fuse replicas
+into a pipeline group), restores (split it back) and migrations, each holding only its own
+replicas, so transitions of disjoint replicas run side by side (`ClusterView.run_together`).
+
+A transition pauses its replicas' loops between steps, runs kunserve/cluster/transitions.py
+(or migration.py), and points the loops at the group engine (or back). The groups it made
+and the transitions it ran are this module's state; when to act is a policy's choice
+(kunserve/cluster/policies/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from kunserve.cluster import migration
+from kunserve.cluster.planner import group_sizes
+from kunserve.cluster.transitions import SplitRefused, TransitionStats, fuse, split
+from kunserve.cluster.view import ClusterView, ReplicaLoop
+from kunserve.engine.llm_engine import LLMEngine
+from kunserve.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+HISTORY_LENGTH = 32  # transitions kept for GET /v1/cluster
+
+
+@dataclass
+class Group:
+    members: list[int]  # replica indices; member r is stage r
+    engine: LLMEngine
+    formed_at: float  # the cluster's clock
+
+
+@dataclass
+class Transition:
+    kind: str  # "drop" | "restore" | "migrate"
+    members: list[int]  # a group's replicas; a migration's (source, destination)
+    at: float  # the cluster's wall clock (time.time() on a live cluster)
+    duration_s: float
+    exchange_s: float  # KV moved between devices
+    sub_blocks_moved: int
+    reason: str
+    pause_s: float  # how long the requests involved could not run
+
+
+class TransitionRunner:
+    def __init__(
+        self, cluster: ClusterView, max_group_size: int | None = None,
+        on_transition: Callable[[Transition], None] | None = None,
+    ) -> None:
+        """`max_group_size`: the largest group a drop may form (None: any that divides the layers)."""
+        self.cluster = cluster
+        self.max_group_size = max_group_size
+        self.on_transition = on_transition
+        self.groups: list[Group] = []
+        self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
+        self._state_lock = threading.Lock()  # the groups and the replicas a transition holds
+        self._held: set[int] = set()  # replicas a transition is under way on
+
+    # ---- which replica runs what -----------------------------------------------------------------
+
+    def replicas_in_replica_mode(self) -> list[int]:
+        grouped = {m for group in self.groups for m in group.members}
+        return [i for i, r in enumerate(self.cluster.replicas) if i not in grouped and r.is_alive]
+
+    def group_of(self, replica: int) -> Group | None:
+        return next((group for group in self.groups if replica in group.members), None)
+
+    def engine_of(self, replica: int) -> LLMEngine:
+        """The engine running the replica's requests now: its own, or its group's."""
+        group = self.group_of(replica)
+        return self.cluster.engines[replica] if group is None else group.engine
+
+    def group_sizes(self, num_replicas: int) -> list[int]:
+        """Sizes a group of these many replicas may have."""
+        return group_sizes(self.cluster.engines[0].spec.num_layers, num_replicas, self.max_group_size)
+
+    def default_drop_members(self) -> list[int]:
+        """The replicas a drop takes when an operator names none: the largest group the
+        replicas in replica mode allow."""
+        free = self.replicas_in_replica_mode()
+        sizes = self.group_sizes(len(free))
+        if not sizes:
+            raise ValueError(f"replicas: the {len(free)} replica(s) in replica mode can form no group")
+        return free[: sizes[-1]]
+
+    @contextlib.contextmanager
+    def holding(self, replicas: list[int]) -> Iterator[None]:
+        """Hold these replicas for one transition; refused (ValueError) while another holds any."""
+        with self._state_lock:
+            busy = self._held & set(replicas)
+            if busy:
+                raise ValueError(f"replicas: {sorted(busy)} are in another transition")
+            self._held.update(replicas)
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._held.difference_update(replicas)
+
+    # ---- transitions -----------------------------------------------------------------------------
+
+    def drop(self, members: list[int], reason: str = "requested") -> Transition:
+        """Fuse these replicas (member r becomes stage r) into a pipeline group."""
+        with self.holding(members):
+            self._check_drop(members)
+            cluster = self.cluster
+            loops = [cluster.replicas[i] for i in members]
+            paused_at = cluster.clock()
+            for loop in loops:
+                loop.pause()
+            try:
+                cluster.links.open({i: cluster.engines[i].executor for i in members})
+                group_engine, stats = fuse([cluster.engines[i] for i in members])
+                _run_group(loops, group_engine)
+            except Exception as error:
+                _fail_loops(loops, error, "drop")
+                raise
+            finally:
+                for loop in loops:
+                    loop.resume()
+            with self._state_lock:
+                self.groups.append(Group(members, group_engine, cluster.clock()))
+            return self._record("drop", members, stats, reason, cluster.clock() - paused_at)
+
+    def _check_drop(self, members: list[int]) -> None:
+        """Refuse (ValueError) a drop no group can be made of, before any device is touched."""
+        free = self.replicas_in_replica_mode()
+        if len(members) < 2 or len(set(members)) != len(members) or not set(members) <= set(free):
+            raise ValueError(f"replicas: {members} must be two or more distinct replicas in replica mode {free}")
+        num_layers = self.cluster.engines[members[0]].spec.num_layers
+        if num_layers % len(members):
+            sizes = group_sizes(num_layers, len(free), None)
+            raise ValueError(f"replicas: a group of {len(members)} must divide the model's {num_layers} layers "
+                             f"(each stage holds L/g of them); possible sizes here: {sizes}")
+
+    def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
+        """Split a group back into its replicas."""
+        if not 0 <= group_index < len(self.groups):
+            raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
+        return self.restore_group(self.groups[group_index], reason)
+
+    def restore_group(self, group: Group, reason: str) -> Transition:
+        cluster = self.cluster
+        with self.holding(group.members):
+            loops = [cluster.replicas[i] for i in group.members]
+            paused_at = cluster.clock()
+            for loop in loops:
+                loop.pause()
+            try:
+                outputs, stats = split(group.engine, [cluster.engines[i] for i in group.members])
+                loops[0].run_engine(cluster.engines[group.members[0]])
+                for loop in loops[1:]:
+                    loop.unmerge()
+                loops[0].deliver_from_thread(outputs)
+            except SplitRefused as refused:
+                loops[0].deliver_from_thread(refused.outputs)  # the group serves on
+                raise
+            except Exception as error:
+                _fail_loops(loops, error, "restore")
+                with self._state_lock:
+                    self.groups.remove(group)
+                raise
+            finally:
+                for loop in loops:
+                    loop.resume()
+            with self._state_lock:
+                self.groups.remove(group)
+            return self._record("restore", group.members, stats, reason, cluster.clock() - paused_at)
+
+    def migrate(self, seq: Sequence, src: int, dst: int, reason: str = "requested") -> Transition | None:
+        """Move running `seq` from replica `src` to `dst` (kunserve/cluster/migration.py);
+        None when it was called off (the request moved on meanwhile)."""
+        cluster = self.cluster
+        with self.holding([src, dst]):
+            if not cluster.links.are_open(src, dst):
+                pair = [cluster.replicas[i] for i in sorted((src, dst))]
+                for loop in pair:
+                    loop.pause()
+                try:
+                    cluster.links.open({i: cluster.engines[i].executor for i in (src, dst)})
+                finally:
+                    for loop in pair:
+                        loop.resume()
+            stats = migration.migrate(cluster, seq, src, dst)
+            if stats is None:
+                return None
+            transition = Transition("migrate", [src, dst], cluster.wall_clock(), stats.duration_s, stats.pause_s,
+                                    stats.blocks_moved, f"{reason}; request {stats.request_id}", stats.pause_s)
+            return self._log(transition)
+
+    def _record(self, kind: str, members: list[int], stats: TransitionStats, reason: str, pause_s: float
+                ) -> Transition:
+        """`pause_s`: how long the members' loops were held (their running steps ending, links
+        opening, the transition itself): their requests' stall."""
+        return self._log(Transition(kind, list(members), self.cluster.wall_clock(), stats.duration_s,
+                                    stats.exchange_s, stats.sub_blocks_moved, reason, pause_s))
+
+    def _log(self, transition: Transition) -> Transition:
+        self.history.append(transition)
+        logger.info("transition %s", asdict(transition))
+        if self.on_transition is not None:
+            self.on_transition(transition)
+        return transition
+
+
+def _run_group(loops: list[ReplicaLoop], group_engine: LLMEngine) -> None:
+    """The first member's loop steps the group; the others pass their requests to it."""
+    owner = loops[0]
+    owner.run_engine(group_engine)
+    for loop in loops[1:]:
+        loop.merge_into(owner)
+
+
+def _fail_loops(loops: list[ReplicaLoop], error: Exception, kind: str) -> None:
+    """A transition that failed halfway leaves its members' devices in no state to serve:
+    their loops stop, and every request they hold ends with the error."""
+    logger.error("%s failed halfway (%r): failing the members' requests", kind, error)
+    for loop in loops:
+        loop.fail(error)

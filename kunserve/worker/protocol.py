@@ -1,0 +1,173 @@
+"""What the driver can ask of a device, one definition for every kind of device.
+
+`DeviceCalls` lists the calls that drops, restores and migrations (kunserve/cluster/) make on a
+device, one method each: a real device serves them in its worker process or Ray actor
+(kunserve/worker/worker.py's `Worker`), a simulated one prices them on a virtual clock
+(kunserve/sim/device.py). An executor carries a call as its method's name and arguments
+(`WorkerExecutor.post(rank, DeviceCalls.pull_kv, ...)`), so a reader follows it from the caller
+to this definition and on to each implementation.
+
+The channel to a worker also carries steps and a few control messages (`Command`), answered
+by `Reply`s; `WorkerWorld` and `StageAssignment` say where a worker stands in a cluster.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+# Seeded requests' random-stream states, by request id: opaque to the driver, which only
+# passes them from the device that sampled to the one that samples next.
+SamplerStates = dict[str, Any]
+
+
+class DeviceCalls(ABC):
+    """The named calls a device serves (a worker's device, or a simulated one)."""
+
+    # ---- memory: layers <-> KV (a replica alone) --------------------------------------------
+
+    @abstractmethod
+    def release_layer(self, layer: int) -> range:
+        """Drop local layer `layer`'s weights; returns the block ids its bytes provide."""
+
+    @abstractmethod
+    def reclaim_layer(self, layer: int) -> None:
+        """Take local layer `layer`'s bytes back from the KV pool and refill its weights."""
+
+    # ---- role changes: the drop mechanism (kunserve/worker/drop.py) ---------------------------
+
+    @abstractmethod
+    def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
+                     next_rank: int | None = None) -> list[int]:
+        """Keep stage `stage`'s layers of a `num_stages`-stage group and release the others;
+        activations then come from global rank `prev_rank` and go to `next_rank`. Returns the
+        sub-block ids the released slots provide."""
+
+    @abstractmethod
+    def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
+        """Reclaim the released slots and refill their weights: layer k from global rank
+        `refill_from[k]`, or all from the weight source when None. Peers in `over_network`
+        (members on another host, restoring at the same time) swap layers over the network."""
+
+    # ---- links between devices ------------------------------------------------------------
+
+    @abstractmethod
+    def export_arena(self) -> bytes:
+        """A handle to this device's arena that a peer on this host can map (`open_peer`)."""
+
+    @abstractmethod
+    def open_peer(self, peer: int, handle: bytes) -> None:
+        """Map global rank `peer`'s arena (its `export_arena`) for direct copies, and set the
+        path up with one small copy."""
+
+    @abstractmethod
+    def warm_link(self, peer: int, send: bool) -> None:
+        """One tiny transfer with global rank `peer`, so the activation link exists before a
+        group's first step needs it (`send`: this end sends)."""
+
+    # ---- KV copies ------------------------------------------------------------------------
+
+    @abstractmethod
+    def pull_kv(self, peer: int, src_ids: list[int], dst_ids: list[int], staging_bytes: int | None = None) -> None:
+        """Copy (sub-)blocks `src_ids` of global rank `peer`'s mapped arena (seen as this
+        device sees its own now) into `dst_ids` here, at most `staging_bytes` at a time."""
+
+    @abstractmethod
+    def send_kv(self, peer: int, ids: list[int], staging_bytes: int | None = None) -> None:
+        """Send (sub-)blocks `ids` to global rank `peer` on another host, which runs `recv_kv`
+        at the same time with the same `staging_bytes`."""
+
+    @abstractmethod
+    def recv_kv(self, peer: int, ids: list[int], staging_bytes: int | None = None) -> None:
+        """Receive into (sub-)blocks `ids` what global rank `peer` sends with `send_kv`."""
+
+    @abstractmethod
+    def move_kv(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Copy (sub-)blocks `src_ids` into `dst_ids` on this device (they must not overlap)."""
+
+    # ---- requests' sampler state ----------------------------------------------------------
+
+    @abstractmethod
+    def take_sampler_states(self, request_ids: list[str]) -> SamplerStates:
+        """Seeded requests' random streams, leaving this device with them."""
+
+    @abstractmethod
+    def give_sampler_states(self, states: SamplerStates) -> None:
+        """Random streams taken from another device by `take_sampler_states`."""
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def kv_digests(self, ids: list[int]) -> list[str]:
+        """A digest of each (sub-)block's bytes, to check transfers bit for bit."""
+
+    @abstractmethod
+    def weight_digests(self) -> list[str]:
+        """A digest of each layer slot's bytes (the weights, when the layer is held)."""
+
+
+DEVICE_CALLS = frozenset(DeviceCalls.__abstractmethods__)
+
+
+def check_device_call(name: str) -> str:
+    """`name` if it is one of DeviceCalls' methods (a channel never runs anything else)."""
+    if name not in DEVICE_CALLS:
+        raise ValueError(f"{name!r} is not a device call; expected one of {sorted(DEVICE_CALLS)}")
+    return name
+
+
+class Command:
+    """What the driver sends a worker over its channel: (command, argument)."""
+
+    EXECUTE = "execute"  # a StepInput; the last stage replies SAMPLED
+    CALL = "call"  # (DeviceCalls method name, args, kwargs); replies RETURNED
+    TAKE_BUSY_S = "take_busy_s"  # replies BUSY_S: seconds computed since the last take
+    SHUTDOWN = "shutdown"  # unmap peers and exit; no reply
+
+
+class Reply:
+    """What a worker sends back: (reply, payload)."""
+
+    READY = "ready"  # the worker's ArenaLayout, once at start
+    SAMPLED = "sampled"  # (token ids, busy seconds) of the oldest step
+    RETURNED = "returned"  # a CALL's result
+    BUSY_S = "busy_s"
+    ERROR = "error"  # a traceback: the worker failed
+
+
+@dataclass(frozen=True)
+class WorkerWorld:
+    """The torch.distributed world the workers of a whole cluster share, so any two can
+    exchange tensors (activations within a group; KV and weights between replicas)."""
+
+    init_method: str  # where the workers meet, e.g. tcp://127.0.0.1:port
+    size: int
+    first_rank: int = 0  # the global rank of this executor's stage 0
+    # The rendezvous store runs in the driver, not in global rank 0: across hosts the
+    # driver's address is the one known before the workers are placed (Ray).
+    store_in_driver: bool = False
+
+
+@dataclass(frozen=True)
+class StageAssignment:
+    rank: int  # the stage, within its group
+    num_stages: int
+    layer_range: tuple[int, int]
+    device: str
+    world: WorkerWorld
+    # Stages of a pipeline hold different layer counts, so their arenas place KV blocks at
+    # different ids: the driver then speaks logical ids 0..B-1 and each stage adds its own
+    # first KV block id. A single stage uses its physical ids (release/reclaim address them).
+    logical_block_ids: bool
+
+    @property
+    def global_rank(self) -> int:
+        return self.world.first_rank + self.rank
+
+    @property
+    def pipe(self) -> tuple[int | None, int | None]:
+        """The global ranks of the previous and next stages (None at either end)."""
+        prev_rank = self.global_rank - 1 if self.rank > 0 else None
+        next_rank = self.global_rank + 1 if self.rank < self.num_stages - 1 else None
+        return prev_rank, next_rank
