@@ -30,8 +30,9 @@ from kunserve.sim.settings import SimulatorConfig, VirtualClock
 # The first 45 s of ../shared/traces/azure_llm_conv_2023.csv, kept with the tests (a clean checkout has no ../shared).
 TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"
 MAX_MODEL_LEN = 256
-# A trace window that overloads two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of KV).
-FF_TRACE_S, FF_RATE_SCALE, FF_BUDGET = 40.0, 8.0, 24 << 30
+# A trace window that overloads the KV memory of two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of
+# KV) long enough for a drop.
+FF_TRACE_S, FF_RATE_SCALE, FF_BUDGET = 40.0, 12.0, 24 << 30
 ROUND_S = 0.01  # the coordinator's clock advances this much per round of the lock-step driver
 MAX_ROUNDS = 400
 # Sixteen requests over the first rounds: far more KV than two replicas of 12 blocks hold.

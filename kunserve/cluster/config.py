@@ -14,14 +14,19 @@ class CoordinatorConfig:
     drop_headroom: float = 0.1  # a drop's group keeps this fraction of its KV blocks free
     check_interval_s: float = 0.05
     drop_after_s: float = 0.2  # queued demand above free blocks this long: drop (or migrate)
-    restore_after_s: float = 2.0  # demand within restore_fill of replica capacity this long: restore
+    restore_after_s: float = 2.0  # forecast demand within restore_fill of replica capacity this long: restore
     restore_fill: float = 0.5
+    # A drop within this long of its replicas' restore is a drop-restore-drop cycle: each in a
+    # row doubles the time the next restore waits for (kunserve/cluster/policies/kunserve.py).
+    cycle_window_s: float = 30.0
     migrate_headroom: float = 0.1  # a migration's destination keeps this fraction of its KV blocks free
     max_migrations_per_check: int = 8
 
     def __post_init__(self) -> None:
         if not 0 <= self.migrate_headroom < 1:
             raise ValueError(f"migrate_headroom: must be in [0, 1), got {self.migrate_headroom}")
+        if not self.cycle_window_s >= 0:
+            raise ValueError(f"cycle_window_s: must be >= 0, got {self.cycle_window_s}")
         if self.max_migrations_per_check < 1:
             raise ValueError(f"max_migrations_per_check: must be >= 1, got {self.max_migrations_per_check}")
 

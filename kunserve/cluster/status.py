@@ -35,6 +35,8 @@ def describe(runner: TransitionRunner, overload_policy: str) -> dict:
             "queued_demand_blocks": engine.scheduler.num_waiting_blocks,
             "num_running": len(engine.scheduler.running),
             "num_waiting": len(engine.scheduler.waiting),
+            # Why its queue waited in its last step: kv_blocks, seq_slots, token_budget (None: nothing queued).
+            "waiting_for": engine.scheduler.last_stall,
         })
     groups = [
         {
@@ -43,6 +45,7 @@ def describe(runner: TransitionRunner, overload_policy: str) -> dict:
             "kv_blocks": group.engine.block_manager.num_total_blocks,
             "queued_demand_blocks": group.engine.scheduler.num_waiting_blocks,
             "running": len(group.engine.scheduler.running),
+            "waiting_for": group.engine.scheduler.last_stall,
         }
         for group in list(runner.groups)
     ]

@@ -37,6 +37,15 @@ from kunserve.engine.cost_model import StepShape
 from kunserve.engine.lookahead import LookaheadBudget
 from kunserve.engine.sequence import Sequence, SequenceStatus
 
+# Why queued requests stayed queued in a step (`Scheduler.stalls` counts steps by it): no
+# free KV blocks (or a preemption: running requests outgrew them), no free sequence slot
+# (`max_num_seqs`), or no room left in the step's token budget (or its micro-batch share).
+# The first two are memory, which a drop relieves; the last is compute, which it does not.
+KV_BLOCKS = "kv_blocks"
+SEQ_SLOTS = "seq_slots"
+TOKEN_BUDGET = "token_budget"
+MEMORY_WAITS = frozenset({KV_BLOCKS, SEQ_SLOTS})
+
 
 @dataclass
 class SchedulerOutput:
@@ -76,6 +85,10 @@ class Scheduler:
         # Blocks the waiting and swapped sequences need to run their known tokens: a
         # replica's queued KV demand, kept as a running sum so other threads can read it.
         self.num_waiting_blocks = 0
+        # Steps that left requests queued, by why (KV_BLOCKS, SEQ_SLOTS, TOKEN_BUDGET), and the
+        # last step's reason (None: nothing was left queued): read by the overload policy.
+        self.stalls = {KV_BLOCKS: 0, SEQ_SLOTS: 0, TOKEN_BUDGET: 0}
+        self.last_stall: str | None = None
 
     @property
     def has_unfinished(self) -> bool:
@@ -88,6 +101,7 @@ class Scheduler:
             raise RuntimeError(f"{len(self.swapped)} sequences are swapped out; they cannot be handed over")
         running, waiting = self.running, list(self.waiting)
         self.running, self.waiting, self.num_waiting_blocks = [], deque(), 0
+        self.last_stall = None  # nothing waits here any more
         return running, waiting
 
     def adopt(self, running: list[Sequence], waiting: list[Sequence]) -> None:
@@ -159,30 +173,39 @@ class Scheduler:
 
         # Bring nothing back and admit nothing in a step that had to preempt: the freed
         # blocks go to the survivors. Swapped sequences come back before new ones enter.
-        while (
-            self.swapped and budget > 0 and len(self.running) < self.max_num_seqs and len(scheduled) < seq_limit
-            and not preempted
-        ):
+        stop = KV_BLOCKS if preempted else None  # why the queue's head stays queued
+        while self.swapped and stop is None:
+            stop = self._admission_stop(budget, len(scheduled), seq_limit)
+            if stop is not None:
+                break
             seq = self.swapped[0]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if time_budget is not None:
                 n = time_budget.grant(seq, n)
-            if n == 0 or not self._swap_in(seq, n, output):
+            if n == 0:
+                stop = TOKEN_BUDGET
+                break
+            if not self._swap_in(seq, n, output):
+                stop = KV_BLOCKS
                 break
             scheduled.append((seq, n))
             budget -= n
             if time_budget is not None:
                 time_budget.commit(seq, n)
 
-        while (
-            self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(scheduled) < seq_limit
-            and not preempted and not self.swapped
-        ):
+        while self.waiting and stop is None and not self.swapped:
+            stop = self._admission_stop(budget, len(scheduled), seq_limit)
+            if stop is not None:
+                break
             seq = self.waiting[0]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if time_budget is not None:
                 n = time_budget.grant(seq, n)
-            if n == 0 or not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+            if n == 0:
+                stop = TOKEN_BUDGET
+                break
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                stop = KV_BLOCKS
                 break
             self.waiting.popleft()
             self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
@@ -196,7 +219,29 @@ class Scheduler:
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
         self.num_steps_ahead += ahead and bool(scheduled)
         output.shape = None if time_budget is None else time_budget.shape
+        self._record_stall(stop)
         return output
+
+    def _admission_stop(self, budget: int, num_scheduled: int, seq_limit: int) -> str | None:
+        """Why no further queued sequence can enter this step, before looking at its blocks
+        (None: it may). Full sequence slots come first: more budget would not admit it."""
+        if len(self.running) >= self.max_num_seqs:
+            return SEQ_SLOTS
+        if budget <= 0 or num_scheduled >= seq_limit:
+            return TOKEN_BUDGET
+        return None
+
+    def _record_stall(self, stop: str | None) -> None:
+        """Count the step by why requests stayed queued (`stop` is None only when none did).
+        A queue whose head waited for the token budget but would not find blocks for its
+        known tokens either waits for memory as well: it counts as KV_BLOCKS."""
+        if stop == TOKEN_BUDGET:
+            head = self.swapped[0] if self.swapped else self.waiting[0]
+            if self.block_manager.num_missing_blocks(head, len(head)) > self.block_manager.num_free_blocks:
+                stop = KV_BLOCKS
+        self.last_stall = stop
+        if stop is not None:
+            self.stalls[stop] += 1
 
     def _ahead_reserve_blocks(self, budget: int) -> int:
         """Free blocks that surely cover a step's running sequences: each may start one new

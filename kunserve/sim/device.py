@@ -6,7 +6,7 @@ SimulatorConfig). Nothing is stored: a simulated device holds no bytes."""
 from __future__ import annotations
 
 from kunserve.engine.cost_model import CostModel
-from kunserve.layout import ArenaLayout, layers_outside_stage
+from kunserve.layout import ArenaLayout, layers_outside_stage, stage_layers
 from kunserve.sim.settings import SimulatorConfig, simulated_host
 from kunserve.worker.protocol import DeviceCalls, SamplerStates
 
@@ -59,6 +59,9 @@ class SimulatedDevice(DeviceCalls):
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
                      next_rank: int | None = None) -> list[int]:
         self.layout.check_split(num_stages)
+        missing = set(stage_layers(self.layout.num_layers, stage, num_stages)) & self.released
+        if missing:  # a stage may narrow (its group grows), never widen
+            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here")
         self.released.update(layers_outside_stage(self.layout.num_layers, stage, num_stages))
         self.group = (stage, num_stages)
         self._call_s = self.settings.stage_switch_s

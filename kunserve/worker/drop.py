@@ -1,4 +1,5 @@
-"""The drop mechanism on one device: a replica becomes stage r of a g-stage group, and back.
+"""The drop mechanism on one device: a replica becomes stage r of a g-stage group, and back;
+a stage of a growing group narrows to a part of its layers (kunserve/cluster/growth.py).
 
 Dropping keeps layers [r·L/g, (r+1)·L/g) and releases the other layers' slots in the
 arena: no copy, no allocation, and their bytes are KV memory at once. The KV cache is then
@@ -21,12 +22,14 @@ from kunserve.worker.peers import PeerLinks
 
 
 def release_other_layers(arena: MemoryArena, stage: int, num_stages: int) -> list[int]:
-    """Release every layer outside stage `stage`'s; returns the sub-block ids their slots
-    provide (the arena then serves as `num_stages` sub-blocks per block)."""
+    """Release every layer outside stage `stage`'s not released yet; returns the sub-block
+    ids all released slots provide (the arena then serves as `num_stages` sub-blocks per
+    block)."""
     layout = arena.layout
     layout.check_split(num_stages)
     for layer in layers_outside_stage(layout.num_layers, stage, num_stages):
-        arena.release(layer)
+        if layer not in arena.released:  # a stage narrowing (a group growing) released some before
+            arena.release(layer)
     return layout.released_sub_blocks_of_stage(stage, num_stages)
 
 

@@ -40,9 +40,10 @@ class DeviceCalls(ABC):
     @abstractmethod
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
                      next_rank: int | None = None) -> list[int]:
-        """Keep stage `stage`'s layers of a `num_stages`-stage group and release the others;
-        activations then come from global rank `prev_rank` and go to `next_rank`. Returns the
-        sub-block ids the released slots provide."""
+        """Keep stage `stage`'s layers of a `num_stages`-stage group and release the others
+        (a replica dropping, or a stage narrowing as its group grows); activations then come
+        from global rank `prev_rank` and go to `next_rank`. Returns the sub-block ids all the
+        released slots provide, as the device addresses its arena from now on."""
 
     @abstractmethod
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:

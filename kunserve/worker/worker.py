@@ -12,7 +12,7 @@ import torch.distributed as dist
 from kunserve.config import EngineConfig
 from kunserve.kernels.attention import make_attention_backend
 from kunserve.kernels.cpu_linear import make_linear
-from kunserve.layout import ArenaLayout, arena_layout
+from kunserve.layout import ArenaLayout, arena_layout, stage_layers
 from kunserve.model.decoder import DecoderStage
 from kunserve.model.presets import ResolvedModel
 from kunserve.model.rotary import cos_sin_cache
@@ -186,10 +186,11 @@ class Worker(DeviceCalls):
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
                      next_rank: int | None = None) -> list[int]:
-        if self.group is not None:
-            raise RuntimeError(f"already stage {self.group[0]} of a {self.group[1]}-stage group")
         if self.layout.num_layers != self.spec.num_layers:
             raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
+        missing = set(stage_layers(self.spec.num_layers, stage, num_stages)) & self.arena.released
+        if missing:  # a stage may narrow (its group grows), never widen
+            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here")
         released = drop.release_other_layers(self.arena, stage, num_stages)
         self._run_with(*self._stage_runner(stage, num_stages))
         self.runner.sampler = self.replica_runner.sampler  # seeded requests keep their generators
