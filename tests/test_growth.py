@@ -1,7 +1,7 @@
 """Growing a pipeline group on gloo worker processes (kunserve/cluster/growth.py): a pair of
 tiny-Llama replicas fused by a drop grows into a 4-stage group, with two replicas joining
 or with another pair merging in, while requests run and queue on all of them; the grown
-group splits back into its four replicas.
+group splits back into its four replicas, or shrinks back to the pair and two replicas first.
 
 Specified (DESIGN.md §4, invariants 2-4): every request ends with exactly the tokens of an
 uninterrupted single-device run, seeded ones included; none is lost; afterwards every block
@@ -16,7 +16,7 @@ import pytest
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.growth import grow
+from kunserve.cluster.growth import grow, shrink
 from kunserve.cluster.transitions import fuse, split
 from kunserve.engine.staged_block_manager import StagedBlockManager
 from kunserve.sampling_params import RequestOutputKind
@@ -58,9 +58,11 @@ def run_to_end(engines: list[LLMEngine], finished: dict[str, list[int]]) -> None
         run_steps(engines, 1, finished)
 
 
-def grow_and_split(replicas: list[LLMEngine], params: SamplingParams, merge_pairs: bool) -> dict[str, list[int]]:
+def grow_and_split(replicas: list[LLMEngine], params: SamplingParams, merge_pairs: bool,
+                   shrink_first: bool = False) -> dict[str, list[int]]:
     """Requests on all four replicas; replicas 0 and 1 fuse (and, merging, 2 and 3 too); the
-    pair grows into four stages; the group runs, splits back, and everything runs out."""
+    pair grows into four stages; the group runs, splits back (shrinking to the pair first,
+    which runs and splits), and everything runs out."""
     for i, prompt in enumerate(PROMPTS):
         replicas[i % 4].add_request(f"r{i}", prompt, params)
     finished: dict[str, list[int]] = {}
@@ -74,6 +76,12 @@ def grow_and_split(replicas: list[LLMEngine], params: SamplingParams, merge_pair
     assert isinstance(grown.block_manager, StagedBlockManager) and len(grown.block_manager.stages) == 4
     assert stats.sub_blocks_moved > 0 and grown.config.max_num_seqs == 8
     run_steps([grown], 6, finished)
+    if shrink_first:
+        pair, outputs, stats = shrink(grown, stages, 2)
+        finished.update((out.request_id, out.outputs[0].token_ids) for out in outputs)
+        assert len(pair.block_manager.stages) == 2 and pair.config.max_num_seqs == 4 and stats.sub_blocks_moved > 0
+        run_steps([pair, *replicas[2:]], 6, finished)
+        grown, stages = pair, replicas[:2]
     for out in split(grown, stages)[0]:
         finished[out.request_id] = out.outputs[0].token_ids
     run_to_end(replicas, finished)
@@ -87,6 +95,17 @@ def test_a_pair_grows_into_four_stages_and_splits_back_keeping_the_tokens(
     replicas = cluster.engines
     weights_before = [engine.executor.call(0, DeviceCalls.weight_digests) for engine in replicas]
     assert grow_and_split(replicas, GREEDY, merge_pairs) == single_device(llama_dir, GREEDY)
+    for engine in replicas:
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+    assert [engine.executor.call(0, DeviceCalls.weight_digests) for engine in replicas] == weights_before
+
+
+def test_a_grown_group_shrinks_back_to_its_pair_and_the_replicas_keeping_the_tokens(
+    cluster: Cluster, llama_dir: Path
+) -> None:
+    replicas = cluster.engines
+    weights_before = [engine.executor.call(0, DeviceCalls.weight_digests) for engine in replicas]
+    assert grow_and_split(replicas, SEEDED, merge_pairs=False, shrink_first=True) == single_device(llama_dir, SEEDED)
     for engine in replicas:
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
     assert [engine.executor.call(0, DeviceCalls.weight_digests) for engine in replicas] == weights_before

@@ -27,7 +27,7 @@ from kunserve.engine.llm_engine import RECENT_OUTPUTS, LLMEngine
 class Demand:
     """An engine's requests, as a drop or restore weighs them."""
 
-    now_blocks: int  # KV blocks in use plus those the queued requests need now
+    now_blocks: int  # KV blocks the requests hold or, queued, need now
     peak_blocks: int  # the forecast peak (>= now_blocks)
     seqs: int  # running, queued and swapped-out requests: sequence slots they need
 
@@ -75,10 +75,13 @@ def forecast(engine: LLMEngine, lengths: OutputLengths) -> Demand:
     list copies, and counts a step may move on by one)."""
     scheduler = engine.scheduler
     seqs = list(scheduler.running) + list(scheduler.waiting) + list(scheduler.swapped)
-    now_blocks = engine.kv_demand_blocks()
     if not seqs:
-        return Demand(now_blocks, now_blocks, 0)
+        return Demand(0, 0, 0)
+    block_size = engine.block_manager.block_size
     current = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    # What the requests hold or need now: a running one's blocks, a queued one's known tokens.
+    now_blocks = int(np.maximum(-(-current // block_size),
+                                np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=len(seqs))).sum())
     prompt = np.fromiter((s.num_prompt_tokens for s in seqs), dtype=np.int64, count=len(seqs))
     cap = np.fromiter((s.max_total_tokens for s in seqs), dtype=np.int64, count=len(seqs))
     final = np.clip(prompt + lengths.expected_final(current - prompt), current, np.maximum(cap, current))
@@ -89,5 +92,5 @@ def forecast(engine: LLMEngine, lengths: OutputLengths) -> Demand:
     peak = int(np.argmax(tokens))
     t = remaining[order][peak]
     at_peak = current[order][: peak + 1] + t
-    blocks = int((-(-at_peak // engine.block_manager.block_size)).sum())
+    blocks = int((-(-at_peak // block_size)).sum())
     return Demand(now_blocks, max(now_blocks, blocks), len(seqs))

@@ -207,6 +207,19 @@ class Planner:
         group = self.cost.pipeline_cycle_time(total, layers, len(members), link)
         return group / replica
 
+    def shrink_is_worth(self, demand_blocks: int, members: list[ReplicaLoad], seqs: int, factor: int) -> bool:
+        """A group of `members` (in stage order) may shrink by `factor` (kunserve/cluster/
+        growth.py: stages 0, k, 2k, ... stay a group, the others leave as replicas) when its
+        demand fits in `restore_fill` of what they hold after it."""
+        kept, leaving = members[::factor], [m for s, m in enumerate(members) if s % factor]
+        if len(kept) < 2:
+            return False
+        capacity = self.group_capacity(kept) + sum(m.capacity_blocks for m in leaving)
+        fill = self.config.restore_fill
+        slots = [m.seq_capacity for m in members]
+        seqs_fit = None in slots or seqs <= fill * sum(s for s in slots if s is not None)
+        return seqs_fit and demand_blocks <= fill * capacity
+
     def restore_is_worth(self, demand_blocks: int, members: list[ReplicaLoad], seqs: int = 0) -> bool:
         """A group may split when its whole demand (blocks, and `seqs` requests) fits in
         `restore_fill` of its members' replica capacity (blocks, and sequence slots): after

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from kunserve.cluster import migration
-from kunserve.cluster.growth import grow
+from kunserve.cluster.growth import grow, shrink
 from kunserve.cluster.planner import group_sizes
 from kunserve.cluster.transitions import SplitRefused, TransitionStats, fuse, split
 from kunserve.cluster.view import ClusterView, ReplicaLoop
@@ -39,7 +39,7 @@ class Group:
 
 @dataclass
 class Transition:
-    kind: str  # "drop" | "grow" | "restore" | "migrate"
+    kind: str  # "drop" | "grow" | "shrink" | "restore" | "migrate"
     members: list[int]  # a group's replicas; a migration's (source, destination)
     at: float  # the cluster's wall clock (time.time() on a live cluster)
     duration_s: float
@@ -195,6 +195,42 @@ class TransitionRunner:
         num_layers = self.cluster.engines[members[0]].spec.num_layers
         if num_layers % size:
             raise ValueError(f"replicas: a group of {size} must divide the model's {num_layers} layers")
+
+    def shrink(self, group: Group, factor: int = 2, reason: str = "requested") -> Transition:
+        """Shrink `group` by `factor`: its members at stages 0, k, 2k, ... form the kept group,
+        the others leave as replicas (kunserve/cluster/growth.py). SplitRefused when they
+        cannot take the requests' KV now: the group then serves on as it was."""
+        cluster = self.cluster
+        with self.holding(group.members):
+            if group not in self.groups:
+                raise ValueError(f"group: {group.members} is not a group now")
+            loops = [cluster.replicas[i] for i in group.members]
+            paused_at = cluster.clock()
+            for loop in loops:
+                loop.pause()
+            try:
+                engine, outputs, stats = shrink(group.engine, [cluster.engines[i] for i in group.members], factor)
+                loops[0].run_engine(engine)
+                for s, loop in enumerate(loops):
+                    if s % factor:
+                        loop.unmerge()
+                loops[0].deliver_from_thread(outputs)
+            except SplitRefused as refused:
+                loops[0].deliver_from_thread(refused.outputs)  # the group serves on
+                raise
+            except Exception as error:
+                _fail_loops(loops, error, "shrink")
+                with self._state_lock:
+                    self.groups.remove(group)
+                raise
+            finally:
+                for loop in loops:
+                    loop.resume()
+            kept = group.members[::factor]
+            with self._state_lock:
+                self.groups.remove(group)
+                self.groups.append(Group(kept, engine, cluster.clock()))
+            return self._record("shrink", group.members, stats, reason, cluster.clock() - paused_at)
 
     def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
         """Split a group back into its replicas."""

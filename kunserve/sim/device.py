@@ -57,23 +57,32 @@ class SimulatedDevice(DeviceCalls):
     # ---- role changes ------------------------------------------------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
+        """A widening stage's refills come over the link to the peer holding each layer."""
         self.layout.check_split(num_stages)
         missing = set(stage_layers(self.layout.num_layers, stage, num_stages)) & self.released
-        if missing:  # a stage may narrow (its group grows), never widen
-            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here")
+        if not missing <= set(refill_from or {}):
+            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here: "
+                               f"name where to refill them from")
+        refill = self._refill_time({layer: (refill_from or {})[layer] for layer in missing})
+        self.released -= missing
         self.released.update(layers_outside_stage(self.layout.num_layers, stage, num_stages))
         self.group = (stage, num_stages)
-        self._call_s = self.settings.stage_switch_s
+        self._call_s = self.settings.stage_switch_s + refill
         return self.layout.released_sub_blocks_of_stage(stage, num_stages)
+
+    def _refill_time(self, refill_from: dict[int, int]) -> float:
+        """Copying these layers' weights in, each over the link to the rank that holds it."""
+        links = [self.link_to(rank) for rank in refill_from.values()]
+        return sum(self.cost.transfer_time(self.layout.layer_bytes * links.count(link), link) for link in set(links))
 
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
         """Each dropped layer comes from the stage that kept it, over the link to that device
         (from the weight source, here timed as the device link, when none is named)."""
-        layer_bytes = self.layout.layer_bytes
-        links = [self.link_to(refill_from[layer]) if refill_from else self.settings.device_link
-                 for layer in sorted(self.released)]
-        refill = sum(self.cost.transfer_time(layer_bytes * links.count(link), link) for link in set(links))
+        if refill_from:
+            refill = self._refill_time({layer: refill_from[layer] for layer in self.released})
+        else:
+            refill = self.cost.transfer_time(self.layout.layer_bytes * len(self.released), self.settings.device_link)
         self.released.clear()
         self.group = None
         self._call_s = self.settings.stage_switch_s + refill

@@ -1,5 +1,6 @@
 """The drop mechanism on one device: a replica becomes stage r of a g-stage group, and back;
-a stage of a growing group narrows to a part of its layers (kunserve/cluster/growth.py).
+a stage of a growing group narrows to a part of its layers, and of a shrinking one widens
+again (kunserve/cluster/growth.py).
 
 Dropping keeps layers [r·L/g, (r+1)·L/g) and releases the other layers' slots in the
 arena: no copy, no allocation, and their bytes are KV memory at once. The KV cache is then
@@ -42,6 +43,16 @@ def stage_model(replica: DecoderStage, arena: MemoryArena, stage: int, num_stage
         replica.spec, keep.start, keep.stop, [arena.layers[k] for k in keep], replica.stage,
         [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend, replica.linear,
     )
+
+
+def reclaim_layers(arena: MemoryArena, peers: PeerLinks, refill_from: dict[int, int]) -> None:
+    """Reclaim these released layers' slots (a stage widening as its group shrinks) and refill
+    each from the same slot of the global rank `refill_from` names, whose arena is mapped here."""
+    for layer in sorted(refill_from):
+        arena.reclaim(layer)
+        peers.copy_layer_from(refill_from[layer], arena, layer)
+    if refill_from:
+        peers.wait_for_devices()
 
 
 def refill_layers(

@@ -185,12 +185,14 @@ class Worker(DeviceCalls):
     # ---- device calls: role changes (kunserve/worker/drop.py) -----------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
         if self.layout.num_layers != self.spec.num_layers:
             raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
         missing = set(stage_layers(self.spec.num_layers, stage, num_stages)) & self.arena.released
-        if missing:  # a stage may narrow (its group grows), never widen
-            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here")
+        if not missing <= set(refill_from or {}):
+            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here: "
+                               f"name where to refill them from")
+        drop.reclaim_layers(self.arena, self.peers, {layer: (refill_from or {})[layer] for layer in missing})
         released = drop.release_other_layers(self.arena, stage, num_stages)
         self._run_with(*self._stage_runner(stage, num_stages))
         self.runner.sampler = self.replica_runner.sampler  # seeded requests keep their generators

@@ -15,7 +15,8 @@ A restore is due when the group's forecast demand fits in `restore_fill` of its 
 replica capacity (blocks and sequence slots) for the calm time: `restore_after_s`, doubled
 for every drop-restore-drop cycle its members went through in a row (a drop within
 `cycle_window_s` of their restore), so that the tail of a burst does not split a group only
-to fuse it again.
+to fuse it again. A group of four or more whose demand fits half of it as a group and the
+other half as replicas shrinks so first, the reverse of its growth (8 -> 4 -> 2 -> replicas).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from kunserve.engine.scheduler import KV_BLOCKS, MEMORY_WAITS, SEQ_SLOTS
 logger = logging.getLogger(__name__)
 
 MAX_CALM_DOUBLINGS = 4  # the calm time a restore waits for grows to at most 16x restore_after_s
+SHRINK_FACTOR = 2  # a group shrinks by half at a time (8 -> 4 -> 2), the reverse of its growth
+RESTORE, SHRINK = "restore", "shrink"
 
 
 class KunServePolicy(OverloadPolicy):
@@ -74,7 +77,8 @@ class KunServePolicy(OverloadPolicy):
         if actions:
             self.cluster.run_together(actions)
             return
-        self.cluster.run_together([functools.partial(self._restore, group, now) for group in self._calm_groups(now)])
+        self.cluster.run_together([functools.partial(self._restore, group, action, now)
+                                   for group, action in self._calm_groups(now)])
 
     def is_idle(self) -> bool:
         return not self.runner.groups and not self.replica_overloads.timing and all(
@@ -149,8 +153,10 @@ class KunServePolicy(OverloadPolicy):
 
     # ---- restores ------------------------------------------------------------------------------
 
-    def _calm_groups(self, now: float) -> list[Group]:
-        """Groups whose forecast demand has fitted their replicas for their calm time."""
+    def _calm_groups(self, now: float) -> list[tuple[Group, str]]:
+        """Groups whose forecast demand has fitted their replicas (RESTORE), or the half of
+        them a shrink leaves (SHRINK: a group of four or more on one host), for their calm
+        time; with what to do."""
         groups = list(self.runner.groups)
         keys = {id(group) for group in groups}
         self._calm_since = {key: since for key, since in self._calm_since.items() if key in keys}
@@ -158,29 +164,40 @@ class KunServePolicy(OverloadPolicy):
         for group in groups:
             members = [self.replica_load(m, None) for m in group.members]
             demand = forecast(group.engine, self.lengths)
+            action = None
             if self.planner.restore_is_worth(demand.peak_blocks, members, demand.seqs):
-                since = self._calm_since.setdefault(id(group), now)
-                if now - since >= self.calm_time(group):
-                    calm.append(group)
-            else:
+                action = RESTORE
+            elif len({m.host for m in members}) == 1 and self.planner.shrink_is_worth(
+                    demand.peak_blocks, members, demand.seqs, SHRINK_FACTOR):
+                action = SHRINK
+            if action is None:
                 self._calm_since.pop(id(group), None)
+                continue
+            since = self._calm_since.setdefault(id(group), now)
+            if now - since >= self.calm_time(group):
+                calm.append((group, action))
         return calm
 
     def calm_time(self, group: Group) -> float:
-        """How long a group's demand must fit its replicas before it restores."""
+        """How long a group's demand must fit before it restores or shrinks."""
         cycles = max(self._cycles.get(m, 0) for m in group.members)
         return self.config.restore_after_s * 2 ** min(cycles, MAX_CALM_DOUBLINGS)
 
-    def _restore(self, group: Group, now: float) -> None:
+    def _restore(self, group: Group, action: str, now: float) -> None:
         calm_s = self.calm_time(group)
+        words = "the replicas" if action == RESTORE else f"a group of {len(group.members) // SHRINK_FACTOR} and replicas"
+        reason = f"demand_fits: the forecast demand fitted {self.config.restore_fill:.0%} of {words} for {calm_s:g} s"
         try:
-            self.runner.restore_group(group, reason=f"demand_fits: the forecast demand fitted {self.config.restore_fill:.0%}"
-                                                    f" of the replicas for {calm_s:.1f} s")
+            if action == RESTORE:
+                self.runner.restore_group(group, reason=reason)
+            else:
+                self.runner.shrink(group, SHRINK_FACTOR, reason=reason)
         except SplitRefused as error:
-            logger.warning("restore put off: %s", error)
+            logger.warning("%s put off: %s", action, error)
             self._calm_since.pop(id(group), None)
             return
-        for m in group.members:
+        left = group.members if action == RESTORE else [m for s, m in enumerate(group.members) if s % SHRINK_FACTOR]
+        for m in left:
             self._restored_at[m] = now
 
     # ---- what the planner sees -----------------------------------------------------------------
