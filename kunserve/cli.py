@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="most replicas a drop fuses into one pipeline group (default: as many as needed)")
     serve.add_argument("--drop-after-s", type=float, default=0.2, help="overload lasting this long triggers a drop")
     serve.add_argument("--restore-after-s", type=float, default=2.0,
-                       help="demand fitting the replicas this long triggers a restore")
+                       help="forecast demand fitting half the replicas this long triggers a restore "
+                            "(doubled per drop-restore-drop cycle)")
     serve.add_argument("--pipeline-size", type=int, dest="pipeline_parallel_size", default=1,
                        help="pipeline stages per replica (same as --pipeline-parallel-size)")
     serve.add_argument("--executor", dest="distributed_executor_backend", choices=EXECUTOR_BACKENDS, default="auto",

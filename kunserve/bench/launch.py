@@ -42,6 +42,7 @@ from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.dispatcher import DISPATCH_POLICIES
 from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
+from kunserve.cluster.status import count_cycles
 from kunserve.config import EngineConfig
 from kunserve.engine_args import add_engine_arguments, engine_config
 
@@ -102,7 +103,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drop-after-s", type=float, default=DEFAULTS.drop_after_s,
                         help="overload lasting this long triggers a drop (default %(default)s)")
     parser.add_argument("--restore-after-s", type=float, default=DEFAULTS.restore_after_s,
-                        help="demand fitting the replicas this long triggers a restore (default %(default)s)")
+                        help="forecast demand fitting half the replicas this long triggers a restore, doubled per "
+                             "drop-restore-drop cycle (default %(default)s)")
     parser.add_argument("--check-interval-s", type=float, default=DEFAULTS.check_interval_s,
                         help="how often the coordinator looks at the replicas (default %(default)s)")
     parser.add_argument("--timeline-interval-s", type=float, default=DEFAULT_TIMELINE_INTERVAL_S,
@@ -238,6 +240,8 @@ async def _measure(
     summary["queue_ms"] = latency_stats([r.queue_s for r in results if r.error is None and r.queue_s is not None])
     summary["preemptions"] = sum(r.num_preemptions for r in results)
     summary["itl_note"] = ITL_NOT_MEASURED
+    transitions = recorder.records()
+    summary["cycles"] = count_cycles(transitions, settings.coordinator.cycle_window_s)
     _log_failures(results)
     return {
         "summary": summary,
@@ -250,7 +254,7 @@ async def _measure(
         },
         "settled": settled,
         "timeline": samples,
-        "transitions": recorder.records(),
+        "transitions": transitions,
         "results": [asdict(r) for r in results],
     }
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kunserve.engine.llm_engine import RECENT_OUTPUTS, LLMEngine
+from kunserve.engine.llm_engine import LLMEngine
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,16 @@ class Demand:
     seqs: int  # running, queued and swapped-out requests: sequence slots they need
 
 
+# Output lengths a policy estimates from: many bursts' worth, so that a burst of short
+# requests does not push the long tail out of the history.
+OUTPUT_HISTORY = 4096
+
+
 class OutputLengths:
     """Output lengths of the requests that recently ran to their end, across the engines a
-    policy looks at (each engine keeps its last RECENT_OUTPUTS)."""
+    policy looks at (each engine keeps its last RECENT_OUTPUTS between two looks)."""
 
-    def __init__(self, capacity: int = RECENT_OUTPUTS) -> None:
+    def __init__(self, capacity: int = OUTPUT_HISTORY) -> None:
         self._lengths: deque[int] = deque(maxlen=capacity)
         self._taken: weakref.WeakKeyDictionary[LLMEngine, int] = weakref.WeakKeyDictionary()
         self._sorted = np.zeros(0, dtype=np.int64)

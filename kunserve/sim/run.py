@@ -27,6 +27,7 @@ from kunserve.bench.run import add_workload_arguments, build_workload, json_args
 from kunserve.bench.slo import UNLOADED_REQUESTS, derive_slo, reference_shape, unloaded_reference
 from kunserve.bench.timeline import Clock, TransitionRecorder, snapshot
 from kunserve.bench.workload import RequestSpec
+from kunserve.cluster.status import count_cycles
 from kunserve.config import EngineConfig, GiB
 from kunserve.engine_args import engine_config
 from kunserve.sim.cluster import SimulatedCluster
@@ -109,6 +110,8 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     summary["preemptions"] = sum(r.num_preemptions for r in results)
     summary["itl_note"] = ITL_NOT_MEASURED
     summary["simulated_s"] = simulated.clock()
+    transitions = recorder.records()
+    summary["cycles"] = count_cycles(transitions, coordinator.cycle_window_s)
     return {
         "policy": policy,
         "summary": summary,
@@ -117,7 +120,7 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
                 "tpot_ms": None if slo.tpot_s is None else slo.tpot_s * MS_PER_S},
         "kv_blocks_per_replica": simulated.engines[0].block_manager.num_total_blocks,
         "timeline": samples,
-        "transitions": recorder.records(),
+        "transitions": transitions,
         "results": [asdict(r) for r in results],
     }
 

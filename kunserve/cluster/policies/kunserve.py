@@ -95,7 +95,7 @@ class KunServePolicy(OverloadPolicy):
             why = "; ".join(self._wait_words(self.cluster.engines[i], f"replica {i}", waits[i],
                                              self.replica_overloads.lasted(i, now)) for i in overloaded)
             reason = f"{waits[overloaded[0]]}: {why}; {self._sizing_words(planned)}"
-            self._note_fused(planned.members, now)
+            self.note_fused(planned.members, now)
             taken.update(planned.members)
             actions.append(functools.partial(self.runner.drop, planned.members, reason=reason))
         return actions
@@ -122,12 +122,12 @@ class KunServePolicy(OverloadPolicy):
             absorbed = [others[i] for i in planned.absorbs]
             merged = "".join(f", merging group {other.members}" for other in absorbed)
             reason = f"{waits[id(group)]}: {why}{merged}; {self._sizing_words(planned)}"
-            self._note_fused(planned.members, now)
+            self.note_fused(planned.members, now)
             taken.update(planned.members)
             actions.append(functools.partial(self.runner.grow, [group, *absorbed], planned.members, reason=reason))
         return actions
 
-    def _note_fused(self, members: list[int], now: float) -> None:
+    def note_fused(self, members: list[int], now: float) -> None:
         """Count a drop-restore-drop cycle for replicas fused again within cycle_window_s of
         their group's restore (it lengthens their next group's calm time)."""
         cycled = any(now - self._restored_at.get(m, -float("inf")) <= self.config.cycle_window_s for m in members)
@@ -174,17 +174,17 @@ class KunServePolicy(OverloadPolicy):
                 self._calm_since.pop(id(group), None)
                 continue
             since = self._calm_since.setdefault(id(group), now)
-            if now - since >= self.calm_time(group):
+            if now - since >= self.calm_time(group.members):
                 calm.append((group, action))
         return calm
 
-    def calm_time(self, group: Group) -> float:
-        """How long a group's demand must fit before it restores or shrinks."""
-        cycles = max(self._cycles.get(m, 0) for m in group.members)
+    def calm_time(self, members: list[int]) -> float:
+        """How long the demand of a group of `members` must fit before it restores or shrinks."""
+        cycles = max(self._cycles.get(m, 0) for m in members)
         return self.config.restore_after_s * 2 ** min(cycles, MAX_CALM_DOUBLINGS)
 
     def _restore(self, group: Group, action: str, now: float) -> None:
-        calm_s = self.calm_time(group)
+        calm_s = self.calm_time(group.members)
         words = "the replicas" if action == RESTORE else f"a group of {len(group.members) // SHRINK_FACTOR} and replicas"
         reason = f"demand_fits: the forecast demand fitted {self.config.restore_fill:.0%} of {words} for {calm_s:g} s"
         try:
@@ -196,8 +196,12 @@ class KunServePolicy(OverloadPolicy):
             logger.warning("%s put off: %s", action, error)
             self._calm_since.pop(id(group), None)
             return
-        left = group.members if action == RESTORE else [m for s, m in enumerate(group.members) if s % SHRINK_FACTOR]
-        for m in left:
+        self.note_released(group.members if action == RESTORE else
+                           [m for s, m in enumerate(group.members) if s % SHRINK_FACTOR], now)
+
+    def note_released(self, members: list[int], now: float) -> None:
+        """These replicas left their group (a restore, or a shrink) at `now`."""
+        for m in members:
             self._restored_at[m] = now
 
     # ---- what the planner sees -----------------------------------------------------------------
