@@ -82,12 +82,14 @@ def test_a_simulated_cluster_makes_the_real_clusters_decisions(llama_dir: Path, 
     assert simulated == expected
 
 
-def test_fast_forwarding_steady_decodes_changes_no_result() -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])  # on: host time hidden behind the step before
+def test_fast_forwarding_steady_decodes_changes_no_result(async_scheduling: str) -> None:
     specs = load_trace(TRACE, duration_s=FF_TRACE_S, rate_scale=FF_RATE_SCALE, seed=0)
     runs = []
     for fast in (True, False):
-        cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", memory_budget_bytes=FF_BUDGET), 2,
-                                   CoordinatorConfig("kunserve"))
+        config = EngineConfig(model="llama-3-8b", memory_budget_bytes=FF_BUDGET, device="cuda",
+                              async_scheduling=async_scheduling)
+        cluster = SimulatedCluster(config, 2, CoordinatorConfig("kunserve"))
         outputs = cluster.run([s.arrival_s for s in specs], [[0] * s.prompt_len for s in specs],
                               [request_params(s.output_len) for s in specs], fast_forward=fast)
         runs.append(({rid: (o.metrics.first_token_time, o.metrics.finished_time, o.metrics.num_preemptions)

@@ -164,10 +164,12 @@ class CostModel:
     def step_time(self, shape: StepShape, layers: int, samples: bool = True) -> float:
         return self.step.predict(shape, layers, samples)
 
-    def stage_time(self, shape: StepShape, num_layers: int, num_stages: int, stage: int, link: str = "device") -> float:
+    def stage_time(self, shape: StepShape, num_layers: int, num_stages: int, stage: int, link: str = "device",
+                   compute_factor: float = 1.0) -> float:
         """A micro-batch's time on stage `stage` of a `num_stages` pipeline: its layers (the
-        last stage samples) and, after the first, receiving the activations over `link`."""
-        compute = self.step_time(shape, num_layers // num_stages, samples=stage == num_stages - 1)
+        last stage samples; their time times `compute_factor`) and, after the first,
+        receiving the activations over `link`."""
+        compute = compute_factor * self.step_time(shape, num_layers // num_stages, samples=stage == num_stages - 1)
         if stage == 0:
             return compute
         return compute + self.transfer_time(shape.num_tokens * self.activation_bytes_per_token, link)

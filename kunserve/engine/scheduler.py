@@ -243,6 +243,11 @@ class Scheduler:
         if stop is not None:
             self.stalls[stop] += 1
 
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step, if scheduled ahead, would find blocks for every running
+        sequence (else scheduling falls back to one step at a time)."""
+        return self.block_manager.num_free_blocks >= self._ahead_reserve_blocks(self.max_num_batched_tokens)
+
     def _ahead_reserve_blocks(self, budget: int) -> int:
         """Free blocks that surely cover a step's running sequences: each may start one new
         block, and their prompt chunks fill at most (the budget or what is left of their

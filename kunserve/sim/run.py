@@ -50,12 +50,19 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="each simulated GPU's memory, with --gpu-memory-utilization when no budget is given")
     add_workload_arguments(parser)
     add_cluster_arguments(parser)
+    parser.add_argument("--links-open-at-start", action="store_true",
+                        help="open every pair's peer links before serving, as bench --launch does (default: the "
+                             "first drop or migration of a pair opens them, as on a live server)")
     hints = typing.get_type_hints(SimulatorConfig)
     for f in dataclasses.fields(SimulatorConfig):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        default = "the cost profile's" if f.default is None else f.default
-        parser.add_argument("--sim-" + f.name.replace("_", "-"), dest=f"sim_{f.name}", type=kind,
-                            default=f.default, help=f"(default: {default})")
+        default = "the measured profile's" if f.default is None else f.default
+        flag = "--sim-" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f"sim_{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, dest=f"sim_{f.name}", type=kind, default=f.default, help=f"(default: {default})")
 
 
 def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
@@ -99,7 +106,8 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     slo = derive_slo(reference, args.slo_ttft_ms, args.slo_tpot_ms)
 
     simulated = cluster()
-    simulated.open_all_links()
+    if args.links_open_at_start:
+        simulated.open_all_links()
     recorder = TransitionRecorder(simulated.coordinator, Clock(0.0, 0.0))
     span = specs[-1].arrival_s if specs else 0.0
     results, samples = replay(simulated, specs, max(span, 1.0) / TIMELINE_POINTS)
