@@ -33,12 +33,22 @@ def test_a_queue_behind_a_spent_token_budget_waits_for_compute() -> None:
     assert scheduler.last_stall == TOKEN_BUDGET and scheduler.stalls[TOKEN_BUDGET] == 1
 
 
-def test_a_queue_whose_head_finds_no_blocks_waits_for_memory_whatever_the_budget() -> None:
-    scheduler = Scheduler(BlockManager(BLOCK_SIZE, range(20)), max_num_seqs=64, max_num_batched_tokens=256)
+def test_a_queue_whose_head_fits_the_budget_but_not_the_blocks_waits_for_memory() -> None:
+    scheduler = Scheduler(BlockManager(BLOCK_SIZE, range(20)), max_num_seqs=64, max_num_batched_tokens=4096)
     for i in range(3):
         scheduler.add(sequence(f"s{i}", 200))  # 13 blocks each: the second does not fit beside the first
     scheduler.schedule()
     assert scheduler.last_stall == KV_BLOCKS
+
+
+def test_a_head_that_neither_the_budget_nor_the_blocks_can_take_waits_for_compute() -> None:
+    # A prefill backlog in a full cache: the cache is full of prompts being prefilled, and
+    # more memory would only spread the same budget over more of them.
+    scheduler = Scheduler(BlockManager(BLOCK_SIZE, range(20)), max_num_seqs=64, max_num_batched_tokens=256)
+    for i in range(3):
+        scheduler.add(sequence(f"s{i}", 200))
+    scheduler.schedule()
+    assert scheduler.block_manager.num_free_blocks < 13 and scheduler.last_stall == TOKEN_BUDGET
 
 
 def test_a_queue_behind_full_sequence_slots_waits_for_memory() -> None:

@@ -32,7 +32,7 @@ TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45
 MAX_MODEL_LEN = 256
 # A trace window that overloads the KV memory of two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of
 # KV) long enough for a drop.
-FF_TRACE_S, FF_RATE_SCALE, FF_BUDGET = 40.0, 12.0, 24 << 30
+FF_TRACE_S, FF_RATE_SCALE, FF_BUDGET = 40.0, 16.0, 24 << 30
 ROUND_S = 0.01  # the coordinator's clock advances this much per round of the lock-step driver
 MAX_ROUNDS = 400
 # Sixteen requests over the first rounds: far more KV than two replicas of 12 blocks hold.

@@ -38,9 +38,10 @@ from kunserve.engine.lookahead import LookaheadBudget
 from kunserve.engine.sequence import Sequence, SequenceStatus
 
 # Why queued requests stayed queued in a step (`Scheduler.stalls` counts steps by it): no
-# free KV blocks (or a preemption: running requests outgrew them), no free sequence slot
-# (`max_num_seqs`), or no room left in the step's token budget (or its micro-batch share).
-# The first two are memory, which a drop relieves; the last is compute, which it does not.
+# room left in the step's token budget (or its micro-batch share) for the queue's head; else
+# no free sequence slot (`max_num_seqs`) or no free KV blocks for it (or a preemption:
+# running requests outgrew them). The last two are memory, which a drop relieves; the first
+# is compute, which it does not (more memory would admit more work into full steps).
 KV_BLOCKS = "kv_blocks"
 SEQ_SLOTS = "seq_slots"
 TOKEN_BUDGET = "token_budget"
@@ -173,39 +174,30 @@ class Scheduler:
 
         # Bring nothing back and admit nothing in a step that had to preempt: the freed
         # blocks go to the survivors. Swapped sequences come back before new ones enter.
-        stop = KV_BLOCKS if preempted else None  # why the queue's head stays queued
-        while self.swapped and stop is None:
-            stop = self._admission_stop(budget, len(scheduled), seq_limit)
-            if stop is not None:
-                break
+        while (
+            self.swapped and budget > 0 and len(self.running) < self.max_num_seqs and len(scheduled) < seq_limit
+            and not preempted
+        ):
             seq = self.swapped[0]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if time_budget is not None:
                 n = time_budget.grant(seq, n)
-            if n == 0:
-                stop = TOKEN_BUDGET
-                break
-            if not self._swap_in(seq, n, output):
-                stop = KV_BLOCKS
+            if n == 0 or not self._swap_in(seq, n, output):
                 break
             scheduled.append((seq, n))
             budget -= n
             if time_budget is not None:
                 time_budget.commit(seq, n)
 
-        while self.waiting and stop is None and not self.swapped:
-            stop = self._admission_stop(budget, len(scheduled), seq_limit)
-            if stop is not None:
-                break
+        while (
+            self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(scheduled) < seq_limit
+            and not preempted and not self.swapped
+        ):
             seq = self.waiting[0]
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if time_budget is not None:
                 n = time_budget.grant(seq, n)
-            if n == 0:
-                stop = TOKEN_BUDGET
-                break
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
-                stop = KV_BLOCKS
+            if n == 0 or not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
             self.num_waiting_blocks -= self.block_manager.blocks_for(len(seq))
@@ -219,29 +211,32 @@ class Scheduler:
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
         self.num_steps_ahead += ahead and bool(scheduled)
         output.shape = None if time_budget is None else time_budget.shape
-        self._record_stall(stop)
+        self._record_stall(bool(preempted), budget)
         return output
 
-    def _admission_stop(self, budget: int, num_scheduled: int, seq_limit: int) -> str | None:
-        """Why no further queued sequence can enter this step, before looking at its blocks
-        (None: it may). Full sequence slots come first: more budget would not admit it."""
-        if len(self.running) >= self.max_num_seqs:
-            return SEQ_SLOTS
-        if budget <= 0 or num_scheduled >= seq_limit:
-            return TOKEN_BUDGET
-        return None
-
-    def _record_stall(self, stop: str | None) -> None:
-        """Count the step by why requests stayed queued (`stop` is None only when none did).
-        A queue whose head waited for the token budget but would not find blocks for its
-        known tokens either waits for memory as well: it counts as KV_BLOCKS."""
-        if stop == TOKEN_BUDGET:
-            head = self.swapped[0] if self.swapped else self.waiting[0]
-            if self.block_manager.num_missing_blocks(head, len(head)) > self.block_manager.num_free_blocks:
-                stop = KV_BLOCKS
-        self.last_stall = stop
-        if stop is not None:
-            self.stalls[stop] += 1
+    def _record_stall(self, preempted: bool, budget_left: int) -> None:
+        """Count the step by why requests stayed queued (nothing when none did): KV_BLOCKS when
+        it preempted, else, when the budget it left would have taken the queue's head (its
+        known tokens, up to a step's budget), what the head lacked: a sequence slot, or blocks.
+        A head the budget could not take waits for compute (TOKEN_BUDGET), whatever else it
+        lacks: freeing memory would admit it no sooner."""
+        if not (self.waiting or self.swapped):
+            self.last_stall = None
+            return
+        head = self.swapped[0] if self.swapped else self.waiting[0]
+        need = min(len(head) - head.num_computed_tokens, self.max_num_batched_tokens)
+        if preempted:
+            reason = KV_BLOCKS
+        elif budget_left < need:
+            reason = TOKEN_BUDGET
+        elif len(self.running) >= self.max_num_seqs:
+            reason = SEQ_SLOTS
+        elif self.block_manager.num_missing_blocks(head, len(head)) > self.block_manager.num_free_blocks:
+            reason = KV_BLOCKS
+        else:  # it fitted, but the step was a micro-batch's share of the work: compute
+            reason = TOKEN_BUDGET
+        self.last_stall = reason
+        self.stalls[reason] += 1
 
     def can_schedule_ahead(self) -> bool:
         """Whether the next step, if scheduled ahead, would find blocks for every running

@@ -85,8 +85,8 @@ class SimulatedExecutor(WorkerExecutor):
     def submit(self, step: StepInput) -> None:
         g = self.num_stages
         shape = step_shape(step)
-        host = overlapped_host_time(host_time(self.settings, step), self.clock(), self.last_step,
-                                    self.overlaps_host and g == 1)
+        host = overlapped_host_time(self.settings, len(step.batch.query_lens), step.num_tokens, self.clock(),
+                                    self.last_step, self.overlaps_host and g == 1)
         ready = self.clock() + host
         swap_wait = self.swaps_done_at(step, ready) - ready  # the step computes once its swaps are done
         stages = [swap_wait + self.cost.stage_time(shape, self.model_layers, g, s, self.settings.device_link)
@@ -282,11 +282,15 @@ def host_step_time(settings: SimulatorConfig, num_seqs: int, num_tokens: int) ->
     return settings.host_step_s + settings.host_seq_s * num_seqs + settings.host_token_s * num_tokens
 
 
-def overlapped_host_time(host_s: float, now: float, last_step: tuple[float, float], overlaps: bool) -> float:
-    """The driver's time a step adds: all of `host_s`, or, scheduled while the step before
-    ran (`overlaps`, and submitted as that step ended: `last_step` is its end and device
-    seconds), only what that step's device time did not hide."""
+def overlapped_host_time(settings: SimulatorConfig, num_seqs: int, num_tokens: int, now: float,
+                         last_step: tuple[float, float], overlaps: bool) -> float:
+    """The driver's time a step of `num_seqs` sequences computing `num_tokens` tokens adds:
+    all of it, or, scheduled while the step before ran (`overlaps`, and submitted as that
+    step ended: `last_step` is its end and device seconds), less the part scheduling ahead
+    hides (settings.ahead_hidden_*), as far as that step's device time covers it."""
+    host_s = host_step_time(settings, num_seqs, num_tokens)
     end, device_s = last_step
-    if overlaps and now == end:
-        return max(0.0, host_s - device_s)
-    return host_s
+    if not (overlaps and now == end):
+        return host_s
+    hidden = settings.ahead_hidden_step_s + settings.ahead_hidden_seq_s * num_seqs
+    return host_s - min(hidden, device_s, host_s)

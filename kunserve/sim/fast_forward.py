@@ -18,7 +18,7 @@ import numpy as np
 from kunserve.engine.cost_model import StepShape
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
-from kunserve.sim.executor import SIMULATED_TOKEN, SimulatedExecutor, host_step_time, overlapped_host_time
+from kunserve.sim.executor import SIMULATED_TOKEN, SimulatedExecutor, overlapped_host_time
 
 MIN_STEPS = 2  # fewer are not worth the bookkeeping: the engine's own step runs them
 
@@ -87,7 +87,6 @@ def _steps_that_fit(
     time with the one before while `ahead_reserve` blocks are free before it (None: never)."""
     n = len(running)
     context = sum(seq.num_computed_tokens for seq in running)
-    host = host_step_time(executor.settings, n, n)
     layers = executor.model_layers
     t = executor.clock()
     last_step = executor.last_step
@@ -100,7 +99,7 @@ def _steps_that_fit(
         if t >= until or taken > free_blocks:
             break
         # As SimulatedExecutor.submit then collect move the clock: host time, then compute.
-        t += overlapped_host_time(host, t, last_step, overlaps)
+        t += overlapped_host_time(executor.settings, n, n, t, last_step, overlaps)
         compute = executor.cost.step_time(StepShape(n, context + n * (j - 1), 0, n), layers)
         t = max(t, last_step[0] if steps else executor.stage_free_at()) + compute
         last_step = (t, compute)

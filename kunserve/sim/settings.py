@@ -33,9 +33,13 @@ class SimulatorConfig:
     # A group stage's compute time over the cost model's for its layers and micro-batch.
     group_stage_factor: float | None = None
     # Replicas schedule a step while the previous one runs (asynchronous scheduling, as GPU
-    # replicas do): its host time hides behind that step's device time, except for replicas
-    # that swap, groups, and under memory pressure (kunserve/engine/scheduler.py).
+    # replicas do), except replicas that swap, groups, and under memory pressure
+    # (kunserve/engine/scheduler.py): part of the step's host time then hides behind the
+    # previous step's device time. That part, fitted to decode steps measured with it off and
+    # on (docs/results/engine_mp_async_{off,on}_h200.json: 0.51-2.37 ms saved at batch 1-256):
     schedule_ahead: bool = True
+    ahead_hidden_step_s: float = 6.5e-4  # per step
+    ahead_hidden_seq_s: float = 7.2e-6  # and per sequence in it
     stage_switch_s: float = 0.1  # a device becoming a stage or a replica again (drop/restore), beside transfers
     link_open_s: float = 1.08  # opening two replicas' links (arenas mapped, NCCL pair), once per pair
     hbm_copy_bytes_s: float = 4.3e12  # a copy within one device (read + write)
