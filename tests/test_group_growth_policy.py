@@ -16,17 +16,18 @@ from kunserve.sampling_params import RequestOutputKind
 
 MAX_MODEL_LEN = 192  # 12 blocks: a replica's 16-block cache holds a request to its end
 BLOCKS = 16  # per replica; its weights are 44 blocks
-# Two waves on replica 0: the first overloads it into a drop (with replica 1, the first of
-# the idle ones), the second the pair. Most requests are short; every seventh is long: a
-# long prompt, and it outlives the others. The long ones make the burst's tail, whose KV
-# (4 x 9-12 blocks) always fits a pair plus two replicas (shrink: 0.5 x (76 + 32) blocks)
-# and never four replicas (restore: 0.5 x 64) until it ends.
-FIRST_WAVE, SECOND_WAVE = 10, 16
+# Three waves of requests on replica 0: the first overloads it into a drop (with replica 1,
+# the first of the idle ones), the second the pair into a growth; the third, sent once the
+# group has grown, is four long requests (long prompts, and they outlive the others). They
+# make the burst's tail, whose KV (4 x 9-12 blocks) always fits a pair plus two replicas
+# (shrink: 0.5 x (76 + 32) blocks) and never four replicas (restore: 0.5 x 64) until it ends.
+WAVES = (10, 16, 4)
 SHORT, LONG = (40, 40), (130, 60)  # (prompt, output) tokens
+WAIT_S = 120.0  # for a transition: far longer than the burst takes on two CPU cores
 
 
 def _is_long(i: int) -> bool:
-    return i % 7 == 0
+    return i >= WAVES[0] + WAVES[1]
 
 
 def _params(i: int) -> SamplingParams:
@@ -39,7 +40,7 @@ def _prompt(i: int) -> list[int]:
 
 
 def test_a_group_grows_under_rising_demand_and_shrinks_back_in_order(llama_dir: Path) -> None:
-    num = FIRST_WAVE + SECOND_WAVE
+    num = sum(WAVES)
     expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
         [_prompt(i) for i in range(num)], [_params(i) for i in range(num)], use_tqdm=False)]
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=BLOCKS, max_num_seqs=16,
@@ -51,18 +52,26 @@ def test_a_group_grows_under_rising_demand_and_shrinks_back_in_order(llama_dir: 
     async def final(stream: RequestStream) -> RequestOutput:
         return [out async for out in stream][-1]
 
-    def send(i: int) -> RequestStream:
-        return cluster.replicas[0].add_requests([f"r{i}"], [_prompt(i)], [_params(i)])
+    def send(requests: range) -> list[RequestStream]:
+        return [cluster.replicas[0].add_requests([f"r{i}"], [_prompt(i)], [_params(i)]) for i in requests]
+
+    async def until(transitions: int) -> None:
+        """Until the coordinator has made this many transitions (a test that waits forever fails)."""
+        async def wait() -> None:
+            while len(runner.history) < transitions:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(wait(), WAIT_S)
 
     async def run() -> list[RequestOutput]:
         cluster.start(asyncio.get_running_loop())
-        streams = [send(i) for i in range(FIRST_WAVE)]
-        while not runner.groups:  # the first wave overloads replica 0 into a drop
-            await asyncio.sleep(0.01)
-        streams += [send(i) for i in range(FIRST_WAVE, num)]  # the pair's queue
+        first, second = WAVES[0], WAVES[0] + WAVES[1]
+        streams = send(range(first))
+        await until(1)  # the drop
+        streams += send(range(first, second))
+        await until(2)  # the growth
+        streams += send(range(second, num))
         outputs = [await final(stream) for stream in streams]
-        while runner.groups:
-            await asyncio.sleep(0.01)
+        await until(4)  # the shrink and the restore
         return outputs
 
     try:

@@ -120,3 +120,14 @@ def test_the_operator_view_says_what_each_replica_waits_for() -> None:
     cluster.engines[0].step()
     view = describe(cluster.coordinator.runner, "kunserve")
     assert [replica["waiting_for"] for replica in view["replicas"]] == [SEQ_SLOTS, None]
+
+
+def test_budget_spent_recomputing_preempted_requests_counts_as_memory() -> None:
+    scheduler = Scheduler(BlockManager(BLOCK_SIZE, range(20)), max_num_seqs=64, max_num_batched_tokens=256)
+    recomputing = sequence("preempted", 200)
+    recomputing.token_ids.append(7)  # it had generated a token before its preemption
+    scheduler.add(recomputing)
+    for i in range(2):
+        scheduler.add(sequence(f"s{i}", 200))
+    scheduler.schedule()
+    assert scheduler.last_stall == KV_BLOCKS

@@ -211,20 +211,26 @@ class Scheduler:
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
         self.num_steps_ahead += ahead and bool(scheduled)
         output.shape = None if time_budget is None else time_budget.shape
-        self._record_stall(bool(preempted), budget)
+        # Budget spent recomputing preempted requests' KV (prompt chunks of requests that have
+        # output already) is memory's doing, not compute's.
+        recomputing = sum(n for seq, n in scheduled if n > 1 and seq.num_output_tokens)
+        decodes = sum(n == 1 for _, n in scheduled)
+        self._record_stall(bool(preempted), budget + recomputing, self.max_num_batched_tokens - decodes)
         return output
 
-    def _record_stall(self, preempted: bool, budget_left: int) -> None:
+    def _record_stall(self, preempted: bool, budget_left: int, prefill_budget: int) -> None:
         """Count the step by why requests stayed queued (nothing when none did): KV_BLOCKS when
-        it preempted, else, when the budget it left would have taken the queue's head (its
-        known tokens, up to a step's budget), what the head lacked: a sequence slot, or blocks.
+        it preempted, else, when the budget it left (or spent recomputing preempted requests)
+        would have taken the queue's head (its known tokens, up to what a step leaves for
+        prompts beside its decodes: `prefill_budget`), what the head lacked: a sequence slot,
+        or blocks.
         A head the budget could not take waits for compute (TOKEN_BUDGET), whatever else it
         lacks: freeing memory would admit it no sooner."""
         if not (self.waiting or self.swapped):
             self.last_stall = None
             return
         head = self.swapped[0] if self.swapped else self.waiting[0]
-        need = min(len(head) - head.num_computed_tokens, self.max_num_batched_tokens)
+        need = min(len(head) - head.num_computed_tokens, prefill_budget)
         if preempted:
             reason = KV_BLOCKS
         elif budget_left < need:
