@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                             "replicas (Llumnix)")
     serve.add_argument("--max-group-size", type=int, default=None,
                        help="most replicas a drop fuses into one pipeline group (default: as many as needed)")
-    serve.add_argument("--drop-after-s", type=float, default=0.2, help="overload lasting this long triggers a drop")
+    serve.add_argument("--drop-after-s", type=float, default=0.2,
+                       help="requests waiting for memory (KV blocks or sequence slots) this long trigger a drop "
+                            "(or a group's growth)")
     serve.add_argument("--restore-after-s", type=float, default=2.0,
                        help="forecast demand fitting half the replicas this long triggers a restore "
                             "(doubled per drop-restore-drop cycle)")

@@ -79,7 +79,7 @@ def test_a_lull_inside_a_burst_restores_nothing() -> None:
 
     def sample(t: float) -> None:
         for group in cluster.coordinator.runner.groups:
-            members = [policy.replica_load(m, None) for m in group.members]
+            members = [policy.member_load(m) for m in group.members]
             demand = forecast(group.engine, policy.lengths)
             fits_now.append((t, policy.planner.restore_is_worth(demand.now_blocks, members, demand.seqs)))
 

@@ -101,7 +101,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-group-size", type=int, default=DEFAULTS.max_group_size,
                         help="most replicas a drop fuses into one group (default: as many as needed)")
     parser.add_argument("--drop-after-s", type=float, default=DEFAULTS.drop_after_s,
-                        help="overload lasting this long triggers a drop (default %(default)s)")
+                        help="requests waiting for memory this long trigger a drop or a group's growth (migrate: "
+                             "queued demand beyond the free blocks) (default %(default)s)")
     parser.add_argument("--restore-after-s", type=float, default=DEFAULTS.restore_after_s,
                         help="forecast demand fitting half the replicas this long triggers a restore, doubled per "
                              "drop-restore-drop cycle (default %(default)s)")

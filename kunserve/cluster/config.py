@@ -13,7 +13,9 @@ class CoordinatorConfig:
     max_group_size: int | None = None  # largest group a drop forms; None: as large as the deficit needs
     drop_headroom: float = 0.1  # a drop's group keeps this fraction of its KV blocks free
     check_interval_s: float = 0.05
-    drop_after_s: float = 0.2  # queued demand above free blocks this long: drop (or migrate)
+    # kunserve: requests waiting for memory (KV blocks, sequence slots) this long: drop, or a
+    # group grows; migrate: queued demand above the free blocks this long: migrate.
+    drop_after_s: float = 0.2
     restore_after_s: float = 2.0  # forecast demand within restore_fill of replica capacity this long: restore
     restore_fill: float = 0.5
     # A drop within this long of its replicas' restore is a drop-restore-drop cycle: each in a

@@ -88,7 +88,7 @@ class KunServePolicy(OverloadPolicy):
 
     def _drops(self, now: float, due: set[int], free: list[int], waits: dict[int, str | None], taken: set[int]
                ) -> list[Callable[[], object]]:
-        loads = [self.replica_load(i, forecast(self.cluster.engines[i], self.lengths)) for i in free]
+        loads = [self.replica_load(i) for i in free]
         actions = []
         for planned in self.planner.plan_drops(loads, due):
             overloaded = sorted(due & set(planned.members))
@@ -106,7 +106,7 @@ class KunServePolicy(OverloadPolicy):
             return []
         groups = list(self.runner.groups)
         loads = {id(group): self.group_load(group) for group in groups}
-        replicas = {i: self.replica_load(i, forecast(self.cluster.engines[i], self.lengths)) for i in free}
+        replicas = {i: self.replica_load(i) for i in free}
         actions = []
         for group in crowded:
             if taken & set(group.members):
@@ -162,7 +162,7 @@ class KunServePolicy(OverloadPolicy):
         self._calm_since = {key: since for key, since in self._calm_since.items() if key in keys}
         calm = []
         for group in groups:
-            members = [self.replica_load(m, None) for m in group.members]
+            members = [self.member_load(m) for m in group.members]
             demand = forecast(group.engine, self.lengths)
             action = None
             if self.planner.restore_is_worth(demand.peak_blocks, members, demand.seqs):
@@ -208,11 +208,19 @@ class KunServePolicy(OverloadPolicy):
 
     def group_load(self, group: Group) -> GroupLoad:
         demand = forecast(group.engine, self.lengths)
-        return GroupLoad([self.replica_load(m, None) for m in group.members], demand.peak_blocks, demand.seqs)
+        return GroupLoad([self.member_load(m) for m in group.members], demand.peak_blocks, demand.seqs)
 
-    def replica_load(self, index: int, demand: Demand | None) -> ReplicaLoad:
-        """Replica `index` as the planner sees it: its own engine's capacity (in a group, its
-        replica-mode capacity), with `demand` (None: none of its own, its group has it)."""
+    def replica_load(self, index: int) -> ReplicaLoad:
+        """Replica `index` (in replica mode) as the planner sees it: its capacity, and its
+        requests' forecast demand."""
+        return self._load(index, forecast(self.cluster.engines[index], self.lengths))
+
+    def member_load(self, index: int) -> ReplicaLoad:
+        """A group's member as the planner sees it: its replica-mode capacity and weights (the
+        group's engine holds the demand)."""
+        return self._load(index, None)
+
+    def _load(self, index: int, demand: Demand | None) -> ReplicaLoad:
         engine = self.cluster.engines[index]
         layout = engine.executor.layout
         running = engine.scheduler.running if demand is not None else []
