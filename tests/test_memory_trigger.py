@@ -100,16 +100,22 @@ def test_a_kv_shortage_drops_and_says_so() -> None:
 
 
 def test_a_sequence_slot_shortage_drops_and_the_group_has_the_members_slots() -> None:
+    # Replica 0 holds four requests and queues twelve with KV to spare; replica 1 is idle: a
+    # pair runs eight at once (their slots add up).
     config = EngineConfig(model=MODEL, num_kv_blocks=4096, max_num_seqs=4, max_model_len=2048)
     cluster = SimulatedCluster(config, 2, CoordinatorConfig("kunserve", drop_after_s=0.2, restore_after_s=1.0))
     cluster.open_all_links()
-    num = 16
-    groups_seen = []
-    cluster.run([0.0] * num, [[0] * 32 for _ in range(num)], [request_params(400)] * num, sample_every_s=0.05,
-                sample=lambda t: groups_seen.extend(g.engine.scheduler.max_num_seqs for g in cluster.coordinator.runner.groups))
-    drops = [t for t in cluster.coordinator.runner.history if t.kind == "drop"]
+    for i in range(16):
+        cluster.engines[0].add_request(f"r{i}", [0] * 32, request_params(400))
+    runner = cluster.coordinator.runner
+    for _ in range(40):
+        for replica in cluster.replicas:
+            if replica.forward_to is None and replica.engine.has_unfinished_requests():
+                replica.engine.step()
+        cluster.coordinator.check(cluster.clock())
+    drops = [t for t in runner.history if t.kind == "drop"]
     assert drops and drops[0].reason.startswith(f"{SEQ_SLOTS}: ") and "sequence slots" in drops[0].reason
-    assert groups_seen and set(groups_seen) == {8}
+    assert runner.groups and runner.groups[0].engine.scheduler.max_num_seqs == 8
 
 
 def test_the_operator_view_says_what_each_replica_waits_for() -> None:

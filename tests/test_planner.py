@@ -138,3 +138,19 @@ def test_restore_waits_until_the_requests_fit_half_the_sequence_slots_too() -> N
     members = [ReplicaLoad(i, 0, CAPACITY, WEIGHT_BLOCKS, seq_capacity=16) for i in range(2)]
     assert p.restore_is_worth(10, members, seqs=16)
     assert not p.restore_is_worth(10, members, seqs=17)
+
+
+def queued_load(replica: int, running: int, queued: int, context: int = 1024) -> ReplicaLoad:
+    return ReplicaLoad(replica, 0, CAPACITY, WEIGHT_BLOCKS, running=running, context_tokens=running * context,
+                       seqs=running + queued, seq_capacity=256, queued_tokens=queued * context)
+
+
+def test_a_drop_that_admits_a_long_queue_beside_few_running_requests_gains_throughput() -> None:
+    # Memory-bound: 16 running each, 100 queued each; the pair runs them all.
+    assert planner().drop_gain([queued_load(0, 16, 100), queued_load(1, 16, 100)]) > 1
+
+
+def test_a_drop_of_replicas_whose_slots_are_full_loses_throughput() -> None:
+    # 256 running each (their sequence slots), the queue stays queued: the pipeline only costs.
+    p = planner(group_step_factor=1.22)
+    assert p.drop_gain([queued_load(0, 256, 50), queued_load(1, 256, 50)]) < 1

@@ -18,6 +18,7 @@ from kunserve.sim.cluster import SimulatedCluster
 
 WINDOW_S = 30.0
 FIRST_WAVE_S, SECOND_WAVE_S = 80.0, 92.0
+LONG_SHARE = 0.25  # of requests with long outputs: the burst is KV-bound, a drop pays
 
 
 def transition(kind: str, members: list[int], began: float, took: float = 0.1) -> dict:
@@ -59,12 +60,12 @@ def test_each_cycle_in_a_row_doubles_the_calm_time_before_a_restore() -> None:
 
 def burst_with_a_lull() -> tuple[list[float], list[int]]:
     """A minute of light traffic (so that the history knows long outputs), then two waves of
-    a burst 12 s apart; 15 % of the requests are long. Arrivals and output lengths."""
+    a burst 12 s apart; LONG_SHARE of the requests are long. Arrivals and output lengths."""
     rng = np.random.default_rng(0)
     light = np.arange(120) * 0.5
     waves = [FIRST_WAVE_S + rng.uniform(0, 2, 300), SECOND_WAVE_S + rng.uniform(0, 2, 300)]
     arrivals = np.sort(np.concatenate([light, *waves]))
-    outputs = np.where(rng.random(len(arrivals)) < 0.15, 2000, 100)
+    outputs = np.where(rng.random(len(arrivals)) < LONG_SHARE, 2000, 100)
     return arrivals.tolist(), outputs.tolist()
 
 

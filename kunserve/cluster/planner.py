@@ -13,6 +13,7 @@ slowdown (its decode cycle against its members' replica steps), for the log and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class ReplicaLoad:
     host: int = 0
     seqs: int = 0  # running and queued requests (each takes a sequence slot)
     seq_capacity: int | None = None  # its max_num_seqs (a group has its members' sum); None: no limit
+    queued_tokens: int = 0  # the queued requests' known tokens, summed
 
     @property
     def spare_blocks(self) -> int:
@@ -67,6 +69,7 @@ class PlannerConfig:
     max_group_size: int | None = None  # None: as many replicas as a deficit needs
     drop_headroom: float = 0.1  # fraction of a group's capacity left free after the drop
     restore_fill: float = 0.5  # restore when demand fits in this fraction of the replicas' capacity
+    group_step_factor: float = 1.0  # a group's decode cycle over the cost model's (measured: CoordinatorConfig)
 
     def __post_init__(self) -> None:
         if self.max_group_size is not None and self.max_group_size < 2:
@@ -206,6 +209,28 @@ class Planner:
         link = "network" if spans_hosts else "device"
         group = self.cost.pipeline_cycle_time(total, layers, len(members), link)
         return group / replica
+
+    def drop_gain(self, members: list[ReplicaLoad]) -> float:
+        """Decode tokens per second of the group of `members` running their requests and as
+        many of their queued ones as its sequence slots take, against the members running
+        their own requests as replicas (> 1: the memory a drop frees buys more than the
+        pipeline costs). Decode steps only, from the cost model; the group's cycle times
+        `group_step_factor`, as measured."""
+        layers = self.config.num_layers
+        replicas = sum(m.running / self.cost.step_time(StepShape(m.running, m.context_tokens, 0, m.running), layers)
+                       for m in members if m.running)
+        slots = [m.seq_capacity for m in members]
+        queued = sum(m.seqs - m.running for m in members)
+        room = queued if None in slots else max(0, sum(s for s in slots if s is not None) - sum(m.running for m in members))
+        admitted = min(queued, room)
+        queued_tokens = sum(m.queued_tokens for m in members) * admitted // max(queued, 1)
+        n = sum(m.running for m in members) + admitted
+        if n == 0:
+            return 1.0
+        context = sum(m.context_tokens for m in members) + queued_tokens
+        cycle = self.cost.pipeline_cycle_time(StepShape(n, context, 0, n), layers, len(members))
+        group = n / (cycle * self.config.group_step_factor)
+        return group / replicas if replicas else math.inf
 
     def shrink_is_worth(self, demand_blocks: int, members: list[ReplicaLoad], seqs: int, factor: int) -> bool:
         """A group of `members` (in stage order) may shrink by `factor` (kunserve/cluster/

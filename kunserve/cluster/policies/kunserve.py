@@ -5,7 +5,9 @@ sequence slots: kunserve/engine/scheduler.py says why each step left requests qu
 `drop_after_s`. A queue that waits for the token budget is compute-bound: freeing memory
 would not admit it sooner, so it never drops. The planner (kunserve/cluster/planner.py) sizes
 each group for the demand to come (kunserve/cluster/demand.py: the forecast peak of its
-requests, queued prompts and the growth of running ones) and picks its partners; the drops
+requests, queued prompts and the growth of running ones) and picks its partners; a drop is
+made only when the group, running the queue it admits, keeps `min_drop_gain` of its members'
+decode throughput (Planner.drop_gain: a compute-bound pair would only slow down). The drops
 planned at one check run side by side. A group whose requests still wait for memory that
 long grows: each of its stages splits with further replicas (2 -> 4 -> 8,
 kunserve/cluster/growth.py), as far as `max_group_size` and the free replicas allow; where no
@@ -90,11 +92,17 @@ class KunServePolicy(OverloadPolicy):
                ) -> list[Callable[[], object]]:
         loads = [self.replica_load(i) for i in free]
         actions = []
+        by_index = {load.replica: load for load in loads}
         for planned in self.planner.plan_drops(loads, due):
             overloaded = sorted(due & set(planned.members))
+            gain = self.planner.drop_gain([by_index[m] for m in planned.members])
+            if gain < self.config.min_drop_gain:
+                logger.debug("no drop of %s: its decode throughput would be %.2fx the replicas'", planned.members, gain)
+                continue
             why = "; ".join(self._wait_words(self.cluster.engines[i], f"replica {i}", waits[i],
                                              self.replica_overloads.lasted(i, now)) for i in overloaded)
-            reason = f"{waits[overloaded[0]]}: {why}; {self._sizing_words(planned)}"
+            reason = (f"{waits[overloaded[0]]}: {why}; {self._sizing_words(planned)}; decode throughput "
+                      f"{gain:.2f}x the replicas'")
             self.note_fused(planned.members, now)
             taken.update(planned.members)
             actions.append(functools.partial(self.runner.drop, planned.members, reason=reason))
@@ -224,6 +232,7 @@ class KunServePolicy(OverloadPolicy):
         engine = self.cluster.engines[index]
         layout = engine.executor.layout
         running = engine.scheduler.running if demand is not None else []
+        queued = list(engine.scheduler.waiting) + list(engine.scheduler.swapped) if demand is not None else []
         return ReplicaLoad(
             index,
             0 if demand is None else demand.peak_blocks,
@@ -234,4 +243,5 @@ class KunServePolicy(OverloadPolicy):
             host=self._host_numbers.setdefault(host_of(engine.executor), len(self._host_numbers)),
             seqs=0 if demand is None else demand.seqs,
             seq_capacity=engine.config.max_num_seqs,
+            queued_tokens=sum(len(seq) for seq in queued),
         )
