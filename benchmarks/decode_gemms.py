@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.model.presets import resolve_model
-from kunserve.model.spec import ModelSpec
 
 ROWS = (32, 64, 128, 192, 232, 256)
 BLAS_LIBRARIES = ("cublas", "cublaslt")

@@ -18,7 +18,8 @@ from conftest import make_prompts
 
 from kunserve import LLM, EngineConfig, SamplingParams
 from kunserve.kernels import cpu_fused, fused, native
-from kunserve.kernels.attention import TorchAttentionBackend, make_attention_backend
+from kunserve.kernels.attention import TorchAttentionBackend
+from kunserve.kernels.backends import make_attention_backend
 from kunserve.kernels.cpu_attention import CpuAttentionBackend
 from kunserve.kernels.cpu_linear import Linear, PackedLinear, make_linear, onednn_linear, plain_linear
 
