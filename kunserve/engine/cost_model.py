@@ -209,9 +209,9 @@ class CostModel:
 
     @classmethod
     def default(cls, spec: ModelSpec, model_name: str, elem_bytes: int = 2) -> CostModel:
-        """Estimated from the model's sizes and nominal rates (see NOMINAL_*): a layer's GEMM
-        weights (its family's schema, kunserve/arch/) are read once per step and cost two FLOPs
-        per token each."""
+        """Estimated from the model's sizes and nominal rates (see NOMINAL_*): a step reads a
+        layer's GEMM weights (its family's schema, kunserve/arch/) once, and each weight costs
+        two FLOPs per token."""
         layer_params = matrix_params(spec.layer_tensors())
         layer_bytes = layer_params * elem_bytes
         kv_bytes = 2 * spec.kv_size * elem_bytes

@@ -1,7 +1,7 @@
 """Model names a user may give instead of a directory.
 
-* `tiny-llama`, `tiny-qwen2`, `tiny-mistral` (`tiny-<family>` of kunserve/arch/registry.py's
-  TINY_ARCHS): the embedded default models, generated locally on first use
+* `tiny-llama`, `tiny-qwen2`, `tiny-mistral` (one per family in TINY_ARCHS,
+  kunserve/arch/registry.py): the embedded default models, generated locally on first use
   (kunserve/model/tiny.py). Nothing is downloaded.
 * Real architectures as bare configs (`llama-3-8b`, `qwen2.5-32b`, ...): for speed runs with
   `load_format="dummy"`; they carry no weights and no tokenizer.
