@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 
+from kunserve.arch.registry import TINY_ARCHS
 from kunserve.bench.demo import run_demo
 from kunserve.bench.launch import add_launch_arguments, run_launch
 from kunserve.bench.run import add_bench_arguments, run_bench
@@ -15,7 +16,7 @@ from kunserve.cluster.dispatcher import DISPATCH_POLICIES
 from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
 from kunserve.config import EXECUTOR_BACKENDS
 from kunserve.engine_args import add_engine_arguments, engine_config
-from kunserve.model.tiny import TINY_ARCHS, make_tiny_model
+from kunserve.model.tiny import make_tiny_model
 from kunserve.sim.run import add_simulate_arguments, run_simulate
 
 

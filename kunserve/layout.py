@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.config import EngineConfig
-from kunserve.model.spec import ModelSpec
 
 # Parameter tensors inside a slot start at multiples of this many bytes, so GEMMs see aligned
 # operands (cuBLAS and Triton prefer 128-byte alignment; 256 also suits vectorized loads).
@@ -38,29 +38,14 @@ class ParamSlice:
 
 
 def layer_param_slices(spec: ModelSpec, elem_bytes: int) -> tuple[dict[str, ParamSlice], int]:
-    """The parameters of one decoder layer, packed, and the slot size in elements.
-
-    q/k/v are fused into one `qkv` matrix and gate/up into one `gate_up` matrix, so each
-    projection is a single GEMM.
-    """
-    hidden, inter = spec.hidden_size, spec.intermediate_size
-    qkv_rows = spec.q_size + 2 * spec.kv_size
-    shapes: dict[str, tuple[int, ...]] = {"input_norm": (hidden,), "qkv": (qkv_rows, hidden)}
-    if spec.qkv_bias:
-        shapes["qkv_bias"] = (qkv_rows,)
-    shapes["o"] = (hidden, spec.q_size)
-    if spec.o_bias:
-        shapes["o_bias"] = (hidden,)
-    shapes["post_attention_norm"] = (hidden,)
-    shapes["gate_up"] = (2 * inter, hidden)
-    shapes["down"] = (hidden, inter)
-
+    """The parameters of one decoder layer (its family's schema, kunserve/arch/), packed in
+    schema order, and the slot size in elements."""
     align = max(1, PARAM_ALIGN_BYTES // elem_bytes)
     slices: dict[str, ParamSlice] = {}
     offset = 0
-    for name, shape in shapes.items():
-        slices[name] = ParamSlice(offset, shape)
-        offset = _round_up(offset + math.prod(shape), align)
+    for tensor in spec.layer_tensors():
+        slices[tensor.name] = ParamSlice(offset, tensor.shape)
+        offset = _round_up(offset + tensor.numel, align)
     return slices, offset
 
 

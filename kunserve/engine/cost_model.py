@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kunserve.model.spec import ModelSpec
+from kunserve.arch.schema import matrix_params
+from kunserve.arch.spec import ModelSpec
 
 if TYPE_CHECKING:
     from kunserve.engine.sequence import Sequence
@@ -208,9 +209,10 @@ class CostModel:
 
     @classmethod
     def default(cls, spec: ModelSpec, model_name: str, elem_bytes: int = 2) -> CostModel:
-        """Estimated from the model's sizes and nominal rates (see NOMINAL_*)."""
-        layer_params = (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.q_size * spec.hidden_size
-                        + 3 * spec.hidden_size * spec.intermediate_size)
+        """Estimated from the model's sizes and nominal rates (see NOMINAL_*): a step reads a
+        layer's GEMM weights (its family's schema, kunserve/arch/) once, and each weight costs
+        two FLOPs per token."""
+        layer_params = matrix_params(spec.layer_tensors())
         layer_bytes = layer_params * elem_bytes
         kv_bytes = 2 * spec.kv_size * elem_bytes
         step = StepCoefficients(

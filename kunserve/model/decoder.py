@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.kernels.attention import AttentionBackend
 from kunserve.kernels.cpu_linear import Linear, plain_linear
 from kunserve.kernels.fused import add_rms_norm, rms_norm, rotary_qk, silu_mul
 from kunserve.layout import ParamSlice
-from kunserve.model.spec import ModelSpec
 
 
 @dataclass

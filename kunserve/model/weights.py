@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.model.decoder import LayerWeights, StageWeights
-from kunserve.model.spec import ModelSpec
 
 # Dummy weights: small normal values keep activations finite through many layers.
 DUMMY_WEIGHT_STD = 0.02
@@ -67,24 +67,12 @@ class CheckpointWeights(WeightSource):
         return out
 
     def load_layer(self, layer: int, dst: LayerWeights) -> None:
-        p = f"model.layers.{layer}."
-        attn, mlp = p + "self_attn.", p + "mlp."
-        names = {
-            "input_norm": [p + "input_layernorm.weight"],
-            "qkv": [attn + f"{x}_proj.weight" for x in "qkv"],
-            "qkv_bias": [attn + f"{x}_proj.bias" for x in "qkv"],
-            "o": [attn + "o_proj.weight"],
-            "o_bias": [attn + "o_proj.bias"],
-            "post_attention_norm": [p + "post_attention_layernorm.weight"],
-            "gate_up": [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
-            "down": [mlp + "down_proj.weight"],
-        }
         targets = dst.tensors()
-        wanted = {field: names[field] for field in targets}
+        wanted = {t.name: t.checkpoint_keys(layer) for t in self.spec.layer_tensors()}
         tensors = self._read([n for group in wanted.values() for n in group])
-        for field, group in wanted.items():
+        for name, group in wanted.items():
             # Fused parameters (qkv, gate_up) are the checkpoint tensors stacked along dim 0.
-            targets[field].copy_(torch.cat([tensors[n] for n in group], dim=0))
+            targets[name].copy_(torch.cat([tensors[n] for n in group], dim=0))
 
     def load_stage(self, first: bool, last: bool, dtype: torch.dtype, device: torch.device) -> StageWeights:
         names = []
@@ -115,11 +103,12 @@ class DummyWeights(WeightSource):
 
     def load_layer(self, layer: int, dst: LayerWeights) -> None:
         g = self._generator(layer, dst.qkv.device)
-        for name, t in dst.tensors().items():
-            if name.endswith("norm"):
-                t.fill_(1.0)
+        targets = dst.tensors()
+        for tensor in self.spec.layer_tensors():  # draws in schema order, the same on every refill
+            if tensor.is_norm:
+                targets[tensor.name].fill_(1.0)
             else:
-                t.normal_(0.0, DUMMY_WEIGHT_STD, generator=g)
+                targets[tensor.name].normal_(0.0, DUMMY_WEIGHT_STD, generator=g)
 
     def load_stage(self, first: bool, last: bool, dtype: torch.dtype, device: torch.device) -> StageWeights:
         g = self._generator(self.spec.num_layers, device)

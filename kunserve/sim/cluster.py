@@ -21,6 +21,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from kunserve.arch.spec import parse_dtype
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.coordinator import Coordinator
 from kunserve.cluster.dispatcher import Dispatcher
@@ -31,7 +32,6 @@ from kunserve.engine.cost_model import CostModel, resolve_cost_model
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.layout import arena_layout, stage_ranges
 from kunserve.model.presets import resolve_model
-from kunserve.model.spec import parse_dtype
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
 from kunserve.sim.executor import SimulatedExecutor, resolve_host_time

@@ -9,14 +9,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kunserve.arch.spec import ModelSpec, parse_dtype
 from kunserve.config import EngineConfig
-from kunserve.kernels.attention import make_attention_backend
+from kunserve.kernels.backends import make_attention_backend
 from kunserve.kernels.cpu_linear import make_linear
 from kunserve.layout import ArenaLayout, arena_layout
 from kunserve.model.decoder import DecoderStage
 from kunserve.model.presets import ResolvedModel
 from kunserve.model.rotary import cos_sin_cache
-from kunserve.model.spec import ModelSpec, parse_dtype
 from kunserve.model.weights import CheckpointWeights, DummyWeights, WeightSource
 from kunserve.step import StepInput
 from kunserve.worker import drop
