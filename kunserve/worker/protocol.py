@@ -50,6 +50,11 @@ class DeviceCalls(ABC):
         `refill_from[k]`, or all from the weight source when None. Peers in `over_network`
         (members on another host, restoring at the same time) swap layers over the network."""
 
+    @abstractmethod
+    def prepare_stages(self, group_sizes: list[int]) -> None:
+        """Build the stage models (and capture their CUDA graphs) of every stage this replica may
+        become in groups of these sizes, so a drop finds them ready."""
+
     # ---- links between devices ------------------------------------------------------------
 
     @abstractmethod

@@ -205,12 +205,22 @@ class Worker(DeviceCalls):
         self.group = None
         self.pipe_prev = self.pipe_next = None
 
-    def _stage_runner(self, stage: int, num_stages: int) -> tuple[DecoderStage, ModelRunner]:
-        """Stage `stage`'s model and runner, made at the first drop into it and kept."""
+    def prepare_stages(self, group_sizes: list[int]) -> None:
+        if self.layout.num_layers != self.spec.num_layers:
+            raise RuntimeError("only a device holding the whole model (a replica) has stages to prepare")
+        for num_stages in group_sizes:
+            for stage in range(num_stages):
+                self._stage_runner(stage, num_stages, capture_now=True)
+
+    def _stage_runner(self, stage: int, num_stages: int, capture_now: bool = False
+                      ) -> tuple[DecoderStage, ModelRunner]:
+        """Stage `stage`'s model and runner, kept once made: made by `prepare_stages` with its
+        graphs captured (before any drop), or else at the first drop into it, its graphs then
+        captured as batch sizes come (a capture never runs inside a drop's stall)."""
         if (stage, num_stages) not in self.stage_runners:
             model = drop.stage_model(self.replica_model, self.arena, stage, num_stages)
-            self.stage_runners[(stage, num_stages)] = (model, ModelRunner(model, self.device,
-                                                                          self.decode_graphs(model, lazy=True)))
+            graphs = self.decode_graphs(model, lazy=not capture_now)
+            self.stage_runners[(stage, num_stages)] = (model, ModelRunner(model, self.device, graphs))
         return self.stage_runners[(stage, num_stages)]
 
     def _run_with(self, model: DecoderStage, runner: ModelRunner) -> None:
