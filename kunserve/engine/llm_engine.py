@@ -147,6 +147,7 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
+        params.validate_for_vocabulary(self.spec.vocab_size)
         max_total = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
         seq = Sequence(
             request_id,
