@@ -12,7 +12,13 @@ import numbers
 import operator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit integers
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # the sampler divides logits by it in float32
+# The sampler holds top_p in float32, where a smaller one is 0 and would cut every token; any
+# top_p this small keeps the top token alone, as this one does.
+MIN_TOP_P = float(np.finfo(np.float32).tiny)
 # Below this temperature sampling is greedy but for float rounding, and dividing logits by it
 # would overflow float32: such requests are greedy (as in vLLM).
 GREEDY_TEMPERATURE = 1e-5
@@ -43,13 +49,14 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.temperature = _finite("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature: must be in [0, {MAX_TEMPERATURE:.4g}], got {self.temperature}")
         if self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0
         self.top_p = _finite("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        self.top_p = max(self.top_p, MIN_TOP_P)
         self.top_k = _integer("top_k", self.top_k)
         if self.top_k < -1:
             raise ValueError(f"top_k: must be -1 or 0 (disabled) or >= 1, got {self.top_k}")

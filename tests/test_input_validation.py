@@ -46,7 +46,7 @@ def test_a_bad_prompt_queues_nothing(llm: LLM) -> None:
     ("field", "value"),
     [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5),
      ("seed", 2**64), ("seed", 10**30), ("seed", -1), ("seed", -(2**63) - 1), ("temperature", math.nan),
-     ("temperature", math.inf), ("temperature", 10**400), ("top_p", math.nan), ("min_p", math.nan),
+     ("temperature", math.inf), ("temperature", 10**400), ("temperature", 1e39), ("top_p", math.nan), ("min_p", math.nan),
      ("top_k", 1.5), ("seed", "7"), ("max_tokens", 2.0), ("stop_token_ids", [-1]), ("stop", [3])],
 )
 def test_sampling_field_out_of_range(field: str, value: object) -> None:
@@ -56,6 +56,15 @@ def test_sampling_field_out_of_range(field: str, value: object) -> None:
 
 def test_a_temperature_too_small_for_float32_logits_samples_greedily() -> None:
     assert SamplingParams(temperature=1e-30).is_greedy
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_top_token(llm: LLM) -> None:
+    greedy, tiny_top_p = (
+        llm.generate([[1, 2, 3]], SamplingParams(temperature=t, top_p=p, max_tokens=6, ignore_eos=True),
+                     use_tqdm=False)[0].outputs[0].token_ids
+        for t, p in ((0.0, 1.0), (1.0, 1e-50))
+    )
+    assert tiny_top_p == greedy
 
 
 @pytest.mark.parametrize("seed", [0, 2**64 - 1])
