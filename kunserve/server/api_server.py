@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -34,7 +33,6 @@ from kunserve.server.protocol import (
     DropRequest,
     RestoreRequest,
     parse_body,
-    validation_error,
 )
 from kunserve.server.serving import OpenAIServing
 
@@ -206,10 +204,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         # Routing's errors (404 unknown path, 405 wrong method with its Allow header).
         api = APIError(error.status_code, str(error.detail), headers=error.headers)
         return JSONResponse(api.body(), status_code=api.status, headers=api.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(validation_error(error.errors()).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> JSONResponse:

@@ -8,7 +8,6 @@ their neutral value, rather than silently ignored."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -59,14 +58,14 @@ def parse_body(model: type[Body], body: bytes) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise validation_error(error.errors()) from None
+        raise _validation_error(error) from None
 
 
-def validation_error(errors: Sequence[Any]) -> APIError:
-    """The 400 of pydantic's (or FastAPI's) first validation error, naming its field."""
-    first = errors[0]
-    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-    return APIError(400, f"{param or 'body'}: {first.get('msg')}", param)
+def _validation_error(error: ValidationError) -> APIError:
+    """The 400 of pydantic's first validation error, naming its field."""
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return APIError(400, f"{param or 'body'}: {first['msg']}", param)
 
 
 def _refuse_constant(name: str) -> None:
