@@ -1,5 +1,6 @@
 """One model over worker processes: a single device, or a pipeline group of g devices with
-stage r holding layers [r·L/g, (r+1)·L/g) and g micro-batches in flight.
+stage r holding layers [r·L/g, (r+1)·L/g) and g micro-batches in flight; with tensor
+parallelism, each stage t processes holding a shard each.
 
 A worker that dies is noticed at once (see kunserve/executor/workers.py): the step fails
 with WorkerDiedError naming it, and the remaining workers are stopped. WorkerSetExecutor
@@ -22,13 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 class MultiprocExecutor(WorkerSetExecutor):
-    """The stages as worker processes of this host."""
+    """The stages (their tensor-parallel ranks) as worker processes of this host."""
 
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
         """`world`: the cluster's shared world; None: a world of this executor's stages alone."""
         super().__init__()
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", config.pipeline_parallel_size)
+        world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", config.devices_per_replica)
         handles = []
         for stage in stage_assignments(config, model, world):
             parent, child = context.Pipe()
@@ -37,7 +38,7 @@ class MultiprocExecutor(WorkerSetExecutor):
             process.start()
             child.close()
             handles.append(WorkerHandle(process, parent, stage.global_rank))
-        self.workers = WorkerSet(handles)
+        self.workers = WorkerSet(handles, config.tensor_parallel_size)
         self._await_ready(config)
         logger.info("%d worker process(es) ready, pids %s", len(handles), self.worker_pids)
 
