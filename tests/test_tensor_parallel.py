@@ -235,6 +235,12 @@ def test_tensor_parallel_ranks_give_the_single_device_greedy_tokens(
     assert tokens(model_dir, tensor_parallel_size=tp_size) == tokens(model_dir)
 
 
+def test_ranks_scheduled_a_step_ahead_embed_the_tokens_their_rank_0_sampled(
+    llama_dir: Path, llama_reference: list[list[int]]
+) -> None:
+    assert tokens(llama_dir, tensor_parallel_size=2, async_scheduling="on") == llama_reference
+
+
 def test_a_pipeline_of_tensor_parallel_stages_gives_the_single_device_greedy_tokens(
     llama_dir: Path, llama_reference: list[list[int]]
 ) -> None:
