@@ -36,7 +36,7 @@ from kunserve.engine_args import add_engine_arguments, engine_config
 from kunserve.layout import ArenaLayout
 from kunserve.model.decoder import LayerWeights
 from kunserve.model.presets import resolve_model
-from kunserve.model.weights import CheckpointWeights
+from kunserve.model.weights import CheckpointWeights, DummyWeights
 from kunserve.outputs import CompletionOutput
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
@@ -115,6 +115,25 @@ def test_a_rank_holds_its_query_heads_the_kv_heads_they_read_and_its_mlp_channel
     down = read_checkpoint(llama_dir, "model.layers.0.mlp.down_proj.weight")
     assert torch.equal(shard.down, down[:, rank * inter : (rank + 1) * inter])
     assert torch.equal(shard.input_norm, read_checkpoint(llama_dir, "model.layers.0.input_layernorm.weight"))
+
+
+def test_dummy_weights_are_one_model_at_every_tensor_parallel_size(llama_dir: Path) -> None:
+    spec = ModelSpec.from_dir(llama_dir)
+
+    def layer(rank: int, tp_size: int) -> LayerWeights:
+        layout = ArenaLayout.for_kv_blocks(spec, spec.num_layers, 16, 4, 1, tp_size)
+        weights = LayerWeights.view(torch.zeros(layout.layer_elems), layout.params)
+        DummyWeights(spec, seed=3, rank=rank, tp_size=tp_size).load_layer(2, weights)
+        return weights
+
+    whole, shard = layer(0, 1), layer(1, 2)
+    q, kv = TINY_HEADS * TINY_HEAD_DIM, TINY_HEAD_DIM  # rank 1 of 2: q heads 2-3, KV head 1
+    assert torch.equal(shard.qkv, torch.cat([whole.qkv[q // 2 : q], whole.qkv[q + kv : q + 2 * kv],
+                                             whole.qkv[q + 3 * kv : q + 4 * kv]]))
+    assert torch.equal(shard.o, whole.o[:, q // 2 :])
+    inter = spec.intermediate_size
+    assert torch.equal(shard.gate_up, torch.cat([whole.gate_up[inter // 2 : inter], whole.gate_up[inter + inter // 2 :]]))
+    assert torch.equal(shard.down, whole.down[:, inter // 2 :])
 
 
 def test_every_rank_shares_a_single_kv_head_and_its_bias(one_kv_head_dir: Path) -> None:

@@ -82,12 +82,12 @@ class CheckpointWeights(WeightSource):
 
     def load_layer(self, layer: int, dst: LayerWeights) -> None:
         targets = dst.tensors()
-        for tensor in self.spec.layer_tensors():
-            index = dict(zip(tensor.checkpoint_keys(layer), self._shard_index(tensor)))
-            read = self._read(index)
+        wanted = {t.name: dict(zip(t.checkpoint_keys(layer), self._shard_index(t))) for t in self.spec.layer_tensors()}
+        read = self._read({n: index for group in wanted.values() for n, index in group.items()})
+        for name, group in wanted.items():
             # Fused parameters (qkv, gate_up) are the checkpoint tensors (a rank: its slices
             # of them) stacked along dim 0.
-            targets[tensor.name].copy_(torch.cat([read[n] for n in index], dim=0))
+            targets[name].copy_(torch.cat([read[n] for n in group], dim=0))
 
     def load_stage(self, first: bool, last: bool, dtype: torch.dtype, device: torch.device) -> StageWeights:
         embed = "model.embed_tokens.weight"
@@ -140,11 +140,13 @@ class DummyWeights(WeightSource):
         head = embed
         if last and not self.spec.tie_word_embeddings:
             head = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, DUMMY_WEIGHT_STD, generator=g)
-        embed, head = self._vocab_rows(embed), (self._vocab_rows(head) if head is not embed else None)
+        tied = head is embed
+        embed = self._vocab_rows(embed)
+        head = embed if tied else self._vocab_rows(head)
         return StageWeights(
             embed=embed if first else None,
             final_norm=torch.ones(self.spec.hidden_size, dtype=dtype, device=device) if last else None,
-            lm_head=(embed if head is None else head) if last else None,
+            lm_head=head if last else None,
         )
 
     def _vocab_rows(self, table: torch.Tensor) -> torch.Tensor:
