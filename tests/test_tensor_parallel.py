@@ -198,6 +198,12 @@ def test_an_engine_whose_heads_do_not_divide_fails_before_starting_workers(llama
         LLM(str(llama_dir), tensor_parallel_size=3)
 
 
+def test_a_replica_needing_more_gpus_than_the_host_has_fails_before_starting_workers(llama_dir: Path) -> None:
+    past_the_last = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match="tensor_parallel_size: this replica's devices run to cuda:"):
+        LLM(str(llama_dir), device=past_the_last, tensor_parallel_size=2)
+
+
 def test_a_tensor_parallel_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size: must be >= 1"):
         EngineConfig(tensor_parallel_size=0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 
+import torch
+
 from kunserve.config import EngineConfig
 from kunserve.executor.worker_set import WorkerSetExecutor, free_port, stage_assignments
 from kunserve.executor.workers import WorkerHandle, WorkerSet
@@ -30,8 +32,10 @@ class MultiprocExecutor(WorkerSetExecutor):
         super().__init__()
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", config.devices_per_replica)
+        stages = stage_assignments(config, model, world)
+        check_devices_exist([torch.device(stage.device) for stage in stages])
         handles = []
-        for stage in stage_assignments(config, model, world):
+        for stage in stages:
             parent, child = context.Pipe()
             process = context.Process(target=worker_main, args=(config, model, stage, child),
                                       name=f"kunserve-worker{stage.global_rank}", daemon=True)
@@ -45,3 +49,14 @@ class MultiprocExecutor(WorkerSetExecutor):
     @property
     def worker_pids(self) -> list[int | None]:
         return [handle.process.pid for handle in self.workers.handles]
+
+
+def check_devices_exist(devices: list[torch.device]) -> None:
+    """ValueError, before any worker starts, when a replica's GPUs (pipeline stages x
+    tensor-parallel ranks, from `device` on) run past this host's."""
+    gpus = [d.index or 0 for d in devices if d.type == "cuda"]
+    if gpus and max(gpus) >= torch.cuda.device_count():
+        raise ValueError(
+            f"pipeline_parallel_size x tensor_parallel_size: this replica's devices run to cuda:{max(gpus)}, "
+            f"but this host has {torch.cuda.device_count()} GPU(s)"
+        )
