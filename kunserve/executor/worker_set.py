@@ -162,9 +162,10 @@ class WorkerGroupExecutor(FusedGroupExecutor):
         super().__init__(list(members), blocks)
         # A set of the members' kind (pipes or Ray calls) over each member's one stage (its
         # tensor-parallel ranks: member r's rank k is stage r's rank k).
-        t = members[0].workers.tp_size
-        if any(member.workers.tp_size != t for member in members):
-            raise ValueError("tensor_parallel_size: a group's members must all have the same")
+        sizes = [member.workers.tp_size for member in members]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"tensor_parallel_size: a group's members must have one size, got {sizes}")
+        t = sizes[0]
         self.workers = type(members[0].workers)([h for member in members for h in member.workers.handles], t)
 
     def submit(self, step: StepInput) -> None:
