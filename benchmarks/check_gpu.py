@@ -7,6 +7,9 @@
 3. The stages of a drop's group (each a replica's worker after `become_stage`, with the stage
    models and graphs a drop makes), chained in this process on one GPU: greedy outputs with
    stage graphs equal those of eager stages (tiny Llama float32; dummy Llama-3-8B bf16).
+4. With two or more GPUs, tensor parallelism: tiny float32 models (Llama, Qwen2 with one KV
+   head, windowed Mistral) give at TP 2 (and TP 4 with four GPUs) the greedy tokens of TP 1,
+   decoding through CUDA graphs with NCCL all-reduces inside, scheduled ahead or not.
 
     python benchmarks/check_gpu.py --out $OUT/check_gpu.json
 """
@@ -40,6 +43,9 @@ from kunserve.worker.worker import Worker, build_worker
 NEW_TOKENS = 32
 # (name, enforce_eager, async_scheduling); the first is the reference.
 GRAPH_MODES = (("eager", True, "off"), ("graphs", False, "off"), ("graphs+async", False, "on"))
+# Tiny models of check 3: (name, arch, make_tiny_model arguments, config edits).
+TP_MODELS = (("llama", "llama", {}, {}), ("qwen2-one-kv-head", "qwen2", {"num_kv_heads": 1}, {}),
+             ("mistral-window", *MODEL_VARIANTS["mistral-window"]))
 
 
 def reference_greedy_gpu(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -171,10 +177,41 @@ def check_stage_graphs(model: str, dtype: str, load_format: str, vocab: int) -> 
             "stage_graphs_vs_replica": sum(a == b for a, b in zip(replica, graphs))}
 
 
+def check_tensor_parallel(root: Path) -> dict:
+    """Greedy tokens at each TP size the GPUs allow against TP 1, with graphs, scheduled one
+    step at a time and ahead (the ranks then take rank 0's sampled tokens by a broadcast)."""
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return {"skipped": f"needs 2 GPUs, found {gpus}"}
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    rows = []
+    for name, arch, build_kwargs, edits in TP_MODELS:
+        model_dir = build_model_dir(root / f"tp-{name}", arch, build_kwargs, edits)
+        prompts = make_prompts(256, seed=3)
+        outs = {}
+        for tp in [t for t in (1, 2, 4) if t <= gpus]:
+            for async_scheduling in ("off", "on"):
+                llm = LLM(str(model_dir), num_kv_blocks=256, max_model_len=512, tensor_parallel_size=tp,
+                          async_scheduling=async_scheduling)
+                outs[tp, async_scheduling] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy,
+                                                                                           use_tqdm=False)]
+                llm.engine.shutdown()
+                del llm
+                torch.cuda.empty_cache()
+        reference = outs[1, "off"]
+        for (tp, async_scheduling), got in outs.items():
+            if tp > 1:
+                rows.append({"model": name, "tp": tp, "async": async_scheduling, "prompts": len(prompts),
+                             "identical": sum(a == b for a, b in zip(reference, got))})
+                print(rows[-1], flush=True)
+    return {"rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="results/check_gpu.json")
     parser.add_argument("--skip-graphs", action="store_true")
+    parser.add_argument("--skip-tp", action="store_true", help="skip check 3 (tensor parallelism, 2+ GPUs)")
     args = parser.parse_args()
     report: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,6 +220,8 @@ def main() -> None:
             tiny = build_model_dir(Path(tmp) / "stage-llama", "llama", {}, {})
             report["stage_graphs"] = [check_stage_graphs(str(tiny), "float32", "auto", 256),
                                       check_stage_graphs("llama-3-8b", "bfloat16", "dummy", 128256)]
+        if not args.skip_tp:
+            report["tensor_parallel"] = check_tensor_parallel(Path(tmp))
     if not args.skip_graphs:
         report["graphs_vs_eager"] = check_graphs("llama-3-8b")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +238,12 @@ def main() -> None:
         print(f"2-stage group on one GPU, {r['model'][-16:]} {r['dtype']}: stage graphs vs eager stages "
               f"{r['stage_graphs_vs_eager_stages']}/{r['prompts']} identical (vs a replica: "
               f"{r['stage_graphs_vs_replica']}/{r['prompts']})")
-    ok = all(r["identical"] == r["prompts"] for r in report["tiny_vs_transformers"])
+    tp_rows = report.get("tensor_parallel", {}).get("rows", [])
+    if "skipped" in report.get("tensor_parallel", {}):
+        print(f"tensor parallelism: skipped ({report['tensor_parallel']['skipped']})")
+    for r in tp_rows:
+        print(f"TP {r['tp']} vs TP 1 ({r['model']}, float32, async {r['async']}): {r['identical']}/{r['prompts']} identical")
+    ok = all(r["identical"] == r["prompts"] for r in report["tiny_vs_transformers"] + tp_rows)
     ok &= all(r["stage_graphs_vs_eager_stages"] == r["prompts"] for r in report.get("stage_graphs", []))
     ok &= "graphs_vs_eager" not in report or all(
         same == report["graphs_vs_eager"]["prompts"] for same in report["graphs_vs_eager"]["identical"].values())

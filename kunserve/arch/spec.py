@@ -79,6 +79,30 @@ class ModelSpec:
         """One decoder layer's parameters, as its family declares them (kunserve/arch/schema.py)."""
         return family(self.family).layer_tensors(self)
 
+    # ---- tensor parallelism: what one of `tp_size` ranks holds ----------------------------
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """ValueError naming the field when `tp_size` ranks cannot split this model's layers:
+        query heads and MLP channels must divide evenly; KV heads too, or be shared (t a
+        multiple of them)."""
+        if tp_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {tp_size}")
+        for tensor in self.layer_tensors():
+            for part in tensor.parts:
+                part.check(tp_size)
+
+    def heads_per_rank(self, tp_size: int) -> int:
+        return self.num_heads // tp_size
+
+    def kv_heads_per_rank(self, tp_size: int) -> int:
+        """KV heads each rank holds: its share, or one shared head with more ranks than heads."""
+        return max(1, self.num_kv_heads // tp_size)
+
+    def vocab_per_rank(self, tp_size: int) -> int:
+        """Rows of the embedding and LM head each rank holds: rank r has vocab ids
+        [r·n, (r+1)·n), the last rank's tail past the vocab zero padding."""
+        return -(-self.vocab_size // tp_size)
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelSpec:
         path = Path(model_dir) / "config.json"

@@ -33,13 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfig]:
-    """Replica i's engine config: on CUDA, devices [i·g, (i+1)·g) after `config.device`; several
-    replicas always run in worker processes (or Ray actors), whose CPU threads share the cores."""
+    """Replica i's engine config: on CUDA, devices [i·d, (i+1)·d) after `config.device` (d: its
+    pipeline stages x tensor-parallel ranks); several replicas always run in worker processes
+    (or Ray actors), whose CPU threads share the cores."""
     if num_replicas < 1:
         raise ValueError(f"replicas: must be >= 1, got {num_replicas}")
     if num_replicas == 1:
         return [config]
-    g = config.pipeline_parallel_size
+    g = config.devices_per_replica
     device = config.resolve_device()
     threads = config.worker_threads
     if device.type != "cuda" and threads is None:

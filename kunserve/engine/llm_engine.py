@@ -91,7 +91,8 @@ class LLMEngine:
 
     def _model_context(self, model: ResolvedModel, tokenizer: PreTrainedTokenizerBase | None) -> ModelContext:
         config = self.config
-        cost_model = resolve_cost_model(config.cost_profile, model.spec, model.name, self.executor.layout.elem_bytes)
+        cost_model = resolve_cost_model(config.cost_profile, model.spec, model.name, self.executor.layout.elem_bytes,
+                                        config.tensor_parallel_size)
         max_model_len = config.max_model_len or model.spec.max_position_embeddings
         return ModelContext(model, tokenizer, max_model_len, cost_model)
 

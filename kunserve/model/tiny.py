@@ -133,8 +133,11 @@ def _make_config(
     hidden_size: int,
     tie_word_embeddings: bool,
     dtype: str,
+    num_kv_heads: int,
 ) -> PreTrainedConfig:
     num_heads = 4
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads must divide the {num_heads} query heads, got {num_kv_heads}")
     # Even head_dim is required by rotary embeddings.
     if hidden_size <= 0 or hidden_size % (2 * num_heads):
         raise ValueError(f"hidden_size must be a positive multiple of {2 * num_heads}, got {hidden_size}")
@@ -148,7 +151,7 @@ def _make_config(
         "intermediate_size": -(-hidden_size * 8 // (3 * 16)) * 16,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
-        "num_key_value_heads": 2,  # GQA: 2 query heads share each kv head
+        "num_key_value_heads": num_kv_heads,  # GQA by default: 2 query heads share each kv head
         "head_dim": hidden_size // num_heads,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
@@ -200,6 +203,7 @@ def make_tiny_model(
     vocab_size: int = 512,
     tie_word_embeddings: bool | None = None,
     dtype: str = "float32",
+    num_kv_heads: int = 2,
 ) -> pathlib.Path:
     """Write config.json, model.safetensors, generation_config.json and tokenizer files to out_dir."""
     recipe = _recipe(arch)
@@ -209,7 +213,7 @@ def make_tiny_model(
         tie_word_embeddings = recipe.ties_word_embeddings
     out = pathlib.Path(out_dir)
     tokenizer = build_tokenizer(vocab_size)
-    config = _make_config(recipe, tokenizer, num_layers, hidden_size, tie_word_embeddings, dtype)
+    config = _make_config(recipe, tokenizer, num_layers, hidden_size, tie_word_embeddings, dtype, num_kv_heads)
     # from_config draws its (discarded) init from the global RNG; fork it so the
     # caller's random state is left untouched. Weights are drawn in float32 so
     # every dtype holds a rounding of the same model.
