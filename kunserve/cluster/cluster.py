@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.coordinator import Coordinator
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
-from kunserve.cluster.links import Links
+from kunserve.cluster.links import Links, replica_device
 from kunserve.cluster.policies.registry import policy_class
 from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
@@ -27,18 +27,20 @@ from kunserve.engine.llm_engine import Clock, LLMEngine, PromptInput
 from kunserve.executor.factory import build_executor, cluster_worlds
 from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import SamplingParams
+from kunserve.worker.protocol import DeviceCalls
 
 logger = logging.getLogger(__name__)
 
 
 def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfig]:
-    """Replica i's engine config: on CUDA, devices [i·g, (i+1)·g) after `config.device`; several
-    replicas always run in worker processes (or Ray actors), whose CPU threads share the cores."""
+    """Replica i's engine config: on CUDA, devices [i·d, (i+1)·d) after `config.device` (d: its
+    pipeline stages x tensor-parallel ranks); several replicas always run in worker processes
+    (or Ray actors), whose CPU threads share the cores."""
     if num_replicas < 1:
         raise ValueError(f"replicas: must be >= 1, got {num_replicas}")
     if num_replicas == 1:
         return [config]
-    g = config.pipeline_parallel_size
+    g = config.devices_per_replica
     device = config.resolve_device()
     threads = config.worker_threads
     if device.type != "cuda" and threads is None:
@@ -109,11 +111,16 @@ class Cluster:
 
     def open_links(self, members: list[int] | None = None) -> None:
         """Open the links between these replicas' devices (all when None), once per pair, so a
-        drop or migration copies device to device at once (kunserve/cluster/links.py). Only
-        when a transition needs them, or before serving: a worker holding a dead peer's mapped
-        arena hangs. The replicas' engine loops must be paused (or not started)."""
-        indices = range(len(self.engines)) if members is None else members
+        drop or migration copies device to device at once (kunserve/cluster/links.py), and
+        prepare every stage they may become (stage models, CUDA graphs captured), so a drop
+        finds them ready. Only when a transition needs them, or before serving: a worker
+        holding a dead peer's mapped arena hangs. The replicas' engine loops must be paused
+        (or not started)."""
+        indices = list(range(len(self.engines))) if members is None else members
         self.links.open({i: self.engines[i].executor for i in indices})
+        sizes = self.coordinator.runner.group_sizes(len(indices))
+        for i in indices:
+            replica_device(self.engines[i].executor, "open_links").call(0, DeviceCalls.prepare_stages, sizes)
 
     def run_together(self, transitions: list[Callable[[], object]]) -> None:
         """Run transitions of disjoint replicas side by side (each mostly waits on its own

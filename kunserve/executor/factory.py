@@ -30,10 +30,11 @@ def build_executor(config: EngineConfig, model: ResolvedModel, world: WorkerWorl
 
 def cluster_worlds(config: EngineConfig, num_replicas: int) -> list[WorkerWorld | None]:
     """Each replica's place in the one torch.distributed world of all of a cluster's devices
-    (replica i's stages are ranks [i·g, (i+1)·g)); [None] for a single replica."""
+    (replica i's devices, g stages of t ranks, are ranks [i·g·t, (i+1)·g·t)); [None] for a
+    single replica."""
     if num_replicas == 1:
         return [None]
-    g = config.pipeline_parallel_size
+    g = config.devices_per_replica
     size = num_replicas * g
     if config.resolve_executor_backend() == "ray":
         from kunserve.executor.ray_executor import ray_world  # ray: an optional extra

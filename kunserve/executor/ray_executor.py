@@ -87,8 +87,8 @@ class RayWorkerSet(WorkerSet):
 
     handles: list[RayWorkerHandle]  # type: ignore[assignment]
 
-    def __init__(self, handles: list[RayWorkerHandle]) -> None:
-        super().__init__(handles)  # type: ignore[arg-type]
+    def __init__(self, handles: list[RayWorkerHandle], tp_size: int = 1) -> None:
+        super().__init__(handles, tp_size)  # type: ignore[arg-type]
         self._stop_requested = False
 
     def send(self, index: int, message: bytes) -> None:
@@ -145,7 +145,7 @@ class RayExecutor(WorkerSetExecutor):
         stages alone."""
         super().__init__()
         connect(config.ray_address)
-        world = world or ray_world(config, config.pipeline_parallel_size)
+        world = world or ray_world(config, config.devices_per_replica)
         # The executor of global rank 0 keeps the world's store: it lives as long as the world.
         self._store = host_store(world) if world.first_rank == 0 and world.size > 1 else None
         stages = stage_assignments(config, model, world)
@@ -157,11 +157,11 @@ class RayExecutor(WorkerSetExecutor):
                 num_cpus=CPUS_PER_WORKER,
                 num_gpus=1 if on_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement,
-                                                                     placement_group_bundle_index=stage.rank),
+                                                                     placement_group_bundle_index=stage.device_index),
                 runtime_env={"env_vars": KEEP_VISIBLE_DEVICES} if on_gpu else None,
             ).remote(config, model, stage)
             handles.append(RayWorkerHandle(actor, stage.global_rank))
-        self.workers = RayWorkerSet(handles)
+        self.workers = RayWorkerSet(handles, config.tensor_parallel_size)
         for rank in range(len(handles)):
             self.workers.call_actor(rank, "ready")
         self._await_ready(config)

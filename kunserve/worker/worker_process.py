@@ -1,10 +1,10 @@
-"""A worker process: one device, one pipeline stage.
+"""A worker process: one device, one pipeline stage (or one tensor-parallel rank of it).
 
 Commands come from the driver over a pipe (the light control channel: pickled host
 arrays). Activations go from stage to stage through torch.distributed point-to-point
-(gloo on CPU, NCCL on GPU); only the last stage answers a step, with its sampled tokens
-(and its compute time, for the bubble metric).
-Every stage gets every step command, so each knows the batch's shape without asking.
+(gloo on CPU, NCCL on GPU); only the last stage answers a step (its tensor-parallel rank 0),
+with its sampled tokens (and its compute time, for the bubble metric).
+Every stage (every rank) gets every step command, so each knows the batch's shape without asking.
 `start_worker` and `CommandHandler` (what one command does) are shared with the Ray actor
 of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
 """
@@ -24,6 +24,7 @@ import torch.multiprocessing
 from kunserve.config import EngineConfig
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
+from kunserve.worker.parallel import tensor_parallel_group
 from kunserve.worker.protocol import Command, Reply, StageAssignment, WorkerWorld, check_device_call
 from kunserve.worker.worker import Worker, build_worker
 
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignment) -> Worker:
     """Set this process up for its stage (CPU threads, device, the cluster's torch.distributed
-    world) and build the stage's worker: the same in a worker process and in a Ray actor."""
+    world, its tensor-parallel group) and build the stage's worker: the same in a worker
+    process and in a Ray actor."""
     # Shared CPU tensors travel as shared-memory file names: plain bytes the driver can
     # pass on between workers (see PeerLinks.export).
     torch.multiprocessing.set_sharing_strategy("file_system")
@@ -43,7 +45,7 @@ def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignm
         torch.cuda.set_device(device)
     if stage.world.size > 1:
         join_world(stage.world, stage.global_rank, "nccl" if device.type == "cuda" else "gloo")
-    return build_worker(config, model, stage.layer_range, device, stage.pipe)
+    return build_worker(config, model, stage.layer_range, device, stage.pipe, tensor_parallel_group(stage, device))
 
 
 def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
@@ -58,7 +60,7 @@ def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
     """The process's entry point: build the stage, report its layout, then serve commands."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.rank}: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.global_rank}: %(message)s")
     try:
         worker = start_worker(config, model, stage)
         conn.send((Reply.READY, worker.layout))
