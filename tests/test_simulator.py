@@ -26,7 +26,7 @@ from kunserve.sim.cluster import SimulatedCluster
 from kunserve.sim.executor import SimulatorConfig, StagePipeline, VirtualClock
 from kunserve.step import build_step_input
 
-# The first 45 s of ../shared/traces/azure_llm_conv_2023.csv, kept with the tests (a clean checkout has no ../shared).
+# The first 45 s of data/traces/azure_llm_conv_2023.csv: a small excerpt the tests replay quickly.
 TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"
 MAX_MODEL_LEN = 256
 # A trace window that overloads two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of KV).

@@ -1,7 +1,7 @@
 """`kunserve bench --launch`: start the cluster in this process and replay the workload on it,
 once per overload policy (`--compare`), one cluster after another. For example:
 
-kunserve bench --launch --compare recompute kunserve --trace ../shared/traces/azure_llm_conv_2023.csv \
+kunserve bench --launch --compare recompute kunserve --trace data/traces/azure_llm_conv_2023.csv \
     --trace-duration-s 300 --rate-scale 4 --load-format dummy --model llama-3-8b --out-dir $OUT/overload
 
 Each run warms every replica up (one request each), measures the unloaded latency (a few

@@ -1,6 +1,6 @@
 """The benchmark as a command: build a workload, replay it against a server, report. For example:
 
-python -m kunserve.bench.run --trace ../shared/traces/azure_llm_conv_2023.csv --time-scale 0.5 --out $OUT/bench.json
+python -m kunserve.bench.run --trace data/traces/azure_llm_conv_2023.csv --time-scale 0.5 --out $OUT/bench.json
 python -m kunserve.bench.run --num-prompts 200 --request-rate 8 --arrival gamma --cv 4 --slo-ttft-ms 500
 """
 

@@ -2,7 +2,7 @@
 GPUs, once per overload policy, with the same JSON, table and plots as `bench --launch`.
 For example, an hour of the Azure conversation trace on 32 simulated H200s:
 
-kunserve simulate --model llama-3-8b --replicas 32 --trace ../shared/traces/azure_llm_conv_2023.csv \
+kunserve simulate --model llama-3-8b --replicas 32 --trace data/traces/azure_llm_conv_2023.csv \
     --compare recompute kunserve --memory-budget-bytes 42949672960 --out-dir $OUT/sim32
 
 Step times come from the model's cost profile (kunserve/engine/profiles/, or --cost-profile);
