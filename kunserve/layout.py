@@ -99,10 +99,16 @@ class ArenaLayout:
         cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, num_kv_blocks: int
     ) -> ArenaLayout:
         """The smallest arena holding the layers plus exactly `num_kv_blocks` KV blocks."""
+        arena_bytes = cls.bytes_for(spec, num_layers, block_size, elem_bytes, num_kv_blocks)
+        return cls.build(spec, num_layers, block_size, elem_bytes, arena_bytes)
+
+    @classmethod
+    def bytes_for(cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, num_kv_blocks: int) -> int:
+        """The bytes of an arena holding the layers plus `num_kv_blocks` KV blocks."""
         block_elems = cls.kv_block_elems(spec, num_layers, block_size)
         _, layer_elems = layer_param_slices(spec, elem_bytes)
         slots = num_layers * math.ceil(layer_elems / block_elems)
-        return cls.build(spec, num_layers, block_size, elem_bytes, (slots + num_kv_blocks) * block_elems * elem_bytes)
+        return (slots + num_kv_blocks) * block_elems * elem_bytes
 
     @staticmethod
     def kv_block_elems(spec: ModelSpec, num_layers: int, block_size: int) -> int:

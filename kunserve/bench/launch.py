@@ -26,7 +26,7 @@ from kunserve.bench.compare import comparison_table, transition_lines, ttft_p99_
 from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, replay, send_one
 from kunserve.bench.plots import plot_timeline, plot_ttft_cdf
 from kunserve.bench.report import MS_PER_S, format_table, latency_stats, summarize
-from kunserve.bench.run import build_workload, json_args
+from kunserve.bench.run import build_workload, json_args, log_failures
 from kunserve.bench.slo import (
     SLO_TPOT_FACTOR,
     SLO_TTFT_FACTOR,
@@ -40,14 +40,13 @@ from kunserve.bench.timeline import DEFAULT_TIMELINE_INTERVAL_S, Clock, Transiti
 from kunserve.bench.workload import RequestSpec, prompt_token_ids
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.coordinator import OVERLOAD_POLICIES, CoordinatorConfig
-from kunserve.cluster.dispatcher import DISPATCH_POLICIES
+from kunserve.cluster_args import add_cluster_arguments, coordinator_config
 from kunserve.config import EngineConfig
 from kunserve.engine_args import add_engine_arguments, engine_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REPLICAS = 2  # the fewest that can fuse into a pipeline group
-DEFAULTS = CoordinatorConfig()
 # After the last request: how long a pipeline group may take to restore (the timeline shows it).
 SETTLE_TIMEOUT_S = 30.0
 SETTLE_POLL_S = 0.05
@@ -80,35 +79,26 @@ class LaunchSettings:
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    """--launch, --demo, and the cluster's flags."""
+    """--launch, --demo, the comparison's flags, and the cluster's and engines' (as `kunserve
+    serve` has them)."""
     parser.add_argument("--launch", action="store_true", help="start the cluster in this process instead of a URL")
     parser.add_argument("--demo", action="store_true",
-                        help="two tiny KV-starved CPU replicas through a burst, recompute vs kunserve")
-    add_cluster_arguments(parser)
-
-
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """--compare, the cluster's and coordinator's flags, --out-dir, and one flag per engine
-    setting (as `kunserve serve` has them): shared by `bench --launch` and `simulate`."""
-    parser.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS, help="data-parallel replicas (--launch)")
-    parser.add_argument("--overload-policy", choices=OVERLOAD_POLICIES, default=DEFAULTS.overload_policy,
-                        help="the policy of a --launch run without --compare")
-    parser.add_argument("--compare", nargs="+", choices=OVERLOAD_POLICIES, default=None, metavar="POLICY",
-                        help=f"--launch once per policy, same workload; one of {', '.join(OVERLOAD_POLICIES)}")
-    parser.add_argument("--dispatch-policy", choices=DISPATCH_POLICIES, default="least_loaded")
-    parser.add_argument("--max-group-size", type=int, default=DEFAULTS.max_group_size,
-                        help="most replicas a drop fuses into one group (default: as many as needed)")
-    parser.add_argument("--drop-after-s", type=float, default=DEFAULTS.drop_after_s,
-                        help="overload lasting this long triggers a drop (default %(default)s)")
-    parser.add_argument("--restore-after-s", type=float, default=DEFAULTS.restore_after_s,
-                        help="demand fitting the replicas this long triggers a restore (default %(default)s)")
-    parser.add_argument("--check-interval-s", type=float, default=DEFAULTS.check_interval_s,
-                        help="how often the coordinator looks at the replicas (default %(default)s)")
-    parser.add_argument("--timeline-interval-s", type=float, default=DEFAULT_TIMELINE_INTERVAL_S,
-                        help="how often the timeline samples the cluster (default %(default)s)")
-    parser.add_argument("--out-dir", default=None,
-                        help=f"write {RESULTS_FILE}, {TABLE_FILE}, {TTFT_CDF_FILE} and timeline_<policy>.png here")
+                        help="two tiny KV-starved CPU replicas through bursts, recompute vs kunserve (about a minute)")
+    add_comparison_arguments(parser)
+    add_cluster_arguments(parser, DEFAULT_REPLICAS)
     add_engine_arguments(parser, skip=SKIPPED_ENGINE_FLAGS)
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """--compare, the timeline's interval and --out-dir: shared by `bench --launch` and `simulate`."""
+    parser.add_argument("--compare", nargs="+", choices=OVERLOAD_POLICIES, default=None, metavar="POLICY",
+                        help=f"run once per policy, same workload, and compare; some of {', '.join(OVERLOAD_POLICIES)} "
+                             "(default: --overload-policy alone)")
+    parser.add_argument("--timeline-interval-s", type=float, default=DEFAULT_TIMELINE_INTERVAL_S,
+                        help="how often the timeline samples the cluster")
+    parser.add_argument("--out-dir", default=None,
+                        help=f"write {RESULTS_FILE}, {TABLE_FILE}, {TTFT_CDF_FILE} and timeline_<policy>.png here "
+                             "(default: none)")
 
 
 def policies_of(args: argparse.Namespace) -> list[str]:
@@ -122,21 +112,11 @@ def policies_of(args: argparse.Namespace) -> list[str]:
     return policies
 
 
-def coordinator_settings(args: argparse.Namespace) -> CoordinatorConfig:
-    """The coordinator's flags (its overload_policy is set per run)."""
-    return CoordinatorConfig(
-        max_group_size=args.max_group_size,
-        check_interval_s=args.check_interval_s,
-        drop_after_s=args.drop_after_s,
-        restore_after_s=args.restore_after_s,
-    )
-
-
 def launch_settings(args: argparse.Namespace) -> LaunchSettings:
     return LaunchSettings(
         num_replicas=args.replicas,
         dispatch_policy=args.dispatch_policy,
-        coordinator=coordinator_settings(args),
+        coordinator=coordinator_config(args),
         timeline_interval_s=args.timeline_interval_s,
         slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms,
@@ -237,7 +217,7 @@ async def _measure(
     summary["queue_ms"] = latency_stats([r.queue_s for r in results if r.error is None and r.queue_s is not None])
     summary["preemptions"] = sum(r.num_preemptions for r in results)
     summary["itl_note"] = ITL_NOT_MEASURED
-    _log_failures(results)
+    log_failures([r.error for r in results], None, specs)
     return {
         "summary": summary,
         "unloaded": asdict(reference),
@@ -304,9 +284,3 @@ def write_outputs(record: dict, out_dir: Path) -> None:
 def _write_json(record: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
-
-
-def _log_failures(results: list[InProcessResult]) -> None:
-    failures = [r for r in results if r.error is not None]
-    if failures:
-        logger.warning("%d of %d requests failed; first: %s", len(failures), len(results), failures[0].error)

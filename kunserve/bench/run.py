@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from kunserve.bench.client import run_requests
+from kunserve.bench.failures import explain_failures
 from kunserve.bench.report import MS_PER_S, format_table, scrape_histograms, server_delta, summarize
 from kunserve.bench.workload import RequestSpec, load_trace, prompt_token_ids, synthetic_workload
 
@@ -29,6 +30,8 @@ DEFAULT_OUTPUT_LEN = 64
 # Ids below 256 are byte tokens in every byte-level BPE vocabulary, so any such model accepts them.
 DEFAULT_MAX_PROMPT_TOKEN_ID = 256
 DEFAULT_TIMEOUT_S = 600.0
+HEALTH_PATH = "/health"
+REACH_TIMEOUT_S = 10.0  # how long the check that a server is there waits for an answer
 POISSON_CV = 1.0
 
 
@@ -149,9 +152,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         )
     )
     after = _try_scrape(args.base_url, args.api_key)
-    failures = [r for r in results if r.error is not None]
-    if failures:
-        logger.warning("%d of %d requests failed; first: %s", len(failures), len(results), failures[0].error)
+    log_failures([r.error for r in results], args.base_url, specs)
     summary = summarize(
         results,
         duration,
@@ -167,6 +168,27 @@ def run_bench(args: argparse.Namespace) -> dict:
         out.write_text(json.dumps(record, indent=1))
         logger.info("wrote %s", out)
     return summary
+
+
+def require_server(base_url: str) -> None:
+    """Exit with what to do when nothing answers at `base_url` (any HTTP answer will do: the
+    bench may target any OpenAI-compatible server)."""
+    try:
+        httpx.get(base_url.rstrip("/") + HEALTH_PATH, timeout=REACH_TIMEOUT_S)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+        raise SystemExit(
+            f"kunserve bench: no server answers at {base_url} ({type(error).__name__}: {error}). Start one "
+            f"(`kunserve serve`) or point --base-url at one; `kunserve bench --launch` (or --demo) starts a "
+            "cluster in this process instead."
+        ) from None
+
+
+def log_failures(errors: list[str | None], base_url: str | None, specs: list[RequestSpec]) -> None:
+    """Warn how many requests failed, why, and what to do about it (see failures.py)."""
+    longest = max((s.prompt_len + s.output_len for s in specs), default=0)
+    lines = explain_failures(errors, base_url, longest)
+    if lines:
+        logger.warning("\n".join(lines))
 
 
 def _try_scrape(base_url: str, api_key: str | None) -> dict[str, dict] | None:

@@ -3,7 +3,7 @@ GPUs, once per overload policy, with the same JSON, table and plots as `bench --
 For example, an hour of the Azure conversation trace on 32 simulated H200s:
 
 kunserve simulate --model llama-3-8b --replicas 32 --trace data/traces/azure_llm_conv_2023.csv \
-    --compare recompute kunserve --memory-budget-bytes 42949672960 --out-dir $OUT/sim32
+    --compare recompute kunserve --memory-budget 40 --out-dir $OUT/sim32
 
 Step times come from the model's cost profile (kunserve/engine/profiles/, or --cost-profile);
 the driver's host time and the transitions' fixed costs from the simulator flags.
@@ -21,14 +21,21 @@ from pathlib import Path
 
 from kunserve.bench.compare import comparison_table, transition_lines, ttft_p99_ratio
 from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, request_params, result_from_output
-from kunserve.bench.launch import add_cluster_arguments, coordinator_settings, policies_of, write_outputs
+from kunserve.bench.launch import (
+    DEFAULT_REPLICAS,
+    SKIPPED_ENGINE_FLAGS,
+    add_comparison_arguments,
+    policies_of,
+    write_outputs,
+)
 from kunserve.bench.report import MS_PER_S, latency_stats, summarize
 from kunserve.bench.run import add_workload_arguments, build_workload, json_args
 from kunserve.bench.slo import UNLOADED_REQUESTS, derive_slo, reference_shape, unloaded_reference
 from kunserve.bench.timeline import Clock, TransitionRecorder, snapshot
 from kunserve.bench.workload import RequestSpec
+from kunserve.cluster_args import add_cluster_arguments, coordinator_config
 from kunserve.config import EngineConfig, GiB
-from kunserve.engine_args import engine_config
+from kunserve.engine_args import add_engine_arguments, engine_config
 from kunserve.sim.cluster import SimulatedCluster
 from kunserve.sim.executor import SimulatorConfig
 
@@ -46,9 +53,12 @@ TIMELINE_POINTS = 400  # about this many timeline samples per run, whatever its 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a preset or model directory (default %(default)s)")
     parser.add_argument("--device-memory-gib", type=float, default=H200_MEMORY_GIB,
-                        help="each simulated GPU's memory, with --gpu-memory-utilization when no budget is given")
+                        help="each simulated GPU's memory, with --gpu-memory-utilization when no --memory-budget "
+                             "is given (default: an H200's, %(default)s)")
     add_workload_arguments(parser)
-    add_cluster_arguments(parser)
+    add_comparison_arguments(parser)
+    add_cluster_arguments(parser, DEFAULT_REPLICAS)
+    add_engine_arguments(parser, skip=SKIPPED_ENGINE_FLAGS)
     hints = typing.get_type_hints(SimulatorConfig)
     for f in dataclasses.fields(SimulatorConfig):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
@@ -85,7 +95,7 @@ def simulated_engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str, specs: list[RequestSpec]) -> dict:
-    coordinator = dataclasses.replace(coordinator_settings(args), overload_policy=policy)
+    coordinator = coordinator_config(args, policy)
     budget = int((args.device_memory_gib * config.gpu_memory_utilization - DEVICE_RESERVED_GIB) * GiB)
 
     def cluster() -> SimulatedCluster:

@@ -67,7 +67,10 @@ class Worker:
         self.start, self.end = layer_range
         num_layers = self.end - self.start
         elem_bytes = torch.finfo(dtype).bits // 8
-        layout = arena_layout(spec, config, layer_range, elem_bytes, device_budget_bytes(config, device))
+        try:
+            layout = arena_layout(spec, config, layer_range, elem_bytes, device_budget_bytes(config, device))
+        except ValueError as error:
+            raise ValueError(f"{error}. {budget_origin(config, device)}") from None
         self.arena = MemoryArena(layout, dtype, device)
         for k, layer_weights in enumerate(self.arena.layers):
             weights.load_layer(self.start + k, layer_weights)
@@ -152,13 +155,44 @@ class Worker:
 
 def device_budget_bytes(config: EngineConfig, device: torch.device) -> int | None:
     """The bytes this engine may take on `device`: the configured budget, or (on a GPU)
-    `gpu_memory_utilization` of it less what is already in use; None on CPU without a budget."""
+    `gpu_memory_utilization` of it less what is already in use; None on CPU without a budget.
+    Blocks this process's allocator holds cached but unused count as free: the arena reuses them."""
     if config.memory_budget_bytes is not None:
         return config.memory_budget_bytes
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
-    return int(total * config.gpu_memory_utilization) - (total - free)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(total * config.gpu_memory_utilization) - (total - free - cached)
+
+
+def budget_origin(config: EngineConfig, device: torch.device) -> str:
+    """Where `device_budget_bytes` came from, what uses the device, and what to do: the second
+    half of a too-small budget's error."""
+    if config.memory_budget_bytes is not None:
+        return f"The budget is memory_budget_bytes={config.memory_budget_bytes} ({_size(config.memory_budget_bytes)})."
+    if device.type != "cuda":
+        return f"On CPU without a budget the arena holds the layers and cpu_kv_cache_bytes={config.cpu_kv_cache_bytes}."
+    free, total = torch.cuda.mem_get_info(device)
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    in_use = total - free
+    text = (
+        f"The budget is gpu_memory_utilization={config.gpu_memory_utilization} of {device}'s {_size(total)}, less "
+        f"the {_size(in_use - (reserved - allocated))} in use there: {_size(allocated)} held by live tensors of "
+        f"this process, {_size(in_use - reserved)} by other processes and CUDA contexts."
+    )
+    if allocated:
+        return text + (" Another engine of this process may still hold its memory: shut it down first "
+                       "(`llm.shutdown()`, `del llm`, or `with LLM(...) as llm:`).")
+    return text + " Free the device (nvidia-smi lists what uses it) or raise gpu_memory_utilization."
+
+
+def _size(num_bytes: float) -> str:
+    """Bytes in the unit a reader takes in at once (negative budgets included)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes:.0f} bytes"
 
 
 def arena_layout(
@@ -182,4 +216,13 @@ def arena_layout(
         activations = ACTIVATION_SAFETY_FACTOR * config.max_num_batched_tokens * widest * elem_bytes
         logits = SAMPLER_LOGIT_COPIES * config.max_num_seqs * spec.vocab_size * 4
         arena_bytes = budget_bytes - stage_bytes - activations - logits
+        least = ArenaLayout.bytes_for(spec, num_layers, config.block_size, elem_bytes, 1)
+        if arena_bytes < least:
+            raise ValueError(
+                f"memory budget: {_size(budget_bytes)} leaves {_size(arena_bytes)} for the arena of {num_layers} "
+                f"layers, which needs {_size(least)} for them and one KV block; the rest goes to the embeddings and "
+                f"LM head ({_size(stage_bytes)}), "
+                f"activations of max_num_batched_tokens={config.max_num_batched_tokens} ({_size(activations)}) and "
+                f"the sampler's logits for max_num_seqs={config.max_num_seqs} ({_size(logits)})"
+            )
     return ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from kunserve.config import EngineConfig
+from kunserve.logs import configure_worker
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
 from kunserve.worker import drop
@@ -78,6 +79,13 @@ class StageAssignment:
     @property
     def global_rank(self) -> int:
         return self.world.first_rank + self.rank
+
+    @property
+    def log_name(self) -> str:
+        """How this worker's log lines are prefixed. A cluster's world gives replica i the
+        ranks [i * stages, (i + 1) * stages), so the replica follows from the first rank."""
+        replica = self.world.first_rank // self.num_stages
+        return f"worker[replica {replica} stage {self.rank} rank {self.global_rank}]"
 
 
 class BusyClock:
@@ -141,10 +149,13 @@ def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
     """The process's entry point: build the stage, report its layout, then serve commands."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.rank}: %(message)s")
+    configure_worker(stage.log_name)
+    begin = time.perf_counter()
+    logger.info("starting on %s: layers [%d, %d) of %s", stage.device, *stage.layer_range, model.name)
     try:
         worker = start_worker(config, model, stage)
         conn.send(("ready", worker.layout))
+        logger.info("ready in %.1f s", time.perf_counter() - begin)
         _serve(CommandHandler(worker, stage), conn)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
