@@ -128,13 +128,13 @@ def launch_settings(args: argparse.Namespace) -> LaunchSettings:
     )
 
 
-def run_launch(args: argparse.Namespace) -> dict:
-    """Run the workload `args` describe once per policy; print the table, write --out-dir (and
-    --out), return the record written to results.json."""
+def run_launch(args: argparse.Namespace, specs: list[RequestSpec] | None = None) -> dict:
+    """Run the workload `args` describe (or `specs`) once per policy; print the table, write
+    --out-dir (and --out), return the record written to results.json."""
     policies = policies_of(args)
     settings = launch_settings(args)
     config = engine_config(args, model=args.model)
-    specs = build_workload(args)
+    specs = build_workload(args) if specs is None else specs
     prompts = prompt_token_ids(specs, settings.max_prompt_token_id, settings.seed)
     logger.info("%d requests over %.1f s on %d replica(s), policies %s", len(specs), specs[-1].arrival_s,
                 settings.num_replicas, policies)

@@ -159,6 +159,7 @@ class MultiprocExecutor(WorkerSetExecutor):
                                       name=f"kunserve-worker{stage.global_rank}", daemon=True)
             process.start()
             child.close()
+            logger.info("%s: process %d started; it loads its layers next", stage.log_name, process.pid)
             handles.append(WorkerHandle(process, parent, stage.global_rank))
         self.workers = WorkerSet(handles)
         self._await_ready(config)
