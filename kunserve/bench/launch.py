@@ -36,7 +36,13 @@ from kunserve.bench.slo import (
     reference_shape,
     unloaded_reference,
 )
-from kunserve.bench.timeline import DEFAULT_TIMELINE_INTERVAL_S, Clock, TransitionRecorder, sample_until
+from kunserve.bench.timeline import (
+    DEFAULT_TIMELINE_INTERVAL_S,
+    Clock,
+    TransitionRecorder,
+    peak_waiting,
+    sample_until,
+)
 from kunserve.bench.workload import RequestSpec, prompt_token_ids
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.coordinator import OVERLOAD_POLICIES, CoordinatorConfig
@@ -216,6 +222,7 @@ async def _measure(
     summary = summarize(results, duration, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
     summary["queue_ms"] = latency_stats([r.queue_s for r in results if r.error is None and r.queue_s is not None])
     summary["preemptions"] = sum(r.num_preemptions for r in results)
+    summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
     log_failures([r.error for r in results], None, specs)
     return {

@@ -52,6 +52,19 @@ def snapshot(coordinator: Coordinator, t_s: float) -> dict | None:
     }
 
 
+def peak_waiting(samples: list[dict]) -> int:
+    """The most requests waiting at once over the samples, a group's counted once (its
+    members all show the group's queue)."""
+    peak = 0
+    for taken in samples:
+        grouped = {member for members in taken["groups"] for member in members}
+        waiting = sum(r["num_waiting"] for r in taken["replicas"] if r["replica"] not in grouped)
+        by_replica = {r["replica"]: r["num_waiting"] for r in taken["replicas"]}
+        waiting += sum(by_replica[members[0]] for members in taken["groups"] if members[0] in by_replica)
+        peak = max(peak, waiting)
+    return peak
+
+
 async def sample_until(
     coordinator: Coordinator, start: Clock, interval_s: float, stop: asyncio.Event, samples: list[dict]
 ) -> None:

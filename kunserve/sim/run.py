@@ -31,7 +31,7 @@ from kunserve.bench.launch import (
 from kunserve.bench.report import MS_PER_S, latency_stats, summarize
 from kunserve.bench.run import add_workload_arguments, build_workload, json_args
 from kunserve.bench.slo import UNLOADED_REQUESTS, derive_slo, reference_shape, unloaded_reference
-from kunserve.bench.timeline import Clock, TransitionRecorder, snapshot
+from kunserve.bench.timeline import Clock, TransitionRecorder, peak_waiting, snapshot
 from kunserve.bench.workload import RequestSpec
 from kunserve.cluster_args import add_cluster_arguments, coordinator_config
 from kunserve.config import EngineConfig, GiB
@@ -117,6 +117,7 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     summary = summarize(results, duration, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
     summary["queue_ms"] = latency_stats([r.queue_s for r in done if r.queue_s is not None])
     summary["preemptions"] = sum(r.num_preemptions for r in results)
+    summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
     summary["simulated_s"] = simulated.clock()
     return {
