@@ -8,7 +8,7 @@ KV blocks. Layer `k`'s parameters occupy a *slot* of `slot_blocks` grid blocks s
 block `k * slot_blocks`; the KV region follows the last slot. A KV block is block-major: it
 holds, for `block_size` tokens, the K and V of every layer the device owns, so one block
 table per sequence addresses all layers, and releasing a layer turns the whole grid blocks
-inside its slot into KV blocks without moving anything (see DESIGN.md §3).
+inside its slot into KV blocks without moving anything.
 """
 
 from __future__ import annotations

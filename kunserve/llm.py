@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -24,8 +23,9 @@ Prompts = str | list[int] | dict[str, Any] | Seq[str | list[int] | dict[str, Any
 
 class LLM:
     """An engine for offline generation. Its devices' memory and worker processes are freed
-    by `shutdown()`, at the end of a `with LLM(...) as llm:` block, or when it is deleted, so
-    that another LLM of the same process finds the memory free (as vLLM's users expect)."""
+    by `shutdown()`, at the end of a `with LLM(...) as llm:` block, or once the LLM is deleted
+    and nothing else holds its engine (`del llm`): another LLM of the same process then finds
+    the memory free, as vLLM's users expect."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self._engine: LLMEngine | None = LLMEngine(EngineConfig(model=model, **engine_args))
@@ -49,11 +49,6 @@ class LLM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
-
-    def __del__(self) -> None:
-        # At interpreter exit the modules shutdown needs may be gone; the process exit frees all.
-        if getattr(self, "_engine", None) is not None and not sys.is_finalizing():
-            self.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.engine.tokenizer

@@ -1,4 +1,4 @@
-"""Greedy outputs equal transformers' `generate` token for token (DESIGN.md invariant 1),
+"""Greedy outputs equal transformers' `generate` token for token,
 also when prefill is chunked and when KV memory is so small that requests are preempted."""
 
 from __future__ import annotations

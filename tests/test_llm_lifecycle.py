@@ -1,9 +1,10 @@
 """`LLM` lets go of its devices as vLLM's does: on `shutdown()`, at the end of a `with` block
-and on `del`, so a second LLM of the same process finds the memory free; and a budget too
-small for the model says what takes the memory."""
+and once deleted (its worker processes too), so a second LLM of the same process finds the
+memory free; and a budget too small for the model says what takes the memory."""
 
 from __future__ import annotations
 
+import gc
 import weakref
 from pathlib import Path
 
@@ -22,11 +23,27 @@ def arena_of(llm: LLM) -> weakref.ref[torch.Tensor]:
     return weakref.ref(llm.engine.executor.worker.arena.buffer)
 
 
-def test_deleting_an_llm_frees_its_arena(llama_dir: Path) -> None:
+def test_nothing_keeps_a_deleted_llms_arena(llama_dir: Path) -> None:
     llm = LLM(str(llama_dir), **ENGINE_ARGS)
     arena = arena_of(llm)
     del llm
+    gc.collect()  # what sizing the next engine's arena does first, on a GPU
     assert arena() is None
+
+
+def test_a_deleted_llms_worker_processes_exit(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), **ENGINE_ARGS, pipeline_parallel_size=2, worker_threads=1)
+    processes = [handle.process for handle in llm.engine.executor.workers.handles]
+    del llm
+    gc.collect()
+    assert not any(process.is_alive() for process in processes)
+
+
+def test_an_engine_taken_from_an_llm_keeps_working(llama_dir: Path) -> None:
+    engine = LLM(str(llama_dir), **ENGINE_ARGS).engine
+    engine.add_request("r", [1, 2, 3], GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 def test_shutdown_frees_the_arena(llama_dir: Path) -> None:

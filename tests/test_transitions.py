@@ -3,7 +3,7 @@ tiny Llama fuse into a 2-stage pipeline (releasing half their layers, exchanging
 running requests), run, split back (gathering each request's KV on a home replica and
 refilling the dropped weights from the peer), several times while requests run and queue.
 
-Specified (DESIGN.md §4, invariants 2-4): every request ends with exactly the tokens of an
+Specified: every request ends with exactly the tokens of an
 uninterrupted single-device run; none is lost; afterwards every block is free and every
 device holds the original weights."""
 

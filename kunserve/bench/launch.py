@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ REPLAY_ID_PREFIX = "req-"
 # Engine flags the bench already has: --model (the model to serve) and --seed (the workload's).
 SKIPPED_ENGINE_FLAGS = ("model", "seed")
 RESULTS_FILE = "results.json"
+JSON_DECIMALS = 6  # seconds to the microsecond, milliseconds to the nanosecond
 TABLE_FILE = "table.md"
 TTFT_CDF_FILE = "ttft_cdf.png"
 TIMELINE_FILE = "timeline_{policy}.png"
@@ -289,5 +291,18 @@ def write_outputs(record: dict, out_dir: Path) -> None:
 
 
 def _write_json(record: dict, path: Path) -> None:
+    """Compact JSON, numbers rounded: a run's per-request results make most of the file (tens of
+    thousands of requests in a simulated hour)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    path.write_text(json.dumps(rounded(record), separators=(",", ":")))
+
+
+def rounded(value: object) -> object:
+    """`value` with every finite float rounded to JSON_DECIMALS places, at any depth."""
+    if isinstance(value, float):
+        return round(value, JSON_DECIMALS) if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item) for item in value]
+    return value

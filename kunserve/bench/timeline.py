@@ -52,17 +52,18 @@ def snapshot(coordinator: Coordinator, t_s: float) -> dict | None:
     }
 
 
+def waiting_in(taken: dict) -> int:
+    """Requests waiting in the cluster at a sample, a group's counted once (its members all
+    show the group's queue)."""
+    grouped = {member for members in taken["groups"] for member in members}
+    first_members = {members[0] for members in taken["groups"]}
+    return sum(r["num_waiting"] for r in taken["replicas"]
+               if r["replica"] not in grouped or r["replica"] in first_members)
+
+
 def peak_waiting(samples: list[dict]) -> int:
-    """The most requests waiting at once over the samples, a group's counted once (its
-    members all show the group's queue)."""
-    peak = 0
-    for taken in samples:
-        grouped = {member for members in taken["groups"] for member in members}
-        waiting = sum(r["num_waiting"] for r in taken["replicas"] if r["replica"] not in grouped)
-        by_replica = {r["replica"]: r["num_waiting"] for r in taken["replicas"]}
-        waiting += sum(by_replica[members[0]] for members in taken["groups"] if members[0] in by_replica)
-        peak = max(peak, waiting)
-    return peak
+    """The most requests waiting at once over the samples."""
+    return max((waiting_in(taken) for taken in samples), default=0)
 
 
 async def sample_until(

@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import socket
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -162,6 +163,9 @@ class MultiprocExecutor(WorkerSetExecutor):
             logger.info("%s: process %d started; it loads its layers next", stage.log_name, process.pid)
             handles.append(WorkerHandle(process, parent, stage.global_rank))
         self.workers = WorkerSet(handles)
+        # Stop the processes (and free their devices) once nothing holds this executor any
+        # more, e.g. a deleted LLM's; an explicit shutdown() before makes this a no-op.
+        weakref.finalize(self, self.workers.shutdown)
         self._await_ready(config)
         logger.info("%d worker process(es) ready, pids %s", len(handles), self.worker_pids)
 

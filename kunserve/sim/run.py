@@ -19,6 +19,8 @@ import typing
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm import tqdm
+
 from kunserve.bench.compare import comparison_table, transition_lines, ttft_p99_ratio
 from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, request_params, result_from_output
 from kunserve.bench.launch import (
@@ -111,7 +113,12 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     simulated.open_all_links()
     recorder = TransitionRecorder(simulated.coordinator, Clock(0.0, 0.0))
     span = specs[-1].arrival_s if specs else 0.0
-    results, samples = replay(simulated, specs, max(span, 1.0) / TIMELINE_POINTS)
+    logger.info("policy %s: %d requests over %.0f s on %d simulated GPU(s)", policy, len(specs), span,
+                args.replicas * config.pipeline_parallel_size)
+    wall_start = time.perf_counter()
+    with tqdm(total=round(span), unit="s", desc=f"{policy} (simulated time)", disable=args.no_progress) as bar:
+        results, samples = replay(simulated, specs, max(span, 1.0) / TIMELINE_POINTS, bar)
+    logger.info("policy %s: done in %.1f s", policy, time.perf_counter() - wall_start)
     done = [r for r in results if r.error is None]
     duration = max((r.sent_at + r.e2e_s for r in done), default=0.0) - min((s.arrival_s for s in specs), default=0.0)
     summary = summarize(results, duration, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
@@ -134,9 +141,11 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
 
 
 def replay(
-    cluster: SimulatedCluster, specs: list[RequestSpec], sample_every_s: float | None = None
+    cluster: SimulatedCluster, specs: list[RequestSpec], sample_every_s: float | None = None,
+    progress: tqdm | None = None,
 ) -> tuple[list[InProcessResult], list[dict]]:
-    """Each request's result (refused or lost ones with their error) and the timeline."""
+    """Each request's result (refused or lost ones with their error) and the timeline;
+    `progress` advances to each sample's simulated second."""
     prompts = [[0] * spec.prompt_len for spec in specs]  # a simulation reads no token values
     params = [request_params(spec.output_len) for spec in specs]
     samples: list[dict] = []
@@ -144,6 +153,8 @@ def replay(
     def take_sample(t_s: float) -> None:
         if (sample := snapshot(cluster.coordinator, t_s)) is not None:
             samples.append(sample)
+        if progress is not None and (ahead := min(round(t_s), progress.total) - progress.n) > 0:
+            progress.update(ahead)
 
     outputs = cluster.run([s.arrival_s for s in specs], prompts, params, sample_every_s, take_sample)
     results = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -156,14 +157,16 @@ class Worker:
 def device_budget_bytes(config: EngineConfig, device: torch.device) -> int | None:
     """The bytes this engine may take on `device`: the configured budget, or (on a GPU)
     `gpu_memory_utilization` of it less what is already in use; None on CPU without a budget.
-    Blocks this process's allocator holds cached but unused count as free: the arena reuses them."""
+    Engines of this process that nothing holds any more (a deleted LLM, perhaps in reference
+    cycles) are collected first and torch's cache emptied, so their memory counts as free."""
     if config.memory_budget_bytes is not None:
         return config.memory_budget_bytes
     if device.type != "cuda":
         return None
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(total * config.gpu_memory_utilization) - (total - free - cached)
+    return int(total * config.gpu_memory_utilization) - (total - free)
 
 
 def budget_origin(config: EngineConfig, device: torch.device) -> str:
@@ -178,12 +181,13 @@ def budget_origin(config: EngineConfig, device: torch.device) -> str:
     in_use = total - free
     text = (
         f"The budget is gpu_memory_utilization={config.gpu_memory_utilization} of {device}'s {_size(total)}, less "
-        f"the {_size(in_use - (reserved - allocated))} in use there: {_size(allocated)} held by live tensors of "
-        f"this process, {_size(in_use - reserved)} by other processes and CUDA contexts."
+        f"the {_size(in_use)} in use there: {_size(allocated)} by live tensors of this process, "
+        f"{_size(reserved - allocated)} cached by its allocator, {_size(in_use - reserved)} by other processes "
+        "and CUDA contexts."
     )
     if allocated:
-        return text + (" Another engine of this process may still hold its memory: shut it down first "
-                       "(`llm.shutdown()`, `del llm`, or `with LLM(...) as llm:`).")
+        return text + (" Another engine of this process still holds its memory: shut it down first "
+                       "(`llm.shutdown()`, or `with LLM(...) as llm:`), or let go of every reference to it.")
     return text + " Free the device (nvidia-smi lists what uses it) or raise gpu_memory_utilization."
 
 
