@@ -15,6 +15,8 @@ import pytest
 from kunserve.bench.demo import DemoConfig
 from kunserve.cli import main
 
+pytestmark = pytest.mark.slow  # the whole demo, about a minute
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:

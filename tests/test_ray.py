@@ -37,6 +37,8 @@ from kunserve.executor.workers import WorkerDiedError
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
 
+pytestmark = pytest.mark.slow  # Ray clusters
+
 NODES = 2
 CPUS_PER_NODE = 1  # a worker reserves one: a node holds one replica
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)

@@ -26,6 +26,8 @@ from kunserve.sampling_params import RequestOutputKind
 from kunserve.worker.drop import become_replica, become_stage
 from kunserve.worker.worker import build_worker
 
+pytestmark = pytest.mark.slow  # drop and restore cycles on clusters of worker processes
+
 MAX_MODEL_LEN = 256
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
 # Seeded sampling: each request's random stream must survive moving between devices.
