@@ -5,10 +5,14 @@ worker, silent, while a cluster started)."""
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
 
 def main(argv: list[str] | None = None) -> None:
-    from kunserve.cli import main as run_command
-
+    try:
+        from kunserve.cli import main as run_command
+    except KeyboardInterrupt:  # a Ctrl-C while the command's modules load: nothing to stop yet
+        raise SystemExit(EXIT_INTERRUPTED) from None
     run_command(argv)
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import kunserve
+from kunserve.__main__ import EXIT_INTERRUPTED
 from kunserve.bench.demo import run_demo
 from kunserve.bench.failures import EXIT_REQUESTS_FAILED
 from kunserve.bench.launch import add_launch_arguments, run_launch
@@ -22,7 +23,6 @@ from kunserve.sim.run import add_simulate_arguments, run_simulate
 logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2  # argparse's code for bad arguments
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:

@@ -5,6 +5,8 @@ memory free; and a budget too small for the model says what takes the memory."""
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import weakref
 from pathlib import Path
 
@@ -37,6 +39,14 @@ def test_a_deleted_llms_worker_processes_exit(llama_dir: Path) -> None:
     del llm
     gc.collect()
     assert not any(process.is_alive() for process in processes)
+
+
+def test_a_ctrl_c_reaching_a_worker_process_leaves_it_serving(llama_dir: Path) -> None:
+    # A terminal's Ctrl-C reaches every process of its group; the driver decides what stops.
+    with LLM(str(llama_dir), **ENGINE_ARGS, pipeline_parallel_size=2, worker_threads=1) as llm:
+        for handle in llm.engine.executor.workers.handles:
+            os.kill(handle.process.pid, signal.SIGINT)
+        assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 2
 
 
 def test_an_engine_taken_from_an_llm_keeps_working(llama_dir: Path) -> None:

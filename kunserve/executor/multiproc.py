@@ -24,7 +24,8 @@ from kunserve.executor.workers import WorkerHandle, WorkerSet
 from kunserve.layout import ArenaLayout
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
-from kunserve.worker.worker_process import StageAssignment, WorkerWorld, worker_main
+from kunserve.worker import process_entry
+from kunserve.worker.worker_process import StageAssignment, WorkerWorld
 
 if TYPE_CHECKING:
     from kunserve.engine.staged_block_manager import StagedBlockManager
@@ -156,7 +157,8 @@ class MultiprocExecutor(WorkerSetExecutor):
         handles = []
         for stage in stage_assignments(config, model, world):
             parent, child = context.Pipe()
-            process = context.Process(target=worker_main, args=(config, model, stage, child),
+            arguments = pickle.dumps((config, model, stage), protocol=pickle.HIGHEST_PROTOCOL)
+            process = context.Process(target=process_entry.run, args=(arguments, child),
                                       name=f"kunserve-worker{stage.global_rank}", daemon=True)
             process.start()
             child.close()

@@ -12,7 +12,6 @@ of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import traceback
 from collections import deque
@@ -149,11 +148,9 @@ def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
 
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
-    """The process's entry point: build the stage, report its layout, then serve commands."""
+    """The process's main function (after kunserve/worker/process_entry.py, which ignores
+    Ctrl-C first): build the stage, report its layout, then serve commands."""
     configure_worker(stage.log_name)
-    # A terminal's Ctrl-C reaches the whole process group: the driver stops the workers (and
-    # a worker whose driver is gone exits), so a worker need not, nor print a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     begin = time.perf_counter()
     logger.info("starting on %s: layers [%d, %d) of %s", stage.device, *stage.layer_range, model.name)
     try:
