@@ -63,7 +63,7 @@ REPLAY_ID_PREFIX = "req-"
 # Engine flags the bench already has: --model (the model to serve) and --seed (the workload's).
 SKIPPED_ENGINE_FLAGS = ("model", "seed")
 RESULTS_FILE = "results.json"
-JSON_DECIMALS = 6  # seconds to the microsecond, milliseconds to the nanosecond
+JSON_DIGITS = 9  # significant digits a float keeps in results.json (relative error below 1e-8)
 TABLE_FILE = "table.md"
 TTFT_CDF_FILE = "ttft_cdf.png"
 TIMELINE_FILE = "timeline_{policy}.png"
@@ -298,9 +298,9 @@ def _write_json(record: dict, path: Path) -> None:
 
 
 def rounded(value: object) -> object:
-    """`value` with every finite float rounded to JSON_DECIMALS places, at any depth."""
+    """`value` with every finite float rounded to JSON_DIGITS significant digits, at any depth."""
     if isinstance(value, float):
-        return round(value, JSON_DECIMALS) if math.isfinite(value) else value
+        return float(f"{value:.{JSON_DIGITS}g}") if math.isfinite(value) else value
     if isinstance(value, dict):
         return {key: rounded(item) for key, item in value.items()}
     if isinstance(value, list):
