@@ -151,7 +151,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C
+            self.process.send_signal(signal.SIGTERM)  # a graceful stop (a background job may ignore SIGINT)
             try:
                 self.process.wait(SERVER_STOP_GRACE_S)
             except subprocess.TimeoutExpired:

@@ -20,6 +20,7 @@ from kunserve.bench.client import run_requests
 from kunserve.bench.failures import explain_failures
 from kunserve.bench.report import MS_PER_S, format_table, scrape_histograms, server_delta, summarize
 from kunserve.bench.workload import RequestSpec, load_trace, prompt_token_ids, synthetic_workload
+from kunserve.logs import DEFAULT_LOG_LEVEL, LOG_LEVELS, configure
 
 logger = logging.getLogger(__name__)
 
@@ -210,10 +211,10 @@ def json_args(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kunserve.bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, type=str.upper, choices=LOG_LEVELS)
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level)
+    configure(args.log_level)
     run_bench(args)
 
 
