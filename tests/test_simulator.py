@@ -63,6 +63,7 @@ def lock_step(cluster: Cluster | SimulatedCluster) -> list[tuple]:
     return log
 
 
+@pytest.mark.slow  # a real cluster of worker processes beside the simulated one
 @pytest.mark.parametrize("policy", ["kunserve", "migrate"])
 def test_a_simulated_cluster_makes_the_real_clusters_decisions(llama_dir: Path, policy: str) -> None:
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=12, max_num_seqs=16,
