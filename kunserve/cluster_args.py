@@ -31,10 +31,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, default_replicas: int
     parser.add_argument("--max-group-size", type=int, default=DEFAULTS.max_group_size,
                         help="most replicas a drop fuses into one pipeline group (default: as many as needed)")
     parser.add_argument("--drop-after-s", type=float, default=DEFAULTS.drop_after_s,
-                        help="kunserve: a replica overloaded this long drops layers and fuses with others")
+                        help="kunserve: requests waiting for memory (KV blocks or sequence slots) this long trigger a drop "
+                             "(or a group's growth); migrate: queued demand beyond the free blocks")
     parser.add_argument("--restore-after-s", type=float, default=DEFAULTS.restore_after_s,
-                        help="kunserve: a group whose demand fits its replicas this long restores and splits "
-                             "(also a group formed by POST /v1/cluster/drop)")
+                        help="kunserve: forecast demand fitting half the group's replicas this long triggers a restore "
+                             "(doubled per drop-restore-drop cycle; also for a group formed by POST /v1/cluster/drop)")
     parser.add_argument("--check-interval-s", type=float, default=DEFAULTS.check_interval_s,
                         help="how often the coordinator looks at the replicas")
 

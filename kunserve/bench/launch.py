@@ -48,6 +48,7 @@ from kunserve.bench.workload import RequestSpec, prompt_token_ids
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
+from kunserve.cluster.status import count_cycles
 from kunserve.cluster_args import add_cluster_arguments, coordinator_config
 from kunserve.config import EngineConfig
 from kunserve.engine_args import add_engine_arguments, engine_config
@@ -227,6 +228,8 @@ async def _measure(
     summary["preemptions"] = sum(r.num_preemptions for r in results)
     summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
+    transitions = recorder.records()
+    summary["cycles"] = count_cycles(transitions, settings.coordinator.cycle_window_s)
     log_failures([r.error for r in results], None, specs)
     return {
         "summary": summary,
@@ -239,7 +242,7 @@ async def _measure(
         },
         "settled": settled,
         "timeline": samples,
-        "transitions": recorder.records(),
+        "transitions": transitions,
         "results": [asdict(r) for r in results],
     }
 

@@ -15,11 +15,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from kunserve.bench.client import run_requests
 from kunserve.bench.failures import explain_failures
 from kunserve.bench.report import MS_PER_S, format_table, scrape_histograms, server_delta, summarize
-from kunserve.bench.workload import RequestSpec, load_trace, prompt_token_ids, synthetic_workload
+from kunserve.bench.workload import (
+    DATASETS,
+    RequestSpec,
+    dataset_workload,
+    load_trace,
+    prompt_token_ids,
+    synthetic_workload,
+)
 from kunserve.logs import DEFAULT_LOG_LEVEL, LOG_LEVELS, configure
 
 logger = logging.getLogger(__name__)
@@ -83,6 +91,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="synthetic arrival process")
     parser.add_argument("--cv", type=float, default=POISSON_CV, help="gamma arrivals' gap coefficient of variation")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="synthetic: prompt and output lengths drawn like this set's (instead of --input-len and "
+                             "--output-len); with --trace: the trace's arrivals, this set's lengths")
     parser.add_argument("--input-len", type=int, default=DEFAULT_INPUT_LEN, help="synthetic prompt length in tokens")
     parser.add_argument("--output-len", type=int, default=DEFAULT_OUTPUT_LEN, help="synthetic output length in tokens")
     parser.add_argument(
@@ -99,6 +110,14 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_workload(args: argparse.Namespace) -> list[RequestSpec]:
+    specs = _arrivals_and_lengths(args)
+    dataset = getattr(args, "dataset", None)
+    if dataset is None:
+        return specs
+    return dataset_workload(dataset, np.array([spec.arrival_s for spec in specs]), args.seed)
+
+
+def _arrivals_and_lengths(args: argparse.Namespace) -> list[RequestSpec]:
     if args.trace is not None:
         return load_trace(
             args.trace,

@@ -162,21 +162,23 @@ def _gather_plan(
     """Each running request's home, the free full blocks there that will hold its KV, and the
     copies that gather it there: within the home's device (local), and from the other stages."""
     g = len(members)
-    homes = _choose_homes(running, g)
+    free_full = []
+    for h, member in enumerate(members):
+        pool = np.sort(np.fromiter(member.block_manager.pool, dtype=np.int64))[::-1]
+        free = np.zeros(int(pool.max()) * g + g, dtype=bool)
+        free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
+        free[free_ids[free_ids < len(free)]] = True
+        free_full.append(pool[free[sub_block_ids(pool, g)].reshape(-1, g).all(axis=1)].tolist())
+    homes = _choose_homes(running, [len(ids) for ids in free_full])
     transfers: Transfers = {}
     local: list[tuple[list[int], list[int]]] = [([], []) for _ in members]
     home_blocks: dict[str, list[int]] = {}
     for h, member in enumerate(members):
         mine = [seq for seq, home in zip(running, homes) if home == h]
         need = sum(len(seq.block_ids) for seq in mine)
-        pool = np.sort(np.fromiter(member.block_manager.pool, dtype=np.int64))[::-1]
-        free = np.zeros(int(pool.max()) * g + g, dtype=bool)
-        free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
-        free[free_ids[free_ids < len(free)]] = True
-        free_full = pool[free[sub_block_ids(pool, g)].reshape(-1, g).all(axis=1)].tolist()
-        if len(free_full) < need:
-            raise SplitRefused(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full)}")
-        targets = iter(free_full[:need])
+        if len(free_full[h]) < need:
+            raise SplitRefused(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full[h])}")
+        targets = iter(free_full[h][:need])
         for seq in mine:
             full = [next(targets) for _ in seq.block_ids]
             home_blocks[seq.request_id] = full
@@ -279,13 +281,14 @@ def _evacuate_dropped_memory(
         blocks.physical[r, inside] = targets
 
 
-def _choose_homes(running: list[Sequence], num_replicas: int) -> list[int]:
-    """Each running request's replica after the split: the one with the fewest blocks so far."""
-    load = [0] * num_replicas
+def _choose_homes(running: list[Sequence], free_blocks: list[int]) -> list[int]:
+    """Each running request's replica after the split: the one with the most free full
+    blocks left (`free_blocks`: each replica's now)."""
+    room = list(free_blocks)
     homes = []
     for seq in running:
-        home = min(range(num_replicas), key=lambda h: load[h])
-        load[home] += len(seq.block_ids)
+        home = max(range(len(room)), key=room.__getitem__)
+        room[home] -= len(seq.block_ids)
         homes.append(home)
     return homes
 

@@ -35,6 +35,7 @@ from kunserve.bench.run import add_workload_arguments, build_workload, json_args
 from kunserve.bench.slo import UNLOADED_REQUESTS, derive_slo, reference_shape, unloaded_reference
 from kunserve.bench.timeline import Clock, TransitionRecorder, peak_waiting, snapshot
 from kunserve.bench.workload import RequestSpec
+from kunserve.cluster.status import count_cycles
 from kunserve.cluster_args import add_cluster_arguments, coordinator_config
 from kunserve.config import EngineConfig, GiB
 from kunserve.engine_args import add_engine_arguments, engine_config
@@ -61,12 +62,19 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     add_comparison_arguments(parser)
     add_cluster_arguments(parser, DEFAULT_REPLICAS)
     add_engine_arguments(parser, skip=SKIPPED_ENGINE_FLAGS)
+    parser.add_argument("--links-open-at-start", action="store_true",
+                        help="open every pair's peer links before serving, as bench --launch does (default: the "
+                             "first drop or migration of a pair opens them, as on a live server)")
     hints = typing.get_type_hints(SimulatorConfig)
     for f in dataclasses.fields(SimulatorConfig):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        default = "the cost profile's" if f.default is None else f.default
-        parser.add_argument("--sim-" + f.name.replace("_", "-"), dest=f"sim_{f.name}", type=kind,
-                            default=f.default, help=f"(default: {default})")
+        default = "the measured profile's" if f.default is None else f.default
+        flag = "--sim-" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f"sim_{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, dest=f"sim_{f.name}", type=kind, default=f.default, help=f"(default: {default})")
 
 
 def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
@@ -110,7 +118,8 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     slo = derive_slo(reference, args.slo_ttft_ms, args.slo_tpot_ms)
 
     simulated = cluster()
-    simulated.open_all_links()
+    if args.links_open_at_start:
+        simulated.open_all_links()
     recorder = TransitionRecorder(simulated.coordinator, Clock(0.0, 0.0))
     span = specs[-1].arrival_s if specs else 0.0
     logger.info("policy %s: %d requests over %.0f s on %d simulated GPU(s)", policy, len(specs), span,
@@ -127,6 +136,8 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
     summary["simulated_s"] = simulated.clock()
+    transitions = recorder.records()
+    summary["cycles"] = count_cycles(transitions, coordinator.cycle_window_s)
     return {
         "policy": policy,
         "summary": summary,
@@ -135,7 +146,7 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
                 "tpot_ms": None if slo.tpot_s is None else slo.tpot_s * MS_PER_S},
         "kv_blocks_per_replica": simulated.engines[0].block_manager.num_total_blocks,
         "timeline": samples,
-        "transitions": recorder.records(),
+        "transitions": transitions,
         "results": [asdict(r) for r in results],
     }
 

@@ -44,10 +44,13 @@ class DeviceCalls(ABC):
 
     @abstractmethod
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
-        """Keep stage `stage`'s layers of a `num_stages`-stage group and release the others;
-        activations then come from global rank `prev_rank` and go to `next_rank`. Returns the
-        sub-block ids the released slots provide."""
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
+        """Hold stage `stage`'s layers of a `num_stages`-stage group and release the others (a
+        replica dropping, a stage narrowing as its group grows); a stage widening as its group
+        shrinks reclaims the layers it lacks and refills them from the global ranks
+        `refill_from` names (peers on this host). Activations then come from global rank
+        `prev_rank` and go to `next_rank`. Returns the sub-block ids all the released slots
+        provide, as the device addresses its arena from now on."""
 
     @abstractmethod
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:

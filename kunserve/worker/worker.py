@@ -16,7 +16,7 @@ from kunserve.arch.spec import ModelSpec, parse_dtype
 from kunserve.config import EngineConfig
 from kunserve.kernels.backends import make_attention_backend
 from kunserve.kernels.cpu_linear import make_linear
-from kunserve.layout import ArenaLayout, arena_layout, format_size
+from kunserve.layout import ArenaLayout, arena_layout, format_size, stage_layers
 from kunserve.model.decoder import DecoderStage
 from kunserve.model.parallel import SINGLE, TensorParallel
 from kunserve.model.presets import ResolvedModel
@@ -201,11 +201,14 @@ class Worker(DeviceCalls):
     # ---- device calls: role changes (kunserve/worker/drop.py) -----------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
-        if self.group is not None:
-            raise RuntimeError(f"already stage {self.group[0]} of a {self.group[1]}-stage group")
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
         if self.layout.num_layers != self.spec.num_layers:
             raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
+        missing = set(stage_layers(self.spec.num_layers, stage, num_stages)) & self.arena.released
+        if not missing <= set(refill_from or {}):
+            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here: "
+                               f"name where to refill them from")
+        drop.reclaim_layers(self.arena, self.peers, {layer: (refill_from or {})[layer] for layer in missing})
         released = drop.release_other_layers(self.arena, stage, num_stages)
         self._run_with(*self._stage_runner(stage, num_stages))
         self.runner.sampler = self.replica_runner.sampler  # seeded requests keep their generators
