@@ -8,7 +8,7 @@ step it submitted recorded; the residual (step wall time - the cost model's pred
 fitted as host_step_s + host_seq_s * sequences + host_token_s * tokens, non-negative, by
 relative error.
 
-    python benchmarks/host_overhead.py --memory-budget-bytes 42949672960 --trace .trace/azure_llm_conv_2023.csv \
+    python benchmarks/host_overhead.py --memory-budget-bytes 42949672960 --trace data/traces/azure_llm_conv_2023.csv \
         --trace-start-s 600 --trace-duration-s 60 --rate-scale 4 --out $OUT/host_overhead.json
 
 It also prints measured over modelled time by kind of step (decode-only, with a prefill chunk,

@@ -234,6 +234,9 @@ class TransitionRunner:
 
     def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
         """Split a group back into its replicas."""
+        if not self.groups:
+            raise ValueError("group: there is no pipeline group to restore (a group restores itself once its demand "
+                             "fits its replicas for --restore-after-s)")
         if not 0 <= group_index < len(self.groups):
             raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
         return self.restore_group(self.groups[group_index], reason)

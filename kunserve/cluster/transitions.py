@@ -119,11 +119,15 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     ranks = [e.global_ranks[0] for e in executors]
     num_layers = executors[0].layout.num_layers
     running, waiting = group.hand_over()
+    set_aside: list[list[int]] = [[] for _ in executors]
     try:
-        _evacuate_dropped_memory(executors, blocks, running, num_layers)
+        _evacuate_dropped_memory(executors, blocks, running, num_layers, set_aside)
         homes, home_blocks, local, transfers = _gather_plan(members, blocks, running)
     except SplitRefused as refused:
-        group.scheduler.adopt(running, waiting)  # the KV moved so far is bound where it went
+        # The KV moved so far is bound where it went; the dropped layers' sub-blocks serve the group again.
+        for stage, ids in zip(blocks.stages, set_aside):
+            stage.give(ids)
+        group.scheduler.adopt(running, waiting)
         raise SplitRefused(str(refused), outputs) from None
     exchange_start = clock()
     for h, (sources, dests) in enumerate(local):
@@ -252,16 +256,20 @@ def _exchange(executors: list[WorkerExecutor], transfers: Transfers) -> int:
 
 
 def _evacuate_dropped_memory(
-    executors: list[WorkerExecutor], blocks: StagedBlockManager, running: list[Sequence], num_layers: int
+    executors: list[WorkerExecutor], blocks: StagedBlockManager, running: list[Sequence], num_layers: int,
+    set_aside: list[list[int]],
 ) -> None:
     """Move KV out of the sub-blocks that lie in dropped layers' slots, so the slots can be
-    reclaimed."""
+    reclaimed. `set_aside[r]` gets the slots' sub-blocks taken from stage r's pool (free ones,
+    and those the KV left): a refused split gives them back."""
     g = len(executors)
     layout = executors[0].layout
     bound = np.asarray([b for seq in running for b in seq.block_ids], dtype=np.int64)
     for r, (executor, stage) in enumerate(zip(executors, blocks.stages)):
         slot_ids = set(layout.released_sub_blocks_of_stage(r, g))
-        stage.claim(i for i in slot_ids if stage.is_free(i))  # so nothing is moved into them
+        free_slots = [i for i in slot_ids if stage.is_free(i)]
+        stage.claim(free_slots)  # so nothing is moved into them
+        set_aside[r].extend(free_slots)
         inside = [int(logical) for logical in bound if int(blocks.physical[r, logical]) in slot_ids]
         if not inside:
             continue
@@ -269,6 +277,7 @@ def _evacuate_dropped_memory(
             raise SplitRefused(f"split: stage {r} has no room outside the dropped layers for {len(inside)} blocks")
         targets = stage.take(len(inside))
         executor.call(0, DeviceCalls.move_kv, blocks.physical[r, inside].tolist(), targets)
+        set_aside[r].extend(blocks.physical[r, inside].tolist())
         blocks.physical[r, inside] = targets
 
 

@@ -196,6 +196,14 @@ class StageAssignment:
         return list(range(first, first + self.tp_size))
 
     @property
+    def log_name(self) -> str:
+        """How this worker's log lines are prefixed. A cluster's world gives replica i the ranks
+        [i·devices, (i+1)·devices), so the replica follows from the first rank."""
+        replica = self.world.first_rank // (self.num_stages * self.tp_size)
+        tp = f" tp {self.tp_rank}" if self.tp_size > 1 else ""
+        return f"worker[replica {replica} stage {self.rank}{tp} rank {self.global_rank}]"
+
+    @property
     def pipe(self) -> tuple[int | None, int | None]:
         """The global ranks of the same tensor-parallel rank of the previous and next stages
         (None at either end): activations go rank to rank."""

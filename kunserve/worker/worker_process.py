@@ -12,6 +12,7 @@ of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from kunserve.config import EngineConfig
+from kunserve.logs import configure_worker
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
 from kunserve.worker.parallel import tensor_parallel_group
@@ -59,11 +61,15 @@ def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
 
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
-    """The process's entry point: build the stage, report its layout, then serve commands."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.global_rank}: %(message)s")
+    """The process's main function (after kunserve/worker/process_entry.py, which ignores
+    Ctrl-C first): build the stage, report its layout, then serve commands."""
+    configure_worker(stage.log_name)
+    begin = time.perf_counter()
+    logger.info("starting on %s: layers [%d, %d) of %s", stage.device, *stage.layer_range, model.name)
     try:
         worker = start_worker(config, model, stage)
         conn.send((Reply.READY, worker.layout))
+        logger.info("ready in %.1f s", time.perf_counter() - begin)
         _serve(CommandHandler(worker, stage), conn)
     except BaseException:
         conn.send((Reply.ERROR, traceback.format_exc()))

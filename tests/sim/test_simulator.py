@@ -27,8 +27,8 @@ from kunserve.sim.cluster import SimulatedCluster
 from kunserve.sim.executor import StagePipeline
 from kunserve.sim.settings import SimulatorConfig, VirtualClock
 
-# The first 45 s of ../shared/traces/azure_llm_conv_2023.csv, kept with the tests (a clean checkout has no ../shared).
-TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"
+# The first 45 s of data/traces/azure_llm_conv_2023.csv: a small excerpt the tests replay quickly.
+TRACE = Path(__file__).resolve().parents[1] / "data" / "azure_llm_conv_2023_first_45s.csv"
 MAX_MODEL_LEN = 256
 # A trace window that overloads the KV memory of two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of
 # KV) long enough for a drop.
@@ -65,6 +65,7 @@ def lock_step(cluster: Cluster | SimulatedCluster) -> list[tuple]:
     return log
 
 
+@pytest.mark.slow  # a real cluster of worker processes beside the simulated one
 @pytest.mark.parametrize("policy", ["kunserve", "migrate"])
 def test_a_simulated_cluster_makes_the_real_clusters_decisions(llama_dir: Path, policy: str) -> None:
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=12, max_num_seqs=16,
