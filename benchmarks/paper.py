@@ -15,8 +15,12 @@ Figures:
   version's NCCL rate, + the coordinated exchange, + lookahead batching), and restoring
   against never restoring.
 * sweep: P99 TTFT per policy from 0.5x to 4x the calibrated load (plotted).
-* group_factor: kunserve's figures as the group's stages run 1.0x, the measured, and 1.5x
-  the cost model (kunserve/sim/profiles/group_stage.json): how much rests on that number.
+* group_factor: kunserve's figures as the group's stages run 1.0x, the graphed-stage lower
+  bound (docs/results/group_speed_bound_2026-12-02.json), the measured (eager stages,
+  kunserve/sim/profiles/group_stage.json, used everywhere else) and 1.5x the cost model: how
+  much rests on that number.
+* sweep also runs kunserve-swap (kunserve whose replicas and groups swap when they preempt):
+  whether kunserve with its fallback is never worse than swap at any load.
 
 Workloads: the Azure code trace (bursty) and conversation trace, and request sets with the
 paper's length statistics (kunserve/bench/workload.py DATASETS) on the code trace's bursty
@@ -59,12 +63,18 @@ CODE_TRACE = "data/traces/azure_llm_code_2023_first_half.csv"
 CONV_TRACE = "data/traces/azure_llm_conv_2023.csv"
 POLICIES = ("recompute", "pp2", "swap", "migrate", "kunserve")
 KUNSERVE = "kunserve"
+KUNSERVE_SWAP = "kunserve-swap"  # kunserve whose replicas and groups swap when they preempt (the sweep's fallback check)
+OURS = (KUNSERVE, KUNSERVE_SWAP)  # never a baseline
 STATIC_PIPELINE = "pp2"  # recompute on static 2-stage pipelines (vLLM PP)
 PERCENTILES = (50, 90, 99, 99.9)
 CALIBRATED_DEMAND = 0.55  # mean KV demand / KV memory the load is scaled to (the paper: 50-60%)
 CHAT_SLO_FACTOR, LONGBENCH_SLO_FACTOR = 5, 10  # the paper's relative SLOs: N x the best baseline's P50
 SWEEP = (0.5, 1.0, 2.0, 4.0)  # load factors of the sweep
-GROUP_FACTORS = (1.0, None, 1.5)  # None: the measured factor
+GROUP_FACTORS = (1.0, 1.5)  # beside the measured factor and the graphed-stage bound
+# One H200, a 2-stage Llama-3-8B group's graphed stages timed one at a time (benchmarks/group_speed.py
+# --mode bound): g * max(stage step) / replica step, a lower bound of a group's cycle (no exchange,
+# bubbles or link time). The sensitivity row takes the median of its batches and contexts.
+GRAPHED_STAGE_BOUND = Path("docs/results/group_speed_bound_2026-12-02.json")
 FIRST_VERSION_EXCHANGE_BYTES_S = 60.5e9  # our first exchange (NCCL point-to-point), docs/benchmarks.md issue 6
 H200_BUDGET_GIB = None  # memory per GPU: None is 0.9 of an H200's (the simulator's default)
 WEIGHT_SHARE = 0.344  # the paper's Qwen2.5-14B: 28 GB of weights in an 80 GB GPU
@@ -126,7 +136,7 @@ def plan(quick: bool) -> Plan:
         code = Workload("code", CODE_TRACE, *window, calibrate=False)
         longbench = Workload("longbench", CODE_TRACE, *window, "longbench", LONGBENCH_SLO_FACTOR)
         return Plan([(small, code), (small, reasoning)], (small, longbench), (small, reasoning),
-                    ("recompute", "swap", KUNSERVE), SWEEP[:-1], (small, reasoning), calibration_rounds=3)
+                    ("recompute", "swap", KUNSERVE, KUNSERVE_SWAP), SWEEP[:-1], (small, reasoning), calibration_rounds=3)
     window = (690.0, 300.0)  # five minutes around the code trace's peak
     workloads = {name: Workload(name, CODE_TRACE, *window, name, LONGBENCH_SLO_FACTOR if name == "longbench"
                                 else CHAT_SLO_FACTOR)
@@ -143,7 +153,7 @@ def plan(quick: bool) -> Plan:
     e2e += [(fourteen, workloads["longbench"])]
     e2e += [(Setup("qwen2.5-32b", 2, H200_BUDGET_GIB), workloads[name]) for name in ("longbench", "reasoning")]
     eight = Setup("llama-3-8b", 8, eight_gib)
-    return Plan(e2e, (fourteen, workloads["longbench"]), (eight, workloads["reasoning"]), POLICIES, SWEEP,
+    return Plan(e2e, (fourteen, workloads["longbench"]), (eight, workloads["reasoning"]), (*POLICIES, KUNSERVE_SWAP), SWEEP,
                 (eight, workloads["reasoning"]), calibration_rounds=4)
 
 
@@ -271,7 +281,7 @@ def summarize(record: dict, window_s: float) -> dict:
 def attain(runs: list[dict], records: list[dict], factor: int) -> None:
     """SLO attainment of each run, against SLOs of `factor` times the best baseline's P50
     TTFT and P50 TPOT (the paper's relative SLOs)."""
-    baselines = [run for run in runs if run["policy"] != KUNSERVE]
+    baselines = [run for run in runs if run["policy"] not in OURS]
     if not baselines:
         return
     slo_ttft = factor * min(run["ttft_ms"]["p50"] for run in baselines) / MS_PER_S
@@ -287,7 +297,7 @@ def compare(runs: list[dict]) -> dict | None:
     """kunserve against the best baseline: P99 TTFT ratio (baseline / kunserve) and P50 TPOT
     ratio (kunserve / baseline)."""
     ours = next((run for run in runs if run["policy"] == KUNSERVE), None)
-    baselines = [run for run in runs if run["policy"] != KUNSERVE]
+    baselines = [run for run in runs if run["policy"] not in OURS]
     if ours is None or not baselines:
         return None
     best = min(baselines, key=lambda run: run["ttft_ms"]["p99"])
@@ -360,16 +370,26 @@ def sweep(the_plan: Plan, profiles: dict[str, str | None]) -> dict:
             "rate_scale": calibration.rate_scale, "calibrated_demand": calibration.demand, "points": points}
 
 
+def graphed_stage_bound() -> float:
+    """The median group/replica cycle ratio of GRAPHED_STAGE_BOUND's rows."""
+    rows = json.loads(GRAPHED_STAGE_BOUND.read_text())["rows"]
+    return float(np.median([row["ratio_lower_bound"] for row in rows]))
+
+
 def group_factor(the_plan: Plan, profiles: dict[str, str | None]) -> dict:
     setup, workload = the_plan.group_factor
     profile = profiles.get(setup.model)
     calibration = calibrate(setup, workload, the_plan.calibration_rounds, profile)
     measured = json.loads(GROUP_STAGE_PROFILE.read_text())["group_stage_factor"]
+    bound = graphed_stage_bound()
+    factors = sorted([(factor, f"{factor:.2f}") for factor in GROUP_FACTORS]
+                     + [(measured, f"{measured:.2f} (measured, eager stages, 2x H200)"),
+                        (bound, f"{bound:.2f} (graphed-stage lower bound, 1x H200)")])
     runs = []
-    for factor in GROUP_FACTORS:
+    for factor, label in factors:
         run = summarize(run_policy(setup, workload, calibration.rate_scale, KUNSERVE, profile,
                                    sim_group_stage_factor=factor), workload.duration_s)
-        run["group_stage_factor"] = f"{measured if factor is None else factor:.2f}"
+        run["group_stage_factor"] = label
         runs.append(run)
     return {"setup": dataclasses.asdict(setup), "workload": dataclasses.asdict(workload),
             "rate_scale": calibration.rate_scale, "calibrated_demand": calibration.demand, "runs": runs}

@@ -34,12 +34,17 @@ def transition_stats(transitions: list[dict]) -> dict[str, dict]:
     return {kind: {"count": len(d), "mean_duration_s": float(np.mean(d))} for kind, d in durations.items()}
 
 
+def is_baseline(policy: str) -> bool:
+    """Every policy but kunserve and its variants (kunserve-swap)."""
+    return not policy.startswith(KUNSERVE_POLICY)
+
+
 def ttft_p99_ratio(runs: list[dict]) -> dict | None:
     """The best baseline's (lowest) P99 TTFT over kunserve's, when kunserve and a baseline both
     have one: {"baseline", "baseline_p99_ms", "kunserve_p99_ms", "ratio"}."""
     p99 = {run["policy"]: run["summary"]["ttft_ms"]["p99"] for run in runs}
     ours = p99.get(KUNSERVE_POLICY)
-    baselines = {policy: value for policy, value in p99.items() if policy != KUNSERVE_POLICY and value is not None}
+    baselines = {policy: value for policy, value in p99.items() if is_baseline(policy) and value is not None}
     if ours is None or not baselines or ours <= 0:
         return None
     best = min(baselines, key=baselines.__getitem__)

@@ -43,6 +43,9 @@ class BlockAccounting(ABC):
     @abstractmethod
     def free(self, seq: Sequence) -> None: ...
 
+    def settle(self) -> None:
+        """The step scheduled last has gone to the devices: what it freed may be reused now."""
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -96,11 +96,12 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     def release_all(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Empty the scheduler: (running, waiting), sequences untouched. Refused while
-        sequences are swapped out: their KV is in this device's host memory."""
-        if self.swapped:
-            raise RuntimeError(f"{len(self.swapped)} sequences are swapped out; they cannot be handed over")
-        running, waiting = self.running, list(self.waiting)
+        """Empty the scheduler: (running, waiting), running sequences untouched. Swapped-out
+        sequences lead the waiting ones, to be recomputed: their KV is in this device's host
+        memory, which the next scheduler (a group, or its members) addresses otherwise."""
+        swapped = [self._recompute_swapped(seq) for seq in self.swapped]
+        running, waiting = self.running, swapped + list(self.waiting)
+        self.swapped = deque()
         self.running, self.waiting, self.num_waiting_blocks = [], deque(), 0
         self.last_stall = None  # nothing waits here any more
         return running, waiting
@@ -133,6 +134,7 @@ class Scheduler:
         """The next step. `ahead`: the previous step is still in flight on the same device
         (asynchronous scheduling); the step is empty unless every running sequence can get
         its blocks without preempting."""
+        self.block_manager.settle()  # the step before was submitted (with its swap-outs' block ids)
         budget = self.max_num_batched_tokens
         seq_limit = self.max_num_seqs if max_seqs is None else max_seqs
         scheduled: list[tuple[Sequence, int]] = []
@@ -315,6 +317,15 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _recompute_swapped(self, seq: Sequence) -> Sequence:
+        """Swapped-out `seq` gives its host blocks up and waits to be recomputed."""
+        assert self.swap_pool is not None
+        self.swap_pool.give(seq.host_block_ids)
+        seq.host_block_ids = []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        return seq
 
     def _swap_in(self, seq: Sequence, num_tokens: int, output: SchedulerOutput) -> bool:
         """Give swapped `seq` device blocks for its KV and its next `num_tokens` tokens, the

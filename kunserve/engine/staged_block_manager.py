@@ -18,6 +18,10 @@ class StagedBlockManager(BlockAccounting):
         self.stages = stages  # per stage: its device's physical sub-blocks
         self.physical = np.zeros((len(stages), 0), dtype=np.int64)  # [stage, logical id]
         self._unbound: list[int] = []  # logical ids free to bind again
+        # Logical ids freed since the last step was scheduled: a swap-out in that step names
+        # them, and the devices translate them when it is submitted, so they are not rebound
+        # to other sub-blocks before then (settle).
+        self._freed: list[int] = []
 
     # ---- what the scheduler and engine use (as BlockManager) ----------------------------------
 
@@ -44,8 +48,12 @@ class StagedBlockManager(BlockAccounting):
         ids = np.asarray(seq.block_ids, dtype=np.int64)
         for stage, pool in enumerate(self.stages):
             pool.give(self.physical[stage, ids].tolist())
-        self._unbound.extend(seq.block_ids)
+        self._freed.extend(seq.block_ids)
         seq.block_ids = []
+
+    def settle(self) -> None:
+        self._unbound.extend(self._freed)
+        self._freed = []
 
     # ---- binding ------------------------------------------------------------------------------
 
@@ -67,3 +75,7 @@ class StagedBlockManager(BlockAccounting):
         table = self.physical[stage]
         bs = self.block_size
         return table[block_tables], table[slot_mapping // bs] * bs + slot_mapping % bs
+
+    def stage_blocks(self, stage: int, block_ids: np.ndarray) -> np.ndarray:
+        """Logical block ids as stage `stage`'s physical sub-blocks."""
+        return self.physical[stage][block_ids]

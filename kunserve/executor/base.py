@@ -9,6 +9,7 @@ collected, so that every stage has work; a single device runs one at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
@@ -168,6 +169,10 @@ class StageBlockMap(Protocol):
         """A step's logical block tables and KV slots as stage `stage`'s physical ones."""
         ...
 
+    def stage_blocks(self, stage: int, block_ids: np.ndarray) -> np.ndarray:
+        """Logical block ids as stage `stage`'s physical sub-blocks."""
+        ...
+
 
 class FusedGroupExecutor(Executor):
     """The executor of a pipeline group fused by a drop: its member replicas' executors
@@ -182,10 +187,31 @@ class FusedGroupExecutor(Executor):
     def layout(self) -> ArenaLayout:
         return self.members[0].layout
 
-    @staticmethod
-    def refuse_swaps(step: StepInput) -> None:
-        if len(step.swap_out) or len(step.swap_in):
-            raise RuntimeError("a group formed by a drop preempts by recompute; it cannot swap")
+    @property
+    def num_swap_blocks(self) -> int:
+        """Host blocks for the group's swapped-out KV: a group's block is one sub-block of L/g
+        layers on every stage, so each member's host pool holds g of them per replica block
+        (0 where the members have none: the group preempts by recompute)."""
+        return min(member.num_swap_blocks for member in self.members) * len(self.members)
+
+    def stage_step(self, stage: int, step: StepInput) -> StepInput:
+        """`step` as stage `stage` runs it: its block tables, KV slots and swapped device
+        blocks as the stage's physical sub-blocks (a host block is the same sub-block id on
+        every stage's host pool)."""
+        tables, slots = self.blocks.translate(stage, step.batch.block_tables, step.batch.slot_mapping)
+        return dataclasses.replace(
+            step,
+            batch=dataclasses.replace(step.batch, block_tables=tables, slot_mapping=slots),
+            swap_out=self._stage_pairs(stage, step.swap_out, device_column=0),
+            swap_in=self._stage_pairs(stage, step.swap_in, device_column=1),
+        )
+
+    def _stage_pairs(self, stage: int, pairs: np.ndarray, device_column: int) -> np.ndarray:
+        if not len(pairs):
+            return pairs
+        staged = pairs.copy()
+        staged[:, device_column] = self.blocks.stage_blocks(stage, pairs[:, device_column])
+        return staged
 
     def kv_block_ids(self) -> range:
         raise RuntimeError("a group's blocks are bound at the drop, not listed up front")

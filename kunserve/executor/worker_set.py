@@ -11,7 +11,6 @@ step, and a device call goes to all of a stage's ranks as one (executor/tensor_p
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import socket
 from collections import defaultdict, deque
@@ -169,12 +168,8 @@ class WorkerGroupExecutor(FusedGroupExecutor):
         self.workers = type(members[0].workers)([h for member in members for h in member.workers.handles], t)
 
     def submit(self, step: StepInput) -> None:
-        self.refuse_swaps(step)
         for stage in range(len(self.members)):
-            tables, slots = self.blocks.translate(stage, step.batch.block_tables, step.batch.slot_mapping)
-            staged = dataclasses.replace(step, batch=dataclasses.replace(step.batch, block_tables=tables,
-                                                                          slot_mapping=slots))
-            message = step_message(staged)
+            message = step_message(self.stage_step(stage, step))
             for worker in self.workers.stage_workers(stage):
                 self.workers.send(worker, message)
 

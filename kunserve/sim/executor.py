@@ -93,16 +93,16 @@ class SimulatedExecutor(WorkerExecutor):
         host = overlapped_host_time(self.settings, len(step.batch.query_lens), step.num_tokens, self.clock(),
                                     self.last_step, self.overlaps_host and g == 1)
         ready = self.clock() + host
-        swap_wait = self.swaps_done_at(step, ready) - ready  # the step computes once its swaps are done
+        swap_wait = self.swaps_done_at(step, ready, self.layout.block_bytes) - ready  # computes once they are done
         stages = [swap_wait + self.cost.stage_time(shape, self.model_layers, g, s, self.settings.device_link)
                   for s in range(g)]
         end = self._steps.submit(step, stages, host)
         self.last_step = (end, sum(stages))
 
-    def swaps_done_at(self, step: StepInput, ready: float) -> float:
-        """The step's KV copies to and from host memory, from `ready` on, each direction over
-        the host link this device shares (settings.py Fabric); returns when both are done."""
-        block = self.layout.block_bytes
+    def swaps_done_at(self, step: StepInput, ready: float, block: int) -> float:
+        """The step's KV copies to and from host memory, blocks of `block` bytes (a group's
+        stage swaps sub-blocks of its layers), from `ready` on, each direction over the host
+        link this device shares (settings.py Fabric); returns when both are done."""
         rank = self.devices[0].rank
         ends = [ready]
         for pairs, direction in ((step.swap_out, "out"), (step.swap_in, "in")):
@@ -182,13 +182,17 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
             members[s].devices[0].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
 
     def submit(self, step: StepInput) -> None:
-        self.refuse_swaps(step)
         g = len(self.members)
         shape = step_shape(step)
         factor = self.settings.group_stage_factor
         assert factor is not None  # resolved: resolve_group_stage_factor
         stages = [self.cost.stage_time(shape, self.model_layers, g, s, self._hop_links[s], factor) for s in range(g)]
-        self._steps.submit(step, stages, host_time(self.settings, step))
+        host = host_time(self.settings, step)
+        ready = self.clock() + host
+        sub_block = self.layout.block_bytes // g
+        # Each stage swaps its layers' sub-blocks over its own host link, and computes once they are done.
+        swapped = [member.swaps_done_at(step, ready, sub_block) for member in self.members]
+        self._steps.submit(step, stages, host, swapped)
 
     def collect(self) -> np.ndarray:
         return self._steps.collect()
@@ -207,11 +211,13 @@ class StepQueue:
         self.settings = settings
         self._results: deque[tuple[float, np.ndarray]] = deque()  # (done at, sampled) per step in flight
 
-    def submit(self, step: StepInput, stage_s: list[float], host_s: float) -> float:
-        """Queue the step after `host_s` of the driver's time; returns when it ends."""
+    def submit(self, step: StepInput, stage_s: list[float], host_s: float, not_before: list[float] | None = None
+               ) -> float:
+        """Queue the step after `host_s` of the driver's time (stage s not before
+        `not_before[s]`: its swaps); returns when it ends."""
         self.clock.advance_to(self.clock() + host_s)
         sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
-        end = self.pipeline.run(self.clock(), stage_s)
+        end = self.pipeline.run(self.clock(), stage_s, not_before)
         self._results.append((end, sampled))
         return end
 
@@ -230,12 +236,12 @@ class StagePipeline:
         self.busy_s = [0.0] * num_stages
         self.clock = clock
 
-    def run(self, start: float, stage_s: list[float]) -> float:
-        """Run a micro-batch taking `stage_s[s]` on stage s, ready at `start`; returns when
-        the last stage finishes it."""
+    def run(self, start: float, stage_s: list[float], not_before: list[float] | None = None) -> float:
+        """Run a micro-batch taking `stage_s[s]` on stage s, ready at `start` (on stage s not
+        before `not_before[s]`); returns when the last stage finishes it."""
         ready = start
         for s, seconds in enumerate(stage_s):
-            begin = max(ready, self.free_at[s])
+            begin = max(ready, self.free_at[s], not_before[s] if not_before else 0.0)
             self.free_at[s] = ready = begin + seconds
             self.busy_s[s] += seconds
         return ready

@@ -31,6 +31,16 @@ class SwapSpace:
     def num_blocks(self) -> int:
         return self.host.shape[0]
 
+    def regroup(self, kv_cache: torch.Tensor) -> None:
+        """Address the arena as `kv_cache` from now on (a drop's stage sees it as sub-blocks of
+        its layers, kunserve/worker/drop.py): the host pool's bytes are seen the same way, so
+        it holds as many more (smaller) blocks. Only while it holds no swapped KV: the control
+        plane hands swapped requests over for recompute before a group forms or changes."""
+        if self.cuda:
+            torch.cuda.synchronize(kv_cache.device)  # copies under way finish under the old view
+        self.kv_cache = kv_cache
+        self.host = self.host.view(-1, *kv_cache.shape[1:])
+
     def apply(self, swap_out: np.ndarray, swap_in: np.ndarray, written_blocks: np.ndarray) -> None:
         """Start the step's copies (`swap_out`: [n, 2] device → host pairs; `swap_in`: host →
         device); the step's compute, queued after this call, sees every block it reads or

@@ -212,6 +212,8 @@ class Worker(DeviceCalls):
         released = drop.release_other_layers(self.arena, stage, num_stages)
         self._run_with(*self._stage_runner(stage, num_stages))
         self.runner.sampler = self.replica_runner.sampler  # seeded requests keep their generators
+        if self.swap_space is not None:  # a group swaps its stages' sub-blocks
+            self.swap_space.regroup(self.arena.stage_kv_cache(num_stages))
         self.group = (stage, num_stages)
         self.pipe_prev = None if prev_rank is None else self._peer(prev_rank)
         self.pipe_next = None if next_rank is None else self._peer(next_rank)
@@ -224,6 +226,8 @@ class Worker(DeviceCalls):
         remote = None if over_network is None else [self._peer(r) for r in over_network]
         drop.refill_layers(self.arena, self.weights, self.peers, refill, remote)
         self._run_with(self.replica_model, self.replica_runner)
+        if self.swap_space is not None:
+            self.swap_space.regroup(self.arena.kv_cache)
         self.group = None
         self.pipe_prev = self.pipe_next = None
 

@@ -73,6 +73,11 @@ def test_ratio_is_the_best_baselines_p99_ttft_over_kunserves() -> None:
     )
 
 
+def test_a_kunserve_variant_is_no_baseline() -> None:
+    ratio = ttft_p99_ratio([run("swap", 300.0), run("kunserve-swap", 50.0), run("kunserve", 100.0)])
+    assert ratio is not None and ratio["baseline"] == "swap"
+
+
 @pytest.mark.parametrize("policies", [("recompute", "swap"), ("kunserve",)])
 def test_no_ratio_without_both_kunserve_and_a_baseline(policies: tuple[str, ...]) -> None:
     runs = [run(p, 100.0) for p in policies]

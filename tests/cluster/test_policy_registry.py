@@ -61,5 +61,5 @@ def test_an_unknown_policy_is_refused_naming_the_field() -> None:
 
 
 def test_the_registry_names_every_built_in_policy() -> None:
-    assert set(registry.OVERLOAD_POLICIES) == {"kunserve", "recompute", "swap", "migrate"}
+    assert set(registry.OVERLOAD_POLICIES) == {"kunserve", "kunserve-swap", "recompute", "swap", "migrate"}
     assert all(registry.policy_class(name).name == name for name in registry.OVERLOAD_POLICIES)

@@ -4,8 +4,6 @@ computed tokens are kept (nothing recomputed); without host room it falls back t
 
 from __future__ import annotations
 
-import pytest
-
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence, SequenceStatus
@@ -85,8 +83,11 @@ def test_a_step_of_swaps_alone_is_still_sent() -> None:
     assert step.num_tokens == 0 and step.swap_out.tolist() == [[1, 0]]
 
 
-def test_swapped_sequences_are_not_handed_over() -> None:
-    scheduler, _, _ = _two_full_sequences(host_blocks=4)
+def test_swapped_sequences_are_handed_over_first_in_line_to_be_recomputed() -> None:
+    scheduler, old, young = _two_full_sequences(host_blocks=4)
     _complete(scheduler, scheduler.schedule())
-    with pytest.raises(RuntimeError, match="swapped out"):
-        scheduler.release_all()
+    scheduler.add(_seq("new", 2))
+    running, waiting = scheduler.release_all()
+    assert running == [old] and [seq.request_id for seq in waiting] == ["young", "new"]
+    assert young.status is SequenceStatus.WAITING and young.num_computed_tokens == 0 and young.host_block_ids == []
+    assert scheduler.swap_pool.num_free_blocks == 4 and not scheduler.swapped and not scheduler.has_unfinished

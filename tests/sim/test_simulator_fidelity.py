@@ -53,7 +53,8 @@ def swap_out_seconds(devices_per_host_link: int) -> float:
     """Two replicas each swapping 50 blocks out at once: when the later is done."""
     cluster = cluster_of(2, SimulatorConfig(devices_per_host_link=devices_per_host_link), preemption_mode="swap")
     step = build_step_input([], cluster.engines[0].config.block_size, [], [(i, i) for i in range(50)], [])
-    return max(engine.executor.swaps_done_at(step, 0.0) for engine in cluster.engines)
+    block = cluster.engines[0].executor.layout.block_bytes
+    return max(engine.executor.swaps_done_at(step, 0.0, block) for engine in cluster.engines)
 
 
 def test_swaps_of_devices_behind_one_host_link_take_turns() -> None:
@@ -117,3 +118,22 @@ def test_the_default_group_stage_factor_is_the_measured_profiles() -> None:
     measured = json.loads(GROUP_STAGE_PROFILE.read_text())
     assert resolve_group_stage_factor(SimulatorConfig()).group_stage_factor == measured["group_stage_factor"] > 1
     assert "drop_restore" in measured["source"]
+
+
+def swap_step_seconds(num_blocks: int, group: bool) -> float:
+    """A step swapping `num_blocks` blocks out and nothing else, each device behind its own
+    host link, on a replica or a pair's group: how long it takes."""
+    cluster = cluster_of(2, SimulatorConfig(devices_per_host_link=1), preemption_mode="swap")
+    executor = fuse(cluster.engines)[0].executor if group else cluster.engines[0].executor
+    step = build_step_input([], cluster.engines[0].config.block_size, [], [(i, i) for i in range(num_blocks)], [])
+    start = cluster.clock()
+    executor.submit(step)
+    executor.collect()
+    return cluster.clock() - start
+
+
+def test_a_groups_stages_swap_their_own_layers_each_over_its_host_link() -> None:
+    latency = cluster_of(1).cost.transfer_time(0, SimulatorConfig().host_link)
+    replica = swap_step_seconds(64, group=False) - swap_step_seconds(0, group=False) - latency
+    pair = swap_step_seconds(64, group=True) - swap_step_seconds(0, group=True) - latency
+    assert replica > 0 and pair == pytest.approx(replica / 2)  # each stage moves half the bytes, side by side

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from kunserve.cluster.policies.base import OverloadPolicy
 from kunserve.cluster.policies.kunserve import KunServePolicy
+from kunserve.cluster.policies.kunserve_swap import KunServeSwapPolicy
 from kunserve.cluster.policies.migrate import MigratePolicy
 from kunserve.cluster.policies.recompute import RecomputePolicy
 from kunserve.cluster.policies.swap import SwapPolicy
 
 POLICIES: dict[str, type[OverloadPolicy]] = {
-    policy.name: policy for policy in (KunServePolicy, RecomputePolicy, SwapPolicy, MigratePolicy)
+    policy.name: policy for policy in (KunServePolicy, KunServeSwapPolicy, RecomputePolicy, SwapPolicy, MigratePolicy)
 }
 OVERLOAD_POLICIES = tuple(POLICIES)
 
