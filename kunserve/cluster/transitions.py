@@ -58,6 +58,13 @@ class SplitRefused(RuntimeError):
         self.outputs = outputs or []
 
 
+def _pipe_back(ranks: list[int], stage: int) -> int | None:
+    """The other end of the group's pipeline, for its first and last stages (see become_stage)."""
+    if stage == 0:
+        return ranks[-1]
+    return ranks[0] if stage == len(ranks) - 1 else None
+
+
 def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     """The group engine of `members` (their steps must all be collected)."""
     clock = members[0].clock
@@ -67,7 +74,7 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     ranks = [e.global_ranks[0] for e in executors]
     block_size = members[0].config.block_size
     becoming = [e.post(0, DeviceCalls.become_stage, r, g, ranks[r - 1] if r else None,
-                       ranks[r + 1] if r < g - 1 else None)
+                       ranks[r + 1] if r < g - 1 else None, _pipe_back(ranks, r))
                 for r, e in enumerate(executors)]  # all members at once
     released = [pending.wait() for pending in becoming]
     handed = [m.hand_over() for m in members]

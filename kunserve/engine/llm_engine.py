@@ -102,10 +102,11 @@ class LLMEngine:
         swap_blocks = self.executor.num_swap_blocks
         swap_pool = BlockManager(config.block_size, range(swap_blocks)) if swap_blocks else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, swap_pool)
-        # Asynchronous scheduling: one step scheduled ahead of the one on the device. Swaps
-        # copy blocks on side streams, off the step's stream order, so they run one at a time.
+        # Asynchronous scheduling: one step scheduled ahead of the one on the device (of a
+        # pipeline's oldest micro-batch). Swaps copy blocks on side streams, off the step's
+        # stream order, so they run one at a time.
         self._schedules_ahead = (
-            self.executor.runs_ahead and self.executor.max_in_flight == 1 and swap_pool is None
+            self.executor.runs_ahead and swap_pool is None
             and config.resolve_async_scheduling(config.resolve_device())
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
@@ -337,8 +338,10 @@ class LLMEngine:
     def _fill_pipeline(self, stats: StepStats | None) -> None:
         depth = self.executor.max_in_flight
         while len(self._in_flight) < depth + self._schedules_ahead:
-            output = self.scheduler.schedule(*self._micro_batch_limits(depth),
-                                             ahead=self._schedules_ahead and bool(self._in_flight))
+            # Full (every stage has a micro-batch): the next is scheduled ahead of the oldest.
+            ahead = len(self._in_flight) >= depth
+            output = self.scheduler.schedule(*self._micro_batch_limits(depth), ahead=ahead,
+                                             ahead_of=self._in_flight[0] if ahead else None)
             if stats is not None:
                 stats.num_preemptions += len(output.preempted)
             if output.is_empty:
@@ -348,7 +351,7 @@ class LLMEngine:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
             self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids,
-                                                  output.swap_out, output.swap_in))
+                                                  output.swap_out, output.swap_in, len(self._in_flight)))
             self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:

@@ -18,10 +18,12 @@ which lets g micro-batches share one long prefill. Each micro-batch
 takes at most `max_seqs` sequences so that the others get work too, or, with lookahead batch
 formulation, as much work as its time budget allows (kunserve/engine/lookahead.py).
 
-Scheduling ahead (asynchronous scheduling, one device): the next step is scheduled while
-the previous one still runs, so that the host's work overlaps the device's. A sequence whose
-sampled token is still in flight decodes that token in the step ahead, its input id taken
-on the device from the previous step's output. A step ahead preempts nothing: it is formed
+Scheduling ahead (asynchronous scheduling): the next step is scheduled while the previous
+one still runs, so that the host's work overlaps the device's. A sequence whose sampled
+token is still in flight decodes that token in the step ahead, its input id taken on the
+device from the previous step's output. A pipeline schedules micro-batch k+g while its
+oldest, k, is still in flight: only k's sequences decode ahead (their tokens come back from
+the last stage to the first on the devices), the others still wait for theirs. A step ahead preempts nothing: it is formed
 only while every running sequence surely finds its blocks, so under memory pressure
 scheduling falls back to one step at a time with the preemption order above.
 """
@@ -113,11 +115,13 @@ class Scheduler:
         self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
 
     def schedule(
-        self, max_seqs: int | None = None, time_budget: LookaheadBudget | None = None, ahead: bool = False
+        self, max_seqs: int | None = None, time_budget: LookaheadBudget | None = None, ahead: bool = False,
+        ahead_of: SchedulerOutput | None = None,
     ) -> SchedulerOutput:
         """The next step. `ahead`: the previous step is still in flight on the same device
         (asynchronous scheduling); the step is empty unless every running sequence can get
-        its blocks without preempting."""
+        its blocks without preempting. `ahead_of`: the step in flight whose sampled sequences
+        may decode ahead (a pipeline's oldest micro-batch); None: any in flight."""
         budget = self.max_num_batched_tokens
         seq_limit = self.max_num_seqs if max_seqs is None else max_seqs
         scheduled: list[tuple[Sequence, int]] = []
@@ -126,10 +130,11 @@ class Scheduler:
         if ahead and self.block_manager.num_free_blocks < self._ahead_reserve_blocks(budget):
             return output
 
+        sampled_by = None if ahead_of is None else _sampled_sequences(ahead_of)
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < seq_limit:
             seq = self.running[i]
-            if seq.awaits_token and not (ahead and seq.can_run_ahead):
+            if seq.awaits_token and not (ahead and seq.can_run_ahead and (sampled_by is None or seq in sampled_by)):
                 i += 1
                 continue
             # A decode ahead of its token in flight computes that one token.
@@ -279,3 +284,8 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True
+
+
+def _sampled_sequences(step: SchedulerOutput) -> set[Sequence]:
+    """The sequences whose token in flight `step` samples (its last chunk of theirs in flight)."""
+    return {seq for seq, n in step.scheduled if seq.num_in_flight_tokens == n}

@@ -64,9 +64,10 @@ class WorkerSetExecutor(WorkerExecutor):
         """Take every worker's READY (its arena layout); on any failure stop them all."""
         num_stages = self.workers.num_stages
         self.max_in_flight = num_stages
-        # One stage: its workers read the next step while the driver processes this one's
-        # tokens, and take a step ahead's input tokens from their own last sampled ones.
-        self.runs_ahead = num_stages == 1
+        # Its workers read the next step while the driver processes this one's tokens, and
+        # take a step ahead's input tokens from their own last sampled ones (a pipeline's first
+        # stage, from the last stage's: Worker.run_stage).
+        self.runs_ahead = True
         try:
             every: list[ArenaLayout] = [self.workers.receive(i, Reply.READY) for i in range(len(self.workers))]
         except BaseException:
@@ -167,6 +168,7 @@ class WorkerGroupExecutor(FusedGroupExecutor):
             raise ValueError(f"tensor_parallel_size: a group's members must have one size, got {sizes}")
         t = sizes[0]
         self.workers = type(members[0].workers)([h for member in members for h in member.workers.handles], t)
+        self.runs_ahead = True  # the stages feed sampled tokens back (Worker.run_stage)
 
     def submit(self, step: StepInput) -> None:
         self.refuse_swaps(step)

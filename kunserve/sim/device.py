@@ -57,7 +57,7 @@ class SimulatedDevice(DeviceCalls):
     # ---- role changes ------------------------------------------------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
+                     next_rank: int | None = None, back_rank: int | None = None) -> list[int]:
         self.layout.check_split(num_stages)
         self.released.update(layers_outside_stage(self.layout.num_layers, stage, num_stages))
         self.group = (stage, num_stages)

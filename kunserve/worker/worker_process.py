@@ -45,7 +45,8 @@ def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignm
         torch.cuda.set_device(device)
     if stage.world.size > 1:
         join_world(stage.world, stage.global_rank, "nccl" if device.type == "cuda" else "gloo")
-    return build_worker(config, model, stage.layer_range, device, stage.pipe, tensor_parallel_group(stage, device))
+    return build_worker(config, model, stage.layer_range, device, stage.pipe, tensor_parallel_group(stage, device),
+                        stage.pipe_back)
 
 
 def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
