@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -32,6 +33,14 @@ logger = logging.getLogger(__name__)
 PromptInput = str | list[int]
 Clock = Callable[[], float]  # seconds, monotonic: time.monotonic, or a simulation's virtual clock
 FAILED = "error"  # the finish reason of a request that failed alone (a fault in its own output)
+
+
+class BetweenSteps(Protocol):
+    """Work an engine does a piece of before each step (a drop's KV exchange, in chunks)."""
+
+    def advance(self) -> bool:
+        """Do the next piece; True once all is done."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class LLMEngine:
         self.stats_listener: StatsListener | None = None
         self._unreported: list[FinishedRequestStats] = []  # aborts between steps
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted steps, oldest first
+        self.between_steps: BetweenSteps | None = None
         # The pipeline bubble: time with steps in flight, against the stages' busy clocks.
         self._in_flight_s = 0.0
         self._in_flight_since: float | None = None
@@ -207,7 +217,18 @@ class LLMEngine:
         may be in flight. Their blocks are the caller's to account for."""
         if self._in_flight:
             raise RuntimeError("hand_over: steps are in flight; drain() first")
+        if self.between_steps is not None:
+            raise RuntimeError("hand_over: work between steps is unfinished; finish_between_steps() first")
         return self.scheduler.release_all()
+
+    def finish_between_steps(self) -> None:
+        """Do all the work left between steps (a drop's exchange) now."""
+        while self.between_steps is not None:
+            self._advance_between_steps()
+
+    def _advance_between_steps(self) -> None:
+        if self.between_steps is not None and self.between_steps.advance():
+            self.between_steps = None
 
     def take_over(self, source: LLMEngine, running: list[Sequence], waiting: list[Sequence]) -> None:
         """Adopt requests handed over by `source` (which now runs on this engine's devices):
@@ -262,6 +283,7 @@ class LLMEngine:
         it first fills the pipeline with micro-batches, then completes the oldest; scheduling
         asynchronously, it submits the next step before completing the one on the device."""
         stats = None if self.stats_listener is None else StepStats()
+        self._advance_between_steps()
         self._fill_pipeline(stats)
         outputs = self._complete_oldest(stats) if self._in_flight else []
         window_closed = self.clock() - self._bubble_window_start >= self.config.bubble_window_s

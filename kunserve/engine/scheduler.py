@@ -72,6 +72,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()  # preempted with their KV in host memory, oldest first
+        # Running, but not to be scheduled until their KV has arrived (a drop's exchange running
+        # between the group's steps: kunserve/cluster/exchange.py); their blocks are bound.
+        self.parked: set[Sequence] = set()
         self.num_preemptions = 0
         self.num_swap_outs = 0  # preemptions that kept their KV in host memory
         self.num_steps_ahead = 0  # steps scheduled while the previous one was in flight
@@ -81,13 +84,31 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        return bool(self.waiting or self.running or self.swapped or self.parked)
+
+    def park(self, seqs: list[Sequence]) -> None:
+        """Take running `seqs` out of scheduling until `unpark` (their KV is on its way)."""
+        for seq in seqs:
+            self.running.remove(seq)
+            self.parked.add(seq)
+
+    def unpark(self, seq: Sequence) -> bool:
+        """`seq`'s KV has arrived: it runs again, in its place by age. False when it finished
+        (was aborted) while parked: its blocks, kept until now, are freed instead."""
+        if seq.is_finished:
+            self.block_manager.free(seq)
+            return False
+        self.parked.remove(seq)
+        self.insert_running(seq)
+        return True
 
     def release_all(self) -> tuple[list[Sequence], list[Sequence]]:
         """Empty the scheduler: (running, waiting), sequences untouched. Refused while
         sequences are swapped out: their KV is in this device's host memory."""
         if self.swapped:
             raise RuntimeError(f"{len(self.swapped)} sequences are swapped out; they cannot be handed over")
+        if self.parked:
+            raise RuntimeError(f"{len(self.parked)} sequences wait for their KV; finish the exchange first")
         running, waiting = self.running, list(self.waiting)
         self.running, self.waiting, self.num_waiting_blocks = [], deque(), 0
         return running, waiting
@@ -235,6 +256,11 @@ class Scheduler:
         return advanced
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.parked:  # its KV is still being written: its blocks go at `unpark`
+            self.parked.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
