@@ -63,6 +63,10 @@ class SimulatedExecutor(WorkerExecutor):
         self._num_swap_blocks = num_swap_blocks
         self._steps = StepQueue(num_stages, clock, settings)
         self._calls: dict[int, deque[tuple[float, Any]]] = {rank: deque() for rank in range(num_stages)}
+        # While this replica is stage s of a group: the group's pipeline and s. A device call
+        # then runs between the stage's micro-batches, as on a worker (a drop's overlapped
+        # exchange, kunserve/cluster/exchange.py): after those submitted, before the next.
+        self.pipeline_stage: tuple[StagePipeline, int] | None = None
 
     # ---- the executor interface ------------------------------------------------------------
 
@@ -128,7 +132,13 @@ class SimulatedExecutor(WorkerExecutor):
         been busy for its cost, after the calls given to it before."""
         device = self.devices[rank]
         value = getattr(device, name)(*args, **kwargs)
-        device.free_at = max(self.clock(), device.free_at) + device.take_call_seconds()
+        begin = max(self.clock(), device.free_at)
+        if self.pipeline_stage is not None:
+            pipeline, stage = self.pipeline_stage
+            begin = max(begin, pipeline.free_at[stage])
+        device.free_at = begin + device.take_call_seconds()
+        if self.pipeline_stage is not None:
+            pipeline.free_at[stage] = device.free_at
         self._calls[rank].append((device.free_at, value))
 
     def _finish_call(self, rank: int) -> Any:
@@ -152,9 +162,16 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         self.cost, self.clock, self.settings = first.cost, first.clock, first.settings
         self.model_layers = first.model_layers
         self._steps = StepQueue(len(members), first.clock, first.settings)
+        for stage, member in enumerate(members):
+            member.pipeline_stage = (self._steps.pipeline, stage)
         # Stage s receives its activations over this link (a group may span hosts).
         self._hop_links = [self.settings.device_link] + [
             members[s].devices[0].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
+
+    @property
+    def pipeline(self) -> StagePipeline:
+        """When each of the group's stages is free (its micro-batches and device calls)."""
+        return self._steps.pipeline
 
     def submit(self, step: StepInput) -> None:
         self.refuse_swaps(step)
