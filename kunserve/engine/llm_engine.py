@@ -269,7 +269,9 @@ class LLMEngine:
         return len(self._in_flight)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._in_flight)
+        """Requests to run, steps in flight, or work between steps (which a loop must keep
+        stepping for: an exchange holds the blocks of requests aborted while their KV moved)."""
+        return self.scheduler.has_unfinished or bool(self._in_flight) or self.between_steps is not None
 
     def shutdown(self) -> None:
         """Stop the executor's workers (worker processes, when there are any)."""

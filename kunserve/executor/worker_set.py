@@ -48,6 +48,9 @@ def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerW
     ]
 
 
+_NO_BLOCKS = np.empty(0, dtype=np.int64)  # in a group's shared step: each stage gets its own blocks
+
+
 def step_message(step: StepInput) -> bytes:
     """A step command, pickled once for every stage it goes to."""
     return pickle.dumps((Command.EXECUTE, step), protocol=pickle.HIGHEST_PROTOCOL)
@@ -172,11 +175,13 @@ class WorkerGroupExecutor(FusedGroupExecutor):
 
     def submit(self, step: StepInput) -> None:
         self.refuse_swaps(step)
+        # The step is pickled once (without its blocks) for every stage: a group's host time
+        # per micro-batch stays near a replica's per step.
+        shared = pickle.dumps(dataclasses.replace(step, batch=dataclasses.replace(
+            step.batch, block_tables=_NO_BLOCKS, slot_mapping=_NO_BLOCKS)), protocol=pickle.HIGHEST_PROTOCOL)
         for stage in range(len(self.members)):
             tables, slots = self.blocks.translate(stage, step.batch.block_tables, step.batch.slot_mapping)
-            staged = dataclasses.replace(step, batch=dataclasses.replace(step.batch, block_tables=tables,
-                                                                          slot_mapping=slots))
-            message = step_message(staged)
+            message = pickle.dumps((Command.EXECUTE_STAGED, (shared, tables, slots)), protocol=pickle.HIGHEST_PROTOCOL)
             for worker in self.workers.stage_workers(stage):
                 self.workers.send(worker, message)
 
