@@ -183,3 +183,32 @@ def test_a_fused_group_scheduling_ahead_keeps_the_tokens(
     finished, ahead = _through_a_drop(replicas, _group_params(seeded))
     assert ahead > 0
     assert finished == _single_device(llama_dir, _group_params(seeded))
+
+
+def test_a_four_stage_group_on_the_graph_decode_path_scheduling_ahead_keeps_the_tokens(llama_dir: Path) -> None:
+    # The buffers CUDA graphs replay (Triton kernels under the interpreter on CPU): only the
+    # first stage takes tokens; the others, middle stages too, take activations.
+    g = 4
+    prompts = GROUP_PROMPTS[:4]
+    p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=256).generate(
+        prompts, p, use_tqdm=False)]
+    config = EngineConfig(model=str(llama_dir), max_model_len=256, num_kv_blocks=64, attention_backend="triton",
+                          worker_threads=1, async_scheduling="on")
+    cluster = Cluster.launch(config, num_replicas=g)
+    try:
+        cluster.open_links()
+        engines = cluster.engines
+        for i, prompt in enumerate(prompts):
+            engines[i % g].add_request(f"r{i}", prompt, p)
+        finished: dict[str, list[int]] = {}
+        _run(engines, 2, finished)
+        for engine in engines:
+            finished.update({out.request_id: out.outputs[0].token_ids for out in engine.drain()})
+        group, _ = fuse(engines)
+        while group.has_unfinished_requests():
+            _run([group], 1, finished)
+        assert group.scheduler.num_steps_ahead > 0
+    finally:
+        cluster.shutdown()
+    assert [finished[f"r{i}"] for i in range(len(prompts))] == expected

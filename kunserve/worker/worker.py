@@ -169,8 +169,8 @@ class Worker(DeviceCalls):
         if self.pipe_back is not None:
             # Before this step's activations: the pair's messages keep one order at both ends.
             step = self._feed_back(step)
-        elif self.tp.size > 1 and len(step.ahead_token_index):
-            self.runner.share_last_sampled(self.tp)
+        elif self.tp.size > 1 and len(step.ahead_token_index) and self.pipe_prev is None and self.pipe_next is None:
+            self.runner.share_last_sampled(self.tp)  # one stage: its rank 0 sampled them
         hidden_in = None
         if self.pipe_prev is not None:
             hidden_in = torch.empty((step.num_tokens, self.spec.hidden_size), dtype=self.arena.buffer.dtype,
