@@ -54,7 +54,6 @@ class TransitionStats:
     exchange_rounds: int = 1  # a drop into a full cache exchanges in rounds (see kunserve/cluster/exchange.py)
 
 
-
 class SplitRefused(RuntimeError):
     """A restore that cannot be done now (too few free blocks to gather the requests' KV at
     their homes): the group serves on as it was. `outputs`: the steps drained before."""
