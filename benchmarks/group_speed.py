@@ -19,6 +19,7 @@ Two modes:
 
     python benchmarks/group_speed.py --mode bound --out $OUT/group_speed_bound.json
     python benchmarks/group_speed.py --mode live --out $OUT/group_speed_live.json   # two GPUs
+    python benchmarks/group_speed.py --mode live --overlap-exchange --out $OUT/group_speed_overlap.json
     python benchmarks/group_speed.py --mode bound --model tiny-llama --dtype float32 --device cpu \\
         --batches 4 --contexts 64 --memory-budget-gib 1 --out /tmp/group_speed.json   # a CPU dry run
 """
@@ -40,6 +41,7 @@ from kunserve import EngineConfig, SamplingParams
 from kunserve.bench.profiler import ProfileCase, case_sequences
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.exchange import layer_sized_chunk
 from kunserve.cluster.transitions import fuse, split
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.step_builder import build_step_input
@@ -128,14 +130,14 @@ def live_rows(args: argparse.Namespace) -> list[dict]:
                                   skip_tokenizer_init=True)
             cluster = Cluster.launch(config, num_replicas=args.group_size, coordinator=CoordinatorConfig("recompute"))
             try:
-                rows.append(live_case(cluster, batch, context))
+                rows.append(live_case(cluster, batch, context, args.overlap_exchange))
                 print(rows[-1], flush=True)
             finally:
                 cluster.shutdown()
     return rows
 
 
-def live_case(cluster: Cluster, batch: int, context: int) -> dict:
+def live_case(cluster: Cluster, batch: int, context: int, overlap_exchange: bool = False) -> dict:
     engines = list(cluster.engines)
     links_start = time.perf_counter()
     cluster.open_links()  # before serving, as a launched cluster does: links and stages ready
@@ -148,8 +150,9 @@ def live_case(cluster: Cluster, batch: int, context: int) -> dict:
     decode_until_all_decoding(engines)
     replica_step = statistics.median([time_steps(engine, LIVE_DECODE_STEPS) for engine in engines])
     last_token_at = time.perf_counter()
-    group, drop = fuse(engines)
-    running = list(group.scheduler.running)
+    chunk = layer_sized_chunk(engines[0].executor.layout, len(engines)) if overlap_exchange else None
+    group, drop = fuse(engines, chunk)
+    running = list(group.scheduler.running) + list(group.scheduler.parked)  # parked: KV on its way
     lengths = {s.request_id: len(s) for s in running}
     first_after: dict[str, float] = {}
     while len(first_after) < len(running):
@@ -167,7 +170,8 @@ def live_case(cluster: Cluster, batch: int, context: int) -> dict:
             "replica_ms_per_batch_token": replica_step * 1e3, "group_ms_per_batch_token": cycle * 1e3,
             "ratio": cycle / replica_step, "bubble_fraction": 1 - busy.busy_s / busy.stage_s if busy.stage_s else None,
             "drop_s": drop.duration_s, "kv_exchange_s": drop.exchange_s, "stall_s": stall,
-            "restore_s": restore.duration_s, "restore_weights_s": restore.weights_s}
+            "restore_s": restore.duration_s, "restore_weights_s": restore.weights_s,
+            "overlap_exchange": overlap_exchange}
 
 
 def main() -> None:
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256], help="per-GPU batch")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--memory-budget-gib", type=int, default=120, help="bound mode: each worker's budget")
+    parser.add_argument("--overlap-exchange", action="store_true",
+                        help="live mode: the drop's KV exchange runs between the group's steps")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows = bound_rows(args) if args.mode == "bound" else live_rows(args)

@@ -55,6 +55,9 @@ class StepInput:
     # tokens that the device copies into them.
     ahead_token_index: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     ahead_sample_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # How many steps before this one the step that samples those tokens was submitted: 1 on a
+    # single device; on a pipeline, the micro-batches in flight when this one was scheduled.
+    ahead_steps_back: int = 1
 
     @property
     def num_tokens(self) -> int:

@@ -31,6 +31,10 @@ class CoordinatorConfig:
     min_drop_gain: float = 0.8
     migrate_headroom: float = 0.1  # a migration's destination keeps this fraction of its KV blocks free
     max_migrations_per_check: int = 8
+    # A drop's group starts at once, queued requests admitted, and moves the running requests'
+    # KV between its steps (each runs again once its KV has arrived); False: the drop waits
+    # for the whole exchange (kunserve/cluster/exchange.py).
+    overlap_exchange: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.migrate_headroom < 1:

@@ -24,7 +24,7 @@ class Coordinator:
     ) -> None:
         self.cluster = cluster
         self.config = config
-        self.runner = TransitionRunner(cluster, config.max_group_size, on_transition)
+        self.runner = TransitionRunner(cluster, config.max_group_size, on_transition, config.overlap_exchange)
         self.policy = policy_class(config.overload_policy)(config, cluster, self.runner)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -30,7 +30,14 @@ from collections import deque
 import numpy as np
 
 from kunserve.cluster.links import host_of, replica_device
-from kunserve.cluster.transitions import SplitRefused, Transfers, TransitionStats, _exchange, _move_sampler_states
+from kunserve.cluster.transitions import (
+    SplitRefused,
+    Transfers,
+    TransitionStats,
+    _exchange,
+    _move_sampler_states,
+    pipe_back,
+)
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
@@ -64,7 +71,7 @@ def grow(groups: list[LLMEngine], stages: list[LLMEngine]) -> tuple[LLMEngine, l
     outputs = [out for group in groups for out in group.drain()]
     ranks = [e.global_ranks[0] for e in executors]
     becoming = [e.post(0, DeviceCalls.become_stage, s, size, ranks[s - 1] if s else None,
-                       ranks[s + 1] if s < size - 1 else None)
+                       ranks[s + 1] if s < size - 1 else None, back_rank=pipe_back(ranks, s))
                 for s, e in enumerate(executors)]  # all devices at once
     released = [pending.wait() for pending in becoming]
     last = size - 1  # the last stage samples for the group
@@ -371,7 +378,8 @@ def _widen(executors: list[WorkerExecutor], num_layers: int, k: int) -> list[lis
         lacking = [layer for t in range(k * r + 1, k * r + k) for layer in stage_layers(num_layers, t, size)]
         widening.append(executors[k * r].post(0, DeviceCalls.become_stage, r, g, ranks[k * (r - 1)] if r else None,
                                               ranks[k * (r + 1)] if r < g - 1 else None,
-                                              {layer: owner[layer] for layer in lacking}))
+                                              {layer: owner[layer] for layer in lacking},
+                                              back_rank=pipe_back(ranks[::k], r)))
     leaving = [executors[s].post(0, DeviceCalls.become_replica, {layer: rank for layer, rank in owner.items()
                                                                   if rank != ranks[s]}, None)
                for s in range(size) if s % k]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from kunserve.cluster import migration
+from kunserve.cluster.exchange import layer_sized_chunk
 from kunserve.cluster.growth import grow, shrink
 from kunserve.cluster.planner import group_sizes
 from kunserve.cluster.transitions import SplitRefused, TransitionStats, fuse, split
@@ -52,11 +53,14 @@ class Transition:
 class TransitionRunner:
     def __init__(
         self, cluster: ClusterView, max_group_size: int | None = None,
-        on_transition: Callable[[Transition], None] | None = None,
+        on_transition: Callable[[Transition], None] | None = None, overlap_exchange: bool = False,
     ) -> None:
-        """`max_group_size`: the largest group a drop may form (None: any that divides the layers)."""
+        """`max_group_size`: the largest group a drop may form (None: any that divides the layers);
+        `overlap_exchange`: a drop's group starts at once and moves the running requests' KV
+        between its steps, a layer's worth at a time (kunserve/cluster/exchange.py)."""
         self.cluster = cluster
         self.max_group_size = max_group_size
+        self.overlap_exchange = overlap_exchange
         self.on_transition = on_transition
         self.groups: list[Group] = []
         self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
@@ -117,7 +121,9 @@ class TransitionRunner:
                 loop.pause()
             try:
                 cluster.links.open({i: cluster.engines[i].executor for i in members})
-                group_engine, stats = fuse([cluster.engines[i] for i in members])
+                engines = [cluster.engines[i] for i in members]
+                chunk = layer_sized_chunk(engines[0].executor.layout, len(members)) if self.overlap_exchange else None
+                group_engine, stats = fuse(engines, chunk)
                 _run_group(loops, group_engine)
             except Exception as error:
                 _fail_loops(loops, error, "drop")

@@ -25,13 +25,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kunserve.cluster.links import post_kv_copy, replica_device, share_host
+from kunserve.cluster.exchange import (
+    OverlappedExchange,
+    Transfers,
+    ordered_for_overlap,
+    plan_rounds,
+    post_transfers,
+    transfers_of,
+)
+from kunserve.cluster.links import replica_device, share_host
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.staged_block_manager import StagedBlockManager
-from kunserve.executor.base import FusedGroupExecutor, Pending, WorkerExecutor
-from kunserve.layout import stage_layers, sub_block_id, sub_block_ids
+from kunserve.executor.base import FusedGroupExecutor, WorkerExecutor
+from kunserve.layout import stage_layers, sub_block_ids
 from kunserve.outputs import RequestOutput
 from kunserve.worker.protocol import DeviceCalls
 
@@ -43,10 +51,7 @@ class TransitionStats:
     exchange_s: float  # of that, moving KV between devices
     sub_blocks_moved: int
     weights_s: float = 0.0  # of a split: refilling the dropped weights from the peers
-    exchange_rounds: int = 1  # a drop into a full cache exchanges in rounds (see _exchange_in_rounds)
-
-
-Transfers = dict[tuple[int, int], tuple[list[int], list[int]]]  # (src stage, dst stage) -> (src ids, dst ids)
+    exchange_rounds: int = 1  # a drop into a full cache exchanges in rounds (see kunserve/cluster/exchange.py)
 
 
 class SplitRefused(RuntimeError):
@@ -58,8 +63,18 @@ class SplitRefused(RuntimeError):
         self.outputs = outputs or []
 
 
-def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
-    """The group engine of `members` (their steps must all be collected)."""
+def pipe_back(ranks: list[int], stage: int) -> int | None:
+    """The other end of the group's pipeline, for its first and last stages (see become_stage)."""
+    if stage == 0:
+        return ranks[-1]
+    return ranks[0] if stage == len(ranks) - 1 else None
+
+
+def fuse(members: list[LLMEngine], overlap_chunk: int | None = None) -> tuple[LLMEngine, TransitionStats]:
+    """The group engine of `members` (their steps must all be collected). `overlap_chunk`:
+    None, the KV exchange completes inside the drop; else the group starts at once and moves
+    the KV in chunks of this many sub-blocks between its steps, each running request parked
+    until its KV has arrived (kunserve/cluster/exchange.py)."""
     clock = members[0].clock
     start = clock()
     g = len(members)
@@ -67,7 +82,7 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     ranks = [e.global_ranks[0] for e in executors]
     block_size = members[0].config.block_size
     becoming = [e.post(0, DeviceCalls.become_stage, r, g, ranks[r - 1] if r else None,
-                       ranks[r + 1] if r < g - 1 else None)
+                       ranks[r + 1] if r < g - 1 else None, back_rank=pipe_back(ranks, r))
                 for r, e in enumerate(executors)]  # all members at once
     released = [pending.wait() for pending in becoming]
     handed = [m.hand_over() for m in members]
@@ -84,8 +99,16 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
     blocks = StagedBlockManager(block_size, stages)
     exchange_start = clock()
     seqs = [seq for running, _ in handed for seq in running]
-    moved, rounds = _exchange_in_rounds(executors, blocks, seqs,
-                                        [h for h, (run, _) in enumerate(handed) for _ in run])
+    homes = [h for h, (run, _) in enumerate(handed) for _ in run]
+    if overlap_chunk is not None:
+        seqs, homes = ordered_for_overlap(seqs, homes)
+    plan = plan_rounds(blocks, seqs, homes)
+    for seq, rows in zip(seqs, plan.physical):
+        seq.block_ids = blocks.bind(rows.tolist())
+    if overlap_chunk is None:
+        for moves in plan.rounds:
+            _exchange(executors, transfers_of(moves))
+    moved, rounds = plan.num_moved, len(plan.rounds)
     exchange_s = clock() - exchange_start
     # The group runs what its members ran: their sequence slots add up.
     config = dataclasses.replace(members[0].config, max_num_seqs=sum(m.config.max_num_seqs for m in members),
@@ -95,6 +118,9 @@ def fuse(members: list[LLMEngine]) -> tuple[LLMEngine, TransitionStats]:
         group.take_over(member, running, waiting)
     group.scheduler.running.sort(key=lambda s: s.age_key)
     group.scheduler.waiting = deque(sorted(group.scheduler.waiting, key=lambda s: s.arrival_order))
+    if overlap_chunk is not None:
+        group.scheduler.park(seqs)
+        group.between_steps = OverlappedExchange(executors, blocks, group.scheduler, seqs, plan, overlap_chunk, clock)
     stats = TransitionStats(clock() - start, exchange_s, moved, exchange_rounds=rounds)
     logger.info(
         "fused %d replicas into a pipeline in %.1f ms (KV exchange %.1f ms in %d rounds): %d running requests, "
@@ -110,6 +136,7 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     clock = group.clock
     start = clock()
     outputs = group.drain()
+    group.finish_between_steps()  # an overlapped exchange still under way
     blocks = group.block_manager
     executor = group.executor
     if not isinstance(blocks, StagedBlockManager) or not isinstance(executor, FusedGroupExecutor):
@@ -192,49 +219,6 @@ def _gather_plan(
     return homes, home_blocks, local, transfers
 
 
-def _exchange_in_rounds(
-    executors: list[WorkerExecutor], blocks: StagedBlockManager, seqs: list[Sequence],
-    homes: list[int],
-) -> tuple[int, int]:
-    """The KV exchange of a drop, and the binding of each running request's blocks: it keeps
-    its home stage's sub-blocks in place, and every other stage r receives sub-block b·g + r
-    of each of its blocks b. A stage receives into its free sub-blocks, which a full cache
-    has only the released layers' of at first; so the exchange runs in rounds, each source
-    freeing what it sent. With equal members it always completes: stage r ends up holding
-    one sub-block per logical block in use, and its g·B + released sub-blocks hold more than
-    the members' B blocks each. Returns the sub-blocks moved and the rounds taken."""
-    stages = blocks.stages
-    g = len(stages)
-    physical = [np.empty((g, len(seq.block_ids)), dtype=np.int64) for seq in seqs]
-    for seq, home, rows in zip(seqs, homes, physical):
-        rows[home] = sub_block_ids(seq.block_ids, g, home)
-    pending = {r: [(i, k) for i, (seq, home) in enumerate(zip(seqs, homes)) if home != r
-                   for k in range(len(seq.block_ids))] for r in range(g)}
-    moved = rounds = 0
-    while any(pending.values()):
-        rounds += 1
-        transfers: Transfers = {}
-        sent: list[list[int]] = [[] for _ in range(g)]
-        for r in range(g):
-            count = min(len(pending[r]), stages[r].num_free_blocks)
-            batch, pending[r] = pending[r][:count], pending[r][count:]
-            for (i, k), target in zip(batch, stages[r].take(count)):
-                source = sub_block_id(seqs[i].block_ids[k], g, r)
-                physical[i][r, k] = target
-                sources, targets = transfers.setdefault((homes[i], r), ([], []))
-                sources.append(source)
-                targets.append(target)
-                sent[homes[i]].append(source)
-        if not transfers:
-            raise RuntimeError("fuse: no stage has a free sub-block to receive KV into")
-        moved += _exchange(executors, transfers)
-        for h, sources in enumerate(sent):  # sent away: free for the next round
-            stages[h].give(sources)
-    for seq, rows in zip(seqs, physical):
-        seq.block_ids = blocks.bind(rows.tolist())
-    return moved, rounds
-
-
 def _move_sampler_states(executors: list[WorkerExecutor], src: int, dst: int, request_ids: list[str]) -> None:
     """Seeded requests keep their random streams when another device samples for them."""
     states = executors[src].call(0, DeviceCalls.take_sampler_states, request_ids)
@@ -246,11 +230,7 @@ def _exchange(executors: list[WorkerExecutor], transfers: Transfers) -> int:
     """Run the KV transfers, all devices at once, each pair by its path (kunserve/cluster/
     links.py: a pull from the source's arena on one host, a send and a receive across two;
     sources and destinations never overlap, so nothing races)."""
-    posted: list[Pending[None]] = []
-    for (src, dst), (sources, targets) in sorted(transfers.items()):
-        if sources:
-            posted += post_kv_copy(executors[src], executors[dst], sources, targets)
-    for pending in posted:
+    for pending in post_transfers(executors, transfers):
         pending.wait()
     return sum(len(sources) for sources, _ in transfers.values())
 

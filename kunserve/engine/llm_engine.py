@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -35,6 +36,14 @@ PromptInput = str | list[int]
 RECENT_OUTPUTS = 256
 Clock = Callable[[], float]  # seconds, monotonic: time.monotonic, or a simulation's virtual clock
 FAILED = "error"  # the finish reason of a request that failed alone (a fault in its own output)
+
+
+class BetweenSteps(Protocol):
+    """Work an engine does a piece of before each step (a drop's KV exchange, in chunks)."""
+
+    def advance(self) -> bool:
+        """Do the next piece; True once all is done."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -105,10 +114,11 @@ class LLMEngine:
         swap_blocks = self.executor.num_swap_blocks
         swap_pool = BlockManager(config.block_size, range(swap_blocks)) if swap_blocks else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, swap_pool)
-        # Asynchronous scheduling: one step scheduled ahead of the one on the device. Swaps
-        # copy blocks on side streams, off the step's stream order, so they run one at a time.
+        # Asynchronous scheduling: one step scheduled ahead of the one on the device (of a
+        # pipeline's oldest micro-batch). Swaps copy blocks on side streams, off the step's
+        # stream order, so they run one at a time.
         self._schedules_ahead = (
-            self.executor.runs_ahead and self.executor.max_in_flight == 1 and swap_pool is None
+            self.executor.runs_ahead and swap_pool is None
             and config.resolve_async_scheduling(config.resolve_device())
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
@@ -120,6 +130,7 @@ class LLMEngine:
         self.recent_output_lens: deque[int] = deque(maxlen=RECENT_OUTPUTS)  # of requests that ran to their end
         self.num_recent_outputs = 0  # appended to recent_output_lens so far
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted steps, oldest first
+        self.between_steps: BetweenSteps | None = None
         # The pipeline bubble: time with steps in flight, against the stages' busy clocks.
         self._in_flight_s = 0.0
         self._in_flight_since: float | None = None
@@ -211,7 +222,18 @@ class LLMEngine:
         may be in flight. Their blocks are the caller's to account for."""
         if self._in_flight:
             raise RuntimeError("hand_over: steps are in flight; drain() first")
+        if self.between_steps is not None:
+            raise RuntimeError("hand_over: work between steps is unfinished; finish_between_steps() first")
         return self.scheduler.release_all()
+
+    def finish_between_steps(self) -> None:
+        """Do all the work left between steps (a drop's exchange) now."""
+        while self.between_steps is not None:
+            self._advance_between_steps()
+
+    def _advance_between_steps(self) -> None:
+        if self.between_steps is not None and self.between_steps.advance():
+            self.between_steps = None
 
     def take_over(self, source: LLMEngine, running: list[Sequence], waiting: list[Sequence]) -> None:
         """Adopt requests handed over by `source` (which now runs on this engine's devices):
@@ -252,7 +274,9 @@ class LLMEngine:
         return len(self._in_flight)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._in_flight)
+        """Requests to run, steps in flight, or work between steps (which a loop must keep
+        stepping for: an exchange holds the blocks of requests aborted while their KV moved)."""
+        return self.scheduler.has_unfinished or bool(self._in_flight) or self.between_steps is not None
 
     def shutdown(self) -> None:
         """Stop the executor's workers (worker processes, when there are any)."""
@@ -266,6 +290,7 @@ class LLMEngine:
         it first fills the pipeline with micro-batches, then completes the oldest; scheduling
         asynchronously, it submits the next step before completing the one on the device."""
         stats = None if self.stats_listener is None else StepStats()
+        self._advance_between_steps()
         self._fill_pipeline(stats)
         outputs = self._complete_oldest(stats) if self._in_flight else []
         window_closed = self.clock() - self._bubble_window_start >= self.config.bubble_window_s
@@ -342,8 +367,10 @@ class LLMEngine:
     def _fill_pipeline(self, stats: StepStats | None) -> None:
         depth = self.executor.max_in_flight
         while len(self._in_flight) < depth + self._schedules_ahead:
-            output = self.scheduler.schedule(*self._micro_batch_limits(depth),
-                                             ahead=self._schedules_ahead and bool(self._in_flight))
+            # Full (every stage has a micro-batch): the next is scheduled ahead of the oldest.
+            ahead = len(self._in_flight) >= depth
+            output = self.scheduler.schedule(*self._micro_batch_limits(depth), ahead=ahead,
+                                             ahead_of=self._in_flight[0] if ahead else None)
             if stats is not None:
                 stats.num_preemptions += len(output.preempted)
             if output.is_empty:
@@ -353,7 +380,7 @@ class LLMEngine:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
             self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids,
-                                                  output.swap_out, output.swap_in))
+                                                  output.swap_out, output.swap_in, len(self._in_flight)))
             self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:

@@ -33,6 +33,9 @@ class LookaheadBudget:
         self.target_s = target_s
         self.min_chunk_tokens = min_chunk_tokens
         self.shape = StepShape()
+        # The shape with the last chunk tried, which `commit` usually takes (a micro-batch's
+        # host cost is mostly these sums: one per candidate, not two).
+        self._tried: tuple[Sequence, int, StepShape] | None = None
 
     def grant(self, seq: Sequence, wanted: int) -> int:
         """Tokens of the `wanted` next ones that `seq` may compute in this micro-batch (0:
@@ -62,10 +65,17 @@ class LookaheadBudget:
         return low
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
-        self.shape += _chunk(seq, num_tokens)
+        tried = self._tried
+        if tried is not None and tried[0] is seq and tried[1] == num_tokens:
+            self.shape = tried[2]
+        else:
+            self.shape += _chunk(seq, num_tokens)
+        self._tried = None
 
     def _fits(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.predict(self.shape + _chunk(seq, num_tokens)) <= self.target_s
+        with_chunk = self.shape + _chunk(seq, num_tokens)
+        self._tried = (seq, num_tokens, with_chunk)
+        return self.predict(with_chunk) <= self.target_s
 
     def _closer_with(self, seq: Sequence, num_tokens: int) -> bool:
         over = self.predict(self.shape + _chunk(seq, num_tokens)) - self.target_s

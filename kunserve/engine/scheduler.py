@@ -18,10 +18,12 @@ which lets g micro-batches share one long prefill. Each micro-batch
 takes at most `max_seqs` sequences so that the others get work too, or, with lookahead batch
 formulation, as much work as its time budget allows (kunserve/engine/lookahead.py).
 
-Scheduling ahead (asynchronous scheduling, one device): the next step is scheduled while
-the previous one still runs, so that the host's work overlaps the device's. A sequence whose
-sampled token is still in flight decodes that token in the step ahead, its input id taken
-on the device from the previous step's output. A step ahead preempts nothing: it is formed
+Scheduling ahead (asynchronous scheduling): the next step is scheduled while the previous
+one still runs, so that the host's work overlaps the device's. A sequence whose sampled
+token is still in flight decodes that token in the step ahead, its input id taken on the
+device from the previous step's output. A pipeline schedules micro-batch k+g while its
+oldest, k, is still in flight: only k's sequences decode ahead (their tokens come back from
+the last stage to the first on the devices), the others still wait for theirs. A step ahead preempts nothing: it is formed
 only while every running sequence surely finds its blocks, so under memory pressure
 scheduling falls back to one step at a time with the preemption order above.
 """
@@ -80,6 +82,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()  # preempted with their KV in host memory, oldest first
+        # Running, but not to be scheduled until their KV has arrived (a drop's exchange running
+        # between the group's steps: kunserve/cluster/exchange.py); their blocks are bound.
+        self.parked: set[Sequence] = set()
         self.num_preemptions = 0
         self.num_swap_outs = 0  # preemptions that kept their KV in host memory
         self.num_steps_ahead = 0  # steps scheduled while the previous one was in flight
@@ -93,12 +98,31 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        return bool(self.waiting or self.running or self.swapped or self.parked)
+
+    def park(self, seqs: list[Sequence]) -> None:
+        """Take running `seqs` out of scheduling until `unpark` (their KV is on its way)."""
+        for seq in seqs:
+            self.running.remove(seq)
+            self.parked.add(seq)
+
+    def unpark(self, seq: Sequence) -> bool:
+        """`seq`'s KV has arrived: it runs again, in its place by age. False when it finished
+        (was aborted) while parked: its blocks, kept until now, are freed instead."""
+        if seq.is_finished:
+            self.block_manager.free(seq)
+            return False
+        self.parked.remove(seq)
+        self.insert_running(seq)
+        return True
 
     def release_all(self) -> tuple[list[Sequence], list[Sequence]]:
         """Empty the scheduler: (running, waiting), running sequences untouched. Swapped-out
         sequences lead the waiting ones, to be recomputed: their KV is in this device's host
-        memory, which the next scheduler (a group, or its members) addresses otherwise."""
+        memory, which the next scheduler (a group, or its members) addresses otherwise.
+        Refused while sequences wait for their KV (an overlapped exchange: finish it first)."""
+        if self.parked:
+            raise RuntimeError(f"{len(self.parked)} sequences wait for their KV; finish the exchange first")
         swapped = [self._recompute_swapped(seq) for seq in self.swapped]
         running, waiting = self.running, swapped + list(self.waiting)
         self.swapped = deque()
@@ -129,11 +153,13 @@ class Scheduler:
         self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
 
     def schedule(
-        self, max_seqs: int | None = None, time_budget: LookaheadBudget | None = None, ahead: bool = False
+        self, max_seqs: int | None = None, time_budget: LookaheadBudget | None = None, ahead: bool = False,
+        ahead_of: SchedulerOutput | None = None,
     ) -> SchedulerOutput:
         """The next step. `ahead`: the previous step is still in flight on the same device
         (asynchronous scheduling); the step is empty unless every running sequence can get
-        its blocks without preempting."""
+        its blocks without preempting. `ahead_of`: the step in flight whose sampled sequences
+        may decode ahead (a pipeline's oldest micro-batch); None: any in flight."""
         self.block_manager.settle()  # the step before was submitted (with its swap-outs' block ids)
         budget = self.max_num_batched_tokens
         seq_limit = self.max_num_seqs if max_seqs is None else max_seqs
@@ -143,10 +169,11 @@ class Scheduler:
         if ahead and self.block_manager.num_free_blocks < self._ahead_reserve_blocks(budget):
             return output
 
+        sampled_by = None if ahead_of is None else _sampled_sequences(ahead_of)
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < seq_limit:
             seq = self.running[i]
-            if seq.awaits_token and not (ahead and seq.can_run_ahead):
+            if seq.awaits_token and not (ahead and seq.can_run_ahead and (sampled_by is None or seq in sampled_by)):
                 i += 1
                 continue
             # A decode ahead of its token in flight computes that one token.
@@ -283,6 +310,11 @@ class Scheduler:
         return advanced
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.parked:  # its KV is still being written: its blocks go at `unpark`
+            self.parked.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
@@ -341,3 +373,8 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True
+
+
+def _sampled_sequences(step: SchedulerOutput) -> set[Sequence]:
+    """The sequences whose token in flight `step` samples (its last chunk of theirs in flight)."""
+    return {seq for seq, n in step.scheduled if seq.num_in_flight_tokens == n}

@@ -39,6 +39,8 @@ class StagedBlockManager(BlockAccounting):
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         missing = self.num_missing_blocks(seq, num_tokens)
+        if missing == 0:  # most decodes: nothing to bind (the per-step host cost of a group)
+            return True
         if missing > self.num_free_blocks:
             return False
         seq.block_ids.extend(self.bind([stage.take(missing) for stage in self.stages]))

@@ -19,12 +19,14 @@ def build_step_input(
     finished_request_ids: list[str],
     swap_out: list[tuple[int, int]] | None = None,
     swap_in: list[tuple[int, int]] | None = None,
+    ahead_steps_back: int = 1,
 ) -> StepInput:
     """`scheduled`: (sequence, tokens to compute) with decodes (1 token) first, built before
     the sequences' tokens are marked in flight: each chunk starts after the tokens computed
     or in flight. A decode that starts past a sequence's known tokens runs ahead of the step
     that samples its input (whose sampled row the sequence remembers). Records each sampled
-    sequence's row in this step. A step may carry only swaps (no tokens)."""
+    sequence's row in this step. A step may carry only swaps (no tokens). `ahead_steps_back`:
+    how many steps before this one the step that samples those inputs was submitted."""
     seqs = [s for s, _ in scheduled]
     query_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=len(scheduled))
     computed = np.fromiter((s.num_scheduled_tokens for s in seqs), dtype=np.int64, count=len(seqs))
@@ -86,6 +88,7 @@ def build_step_input(
         swap_in=_pairs(swap_in),
         ahead_token_index=query_starts[ahead],
         ahead_sample_rows=ahead_sample_rows,
+        ahead_steps_back=ahead_steps_back,
     )
 
 

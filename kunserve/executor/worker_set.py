@@ -11,6 +11,7 @@ step, and a device call goes to all of a stage's ranks as one (executor/tensor_p
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import socket
 from collections import defaultdict, deque
@@ -47,6 +48,9 @@ def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerW
     ]
 
 
+_NO_BLOCKS = np.empty(0, dtype=np.int64)  # in a group's shared step: each stage gets its own blocks
+
+
 def step_message(step: StepInput) -> bytes:
     """A step command, pickled once for every stage it goes to."""
     return pickle.dumps((Command.EXECUTE, step), protocol=pickle.HIGHEST_PROTOCOL)
@@ -63,9 +67,10 @@ class WorkerSetExecutor(WorkerExecutor):
         """Take every worker's READY (its arena layout); on any failure stop them all."""
         num_stages = self.workers.num_stages
         self.max_in_flight = num_stages
-        # One stage: its workers read the next step while the driver processes this one's
-        # tokens, and take a step ahead's input tokens from their own last sampled ones.
-        self.runs_ahead = num_stages == 1
+        # Its workers read the next step while the driver processes this one's tokens, and
+        # take a step ahead's input tokens from their own last sampled ones (a pipeline's first
+        # stage, from the last stage's: Worker.run_stage).
+        self.runs_ahead = True
         try:
             every: list[ArenaLayout] = [self.workers.receive(i, Reply.READY) for i in range(len(self.workers))]
         except BaseException:
@@ -166,10 +171,21 @@ class WorkerGroupExecutor(FusedGroupExecutor):
             raise ValueError(f"tensor_parallel_size: a group's members must have one size, got {sizes}")
         t = sizes[0]
         self.workers = type(members[0].workers)([h for member in members for h in member.workers.handles], t)
+        self.runs_ahead = True  # the stages feed sampled tokens back (Worker.run_stage)
 
     def submit(self, step: StepInput) -> None:
-        for stage in range(len(self.members)):
-            message = step_message(self.stage_step(stage, step))
+        if len(step.swap_out) or len(step.swap_in):
+            # A step that swaps (rare: memory ran out) goes whole to each stage, in its ids.
+            messages = [step_message(self.stage_step(stage, step)) for stage in range(len(self.members))]
+        else:
+            # Pickled once (without its blocks) for every stage: a group's host time per
+            # micro-batch stays near a replica's per step.
+            shared = pickle.dumps(dataclasses.replace(step, batch=dataclasses.replace(
+                step.batch, block_tables=_NO_BLOCKS, slot_mapping=_NO_BLOCKS)), protocol=pickle.HIGHEST_PROTOCOL)
+            messages = [pickle.dumps((Command.EXECUTE_STAGED, (shared, *self.blocks.translate(
+                stage, step.batch.block_tables, step.batch.slot_mapping))), protocol=pickle.HIGHEST_PROTOCOL)
+                for stage in range(len(self.members))]
+        for stage, message in enumerate(messages):
             for worker in self.workers.stage_workers(stage):
                 self.workers.send(worker, message)
 

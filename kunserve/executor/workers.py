@@ -38,6 +38,10 @@ class WorkerHandle:
         return f"worker {self.global_rank} (pid {self.process.pid})"
 
 
+def _first_of(inbox: deque[tuple[str, Any]], kind: str) -> int | None:
+    return next((i for i, (k, _) in enumerate(inbox) if k == kind), None)
+
+
 class WorkerSet:
     def __init__(self, handles: list[WorkerHandle], tp_size: int = 1) -> None:
         if len(handles) % tp_size:
@@ -69,15 +73,16 @@ class WorkerSet:
         self.send(index, pickle.dumps((command, argument), protocol=pickle.HIGHEST_PROTOCOL))
 
     def receive(self, index: int, expected: str) -> Any:
-        """The next message of worker `index`, watching every worker of the set: one that
-        dies or reports an error fails the call at once instead of leaving it waiting."""
+        """The next message of kind `expected` from worker `index`, watching every worker of
+        the set: one that dies or reports an error fails the call at once instead of leaving it
+        waiting. Messages of one kind come in order; a device call's reply may pass a step's
+        (a drop's KV exchange runs between a group's steps in flight: kunserve/cluster/exchange.py)."""
         self._raise_if_failed()
         handle = self.handles[index]
-        while not handle.inbox:
+        while (position := _first_of(handle.inbox, expected)) is None:
             self._read_any()
-        kind, payload = handle.inbox.popleft()
-        if kind != expected:
-            self.fail(f"{handle.name} sent {kind!r} where {expected!r} was due")
+        _, payload = handle.inbox[position]
+        del handle.inbox[position]
         return payload
 
     def receive_sampled(self) -> Any:

@@ -70,7 +70,8 @@ class SimulatedDevice(DeviceCalls):
     # ---- role changes ------------------------------------------------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None,
+                     back_rank: int | None = None) -> list[int]:
         """A widening stage's refills come over the link to the peer holding each layer."""
         self.layout.check_split(num_stages)
         missing = set(stage_layers(self.layout.num_layers, stage, num_stages)) & self.released

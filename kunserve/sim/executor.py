@@ -71,6 +71,10 @@ class SimulatedExecutor(WorkerExecutor):
         # each step: kunserve/sim/cluster.py), and the last step's end and device seconds.
         self.overlaps_host = False
         self.last_step = (0.0, 0.0)
+        # While this replica is stage s of a group: the group's pipeline and s. A device call
+        # then runs between the stage's micro-batches, as on a worker (a drop's overlapped
+        # exchange, kunserve/cluster/exchange.py): after those submitted, before the next.
+        self.pipeline_stage: tuple[StagePipeline, int] | None = None
 
     # ---- the executor interface ------------------------------------------------------------
 
@@ -153,7 +157,13 @@ class SimulatedExecutor(WorkerExecutor):
         been busy for its cost, after the calls given to it before."""
         device = self.devices[rank]
         value = getattr(device, name)(*args, **kwargs)
-        device.free_at = device.run_call(max(self.clock(), device.free_at))
+        begin = max(self.clock(), device.free_at)
+        if self.pipeline_stage is not None:
+            pipeline, stage = self.pipeline_stage
+            begin = max(begin, pipeline.free_at[stage])
+        device.free_at = device.run_call(begin)
+        if self.pipeline_stage is not None:
+            pipeline.free_at[stage] = device.free_at
         self._calls[rank].append((device.free_at, value))
 
     def _finish_call(self, rank: int) -> Any:
@@ -177,9 +187,16 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         self.cost, self.clock, self.settings = first.cost, first.clock, first.settings
         self.model_layers = first.model_layers
         self._steps = StepQueue(len(members), first.clock, first.settings)
+        for stage, member in enumerate(members):
+            member.pipeline_stage = (self._steps.pipeline, stage)
         # Stage s receives its activations over this link (a group may span hosts).
         self._hop_links = [self.settings.device_link] + [
             members[s].devices[0].link_to(members[s - 1].global_ranks[0]) for s in range(1, len(members))]
+
+    @property
+    def pipeline(self) -> StagePipeline:
+        """When each of the group's stages is free (its micro-batches and device calls)."""
+        return self._steps.pipeline
 
     def submit(self, step: StepInput) -> None:
         g = len(self.members)

@@ -73,8 +73,9 @@ class DecodeGraphs:
         host[:, n:] = 0
         self._inputs.copy_(staging, non_blocking=True)
         self._staging.copied()
-        fill_ahead_tokens(self._inputs[0], step, previous_sampled)
-        if self._hidden_in is not None:
+        if self._hidden_in is None:  # the first stage embeds: tokens a step ahead go in
+            fill_ahead_tokens(self._inputs[0], step, previous_sampled)
+        else:
             assert hidden_in is not None
             self._hidden_in[:n].copy_(hidden_in)
         self.buffers.fill(step.batch)

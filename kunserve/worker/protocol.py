@@ -44,13 +44,16 @@ class DeviceCalls(ABC):
 
     @abstractmethod
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None,
+                     back_rank: int | None = None) -> list[int]:
         """Hold stage `stage`'s layers of a `num_stages`-stage group and release the others (a
         replica dropping, a stage narrowing as its group grows); a stage widening as its group
         shrinks reclaims the layers it lacks and refills them from the global ranks
         `refill_from` names (peers on this host). Activations then come from global rank
-        `prev_rank` and go to `next_rank`. Returns the sub-block ids all the released slots
-        provide, as the device addresses its arena from now on."""
+        `prev_rank` and go to `next_rank`; sampled tokens go from the last stage back to the
+        first (`back_rank`: the other end, on those two), for micro-batches scheduled ahead.
+        Returns the sub-block ids all the released slots provide, as the device addresses its
+        arena from now on."""
 
     @abstractmethod
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
@@ -134,6 +137,9 @@ class Command:
     """What the driver sends a worker over its channel: (command, argument)."""
 
     EXECUTE = "execute"  # a StepInput; the last stage replies SAMPLED
+    # A group's step: (the StepInput pickled once for every stage, this stage's block tables,
+    # its KV slots); as EXECUTE otherwise
+    EXECUTE_STAGED = "execute_staged"
     CALL = "call"  # (DeviceCalls method name, args, kwargs); replies RETURNED
     TAKE_BUSY_S = "take_busy_s"  # replies BUSY_S: seconds computed since the last take
     SHUTDOWN = "shutdown"  # unmap peers and exit; no reply
@@ -210,3 +216,13 @@ class StageAssignment:
         prev_rank = self.global_rank - self.tp_size if self.rank > 0 else None
         next_rank = self.global_rank + self.tp_size if self.rank < self.num_stages - 1 else None
         return prev_rank, next_rank
+
+    @property
+    def pipe_back(self) -> int | None:
+        """The global rank of the same tensor-parallel rank at the pipeline's other end, on its
+        first and last stages (None elsewhere, and on a single stage): the last stage's sampled
+        tokens go back to the first for micro-batches scheduled ahead of them."""
+        if self.num_stages == 1 or 0 < self.rank < self.num_stages - 1:
+            return None
+        span = (self.num_stages - 1) * self.tp_size
+        return self.global_rank + span if self.rank == 0 else self.global_rank - span

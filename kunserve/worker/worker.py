@@ -5,8 +5,10 @@ and its KV heads, and talks to the same rank of its peers."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+from collections import deque
 
 import numpy as np
 import torch
@@ -42,10 +44,12 @@ def build_worker(
     device: torch.device,
     pipe: tuple[int | None, int | None] = (None, None),
     tp: TensorParallel = SINGLE,
+    pipe_back: int | None = None,
 ) -> Worker:
     """The worker of one device holding layers `layer_range` of `model` (its shard, as rank
     `tp.rank` of a tensor-parallel stage), weights loaded; `pipe`: the global ranks of a static
-    pipeline's previous and next stages (the same tensor-parallel rank of each)."""
+    pipeline's previous and next stages (the same tensor-parallel rank of each); `pipe_back`:
+    of its first stage, the last stage's, and of its last stage, the first's."""
     spec = model.spec
     dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
     weights: WeightSource
@@ -56,7 +60,7 @@ def build_worker(
     else:
         weights = CheckpointWeights(model.weights_dir, spec, tp.rank, tp.size)
     max_model_len = config.max_model_len or spec.max_position_embeddings
-    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe, tp)
+    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe, tp, pipe_back)
 
 
 class Worker(DeviceCalls):
@@ -71,6 +75,7 @@ class Worker(DeviceCalls):
         device: torch.device,
         pipe: tuple[int | None, int | None] = (None, None),
         tp: TensorParallel = SINGLE,
+        pipe_back: int | None = None,
     ) -> None:
         if tp.size != config.tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size}, but this worker is one of {tp.size}")
@@ -116,6 +121,11 @@ class Worker(DeviceCalls):
         self.group: tuple[int, int] | None = None
         # Global ranks of the neighbour stages (None: none, this stage embeds / samples).
         self.pipe_prev, self.pipe_next = pipe
+        # The pipeline's other end (the last stage, for the first; the first, for the last):
+        # the sampled tokens of a micro-batch go back along it to the first stage when a later
+        # micro-batch decodes ahead of them (scheduled ahead: kunserve/engine/scheduler.py).
+        self.pipe_back = pipe_back
+        self._recent_sampled = self._sampled_history(config.pipeline_parallel_size)
         self.peers = PeerLinks(device)
         self.replica_model, self.replica_runner = self.model, self.runner
         # The stage models a drop made, by (stage, group size): kept for the next drop, with
@@ -157,9 +167,14 @@ class Worker(DeviceCalls):
         self._check_runnable()
         self.swap(step)
         if step.num_tokens == 0:  # swaps only: nothing flows down the pipeline
-            return self.runner.execute(step) if self.pipe_next is None and self.tp.samples else None
-        if self.tp.size > 1 and len(step.ahead_token_index):
-            self.runner.share_last_sampled(self.tp)
+            sampled = self.runner.execute(step) if self.pipe_next is None and self.tp.samples else None
+            self._recent_sampled.append(None)
+            return sampled
+        if self.pipe_back is not None:
+            # Before this step's activations: the pair's messages keep one order at both ends.
+            step = self._feed_back(step)
+        elif self.tp.size > 1 and len(step.ahead_token_index) and self.pipe_prev is None and self.pipe_next is None:
+            self.runner.share_last_sampled(self.tp)  # one stage: its rank 0 sampled them
         hidden_in = None
         if self.pipe_prev is not None:
             hidden_in = torch.empty((step.num_tokens, self.spec.hidden_size), dtype=self.arena.buffer.dtype,
@@ -171,7 +186,33 @@ class Worker(DeviceCalls):
         self.clock.end()
         if self.pipe_next is not None:
             dist.send(hidden.contiguous(), dst=self.pipe_next)
+        else:
+            self._recent_sampled.append(self.runner.last_sampled)
         return sampled
+
+    def _feed_back(self, step: StepInput) -> StepInput:
+        """A pipeline's step with decodes scheduled ahead of the micro-batch that samples their
+        input tokens, `step.ahead_steps_back` steps before it: the last stage sends those tokens
+        to the first, which embeds them (its step then reads them as rows 0..k-1 of the step
+        before). Every stage gets every step, so both ends know when a step needs them."""
+        k = len(step.ahead_token_index)
+        if k == 0:
+            return step
+        assert self.pipe_back is not None
+        if self.pipe_next is None:  # the last stage: sampled them
+            if step.ahead_steps_back > len(self._recent_sampled):
+                raise RuntimeError(f"a step decodes ahead of the step {step.ahead_steps_back} back, "
+                                   f"but this stage keeps the last {len(self._recent_sampled)}")
+            source = self._recent_sampled[-step.ahead_steps_back]
+            if source is None:
+                raise RuntimeError("the step decodes ahead of a step this stage did not sample")
+            tokens = source[torch.as_tensor(step.ahead_sample_rows, device=self.device)]
+            dist.send(self.tp.broadcast_from_sampler(tokens), dst=self.pipe_back)
+            return step
+        tokens = torch.empty(k, dtype=torch.int64, device=self.device)
+        dist.recv(tokens, src=self.pipe_back)
+        self.runner.last_sampled = tokens
+        return dataclasses.replace(step, ahead_sample_rows=np.arange(k, dtype=np.int64))
 
     def take_busy_seconds(self) -> float:
         """Seconds this stage computed since the last take (the bubble metric)."""
@@ -201,7 +242,8 @@ class Worker(DeviceCalls):
     # ---- device calls: role changes (kunserve/worker/drop.py) -----------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None,
+                     back_rank: int | None = None) -> list[int]:
         if self.layout.num_layers != self.spec.num_layers:
             raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
         missing = set(stage_layers(self.spec.num_layers, stage, num_stages)) & self.arena.released
@@ -217,6 +259,8 @@ class Worker(DeviceCalls):
         self.group = (stage, num_stages)
         self.pipe_prev = None if prev_rank is None else self._peer(prev_rank)
         self.pipe_next = None if next_rank is None else self._peer(next_rank)
+        self.pipe_back = None if back_rank is None else self._peer(back_rank)
+        self._recent_sampled = self._sampled_history(num_stages)
         return released
 
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
@@ -229,7 +273,8 @@ class Worker(DeviceCalls):
         if self.swap_space is not None:
             self.swap_space.regroup(self.arena.kv_cache)
         self.group = None
-        self.pipe_prev = self.pipe_next = None
+        self.pipe_prev = self.pipe_next = self.pipe_back = None
+        self._recent_sampled = self._sampled_history(1)
 
     def prepare_stages(self, group_sizes: list[int]) -> None:
         if self.layout.num_layers != self.spec.num_layers:
@@ -251,6 +296,12 @@ class Worker(DeviceCalls):
 
     def _run_with(self, model: DecoderStage, runner: ModelRunner) -> None:
         self.model, self.runner = model, runner
+
+    @staticmethod
+    def _sampled_history(num_stages: int) -> deque[torch.Tensor | None]:
+        """The last stage's sampled tokens of its latest steps, newest last: a step scheduled
+        ahead decodes behind at most as many steps as the pipeline has stages in flight."""
+        return deque(maxlen=num_stages)
 
     # ---- device calls: links and KV copies (kunserve/worker/peers.py) ---------------------------
 

@@ -12,12 +12,14 @@ of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
@@ -47,7 +49,8 @@ def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignm
         torch.cuda.set_device(device)
     if stage.world.size > 1:
         join_world(stage.world, stage.global_rank, "nccl" if device.type == "cuda" else "gloo")
-    return build_worker(config, model, stage.layer_range, device, stage.pipe, tensor_parallel_group(stage, device))
+    return build_worker(config, model, stage.layer_range, device, stage.pipe, tensor_parallel_group(stage, device),
+                        stage.pipe_back)
 
 
 def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
@@ -93,6 +96,13 @@ def _serve(handler: CommandHandler, conn: Connection) -> None:
             conn.send(reply)
 
 
+def staged_step(shared: bytes, block_tables: np.ndarray, slot_mapping: np.ndarray) -> StepInput:
+    """A group's step as one stage runs it: the step all stages share, with this stage's blocks."""
+    step: StepInput = pickle.loads(shared)
+    step.batch.block_tables, step.batch.slot_mapping = block_tables, slot_mapping
+    return step
+
+
 class CommandHandler:
     """What a stage's worker does with one driver command, whatever carries the commands (a
     pipe here, a Ray actor's method calls in kunserve/worker/ray_worker.py)."""
@@ -107,6 +117,8 @@ class CommandHandler:
         """The reply to `command` (None: it has none, e.g. a step on a stage that does not sample)."""
         if command == Command.EXECUTE:
             return self._execute(argument)
+        if command == Command.EXECUTE_STAGED:
+            return self._execute(staged_step(*argument))
         if command == Command.CALL:
             name, args, kwargs = argument
             return Reply.RETURNED, getattr(self.worker, check_device_call(name))(*args, **kwargs)

@@ -31,10 +31,13 @@ MAX_TOKENS = 24
 PROMPTS = [[(5 * i + 17 * j) % 500 for j in range(8 + 9 * (i % 7))] for i in range(24)]
 
 
-def test_requests_sent_through_drops_and_restores_all_complete_unchanged(llama_dir: Path) -> None:
+@pytest.mark.parametrize("overlap_exchange", [False, True], ids=["blocking", "overlapped"])
+def test_requests_sent_through_drops_and_restores_all_complete_unchanged(llama_dir: Path, overlap_exchange: bool
+                                                                         ) -> None:
     expected = [o.outputs[0].text for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]
-    server = RunningServer(llama_dir, ServerConfig(num_replicas=2, coordinator=CoordinatorConfig("recompute")),
+    coordinator = CoordinatorConfig("recompute", overlap_exchange=overlap_exchange)
+    server = RunningServer(llama_dir, ServerConfig(num_replicas=2, coordinator=coordinator),
                            max_num_batched_tokens=64)
     texts: dict[int, str] = {}
 
@@ -126,7 +129,7 @@ def test_a_burst_is_admitted_after_a_drop_that_recompute_leaves_queued(llama_dir
 def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
     llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def fuse_failing_after_the_hand_over(members: list) -> None:
+    def fuse_failing_after_the_hand_over(members: list, overlap_chunk: int | None = None) -> None:
         for member in members:
             member.hand_over()
         raise RuntimeError("a device failed during the exchange")

@@ -166,3 +166,18 @@ def test_a_step_ahead_is_empty_rather_than_preempting_when_blocks_run_short() ->
     out = scheduler.schedule(ahead=True)
     assert out.is_empty and not out.preempted
     assert all(seq in scheduler.running for seq in seqs)
+
+
+def test_a_pipelines_micro_batch_ahead_decodes_only_the_oldest_micro_batchs_sequences() -> None:
+    scheduler = Scheduler(BlockManager(BLOCK, range(16)), max_num_seqs=8, max_num_batched_tokens=100)
+    first, second = _decoding(scheduler, "a", 3), _decoding(scheduler, "b", 6)
+    oldest = scheduler.schedule(max_seqs=1)  # micro-batch k: a
+    build_step_input(oldest.scheduled, BLOCK, [])
+    scheduler.launch(oldest)
+    _launch(scheduler)  # micro-batch k+1: b
+    ahead = scheduler.schedule(ahead=True, ahead_of=oldest)
+    step = build_step_input(ahead.scheduled, BLOCK, [], ahead_steps_back=2)
+    assert [seq for seq, _ in oldest.scheduled] == [first]
+    assert [(seq, n) for seq, n in ahead.scheduled] == [(first, 1)]  # b's token comes back later
+    assert step.ahead_sample_rows.tolist() == [0] and step.ahead_steps_back == 2
+    assert second.awaits_token

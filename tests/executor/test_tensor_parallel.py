@@ -272,6 +272,13 @@ def test_a_pipeline_of_tensor_parallel_stages_gives_the_single_device_greedy_tok
     assert tokens(llama_dir, tensor_parallel_size=2, pipeline_parallel_size=2) == llama_reference
 
 
+def test_a_pipeline_of_tensor_parallel_stages_scheduling_ahead_feeds_every_rank_the_sampled_tokens(
+    llama_dir: Path, llama_reference: list[list[int]]
+) -> None:
+    assert tokens(llama_dir, tensor_parallel_size=2, pipeline_parallel_size=2, async_scheduling="on") == \
+        llama_reference
+
+
 @pytest.fixture(scope="module")
 def tp2_replicas(llama_dir: Path) -> Iterator[list[LLMEngine]]:
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=96, max_num_seqs=2,

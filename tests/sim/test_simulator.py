@@ -17,6 +17,7 @@ from kunserve.bench.in_process import request_params
 from kunserve.bench.workload import load_trace
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.exchange import OverlappedExchange
 from kunserve.cluster.transitions import fuse
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.cost_model import StepShape
@@ -24,7 +25,7 @@ from kunserve.engine.sequence import Sequence
 from kunserve.engine.step_builder import build_step_input
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.sim.cluster import SimulatedCluster
-from kunserve.sim.executor import StagePipeline
+from kunserve.sim.executor import SimulatedGroupExecutor, StagePipeline, host_step_time
 from kunserve.sim.settings import SimulatorConfig, VirtualClock
 
 # The first 45 s of data/traces/azure_llm_conv_2023.csv: a small excerpt the tests replay quickly.
@@ -173,3 +174,24 @@ def test_a_transition_is_refused_on_a_replica_another_transition_holds() -> None
     with cluster.coordinator.runner.holding([1]), pytest.raises(ValueError, match="in another transition"):
         cluster.coordinator.runner.drop([0, 1])
     assert not cluster.coordinator.runner.groups
+
+
+def test_a_chunk_of_an_overlapped_exchange_occupies_its_stage_before_the_next_micro_batch() -> None:
+    config = EngineConfig(model="llama-3-8b", num_kv_blocks=256, lookahead_batching=False)
+    # One replica per host: the KV crosses the network, so a chunk outlasts the driver's step.
+    cluster = SimulatedCluster(config, 2, settings=SimulatorConfig(devices_per_host=1))
+    for i, engine in enumerate(cluster.engines):
+        engine.add_request(f"r{i}", [0] * 512, request_params(64))
+        engine.step()  # prefilled: KV to exchange
+    group, stats = fuse(cluster.engines, overlap_chunk=16)
+    assert stats.exchange_s == 0  # the drop does not wait for the exchange
+    executor = group.executor
+    assert isinstance(executor, SimulatedGroupExecutor) and isinstance(group.between_steps, OverlappedExchange)
+    group.add_request("queued", [0] * 64, request_params(1))
+    start = cluster.clock()
+    group.step()  # posts the first chunk (r1's stage-0 KV, received by stage 0), then the micro-batch
+    chunk_end = executor.members[0].devices[0].free_at
+    ready = start + host_step_time(executor.settings, 1, 64)
+    assert chunk_end > ready  # so the micro-batch waits for the chunk
+    stage_0_s = cluster.cost.stage_time(StepShape.of_chunk(0, 64, True), 32, 2, 0, "device")
+    assert executor.pipeline.free_at[0] == pytest.approx(chunk_end + stage_0_s)
