@@ -119,11 +119,16 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     ranks = [e.global_ranks[0] for e in executors]
     num_layers = executors[0].layout.num_layers
     running, waiting = group.hand_over()
+    slots: list[list[int]] = [[] for _ in executors]  # per stage: dropped layers' sub-blocks taken out of use
     try:
-        _evacuate_dropped_memory(executors, blocks, running, num_layers)
+        _evacuate_dropped_memory(executors, blocks, running, slots)
         homes, home_blocks, local, transfers = _gather_plan(members, blocks, running)
     except SplitRefused as refused:
-        group.scheduler.adopt(running, waiting)  # the KV moved so far is bound where it went
+        # The group serves on: the dropped layers' sub-blocks are its KV memory again, and
+        # the KV moved so far is bound where it went.
+        for stage, ids in zip(blocks.stages, slots):
+            stage.give(ids)
+        group.scheduler.adopt(running, waiting)
         raise SplitRefused(str(refused), outputs) from None
     exchange_start = clock()
     for h, (sources, dests) in enumerate(local):
@@ -250,16 +255,19 @@ def _exchange(executors: list[WorkerExecutor], transfers: Transfers) -> int:
 
 
 def _evacuate_dropped_memory(
-    executors: list[WorkerExecutor], blocks: StagedBlockManager, running: list[Sequence], num_layers: int
+    executors: list[WorkerExecutor], blocks: StagedBlockManager, running: list[Sequence], slots: list[list[int]]
 ) -> None:
     """Move KV out of the sub-blocks that lie in dropped layers' slots, so the slots can be
-    reclaimed."""
+    reclaimed. `slots[r]` gets every sub-block of stage r's dropped slots taken out of use
+    (free ones claimed, those the KV moved out of), which a refused split gives back."""
     g = len(executors)
     layout = executors[0].layout
     bound = np.asarray([b for seq in running for b in seq.block_ids], dtype=np.int64)
     for r, (executor, stage) in enumerate(zip(executors, blocks.stages)):
         slot_ids = set(layout.released_sub_blocks_of_stage(r, g))
-        stage.claim(i for i in slot_ids if stage.is_free(i))  # so nothing is moved into them
+        claimed = [i for i in slot_ids if stage.is_free(i)]
+        stage.claim(claimed)  # so nothing is moved into them
+        slots[r].extend(claimed)
         inside = [int(logical) for logical in bound if int(blocks.physical[r, logical]) in slot_ids]
         if not inside:
             continue
@@ -267,6 +275,7 @@ def _evacuate_dropped_memory(
             raise SplitRefused(f"split: stage {r} has no room outside the dropped layers for {len(inside)} blocks")
         targets = stage.take(len(inside))
         executor.call(0, DeviceCalls.move_kv, blocks.physical[r, inside].tolist(), targets)
+        slots[r].extend(blocks.physical[r, inside].tolist())
         blocks.physical[r, inside] = targets
 
 
