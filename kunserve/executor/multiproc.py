@@ -12,7 +12,8 @@ import logging
 import multiprocessing as mp
 
 from kunserve.config import EngineConfig
-from kunserve.executor.worker_set import WorkerSetExecutor, free_port, stage_assignments
+from kunserve.executor.rendezvous import Rendezvous
+from kunserve.executor.worker_set import WorkerSetExecutor, stage_assignments
 from kunserve.executor.workers import WorkerHandle, WorkerSet
 from kunserve.model.presets import ResolvedModel
 from kunserve.worker.protocol import WorkerWorld
@@ -25,10 +26,14 @@ class MultiprocExecutor(WorkerSetExecutor):
     """The stages as worker processes of this host."""
 
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
-        """`world`: the cluster's shared world; None: a world of this executor's stages alone."""
+        """`world`: this executor's place among a cluster's workers; None: its stages link only
+        to each other."""
         super().__init__()
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", config.pipeline_parallel_size)
+        if world is None and config.pipeline_parallel_size > 1:
+            # The stages meet at a store of their own, which lives as long as this executor.
+            self._rendezvous = Rendezvous(config.worker_timeout_s)
+            world = self._rendezvous.world(config.pipeline_parallel_size)
         handles = []
         for stage in stage_assignments(config, model, world):
             parent, child = context.Pipe()
@@ -37,7 +42,7 @@ class MultiprocExecutor(WorkerSetExecutor):
             process.start()
             child.close()
             handles.append(WorkerHandle(process, parent, stage.global_rank))
-        self.workers = WorkerSet(handles)
+        self.workers = WorkerSet(handles, config.worker_timeout_s)
         self._await_ready(config)
         logger.info("%d worker process(es) ready, pids %s", len(handles), self.worker_pids)
 

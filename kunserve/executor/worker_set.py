@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import socket
+from collections import defaultdict, deque
 from typing import Any
 
 import numpy as np
@@ -21,17 +21,12 @@ from kunserve.executor.workers import WorkerSet
 from kunserve.layout import ArenaLayout, stage_ranges
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
-from kunserve.worker.protocol import Command, DeviceCalls, Reply, StageAssignment, WorkerWorld
+from kunserve.worker.protocol import WEIGHT_LOADING_CALLS, Command, DeviceCalls, Reply, StageAssignment, WorkerWorld
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld) -> list[StageAssignment]:
-    """Each stage's layers and device, for `config.pipeline_parallel_size` stages in `world`."""
+def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None) -> list[StageAssignment]:
+    """Each stage's layers and device, for `config.pipeline_parallel_size` stages in `world`
+    (None: one device that links to no other)."""
     num_stages = config.pipeline_parallel_size
     return [
         StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), world,
@@ -49,14 +44,18 @@ class WorkerSetExecutor(WorkerExecutor):
     workers: WorkerSet
 
     def _await_ready(self, config: EngineConfig) -> None:
-        """Take every worker's READY (its arena layout); on any failure stop them all."""
+        """Take every worker's READY (its arena layout), each within the start deadline; on any
+        failure stop them all."""
         num_stages = len(self.workers)
         self.max_in_flight = num_stages
         # One device: its worker reads the next step while the driver processes this one's
         # tokens, and takes a step ahead's input tokens from its own last sampled ones.
         self.runs_ahead = num_stages == 1
+        self._start_timeout_s = config.worker_start_timeout_s
+        self._calls_made: defaultdict[int, deque[str]] = defaultdict(deque)  # by stage: names of calls unanswered
         try:
-            layouts: list[ArenaLayout] = [self.workers.receive(rank, Reply.READY) for rank in range(num_stages)]
+            layouts: list[ArenaLayout] = [self.workers.receive(rank, Reply.READY, config.worker_start_timeout_s)
+                                          for rank in range(num_stages)]
         except BaseException:
             self.shutdown()
             raise
@@ -112,9 +111,12 @@ class WorkerSetExecutor(WorkerExecutor):
 
     def _start_call(self, rank: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.workers.post(rank, Command.CALL, (name, args, kwargs))
+        self._calls_made[rank].append(name)
 
     def _finish_call(self, rank: int) -> Any:
-        return self.workers.receive(rank, Reply.RETURNED)
+        # A call that may load weights from the checkpoint has the start's deadline.
+        loads = self._calls_made[rank].popleft() in WEIGHT_LOADING_CALLS
+        return self.workers.receive(rank, Reply.RETURNED, self._start_timeout_s if loads else None)
 
     def take_busy_seconds(self) -> list[float]:
         return self.workers.take_busy_seconds()
@@ -124,6 +126,9 @@ class WorkerSetExecutor(WorkerExecutor):
 
     def shutdown(self) -> None:
         self.workers.shutdown()
+
+    def exited(self) -> str | None:
+        return self.workers.exited()
 
     def _refuse_static_pipeline(self, call: str) -> None:
         if len(self.workers) > 1:
@@ -136,7 +141,8 @@ class WorkerGroupExecutor(FusedGroupExecutor):
     def __init__(self, members: list[WorkerSetExecutor], blocks: StageBlockMap) -> None:
         super().__init__(list(members), blocks)
         # A set of the members' kind (pipes or Ray calls) over each member's one worker.
-        self.workers = type(members[0].workers)([member.workers.handles[0] for member in members])
+        self.workers = type(members[0].workers)([member.workers.handles[0] for member in members],
+                                                members[0].workers.timeout_s)
 
     def submit(self, step: StepInput) -> None:
         self.refuse_swaps(step)

@@ -63,8 +63,13 @@ class DeviceCalls(ABC):
 
     @abstractmethod
     def warm_link(self, peer: int, send: bool) -> None:
-        """One tiny transfer with global rank `peer`, so the activation link exists before a
-        group's first step needs it (`send`: this end sends)."""
+        """Open the point-to-point link with global rank `peer` (activations, and KV or weights
+        across hosts), which `peer` opens at the same time, so it exists before a group's first
+        step needs it (`send`: this end sends the first transfer)."""
+
+    def close_peer(self, peer: int) -> None:
+        """Forget global rank `peer` (it died, or its replica restarts): unmap its arena and
+        close the link to it. A device that keeps no links has nothing to do."""
 
     # ---- KV copies ------------------------------------------------------------------------
 
@@ -107,7 +112,10 @@ class DeviceCalls(ABC):
         """A digest of each layer slot's bytes (the weights, when the layer is held)."""
 
 
-DEVICE_CALLS = frozenset(DeviceCalls.__abstractmethods__)
+DEVICE_CALLS = frozenset(name for name in vars(DeviceCalls) if not name.startswith("_"))
+# Calls that may read weights from the checkpoint (a refill without a peer to copy from): they
+# may take as long as a worker's start, and get its deadline (EngineConfig.worker_start_timeout_s).
+WEIGHT_LOADING_CALLS = frozenset({"reclaim_layer", "become_replica"})
 
 
 def check_device_call(name: str) -> str:
@@ -138,15 +146,16 @@ class Reply:
 
 @dataclass(frozen=True)
 class WorkerWorld:
-    """The torch.distributed world the workers of a whole cluster share, so any two can
-    exchange tensors (activations within a group; KV and weights between replicas)."""
+    """Where the workers of a cluster meet to open links to each other: a rendezvous store the
+    driver hosts (kunserve/executor/rendezvous.py), and the global ranks of an executor's
+    devices. A global rank names one worker for its whole life: a replica that restarts gets
+    new ones, so a link is never confused with the one its predecessor had."""
 
-    init_method: str  # where the workers meet, e.g. tcp://127.0.0.1:port
-    size: int
-    first_rank: int = 0  # the global rank of this executor's stage 0
-    # The rendezvous store runs in the driver, not in global rank 0: across hosts the
-    # driver's address is the one known before the workers are placed (Ray).
-    store_in_driver: bool = False
+    store_address: str  # host:port of the driver's rendezvous store
+    first_rank: int  # the global rank of this executor's stage 0
+    # How long a link's operation (opening it, a send or a receive) waits for its peer before
+    # failing: a peer that died or hangs ends the wait instead of blocking this worker.
+    link_timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -155,7 +164,7 @@ class StageAssignment:
     num_stages: int
     layer_range: tuple[int, int]
     device: str
-    world: WorkerWorld
+    world: WorkerWorld | None  # None: a device alone, linked to no other
     # Stages of a pipeline hold different layer counts, so their arenas place KV blocks at
     # different ids: the driver then speaks logical ids 0..B-1 and each stage adds its own
     # first KV block id. A single stage uses its physical ids (release/reclaim address them).
@@ -163,7 +172,7 @@ class StageAssignment:
 
     @property
     def global_rank(self) -> int:
-        return self.world.first_rank + self.rank
+        return self.rank if self.world is None else self.world.first_rank + self.rank
 
     @property
     def pipe(self) -> tuple[int | None, int | None]:

@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from kunserve.config import EngineConfig
 from kunserve.kernels.attention import make_attention_backend
@@ -25,7 +24,7 @@ from kunserve.worker.busy_clock import BusyClock
 from kunserve.worker.cuda_graphs import DecodeGraphs
 from kunserve.worker.model_runner import ModelRunner, PendingTokens
 from kunserve.worker.peers import PeerLinks, digest
-from kunserve.worker.protocol import DeviceCalls, SamplerStates
+from kunserve.worker.protocol import DeviceCalls, SamplerStates, WorkerWorld
 from kunserve.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
@@ -37,9 +36,12 @@ def build_worker(
     layer_range: tuple[int, int],
     device: torch.device,
     pipe: tuple[int | None, int | None] = (None, None),
+    world: WorkerWorld | None = None,
+    rank: int = 0,
 ) -> Worker:
     """The worker of one device holding layers `layer_range` of `model`, weights loaded;
-    `pipe`: the global ranks of a static pipeline's previous and next stages."""
+    `pipe`: the global ranks of a static pipeline's previous and next stages; `world` and
+    `rank`: where it meets its peers, as global rank `rank` (None: it links to nobody)."""
     spec = model.spec
     dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
     weights: WeightSource
@@ -50,7 +52,7 @@ def build_worker(
     else:
         weights = CheckpointWeights(model.weights_dir, spec)
     max_model_len = config.max_model_len or spec.max_position_embeddings
-    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe)
+    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe, PeerLinks(device, world, rank))
 
 
 class Worker(DeviceCalls):
@@ -64,6 +66,7 @@ class Worker(DeviceCalls):
         dtype: torch.dtype,
         device: torch.device,
         pipe: tuple[int | None, int | None] = (None, None),
+        peers: PeerLinks | None = None,
     ) -> None:
         torch.manual_seed(config.seed)
         self.spec = spec
@@ -102,7 +105,7 @@ class Worker(DeviceCalls):
         self.group: tuple[int, int] | None = None
         # Global ranks of the neighbour stages (None: none, this stage embeds / samples).
         self.pipe_prev, self.pipe_next = pipe
-        self.peers = PeerLinks(device)
+        self.peers = peers or PeerLinks(device)
         self.replica_model, self.replica_runner = self.model, self.runner
         # The stage models a drop made, by (stage, group size): kept for the next drop, with
         # their captured graphs (their weights and KV views never move).
@@ -148,13 +151,13 @@ class Worker(DeviceCalls):
         if self.pipe_prev is not None:
             hidden_in = torch.empty((step.num_tokens, self.spec.hidden_size), dtype=self.arena.buffer.dtype,
                                     device=self.device)
-            dist.recv(hidden_in, src=self.pipe_prev)
+            self.peers.recv(hidden_in, self.pipe_prev)
         self.clock.begin()
         hidden = self.runner.forward(step, hidden_in)
         sampled = self.runner.sample(step, hidden) if self.pipe_next is None else None
         self.clock.end()
         if self.pipe_next is not None:
-            dist.send(hidden.contiguous(), dst=self.pipe_next)
+            self.peers.send(hidden.contiguous(), self.pipe_next)
         return sampled
 
     def take_busy_seconds(self) -> float:
@@ -227,6 +230,9 @@ class Worker(DeviceCalls):
     def warm_link(self, peer: int, send: bool) -> None:
         self.peers.warm(peer, send, self.arena.buffer.dtype)
 
+    def close_peer(self, peer: int) -> None:
+        self.peers.close_peer(peer)
+
     def kv_view(self) -> torch.Tensor:
         """The KV cache as this device addresses it now: blocks, or a stage's sub-blocks."""
         return self.arena.kv_cache if self.group is None else self.arena.stage_kv_cache(self.group[1])
@@ -259,7 +265,7 @@ class Worker(DeviceCalls):
         return [digest(self.arena.slot(layer)) for layer in range(self.layout.num_layers)]
 
     def close(self) -> None:
-        """Unmap the peers' memory before the process exits."""
+        """Unmap the peers' memory and close the links before the process exits."""
         self.peers.close()
 
 

@@ -1,38 +1,44 @@
 """A worker process: one device, one pipeline stage.
 
 Commands come from the driver over a pipe (the light control channel: pickled host
-arrays). Activations go from stage to stage through torch.distributed point-to-point
-(gloo on CPU, NCCL on GPU); only the last stage answers a step, with its sampled tokens
-(and its compute time, for the bubble metric).
+arrays). Activations go from stage to stage over the links between neighbours
+(kunserve/worker/peers.py: gloo on CPU, NCCL on GPU); only the last stage answers a step, with
+its sampled tokens (and its compute time, for the bubble metric).
 Every stage gets every step command, so each knows the batch's shape without asking.
 `start_worker` and `CommandHandler` (what one command does) are shared with the Ray actor
 of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
+
+A worker never outlives its driver: it exits when the pipe closes, and a watchdog thread ends
+it when the driver is gone while it is busy (e.g. waiting on a peer).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing
 
 from kunserve.config import EngineConfig
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
-from kunserve.worker.protocol import Command, Reply, StageAssignment, WorkerWorld, check_device_call
+from kunserve.worker.protocol import Command, Reply, StageAssignment, check_device_call
 from kunserve.worker.worker import Worker, build_worker
 
 logger = logging.getLogger(__name__)
 
+ORPHAN_CHECK_S = 0.5  # how often a worker looks whether its driver is still there
+ORPHAN_EXIT_CODE = 3  # what a worker whose driver vanished exits with
+
 
 def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignment) -> Worker:
-    """Set this process up for its stage (CPU threads, device, the cluster's torch.distributed
-    world) and build the stage's worker: the same in a worker process and in a Ray actor."""
+    """Set this process up for its stage (CPU threads, device, the links to its pipeline
+    neighbours) and build the stage's worker: the same in a worker process and in a Ray actor."""
     # Shared CPU tensors travel as shared-memory file names: plain bytes the driver can
     # pass on between workers (see PeerLinks.export).
     torch.multiprocessing.set_sharing_strategy("file_system")
@@ -41,24 +47,19 @@ def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignm
     device = torch.device(stage.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if stage.world.size > 1:
-        join_world(stage.world, stage.global_rank, "nccl" if device.type == "cuda" else "gloo")
-    return build_worker(config, model, stage.layer_range, device, stage.pipe)
-
-
-def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
-    """Join the cluster's torch.distributed world as global rank `rank`."""
-    if not world.store_in_driver:
-        dist.init_process_group(backend, init_method=world.init_method, rank=rank, world_size=world.size)
-        return
-    address = urlparse(world.init_method)
-    store = dist.TCPStore(address.hostname, address.port, world.size, is_master=False)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world.size)
+    worker = build_worker(config, model, stage.layer_range, device, stage.pipe, stage.world, stage.global_rank)
+    # In stage order (each links to its previous neighbour, then its next), so no stage
+    # waits for one that waits for it.
+    for neighbour in stage.pipe:
+        if neighbour is not None:
+            worker.peers.connect(neighbour)
+    return worker
 
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
     """The process's entry point: build the stage, report its layout, then serve commands."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.rank}: %(message)s")
+    watch_driver(os.getppid())
     try:
         worker = start_worker(config, model, stage)
         conn.send((Reply.READY, worker.layout))
@@ -66,8 +67,18 @@ def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignme
     except BaseException:
         conn.send((Reply.ERROR, traceback.format_exc()))
         raise
-    # No destroy_process_group: it waits for the other workers of the world, which may be
-    # shutting down one replica at a time; the process exit frees the group.
+
+
+def watch_driver(driver_pid: int) -> None:
+    """End this process as soon as the driver is gone (this process is then re-parented),
+    whatever its main thread waits on: a worker must never be left behind."""
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            threading.Event().wait(ORPHAN_CHECK_S)
+        os._exit(ORPHAN_EXIT_CODE)  # at once: the main thread may be blocked in native code
+
+    threading.Thread(target=watch, name="kunserve-driver-watch", daemon=True).start()
 
 
 def _serve(handler: CommandHandler, conn: Connection) -> None:
