@@ -16,10 +16,10 @@ import time
 from multiprocessing.connection import Connection
 
 import pytest
+from server_harness import process_gone
 
 from kunserve.executor.workers import WorkerDiedError, WorkerHandle, WorkerSet
 from kunserve.worker.protocol import Command
-
 
 LIVENESS_S = 60.0  # a bound for what must happen, not a timing
 DEADLINE_S = 0.5  # the set's deadline in the hang test
@@ -95,7 +95,7 @@ if __name__ == "__main__":
 """
 
 
-def test_a_worker_exits_when_its_driver_is_killed_even_while_blocked(tmp_path: object) -> None:
+def test_a_worker_exits_when_its_driver_is_killed_even_while_blocked() -> None:
     driver = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert driver.stdout is not None
@@ -104,19 +104,10 @@ def test_a_worker_exits_when_its_driver_is_killed_even_while_blocked(tmp_path: o
         driver.kill()
         driver.wait()
         deadline = time.monotonic() + LIVENESS_S
-        while _alive(worker_pid):
+        while not process_gone(worker_pid):
             assert time.monotonic() < deadline, "the orphaned worker is still running"
             time.sleep(0.05)
     finally:
-        if _alive(worker_pid):
+        if not process_gone(worker_pid):
             os.kill(worker_pid, signal.SIGKILL)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its new parent) counts as gone.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"

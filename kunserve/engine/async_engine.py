@@ -9,6 +9,7 @@ replica), and `revive` puts the loop back in service on a new engine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -301,9 +302,14 @@ class AsyncEngine:
             if stream is not None:
                 stream.put(out)
 
-    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+    def _end(self, request_ids: list[str], error: EngineDeadError) -> None:
         for stream in {self._streams[rid] for rid in request_ids if rid in self._streams}:
-            stream.put(EngineDeadError(f"the engine stopped after an error: {error!r}"))
+            stream.put(error)
+
+    def _end_from_thread(self, request_ids: list[str], error: EngineDeadError) -> None:
+        if self._loop is not None and request_ids:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody reads the streams
+                self._loop.call_soon_threadsafe(self._end, request_ids, error)
 
     # ---- the engine thread ------------------------------------------------------------------
 
@@ -329,6 +335,11 @@ class AsyncEngine:
                     continue
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
+        if not self._down and self.forward_to is None:  # no client waits on a loop that is gone
+            lost = self.engine.unfinished_request_ids()
+            while not self._adds.empty():
+                lost.append(self._next_handed().request_id)
+            self._end_from_thread(lost, EngineDeadError("the engine was stopped (the server is shutting down)"))
 
     def fail(self, error: BaseException) -> None:
         """Go down: the engine's workers are stopped; every request whose state was on them
@@ -353,8 +364,7 @@ class AsyncEngine:
         on_failure = None if self._stopping else self.on_failure
         if on_failure is None:
             lost += [seq.request_id for seq in unstarted]
-        if self._loop is not None and lost:
-            self._loop.call_soon_threadsafe(self._fail, lost, error)
+        self._end_from_thread(lost, EngineDeadError(f"the engine stopped after an error: {error!r}"))
         engine.shutdown()
         if on_failure is not None:
             on_failure(self, error, unstarted)

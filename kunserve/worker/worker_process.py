@@ -14,6 +14,7 @@ it when the driver is gone while it is busy (e.g. waiting on a peer).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 ORPHAN_CHECK_S = 0.5  # how often a worker looks whether its driver is still there
 ORPHAN_EXIT_CODE = 3  # what a worker whose driver vanished exits with
+OPEN_DESCRIPTORS = "/proc/self/fd"
+STDERR_FD = 2  # stdin, stdout and stderr stay inherited
 
 
 def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignment) -> Worker:
@@ -42,9 +45,11 @@ def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignm
     # Shared CPU tensors travel as shared-memory file names: plain bytes the driver can
     # pass on between workers (see PeerLinks.export).
     torch.multiprocessing.set_sharing_strategy("file_system")
+    device = torch.device(stage.device)
+    if device.type == "cpu":
+        start_shared_memory_manager()
     if config.worker_threads is not None:
         torch.set_num_threads(config.worker_threads)
-    device = torch.device(stage.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     worker = build_worker(config, model, stage.layer_range, device, stage.pipe, stage.world, stage.global_rank)
@@ -56,9 +61,32 @@ def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignm
     return worker
 
 
+def start_shared_memory_manager() -> None:
+    """Start torch's shared-memory manager now, before this worker opens links. Torch starts it
+    (torch_shm_manager, a child process) when the first tensor moves to shared memory, e.g. the
+    arena at its first export, and the child keeps every descriptor open then that its exec
+    does not close: links to peers would then outlive this worker, so a peer waiting on one
+    would not see it die, and the manager itself would never see its last client go."""
+    torch.zeros(1).share_memory_()
+
+
+def keep_descriptors_from_children() -> None:
+    """Mark every descriptor this process was started with (its pipe to the driver, the pipe
+    whose closing tells the driver it died) as not inherited by programs it starts: a child
+    holding them would hide this worker's death from the driver (Linux: /proc)."""
+    if not os.path.isdir(OPEN_DESCRIPTORS):
+        return
+    for name in os.listdir(OPEN_DESCRIPTORS):
+        fd = int(name)
+        if fd > STDERR_FD:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
+                os.set_inheritable(fd, False)
+
+
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
     """The process's entry point: build the stage, report its layout, then serve commands."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.rank}: %(message)s")
+    keep_descriptors_from_children()
     watch_driver(os.getppid())
     try:
         worker = start_worker(config, model, stage)
