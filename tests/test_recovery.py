@@ -168,6 +168,8 @@ def test_a_worker_killed_in_replica_mode_ends_its_requests_and_its_replica_resta
     assert process_gone(victim)
     assert [t["kind"] for t in httpx.get(f"{server.url}/v1/cluster").json()["transitions"]] == ["restart"]
     assert [r["restarts"] for r in httpx.get(f"{server.url}/v1/cluster").json()["replicas"]] == [1, 0]
+    assert scrape(server)["kunserve:replica_restarts_total{}"] == 1
+    assert scrape(server)["kunserve:restores_total{}"] == 0
     assert not cluster.links.has_stale(1)  # the survivor let go of the dead worker's arena and link
 
 
