@@ -30,15 +30,14 @@ import queue
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from kunserve.engine.async_engine import STOP_GRACE_S, AsyncEngine
+from kunserve.cluster.coordinator import Coordinator
+from kunserve.cluster.view import ClusterView, ReplicaLoop
+from kunserve.engine.async_engine import STOP_GRACE_S
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.executor.base import WorkerExecutor
 from kunserve.executor.workers import WorkerDiedError
-
-if TYPE_CHECKING:
-    from kunserve.cluster.cluster import Cluster
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +45,22 @@ HEALTH_CHECK_S = 0.5  # how often idle replicas' workers are looked at (a busy r
 RESTART_RETRY_S = 5.0  # how long after a restart that failed (e.g. a worker that did not start) the next try
 
 
+class RestartableCluster(ClusterView, Protocol):
+    """What recovery needs of a live cluster (kunserve/cluster/cluster.py)."""
+
+    coordinator: Coordinator
+
+    def new_engine(self, index: int) -> LLMEngine:
+        """Replica `index`'s engine on new workers."""
+        ...
+
+    def revive(self, engines: dict[int, LLMEngine]) -> bool:
+        """Put these replicas back in service on their new engines; False when shutting down."""
+        ...
+
+
 class Recovery:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: RestartableCluster) -> None:
         self.cluster = cluster
         self._due: queue.SimpleQueue[tuple[int, BaseException, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -151,13 +164,13 @@ class Recovery:
         logger.info("restarting replica(s) %s on new workers", members)
         with ThreadPoolExecutor(len(members), thread_name_prefix="kunserve-restart") as pool:
             futures = {m: pool.submit(cluster.new_engine, m) for m in members}
-        errors = [error for future in futures.values() if (error := future.exception()) is not None]
+        failures = [failure for future in futures.values() if (failure := future.exception()) is not None]
         engines: dict[int, LLMEngine] = {m: f.result() for m, f in futures.items() if f.exception() is None}
-        if errors or not cluster.revive(engines):
+        if failures or not cluster.revive(engines):
             for engine in engines.values():
                 engine.shutdown()
-            if errors:
-                raise errors[0]
+            if failures:
+                raise failures[0]
             return False
         logger.info("replica(s) %s serve again", members)
         return True
@@ -173,7 +186,7 @@ class Recovery:
             held = [index] if group is None else group.members
             try:
                 with runner.holding(held):
-                    stepping: AsyncEngine = cluster.replicas[held[0]]
+                    stepping: ReplicaLoop = cluster.replicas[held[0]]
                     stepping.pause()
                     try:
                         if stepping.is_alive:

@@ -25,6 +25,8 @@ from kunserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+STOP_GRACE_S = 10.0  # how long stopping waits for the loop thread once its workers are stopped
+
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is at its limit: the client should retry later."""
@@ -33,9 +35,6 @@ class EngineOverloadedError(RuntimeError):
 class EngineDeadError(RuntimeError):
     """A step failed: the requests it ran end with this, and the engine takes no more until
     it is revived."""
-
-
-STOP_GRACE_S = 10.0  # how long stopping waits for the loop thread once its workers are stopped
 
 
 class RequestStream:

@@ -21,7 +21,7 @@ from kunserve.executor.workers import WorkerSet
 from kunserve.layout import ArenaLayout, stage_ranges
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
-from kunserve.worker.protocol import WEIGHT_LOADING_CALLS, Command, DeviceCalls, Reply, StageAssignment, WorkerWorld
+from kunserve.worker.protocol import Command, DeviceCalls, Reply, StageAssignment, WorkerWorld, loads_weights
 
 
 def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None) -> list[StageAssignment]:
@@ -52,7 +52,8 @@ class WorkerSetExecutor(WorkerExecutor):
         # tokens, and takes a step ahead's input tokens from its own last sampled ones.
         self.runs_ahead = num_stages == 1
         self._start_timeout_s = config.worker_start_timeout_s
-        self._calls_made: defaultdict[int, deque[str]] = defaultdict(deque)  # by stage: names of calls unanswered
+        # By stage: whether each call made and not yet answered reads weights from the checkpoint.
+        self._calls_load: defaultdict[int, deque[bool]] = defaultdict(deque)
         try:
             layouts: list[ArenaLayout] = [self.workers.receive(rank, Reply.READY, config.worker_start_timeout_s)
                                           for rank in range(num_stages)]
@@ -111,11 +112,10 @@ class WorkerSetExecutor(WorkerExecutor):
 
     def _start_call(self, rank: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.workers.post(rank, Command.CALL, (name, args, kwargs))
-        self._calls_made[rank].append(name)
+        self._calls_load[rank].append(loads_weights(name, args, kwargs))
 
     def _finish_call(self, rank: int) -> Any:
-        # A call that may load weights from the checkpoint has the start's deadline.
-        loads = self._calls_made[rank].popleft() in WEIGHT_LOADING_CALLS
+        loads = self._calls_load[rank].popleft()
         return self.workers.receive(rank, Reply.RETURNED, self._start_timeout_s if loads else None)
 
     def take_busy_seconds(self) -> list[float]:

@@ -19,10 +19,10 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import Backend as LinkBackend  # what gloo's and NCCL's backends are
 
 from kunserve.kernels.kv_copy import TORCH_STAGING_BYTES, copy_sub_blocks
 from kunserve.worker.arena import MemoryArena
@@ -30,6 +30,16 @@ from kunserve.worker.protocol import WorkerWorld
 
 WARM_UP_ELEMS = 1024  # a row copied from a newly mapped peer arena, to set up the path
 TAG = 0  # every transfer of a link: messages between its two ends match in the order posted
+
+
+class LinkBackend(Protocol):
+    """What a link uses of a torch.distributed backend (gloo's or NCCL's)."""
+
+    def send(self, tensors: list[torch.Tensor], dst_rank: int, tag: int) -> dist.Work: ...
+
+    def recv(self, tensors: list[torch.Tensor], src_rank: int, tag: int) -> dist.Work: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass
@@ -98,14 +108,14 @@ class PeerLinks:
         self._opened[peer] += 1
         index = 0 if self.rank == low else 1
         timeout = timedelta(seconds=self.world.link_timeout_s)
-        group: LinkBackend
         if self.device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()  # only CUDA builds of torch have NCCL
             options._timeout = timeout
-            group = dist.ProcessGroupNCCL(store, index, 2, options)
+            group: object = dist.ProcessGroupNCCL(store, index, 2, options)
         else:
             group = dist.ProcessGroupGloo(store, index, 2, timeout)
-        self.links[peer] = Link(group, 1 - index)
+        # Both have send, recv and abort (torch's type stubs do not list the first two).
+        self.links[peer] = Link(cast(LinkBackend, group), 1 - index)
 
     def warm(self, peer: int, send: bool, dtype: torch.dtype) -> None:
         """Open the link with `peer` and, on GPUs, make one tiny transfer over it: NCCL creates a

@@ -113,9 +113,15 @@ class DeviceCalls(ABC):
 
 
 DEVICE_CALLS = frozenset(name for name in vars(DeviceCalls) if not name.startswith("_"))
-# Calls that may read weights from the checkpoint (a refill without a peer to copy from): they
-# may take as long as a worker's start, and get its deadline (EngineConfig.worker_start_timeout_s).
-WEIGHT_LOADING_CALLS = frozenset({"reclaim_layer", "become_replica"})
+
+
+def loads_weights(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether call `name` reads weights from the checkpoint (a layer reclaimed, or a refill with
+    no peer to copy from): it may take as long as a worker's start, and has its deadline
+    (EngineConfig.worker_start_timeout_s)."""
+    if name == "become_replica":
+        return (args[0] if args else kwargs.get("refill_from")) is None
+    return name == "reclaim_layer"
 
 
 def check_device_call(name: str) -> str:
