@@ -126,9 +126,10 @@ def worker_pids(server: RunningServer) -> list[int]:
     return [pid for e in executors for pid in e.worker_pids if pid is not None]  # type: ignore[attr-defined]
 
 
-def serves_the_reference_again(server: RunningServer, reference: list[str], deadline: float) -> None:
-    """Every replica serving again before `deadline`, and the greedy texts of an uninterrupted
-    run from each (idle replicas take turns, so every replica serves some)."""
+def serves_the_reference_again(server: RunningServer, reference: list[str], fault_at: float) -> None:
+    """Every replica serving again within RECOVERY_S of the fault, and the greedy texts of an
+    uninterrupted run from each (idle replicas take turns, so every replica serves some)."""
+    deadline = fault_at + RECOVERY_S
     num_replicas = len(server.cluster.engines)
     while scrape(server)["kunserve:replicas_alive{}"] < num_replicas or server.cluster.coordinator.runner.groups:
         assert time.monotonic() < deadline, "the cluster did not recover in time"
@@ -142,6 +143,14 @@ def serves_the_reference_again(server: RunningServer, reference: list[str], dead
             texts.append(response.json()["choices"][0]["text"])
     assert time.monotonic() < deadline, "the cluster did not serve again in time"
     assert texts == reference * num_replicas
+    print(f"correct greedy outputs from every replica {time.monotonic() - fault_at:.1f} s after the fault")
+
+
+def ended_within(ended: list[Ended], fault_at: float, bound_s: float) -> bool:
+    """Whether every failed request ended within `bound_s` of the fault (reported either way)."""
+    failed = [e.at - fault_at for e in ended if e.status != 200]
+    print(f"{len(failed)} failed request(s), the last {max(failed, default=0.0):.2f} s after the fault")
+    return all(delay < bound_s for delay in failed)
 
 
 # ---- a worker killed --------------------------------------------------------------------------
@@ -162,8 +171,8 @@ def test_a_worker_killed_in_replica_mode_ends_its_requests_and_its_replica_resta
     assert sorted(e.status for e in ended) == [200, 200, 500, 500]
     failed = [e for e in ended if e.status == 500]
     assert all("worker 0" in e.message and "exited" in e.message for e in failed)
-    assert all(e.at - killed_at < FAULT_S for e in failed)
-    serves_the_reference_again(server, reference, killed_at + RECOVERY_S)
+    assert ended_within(ended, killed_at, FAULT_S)
+    serves_the_reference_again(server, reference, killed_at)
     servers.note_workers(server)
     assert process_gone(victim)
     assert [t["kind"] for t in httpx.get(f"{server.url}/v1/cluster").json()["transitions"]] == ["restart"]
@@ -187,8 +196,8 @@ def test_a_worker_killed_in_a_group_ends_the_groups_requests_and_every_member_re
     os.kill(old_pids[1], signal.SIGKILL)
     ended = traffic.join()
     assert len(ended) == 16 and all(e.status in (200, 500) for e in ended)
-    assert all(e.at - killed_at < FAULT_S for e in ended if e.status == 500)
-    serves_the_reference_again(server, reference, killed_at + RECOVERY_S)
+    assert ended_within(ended, killed_at, FAULT_S)
+    serves_the_reference_again(server, reference, killed_at)
     servers.note_workers(server)
     assert all(process_gone(pid) for pid in old_pids)
     assert dict(runner.restarts) == {0: 1, 1: 1}
@@ -221,8 +230,8 @@ def test_a_worker_killed_during_a_transition_ends_the_members_requests_and_they_
     answer = httpx.post(f"{server.url}/v1/cluster/{transition}", json={}, timeout=WAIT_S)
     assert answer.status_code >= 500 and "worker 1" in answer.text
     ended = traffic.join()
-    assert all(e.status == 500 and e.at - killed_at < FAULT_S for e in ended)
-    serves_the_reference_again(server, reference, killed_at + RECOVERY_S)
+    assert all(e.status == 500 for e in ended) and ended_within(ended, killed_at, FAULT_S)
+    serves_the_reference_again(server, reference, killed_at)
     servers.note_workers(server)
     assert all(process_gone(pid) for pid in old_pids)
 
@@ -252,8 +261,8 @@ def test_a_hung_worker_is_killed_at_its_deadline_while_the_other_replica_serves(
     assert served_meanwhile > 0  # replica 1 went on while replica 0 hung (and was not paused by the drop)
     failed = [e for e in ended if e.status != 200]
     assert len(failed) == 2 and all("did not answer within 2 s" in e.message for e in failed)
-    assert all(e.at - stopped_at < HANG_TIMEOUT_S + FAULT_S for e in failed)
-    serves_the_reference_again(server, reference, stopped_at + RECOVERY_S)
+    assert ended_within(ended, stopped_at, HANG_TIMEOUT_S + FAULT_S)
+    serves_the_reference_again(server, reference, stopped_at)
     servers.note_workers(server)
     assert process_gone(victim)
 
@@ -284,4 +293,4 @@ def test_a_drop_the_layers_cannot_split_into_is_refused_and_the_cluster_serves_o
     assert answer.status_code == 400 and "divide" in answer.json()["error"]["message"]
     state = httpx.get(f"{server.url}/v1/cluster").json()
     assert [(r["mode"], r["alive"]) for r in state["replicas"]] == [("replica", True)] * 3
-    serves_the_reference_again(server, reference, time.monotonic() + RECOVERY_S)
+    serves_the_reference_again(server, reference, time.monotonic())
