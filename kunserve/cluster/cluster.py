@@ -99,7 +99,11 @@ class Cluster:
         dispatch_policy: str = "least_loaded",
         max_waiting_requests: int | None = None,
         coordinator: CoordinatorConfig | None = None,
+        open_links: bool = True,
     ) -> Cluster:
+        """`open_links`: link the replicas' devices before serving, so that the first drop or
+        migration pays nothing (False: the first transition opens the links it needs, or the
+        caller does, e.g. to time it)."""
         coordinator = coordinator or CoordinatorConfig()
         preemption_mode = policy_class(coordinator.overload_policy).preemption_mode
         if config.preemption_mode != preemption_mode:
@@ -121,9 +125,9 @@ class Cluster:
                 engine.shutdown()
             raise errors[0]
         cluster = cls(engines, dispatch_policy, max_waiting_requests, coordinator, rendezvous)
-        if cluster.can_link():
+        if open_links and cluster.can_link():
             try:
-                cluster.open_links()  # so that the first drop or migration pays nothing
+                cluster.open_links()
             except BaseException:
                 cluster.shutdown()
                 raise
