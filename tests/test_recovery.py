@@ -7,15 +7,20 @@ tokens of an uninterrupted greedy run again, on every replica; the dead workers 
 process behind, and the other replicas no link to them. A hung worker (SIGSTOP) is killed at
 --worker-timeout-s: its requests fail within that plus FAULT_S, while the other replica
 serves and an operator drop is refused instead of pausing it. A drop the layers cannot split
-into is refused with 400 and the cluster serves on. Shutdown never waits on a hung worker.
+into is refused with 400 and the cluster serves on. Shutdown never waits on a hung worker, and
+every process of a server killed outright exits.
 
 FAULT_S and RECOVERY_S are the issue's bounds: liveness (a death is seen at once, a hang at
 its deadline; nothing waits on a longer timeout), not speed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -294,3 +299,55 @@ def test_a_drop_the_layers_cannot_split_into_is_refused_and_the_cluster_serves_o
     state = httpx.get(f"{server.url}/v1/cluster").json()
     assert [(r["mode"], r["alive"]) for r in state["replicas"]] == [("replica", True)] * 3
     serves_the_reference_again(server, reference, time.monotonic())
+
+
+# ---- the server killed ------------------------------------------------------------------------
+
+
+def test_every_process_of_a_server_killed_after_a_worker_exits(llama_dir: Path) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kunserve.cli", "serve", str(llama_dir), "--replicas", "2", "--host", "127.0.0.1",
+         "--port", "0", "--max-model-len", str(MAX_MODEL_LEN), "--worker-threads", "1"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    descendants: list[int] = []
+    try:
+        assert server.stderr is not None
+        url = next(match.group(1) for line in server.stderr if (match := re.search(r"running on (http://\S+)", line)))
+        # Grouped, with steps in flight: one stage waits on the other when the driver goes.
+        assert httpx.post(f"{url}/v1/cluster/drop", json={}, timeout=WAIT_S).status_code == 200
+        traffic = threading.Thread(target=_post_until_killed, args=(f"{url}/v1/completions",))
+        traffic.start()
+        wait_until(lambda: httpx.get(f"{url}/v1/cluster").json()["groups"][0]["running"] == 1, "the group stepping")
+        descendants = _descendants(server.pid)
+        workers = sorted(pid for pid in descendants if "spawn_main" in _cmdline(pid))
+        assert len(workers) == 2
+        # The issue's case: a worker dies (the first started: likely stage 0, which the other
+        # stage waits on), then the server is killed.
+        os.kill(workers[0], signal.SIGKILL)
+        server.kill()
+        server.wait()
+        traffic.join()
+        wait_until(lambda: all(process_gone(pid) for pid in descendants), "the killed server's processes to exit")
+    finally:
+        server.kill()
+        for pid in descendants:
+            if not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _post_until_killed(url: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
+        httpx.post(url, json=LONG, timeout=WAIT_S)
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(child) for task in os.listdir(f"/proc/{pid}/task")
+                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except FileNotFoundError:
+        return ""

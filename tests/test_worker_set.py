@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
 from server_harness import process_gone
 
 from kunserve.executor.workers import WorkerDiedError, WorkerHandle, WorkerSet
 from kunserve.worker.protocol import Command
+from kunserve.worker.worker_process import watch_driver
 
 LIVENESS_S = 60.0  # a bound for what must happen, not a timing
 DEADLINE_S = 0.5  # the set's deadline in the hang test
@@ -78,25 +80,26 @@ def test_a_wait_may_be_given_a_longer_deadline_than_the_sets() -> None:
         workers.receive(0, "ready", timeout_s=LIVENESS_S)
 
 
-ORPHAN_SCRIPT = """
-import multiprocessing as mp, sys, time
-from kunserve.worker.worker_process import watch_driver
+ORPHAN_SCRIPT = f"""
+import multiprocessing as mp, os, time
+from {watch_driver.__module__} import watch_driver
 
 def blocked(driver_pid):
     watch_driver(driver_pid)
+    print(os.getpid(), flush=True)
     time.sleep(600)  # the main thread never looks at the driver
 
 if __name__ == "__main__":
-    import os
     child = mp.get_context("spawn").Process(target=blocked, args=(os.getpid(),))
     child.start()
-    print(child.pid, flush=True)
-    time.sleep(600)
+    child.join()  # the driver exits (and the test fails on its empty output) if the child fails
 """
 
 
-def test_a_worker_exits_when_its_driver_is_killed_even_while_blocked() -> None:
-    driver = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True,
+def test_a_worker_exits_when_its_driver_is_killed_even_while_blocked(tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(ORPHAN_SCRIPT)
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert driver.stdout is not None
     worker_pid = int(driver.stdout.readline())
@@ -110,4 +113,3 @@ def test_a_worker_exits_when_its_driver_is_killed_even_while_blocked() -> None:
     finally:
         if not process_gone(worker_pid):
             os.kill(worker_pid, signal.SIGKILL)
-
