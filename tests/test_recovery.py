@@ -247,29 +247,54 @@ def test_a_worker_killed_during_a_transition_ends_the_members_requests_and_they_
 def test_a_hung_worker_is_killed_at_its_deadline_while_the_other_replica_serves(
     llama_dir: Path, reference: list[str], servers: Servers
 ) -> None:
+    # Requests long enough that replica 0 still runs its own through replica 1's hang.
     server = servers.start(llama_dir, ServerConfig(num_replicas=2, dispatch_policy="round_robin"),
-                   worker_timeout_s=HANG_TIMEOUT_S)
+                           worker_timeout_s=HANG_TIMEOUT_S, max_model_len=4 * MAX_MODEL_LEN)
     cluster = server.cluster
-    traffic = Traffic(server, LONG, 4)
+    traffic = Traffic(server, {**LONG, "max_tokens": 4 * MAX_MODEL_LEN - 16}, 4)
     wait_until(lambda: [len(e.scheduler.running) for e in cluster.engines] == [2, 2], "two requests on each replica")
-    victim = worker_pids(server)[0]
+    victim = worker_pids(server)[1]  # the drop below pauses replica 0 first
     tokens = "vllm:generation_tokens_total{}"
     os.kill(victim, signal.SIGSTOP)
     stopped_at = time.monotonic()
-    served_before = scrape(server, engine=1)[tokens]
+    served_before = scrape(server, engine=0)[tokens]
     drop = httpx.post(f"{server.url}/v1/cluster/drop", json={"replicas": [0, 1]}, timeout=WAIT_S)
     dropped_at = time.monotonic()
-    served_meanwhile = scrape(server, engine=1)[tokens] - served_before
+    served_meanwhile = scrape(server, engine=0)[tokens] - served_before
     ended = traffic.join()
     assert drop.status_code == 400 and "not serving" in drop.text  # refused once the hung worker was killed
     assert dropped_at - stopped_at < HANG_TIMEOUT_S + FAULT_S
-    assert served_meanwhile > 0  # replica 1 went on while replica 0 hung (and was not paused by the drop)
+    assert served_meanwhile > 0  # replica 0 went on while replica 1 hung (the drop did not hold it meanwhile)
     failed = [e for e in ended if e.status != 200]
-    assert len(failed) == 2 and all("did not answer within 2 s" in e.message for e in failed)
+    assert len(failed) == 2 and all("worker 1" in e.message and "did not answer within 2 s" in e.message
+                                    for e in failed)
     assert ended_within(ended, stopped_at, HANG_TIMEOUT_S + FAULT_S)
     serves_the_reference_again(server, reference, stopped_at)
     servers.note_workers(server)
     assert process_gone(victim)
+
+
+class Loop:
+    """A replica loop that notes, when it is asked to pause, which others are paused then."""
+
+    def __init__(self, paused: set[str], name: str) -> None:
+        self.paused, self.name = paused, name
+        self.others_paused_when_asked: list[set[str]] = []
+
+    def pause(self) -> None:
+        self.others_paused_when_asked.append(set(self.paused))  # held while this one's step ends
+        self.paused.add(self.name)
+
+    def resume(self) -> None:
+        self.paused.discard(self.name)
+
+
+def test_a_transition_holds_no_replica_while_it_waits_for_another_to_be_between_steps() -> None:
+    paused: set[str] = set()
+    healthy, hung = Loop(paused, "healthy"), Loop(paused, "hung")
+    runner_module.pause_together([healthy, hung])  # type: ignore[list-item]
+    assert hung.others_paused_when_asked[0] == set()  # its first pause may last until its deadline
+    assert paused == {"healthy", "hung"}
 
 
 def test_shutdown_ends_the_requests_and_does_not_wait_for_a_hung_worker(llama_dir: Path, servers: Servers) -> None:

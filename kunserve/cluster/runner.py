@@ -127,8 +127,7 @@ class TransitionRunner:
             cluster = self.cluster
             loops = [cluster.replicas[i] for i in members]
             paused_at = cluster.clock()
-            for loop in loops:
-                loop.pause()
+            pause_together(loops)
             try:
                 _check_serving(members, loops)
             except ValueError:
@@ -207,8 +206,7 @@ class TransitionRunner:
             _check_serving([src, dst], [cluster.replicas[src], cluster.replicas[dst]])
             if not cluster.links.are_open(src, dst):
                 pair = [cluster.replicas[i] for i in sorted((src, dst))]
-                for loop in pair:
-                    loop.pause()
+                pause_together(pair)
                 try:
                     cluster.links.open({i: cluster.engines[i].executor for i in (src, dst)})
                 finally:
@@ -248,6 +246,17 @@ class TransitionRunner:
         if self.on_transition is not None:
             self.on_transition(transition)
         return transition
+
+
+def pause_together(loops: list[ReplicaLoop]) -> None:
+    """Pause these loops, each first alone (paused and resumed), so that no loop is held while
+    another's step runs on: a hung worker's step lasts until its deadline, and the requests of
+    the loops paused before it would stall as long."""
+    for loop in loops:
+        loop.pause()
+        loop.resume()
+    for loop in loops:
+        loop.pause()
 
 
 def _run_group(loops: list[ReplicaLoop], group_engine: LLMEngine) -> None:
