@@ -90,7 +90,10 @@ class Recovery:
             try:
                 due = [self._due.get(timeout=HEALTH_CHECK_S)]
             except queue.Empty:
-                self._check_workers()
+                try:
+                    self._check_workers()
+                except Exception:
+                    logger.exception("the health check failed; will look again")
                 continue
             while not self._due.empty():
                 due.append(self._due.get())
