@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/cpu_offline.json")
     args = parser.parse_args()
 
-    from kunserve.model.spec import ModelSpec
+    from kunserve.arch.spec import ModelSpec
     from kunserve.model.tiny import make_tiny_model
 
     model_dir = Path(tempfile.mkdtemp(prefix="kunserve-bench-")) / "tiny-llama"

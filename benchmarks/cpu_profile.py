@@ -51,11 +51,10 @@ stats.sort_stats("tottime").print_stats(top)
 
 
 def linear_shapes(llm: LLM) -> list[tuple[int, int]]:
-    """(in, out) of a decoder layer's linears (qkv, o, gate_up, down) and the LM head."""
+    """(in, out) of a decoder layer's linears (its family's schema: qkv, o, gate_up, down) and the LM head."""
     spec = llm.engine.spec
-    return [(spec.hidden_size, spec.q_size + 2 * spec.kv_size), (spec.q_size, spec.hidden_size),
-            (spec.hidden_size, 2 * spec.intermediate_size), (spec.intermediate_size, spec.hidden_size),
-            (spec.hidden_size, spec.vocab_size)]
+    layer = [(t.shape[1], t.shape[0]) for t in spec.layer_tensors() if t.is_matrix]
+    return [*layer, (spec.hidden_size, spec.vocab_size)]
 
 
 def gemm_gflops(rows: int, shapes: list[tuple[int, int]], linear: Linear) -> float:

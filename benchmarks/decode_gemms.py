@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.model.presets import resolve_model
-from kunserve.model.spec import ModelSpec
 
 ROWS = (32, 64, 128, 192, 232, 256)
 BLAS_LIBRARIES = ("cublas", "cublaslt")
@@ -32,15 +32,9 @@ REPEAT_MS = 50
 
 
 def projection_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each linear of a layer, and the LM head's."""
-    hidden = spec.hidden_size
-    return {
-        "qkv": (spec.q_size + 2 * spec.kv_size, hidden),
-        "o": (hidden, spec.q_size),
-        "gate_up": (2 * spec.intermediate_size, hidden),
-        "down": (hidden, spec.intermediate_size),
-        "lm_head": (spec.vocab_size, hidden),
-    }
+    """(out_features, in_features) of each linear of a layer (its family's schema), and the LM head's."""
+    shapes = {t.name: (t.shape[0], t.shape[1]) for t in spec.layer_tensors() if t.is_matrix}
+    return {**shapes, "lm_head": (spec.vocab_size, spec.hidden_size)}
 
 
 def time_linear(linear, x: torch.Tensor, weight: torch.Tensor) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 
 from kunserve import EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
-from kunserve.cluster.coordinator import CoordinatorConfig
+from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.transitions import fuse, split
 from kunserve.sampling_params import RequestOutputKind
 

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 
+from kunserve.arch.registry import TINY_ARCHS
 from kunserve.bench.demo import run_demo
 from kunserve.bench.launch import add_launch_arguments, run_launch
 from kunserve.bench.run import add_bench_arguments, run_bench
@@ -15,7 +16,8 @@ from kunserve.cluster.dispatcher import DISPATCH_POLICIES
 from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
 from kunserve.config import EXECUTOR_BACKENDS
 from kunserve.engine_args import add_engine_arguments, engine_config
-from kunserve.model.tiny import TINY_ARCHS, make_tiny_model
+from kunserve.model.tiny import make_tiny_model
+from kunserve.server.protocol import DEFAULT_MAX_REQUEST_BYTES
 from kunserve.sim.run import add_simulate_arguments, run_simulate
 
 
@@ -55,6 +57,8 @@ def _serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+        metrics_need_key=args.metrics_need_key,
         served_model_names=args.served_model_name or [],
         max_waiting_requests=args.max_waiting_requests,
         retry_after_s=args.retry_after_s,
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/*")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help="refuse larger request bodies with 413 (default: 16 MiB)")
+    serve.add_argument("--metrics-need-key", action="store_true", help="/metrics, too, requires the --api-key")
     serve.add_argument("--served-model-name", nargs="+", default=None, help="names clients use (default: MODEL)")
     serve.add_argument("--max-waiting-requests", type=int, default=None, help="beyond it: 503 + Retry-After")
     serve.add_argument("--retry-after-s", type=int, default=1, help="the Retry-After a 503 suggests")

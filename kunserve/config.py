@@ -59,7 +59,10 @@ class EngineConfig:
     bubble_window_s: float = 5.0  # the pipeline bubble metric covers this much time
     # Devices.
     pipeline_parallel_size: int = 1  # stages of the model, one device (and worker process) each
-    # "uni": in this process; "mp": worker processes; "ray": Ray actors, on several hosts; auto: mp if > 1 stage
+    # Ranks splitting each stage's layers (Megatron-style tensor parallelism), one device (and
+    # worker process) each: a replica has pipeline_parallel_size x tensor_parallel_size devices.
+    tensor_parallel_size: int = 1
+    # "uni": in this process; "mp": worker processes; "ray": Ray actors, on several hosts; auto: mp if > 1 device
     distributed_executor_backend: str = "auto"
     ray_address: str | None = None  # the Ray cluster "ray" attaches to; None: RAY_ADDRESS, else a new local one
     ray_placement_strategy: str = "STRICT_PACK"  # how a replica's (or pipeline's) devices spread over Ray nodes
@@ -107,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"worker_start_timeout_s: must be > 0, got {self.worker_start_timeout_s}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"pipeline_parallel_size: must be >= 1, got {self.pipeline_parallel_size}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(
                 f"distributed_executor_backend: expected one of {EXECUTOR_BACKENDS}, "
@@ -117,8 +122,9 @@ class EngineConfig:
                 f"ray_placement_strategy: expected one of {RAY_PLACEMENT_STRATEGIES}, "
                 f"got {self.ray_placement_strategy!r}"
             )
-        if self.distributed_executor_backend == "uni" and self.pipeline_parallel_size > 1:
-            raise ValueError("distributed_executor_backend: 'uni' runs one stage; pipelines need 'mp' or 'ray'")
+        if self.distributed_executor_backend == "uni" and self.devices_per_replica > 1:
+            raise ValueError("distributed_executor_backend: 'uni' runs one device; pipelines and tensor "
+                             "parallelism need 'mp' or 'ray'")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: expected 'auto' or 'dummy', got {self.load_format!r}")
 
@@ -127,8 +133,13 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    @property
+    def devices_per_replica(self) -> int:
+        return self.pipeline_parallel_size * self.tensor_parallel_size
+
     def stage_device(self, rank: int) -> torch.device:
-        """Pipeline stage `rank`'s device: on CUDA, the device after `device` by `rank`."""
+        """The device of a replica's device `rank` (stage s, tensor-parallel rank r: s·t + r):
+        on CUDA, the device after `device` by `rank`."""
         device = self.resolve_device()
         if device.type != "cuda":
             return device
@@ -144,4 +155,4 @@ class EngineConfig:
     def resolve_executor_backend(self) -> str:
         if self.distributed_executor_backend != "auto":
             return self.distributed_executor_backend
-        return "uni" if self.pipeline_parallel_size == 1 else "mp"
+        return "uni" if self.devices_per_replica == 1 else "mp"

@@ -9,6 +9,10 @@ block `k * slot_blocks`; the KV region follows the last slot. A KV block is bloc
 holds, for `block_size` tokens, the K and V of every layer the device owns, so one block
 table per sequence addresses all layers, and releasing a layer turns the whole grid blocks
 inside its slot into KV blocks without moving anything (see DESIGN.md §3).
+
+With tensor parallelism each of a stage's t ranks has its own arena of the same layout: a
+slot holds the rank's shard of the layer (kunserve/arch/schema.py says how each tensor
+splits) and a KV block the rank's KV heads, so every rank's block ids are the same.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.config import EngineConfig
-from kunserve.model.spec import ModelSpec
 
 # Parameter tensors inside a slot start at multiples of this many bytes, so GEMMs see aligned
 # operands (cuBLAS and Triton prefer 128-byte alignment; 256 also suits vectorized loads).
@@ -37,30 +41,15 @@ class ParamSlice:
         return math.prod(self.shape)
 
 
-def layer_param_slices(spec: ModelSpec, elem_bytes: int) -> tuple[dict[str, ParamSlice], int]:
-    """The parameters of one decoder layer, packed, and the slot size in elements.
-
-    q/k/v are fused into one `qkv` matrix and gate/up into one `gate_up` matrix, so each
-    projection is a single GEMM.
-    """
-    hidden, inter = spec.hidden_size, spec.intermediate_size
-    qkv_rows = spec.q_size + 2 * spec.kv_size
-    shapes: dict[str, tuple[int, ...]] = {"input_norm": (hidden,), "qkv": (qkv_rows, hidden)}
-    if spec.qkv_bias:
-        shapes["qkv_bias"] = (qkv_rows,)
-    shapes["o"] = (hidden, spec.q_size)
-    if spec.o_bias:
-        shapes["o_bias"] = (hidden,)
-    shapes["post_attention_norm"] = (hidden,)
-    shapes["gate_up"] = (2 * inter, hidden)
-    shapes["down"] = (hidden, inter)
-
+def layer_param_slices(spec: ModelSpec, elem_bytes: int, tp_size: int = 1) -> tuple[dict[str, ParamSlice], int]:
+    """The parameters of one decoder layer (its family's schema, kunserve/arch/), packed in
+    schema order, and the slot size in elements: one rank's shards of them with `tp_size` ranks."""
     align = max(1, PARAM_ALIGN_BYTES // elem_bytes)
     slices: dict[str, ParamSlice] = {}
     offset = 0
-    for name, shape in shapes.items():
-        slices[name] = ParamSlice(offset, shape)
-        offset = _round_up(offset + math.prod(shape), align)
+    for tensor in spec.layer_tensors():
+        slices[tensor.name] = ParamSlice(offset, tensor.shard_shape(tp_size))
+        offset = _round_up(offset + tensor.shard_numel(tp_size), align)
     return slices, offset
 
 
@@ -68,7 +57,7 @@ def layer_param_slices(spec: ModelSpec, elem_bytes: int) -> tuple[dict[str, Para
 class ArenaLayout:
     num_layers: int  # decoder layers held on this device (its slots, and its KV per block)
     block_size: int  # tokens per KV block
-    num_kv_heads: int
+    num_kv_heads: int  # this rank's (all of them without tensor parallelism)
     head_dim: int
     elem_bytes: int
     layer_elems: int
@@ -77,18 +66,19 @@ class ArenaLayout:
 
     @classmethod
     def build(
-        cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, arena_bytes: int
+        cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, arena_bytes: int, tp_size: int = 1
     ) -> ArenaLayout:
-        params, layer_elems = layer_param_slices(spec, elem_bytes)
+        """One rank's arena of `arena_bytes` (of `tp_size` ranks splitting the layers)."""
+        params, layer_elems = layer_param_slices(spec, elem_bytes, tp_size)
         layout = cls(
             num_layers=num_layers,
             block_size=block_size,
-            num_kv_heads=spec.num_kv_heads,
+            num_kv_heads=spec.kv_heads_per_rank(tp_size),
             head_dim=spec.head_dim,
             elem_bytes=elem_bytes,
             layer_elems=layer_elems,
             params=params,
-            total_blocks=arena_bytes // (elem_bytes * cls.kv_block_elems(spec, num_layers, block_size)),
+            total_blocks=arena_bytes // (elem_bytes * cls.kv_block_elems(spec, num_layers, block_size, tp_size)),
         )
         if layout.num_initial_kv_blocks < 1:
             need = layout.slot_blocks * num_layers + 1
@@ -100,17 +90,18 @@ class ArenaLayout:
 
     @classmethod
     def for_kv_blocks(
-        cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, num_kv_blocks: int
+        cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, num_kv_blocks: int, tp_size: int = 1
     ) -> ArenaLayout:
         """The smallest arena holding the layers plus exactly `num_kv_blocks` KV blocks."""
-        block_elems = cls.kv_block_elems(spec, num_layers, block_size)
-        _, layer_elems = layer_param_slices(spec, elem_bytes)
+        block_elems = cls.kv_block_elems(spec, num_layers, block_size, tp_size)
+        _, layer_elems = layer_param_slices(spec, elem_bytes, tp_size)
         slots = num_layers * math.ceil(layer_elems / block_elems)
-        return cls.build(spec, num_layers, block_size, elem_bytes, (slots + num_kv_blocks) * block_elems * elem_bytes)
+        arena_bytes = (slots + num_kv_blocks) * block_elems * elem_bytes
+        return cls.build(spec, num_layers, block_size, elem_bytes, arena_bytes, tp_size)
 
     @staticmethod
-    def kv_block_elems(spec: ModelSpec, num_layers: int, block_size: int) -> int:
-        return num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim
+    def kv_block_elems(spec: ModelSpec, num_layers: int, block_size: int, tp_size: int = 1) -> int:
+        return num_layers * 2 * block_size * spec.kv_heads_per_rank(tp_size) * spec.head_dim
 
     @property
     def block_elems(self) -> int:
@@ -188,25 +179,28 @@ SAMPLER_LOGIT_COPIES = 4
 def arena_layout(
     spec: ModelSpec, config: EngineConfig, layer_range: tuple[int, int], elem_bytes: int, budget_bytes: int | None
 ) -> ArenaLayout:
-    """The arena of a device holding `layer_range`: exactly `num_kv_blocks` KV blocks when
-    set, else what `budget_bytes` leaves after the stage's other weights and a step's scratch
-    memory (None: `cpu_kv_cache_bytes` of KV). Simulated devices use it too."""
+    """The arena of a device (one rank of `config.tensor_parallel_size`) holding `layer_range`:
+    exactly `num_kv_blocks` KV blocks when set, else what `budget_bytes` leaves after the
+    stage's other weights and a step's scratch memory (None: `cpu_kv_cache_bytes` of KV).
+    Simulated devices use it too."""
     start, end = layer_range
     num_layers = end - start
+    t = config.tensor_parallel_size
     if config.num_kv_blocks is not None:
-        return ArenaLayout.for_kv_blocks(spec, num_layers, config.block_size, elem_bytes, config.num_kv_blocks)
-    _, layer_elems = layer_param_slices(spec, elem_bytes)
+        return ArenaLayout.for_kv_blocks(spec, num_layers, config.block_size, elem_bytes, config.num_kv_blocks, t)
+    _, layer_elems = layer_param_slices(spec, elem_bytes, t)
     if budget_bytes is None:
         arena_bytes = num_layers * layer_elems * elem_bytes + config.cpu_kv_cache_bytes
     else:
         first, last = start == 0, end == spec.num_layers
-        vocab_rows = (first + (last and not (first and spec.tie_word_embeddings))) * spec.vocab_size
+        vocab_rows = (first + (last and not (first and spec.tie_word_embeddings))) * spec.vocab_per_rank(t)
         stage_bytes = (vocab_rows + last) * spec.hidden_size * elem_bytes
-        widest = 3 * spec.hidden_size + spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate_size
+        sharded = (spec.heads_per_rank(t) + 2 * spec.kv_heads_per_rank(t)) * spec.head_dim + 3 * spec.intermediate_size // t
+        widest = 3 * spec.hidden_size + sharded
         activations = ACTIVATION_SAFETY_FACTOR * config.max_num_batched_tokens * widest * elem_bytes
         logits = SAMPLER_LOGIT_COPIES * config.max_num_seqs * spec.vocab_size * 4
         arena_bytes = budget_bytes - stage_bytes - activations - logits
-    return ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes)
+    return ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes, t)
 
 
 # ---- pipeline stages and sub-blocks: the arithmetic every layer above shares -----------------

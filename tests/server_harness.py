@@ -1,4 +1,6 @@
-"""A kunserve server on an ephemeral loopback port, in a background thread, for tests."""
+"""A kunserve server for tests: on an ephemeral loopback port in a background thread, or in
+process behind Starlette's TestClient (the real app and engine, no sockets: fast enough for
+thousands of requests)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from kunserve import EngineConfig
@@ -37,6 +40,24 @@ class RunningServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join()
+
+
+class InProcessServer:
+    """The app on a real cluster, driven through `client` (a started TestClient: the lifespan
+    ran, so the engine loops are up); `stop` shuts the cluster down."""
+
+    def __init__(self, model_dir: Path, server: ServerConfig, **engine_args: object) -> None:
+        config = EngineConfig(model=str(model_dir), max_model_len=engine_args.pop("max_model_len", MAX_MODEL_LEN),
+                              **engine_args)
+        self.cluster = Cluster.launch(config, server.num_replicas, server.dispatch_policy, server.max_waiting_requests,
+                                      server.coordinator)
+        self.engine = self.cluster.first
+        # Server errors come back as responses (500s), as a client would see them.
+        self.client = TestClient(build_app(self.cluster, server), raise_server_exceptions=False)
+        self.client.__enter__()
+
+    def stop(self) -> None:
+        self.client.__exit__(None, None, None)
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

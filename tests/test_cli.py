@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.cli import main
-from kunserve.model.spec import ModelSpec
 
 
 def test_make_tiny_model_writes_a_loadable_directory(tmp_path: Path) -> None:

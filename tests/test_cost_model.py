@@ -92,6 +92,14 @@ def test_default_model_grows_with_work_and_layers() -> None:
     assert model.step_time(large, 32) > model.step_time(small, 32) > model.step_time(small, 16)
 
 
+@pytest.mark.parametrize("preset", ["llama-3-8b", "qwen2.5-7b"])
+def test_the_default_estimate_reads_a_layers_gemm_weights_not_its_norms_or_biases(preset: str) -> None:
+    spec = resolve_model(preset).spec
+    gemm_params = (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.q_size * spec.hidden_size
+                   + 3 * spec.hidden_size * spec.intermediate_size)
+    assert CostModel.default(spec, preset, elem_bytes=2).layer_bytes == 2 * gemm_params
+
+
 def test_two_replicas_fused_decode_their_requests_slower_than_each_replica_alone() -> None:
     model = CostModel.default(resolve_model("llama-3-8b").spec, "llama-3-8b")
     one_replica = StepShape(64, 64 * 1024, 0, 64)

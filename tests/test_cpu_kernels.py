@@ -17,8 +17,10 @@ from attention_steps import DECODES_ONLY, MIXED, make_step
 from conftest import make_prompts
 
 from kunserve import LLM, EngineConfig, SamplingParams
-from kunserve.kernels import cpu_fused, fused, native
-from kunserve.kernels.attention import TorchAttentionBackend, make_attention_backend
+from kunserve.config import ATTENTION_BACKENDS
+from kunserve.kernels import backends, cpu_fused, fused, native
+from kunserve.kernels.attention import TorchAttentionBackend
+from kunserve.kernels.backends import make_attention_backend
 from kunserve.kernels.cpu_attention import CpuAttentionBackend
 from kunserve.kernels.cpu_linear import Linear, PackedLinear, make_linear, onednn_linear, plain_linear
 
@@ -192,6 +194,15 @@ def test_the_cpu_kernel_on_a_gpu_is_refused() -> None:
 def test_an_unknown_attention_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(attention_backend="inductor")
+
+
+def test_the_config_accepts_exactly_the_registered_attention_backends_and_auto() -> None:
+    assert set(ATTENTION_BACKENDS) == {"auto", *backends.ATTENTION_BACKENDS}
+
+
+def test_an_unregistered_attention_backend_name_is_refused_by_the_registry() -> None:
+    with pytest.raises(ValueError, match="attention_backend"):
+        make_attention_backend("inductor", BLOCK_SIZE, torch.device("cpu"))
 
 
 def test_the_kv_write_fills_the_slots_as_the_reference_does() -> None:

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kunserve.kernels import fused
-from kunserve.model.rotary import apply_rotary
+from kunserve.kernels.fused import apply_rotary
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

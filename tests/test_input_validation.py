@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,45 @@ def test_a_bad_prompt_queues_nothing(llm: LLM) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5)],
+    [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5),
+     ("seed", 2**64), ("seed", 10**30), ("seed", -1), ("seed", -(2**63) - 1), ("temperature", math.nan),
+     ("temperature", math.inf), ("temperature", 10**400), ("temperature", 1e39), ("top_p", math.nan), ("min_p", math.nan),
+     ("top_k", 1.5), ("seed", "7"), ("max_tokens", 2.0), ("stop_token_ids", [-1]), ("stop", [3])],
 )
-def test_sampling_field_out_of_range(field: str, value: float) -> None:
+def test_sampling_field_out_of_range(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_a_temperature_too_small_for_float32_logits_samples_greedily() -> None:
+    assert SamplingParams(temperature=1e-30).is_greedy
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_top_token(llm: LLM) -> None:
+    greedy, tiny_top_p = (
+        llm.generate([[1, 2, 3]], SamplingParams(temperature=t, top_p=p, max_tokens=6, ignore_eos=True),
+                     use_tqdm=False)[0].outputs[0].token_ids
+        for t, p in ((0.0, 1.0), (1.0, 1e-50))
+    )
+    assert tiny_top_p == greedy
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1])
+def test_seeds_at_both_ends_of_the_64_bit_range_sample(llm: LLM, seed: int) -> None:
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=4, ignore_eos=True)
+    first, second = (llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids for _ in range(2))
+    assert first == second and len(first) == 4
+
+
+def test_top_k_beyond_the_vocabulary(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="top_k.*vocabulary"):
+        llm.generate([[1, 2]], SamplingParams(top_k=llm.engine.spec.vocab_size + 1), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_stop_token_id_outside_the_vocabulary(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="stop_token_ids.*vocabulary"):
+        llm.generate([[1, 2]], SamplingParams(stop_token_ids=[llm.engine.spec.vocab_size]), use_tqdm=False)
 
 
 def test_request_that_can_never_fit_the_kv_cache(llama_dir: Path) -> None:

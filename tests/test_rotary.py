@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from kunserve.arch.spec import RopeSpec
 from kunserve.model.rotary import inverse_frequencies
-from kunserve.model.spec import RopeSpec
 
 HEAD_DIM = 64
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kunserve.model.tiny import TINY_ARCHS, build_tokenizer, default_model_dir, make_tiny_model
+from kunserve.arch.registry import TINY_ARCHS
+from kunserve.model.tiny import build_tokenizer, default_model_dir, make_tiny_model
 
 EXPECTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

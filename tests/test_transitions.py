@@ -177,6 +177,17 @@ def test_stages_of_a_group_decode_through_graphs_captured_as_sizes_come(llama_di
     assert worker.runner is worker.stage_runners[(0, 2)][1]
 
 
+def test_stages_prepared_before_a_drop_are_the_ones_the_drop_uses(llama_dir: Path) -> None:
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=64,
+                          attention_backend="triton")
+    worker = build_worker(config, resolve_model(str(llama_dir)), (0, 4), torch.device("cpu"))
+    worker.prepare_stages([2, 4])
+    prepared = dict(worker.stage_runners)
+    assert sorted(prepared) == [(0, 2), (0, 4), (1, 2), (1, 4), (2, 4), (3, 4)]
+    worker.become_stage(1, 2)
+    assert worker.runner is prepared[(1, 2)][1] and worker.stage_runners == prepared
+
+
 def test_a_group_on_the_graph_decode_path_keeps_the_tokens(llama_dir: Path) -> None:
     prompts = PROMPTS[:4]
     expected = [o.outputs[0].token_ids for o in LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.coordinator import Coordinator
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
-from kunserve.cluster.links import Links
+from kunserve.cluster.links import Links, replica_device
 from kunserve.cluster.policies.registry import policy_class
 from kunserve.cluster.recovery import Recovery
 from kunserve.config import EngineConfig
@@ -33,18 +33,20 @@ from kunserve.executor.factory import build_executor, cluster_rendezvous
 from kunserve.executor.rendezvous import Rendezvous
 from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import SamplingParams
+from kunserve.worker.protocol import DeviceCalls
 
 logger = logging.getLogger(__name__)
 
 
 def replica_configs(config: EngineConfig, num_replicas: int) -> list[EngineConfig]:
-    """Replica i's engine config: on CUDA, devices [i·g, (i+1)·g) after `config.device`; several
-    replicas always run in worker processes (or Ray actors), whose CPU threads share the cores."""
+    """Replica i's engine config: on CUDA, devices [i·d, (i+1)·d) after `config.device` (d: its
+    pipeline stages x tensor-parallel ranks); several replicas always run in worker processes
+    (or Ray actors), whose CPU threads share the cores."""
     if num_replicas < 1:
         raise ValueError(f"replicas: must be >= 1, got {num_replicas}")
     if num_replicas == 1:
         return [config]
-    g = config.pipeline_parallel_size
+    g = config.devices_per_replica
     device = config.resolve_device()
     threads = config.worker_threads
     if device.type != "cuda" and threads is None:
@@ -113,7 +115,7 @@ class Cluster:
         logger.info("starting %d replica(s)", num_replicas)
         model = resolve_model(config.model)
         rendezvous = cluster_rendezvous(config) if num_replicas > 1 else None
-        worlds = [None if rendezvous is None else rendezvous.world(config.pipeline_parallel_size) for _ in configs]
+        worlds = [None if rendezvous is None else rendezvous.world(config.devices_per_replica) for _ in configs]
         # Replicas start side by side: most of a start is the workers loading weights.
         with ThreadPoolExecutor(len(configs)) as pool:
             futures = [pool.submit(lambda c, w: LLMEngine(c, build_executor(c, model, w)), c, w)
@@ -141,11 +143,16 @@ class Cluster:
 
     def open_links(self, members: list[int] | None = None) -> None:
         """Open the links between these replicas' devices (all when None), once per pair, so a
-        drop or migration copies device to device at once (kunserve/cluster/links.py). A
-        transition opens those it needs (those of a restarted replica's new workers). The
-        replicas' engine loops must be paused (or not started)."""
-        indices = range(len(self.engines)) if members is None else members
+        drop or migration copies device to device at once (kunserve/cluster/links.py), and
+        prepare every stage they may become (stage models, CUDA graphs captured), so a drop
+        finds them ready. A transition opens those it needs (those of a restarted replica's new
+        workers, whose stages it then makes as it drops). The replicas' engine loops must be
+        paused (or not started)."""
+        indices = list(range(len(self.engines))) if members is None else members
         self.links.open({i: self.engines[i].executor for i in indices})
+        sizes = self.coordinator.runner.group_sizes(len(indices))
+        for i in indices:
+            replica_device(self.engines[i].executor, "open_links").call(0, DeviceCalls.prepare_stages, sizes)
 
     # ---- failures --------------------------------------------------------------------------
 
@@ -166,7 +173,7 @@ class Cluster:
         model, weights loaded again, new global ranks."""
         failed = self.engines[index]
         config = failed.config
-        world = None if self.rendezvous is None else self.rendezvous.world(config.pipeline_parallel_size)
+        world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica)
         return LLMEngine.replacing(failed, build_executor(config, failed.model, world))
 
     def revive(self, engines: dict[int, LLMEngine]) -> bool:

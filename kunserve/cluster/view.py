@@ -60,8 +60,15 @@ class ClusterView(Protocol):
     @property
     def links(self) -> Links: ...
 
-    clock: Clock  # what overloads are timed by
-    wall_clock: Clock  # what transitions are stamped with
+    @property
+    def clock(self) -> Clock:
+        """What overloads are timed by."""
+        ...
+
+    @property
+    def wall_clock(self) -> Clock:
+        """What transitions are stamped with."""
+        ...
 
     def run_together(self, transitions: list[Callable[[], object]]) -> None:
         """Run transitions of disjoint replicas side by side."""

@@ -18,6 +18,12 @@ saved as a small JSON file per (model, device); `default` estimates them from th
 sizes and nominal H100-class rates when no profile exists.
 
 A transfer of n bytes over a link costs latency_s + n / bandwidth.
+
+A stage split over t tensor-parallel ranks (`for_tensor_parallel`) runs 1/t of each layer's
+weight reads, FLOPs and KV reads on each rank at once, while the fixed costs (the step's and
+a prefill's launches) stay; each layer adds two all-reduces of the step's activations (after
+o and after down), ring all-reduces over the "all_reduce" link: latency_s + 2(t-1)/t · bytes /
+bandwidth. Until benchmarks/tp_speed.py measures that link, its figures are nominal NVLink.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import json
 import logging
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceOf
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kunserve.model.spec import ModelSpec
+from kunserve.arch.schema import matrix_params
+from kunserve.arch.spec import ModelSpec
 
 if TYPE_CHECKING:
     from kunserve.engine.sequence import Sequence
@@ -46,11 +53,16 @@ NOMINAL_MEMORY_BYTES_S = 3.0e12
 NOMINAL_FLOPS = 6.0e14
 NOMINAL_STEP_S = 1.0e-3
 NOMINAL_SAMPLE_S = 2.0e-6
+ALL_REDUCE_LINK = "all_reduce"
 NOMINAL_LINKS = {
     "device": (370e9, 20e-6),  # GPU to GPU on one host (NVLink)
     "host": (55e9, 10e-6),  # pinned host memory <-> GPU
     "network": (12.5e9, 50e-6),  # across hosts (100 Gb/s)
+    # A tensor-parallel stage's all-reduce among its GPUs: nominal, the NVLink figure above,
+    # until measured (benchmarks/tp_speed.py); a profile without it gets this one.
+    ALL_REDUCE_LINK: (370e9, 20e-6),
 }
+ALL_REDUCES_PER_LAYER = 2  # after attention's o projection and after the MLP's down projection
 
 
 @dataclass(frozen=True)
@@ -109,10 +121,12 @@ class StepCoefficients:
     sample_s: float
     layer_prefill_s: float = 0.0
 
-    def predict(self, shape: StepShape, layers: int, samples: bool = True) -> float:
-        per_layer = (self.layer_s + self.layer_token_s * max(0, shape.num_tokens - self.knee_tokens)
-                     + self.layer_context_s * shape.decode_context + self.layer_attention_s * shape.prefill_pairs
-                     + (self.layer_prefill_s if shape.prefill_pairs else 0.0))
+    def predict(self, shape: StepShape, layers: int, samples: bool = True, shards: int = 1) -> float:
+        """The step's time on a stage of `layers` layers; with `shards` tensor-parallel ranks,
+        each rank's share of every layer's weights, FLOPs and KV (its collectives aside)."""
+        sharded = (self.layer_s + self.layer_token_s * max(0, shape.num_tokens - self.knee_tokens)
+                   + self.layer_context_s * shape.decode_context + self.layer_attention_s * shape.prefill_pairs)
+        per_layer = sharded / shards + (self.layer_prefill_s if shape.prefill_pairs else 0.0)
         return self.step_s + layers * per_layer + (self.sample_s * shape.num_samples if samples else 0.0)
 
 
@@ -160,9 +174,27 @@ class CostModel:
     activation_bytes_per_token: int = 0  # hidden state sent between pipeline stages
     notes: dict[str, str] = field(default_factory=dict)
     host: HostTime | None = None  # measured on the same model and device, where it was
+    tensor_parallel_size: int = 1  # the ranks a stage's layers are split over (for_tensor_parallel)
+
+    def for_tensor_parallel(self, tp_size: int) -> CostModel:
+        """This model's steps on stages of `tp_size` tensor-parallel ranks."""
+        if tp_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {tp_size}")
+        return replace(self, tensor_parallel_size=tp_size)
 
     def step_time(self, shape: StepShape, layers: int, samples: bool = True) -> float:
-        return self.step.predict(shape, layers, samples)
+        t = self.tensor_parallel_size
+        if t == 1:
+            return self.step.predict(shape, layers, samples)
+        all_reduce = self.all_reduce_time(shape.num_tokens * self.activation_bytes_per_token)
+        return self.step.predict(shape, layers, samples, t) + layers * ALL_REDUCES_PER_LAYER * all_reduce
+
+    def all_reduce_time(self, num_bytes: float) -> float:
+        """A ring all-reduce of `num_bytes` on each of the stage's t ranks: each sends (and
+        receives) 2(t-1)/t of them, over the "all_reduce" link (nominal where not measured)."""
+        t = self.tensor_parallel_size
+        link = self.links.get(ALL_REDUCE_LINK) or Link(*NOMINAL_LINKS[ALL_REDUCE_LINK])
+        return link.transfer_time(2 * (t - 1) / t * num_bytes)
 
     def stage_time(self, shape: StepShape, num_layers: int, num_stages: int, stage: int, link: str = "device") -> float:
         """A micro-batch's time on stage `stage` of a `num_stages` pipeline: its layers (the
@@ -208,9 +240,10 @@ class CostModel:
 
     @classmethod
     def default(cls, spec: ModelSpec, model_name: str, elem_bytes: int = 2) -> CostModel:
-        """Estimated from the model's sizes and nominal rates (see NOMINAL_*)."""
-        layer_params = (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.q_size * spec.hidden_size
-                        + 3 * spec.hidden_size * spec.intermediate_size)
+        """Estimated from the model's sizes and nominal rates (see NOMINAL_*): a step reads a
+        layer's GEMM weights (its family's schema, kunserve/arch/) once, and each weight costs
+        two FLOPs per token."""
+        layer_params = matrix_params(spec.layer_tensors())
         layer_bytes = layer_params * elem_bytes
         kv_bytes = 2 * spec.kv_size * elem_bytes
         step = StepCoefficients(
@@ -233,14 +266,17 @@ def profile_path(model_name: str) -> Path:
     return PROFILES_DIR / f"{Path(model_name).name}.json"
 
 
-def resolve_cost_model(profile: str | None, spec: ModelSpec, model_name: str, elem_bytes: int) -> CostModel:
-    """`profile`: a cost-model file; None = the packaged profile of the model, else the default."""
+def resolve_cost_model(profile: str | None, spec: ModelSpec, model_name: str, elem_bytes: int,
+                       tp_size: int = 1) -> CostModel:
+    """`profile`: a cost-model file; None = the packaged profile of the model, else the default;
+    for stages of `tp_size` tensor-parallel ranks."""
     if profile is not None:
-        return CostModel.load(Path(profile))
-    packaged = profile_path(model_name)
-    if packaged.exists():
-        return CostModel.load(packaged)
-    return CostModel.default(spec, model_name, elem_bytes)
+        cost = CostModel.load(Path(profile))
+    elif (packaged := profile_path(model_name)).exists():
+        cost = CostModel.load(packaged)
+    else:
+        cost = CostModel.default(spec, model_name, elem_bytes)
+    return cost.for_tensor_parallel(tp_size)
 
 
 # ---- fitting ----------------------------------------------------------------------------------

@@ -24,13 +24,14 @@ from kunserve.engine.step_builder import build_step_input
 from kunserve.executor.base import Executor
 from kunserve.executor.factory import build_executor
 from kunserve.model.presets import ResolvedModel, resolve_model
-from kunserve.outputs import RequestOutput
+from kunserve.outputs import CompletionOutput, RequestOutput
 from kunserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 PromptInput = str | list[int]
 Clock = Callable[[], float]  # seconds, monotonic: time.monotonic, or a simulation's virtual clock
+FAILED = "error"  # the finish reason of a request that failed alone (a fault in its own output)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class LLMEngine:
 
     def _model_context(self, model: ResolvedModel, tokenizer: PreTrainedTokenizerBase | None) -> ModelContext:
         config = self.config
-        cost_model = resolve_cost_model(config.cost_profile, model.spec, model.name, self.executor.layout.elem_bytes)
+        cost_model = resolve_cost_model(config.cost_profile, model.spec, model.name, self.executor.layout.elem_bytes,
+                                        config.tensor_parallel_size)
         max_model_len = config.max_model_len or model.spec.max_position_embeddings
         return ModelContext(model, tokenizer, max_model_len, cost_model)
 
@@ -156,6 +158,7 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
+        params.validate_for_vocabulary(self.spec.vocab_size)
         max_total = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
         seq = Sequence(
             request_id,
@@ -314,15 +317,34 @@ class LLMEngine:
             self._in_flight_since = None
         for seq in self.scheduler.update(output, sampled.tolist()):
             self._record_token_time(seq, now, stats)
-            reason = self.output_processor.check_stop(seq)
-            if reason is None:
-                running = self.output_processor.running_output(seq)
-                if running is not None:
-                    outputs.append(running)
-                continue
-            self.scheduler.finish(seq, reason)
-            outputs.append(self._finish_output(seq))
+            try:
+                out = self._output_of_token(seq)
+            except Exception as error:  # a fault in this request's own output (its text, its stop check)
+                logger.exception("processing request %s's token failed; failing that request alone", seq.request_id)
+                out = self._fail_request(seq, error)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _output_of_token(self, seq: Sequence) -> RequestOutput | None:
+        """Stop checks for the token just appended to `seq`; its output, if it has one now."""
+        reason = self.output_processor.check_stop(seq)
+        if reason is None:
+            return self.output_processor.running_output(seq)
+        self.scheduler.finish(seq, reason)
+        return self._finish_output(seq)
+
+    def _fail_request(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """End `seq` alone with finish reason "error"; its output names `error`."""
+        if not seq.is_finished:
+            self.scheduler.finish(seq, FAILED)
+        seq.finish_reason = FAILED
+        seq.metrics.finished_time = self.clock()
+        self.output_processor.forget(seq.request_id)
+        self._forget_finished(seq)
+        completion = CompletionOutput(0, "", seq.output_token_ids, FAILED)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], True, seq.metrics,
+                             error=f"{error!r}")
 
     def _report(self, stats: StepStats | None) -> None:
         if stats is not None and self.stats_listener is not None:
@@ -390,11 +412,15 @@ class LLMEngine:
 
     def _finish_output(self, seq: Sequence) -> RequestOutput:
         seq.metrics.finished_time = self.clock()
+        output = self.output_processor.finished_output(seq)
+        self._forget_finished(seq)
+        return output
+
+    def _forget_finished(self, seq: Sequence) -> None:
         del self._sequences[seq.request_id]
         self._finished_ids.append(seq.request_id)
         if self.stats_listener is not None:
             self._unreported.append(FinishedRequestStats.of(seq))
-        return self.output_processor.finished_output(seq)
 
     # ---- memory: parameters <-> KV ---------------------------------------------------------
 

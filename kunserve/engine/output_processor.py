@@ -43,6 +43,10 @@ class OutputProcessor:
         """Take a request's text state over from another engine's processor."""
         self._texts[request_id] = source._texts.pop(request_id)
 
+    def forget(self, request_id: str) -> None:
+        """Drop a request's text state (a request that failed)."""
+        self._texts.pop(request_id, None)
+
     def stops_on_length_only(self, seq: Sequence) -> bool:
         """Whether only its length can end `seq`, and nothing is output before it ends (so
         several of its tokens may be added at once: kunserve/sim/fast_forward.py)."""

@@ -1,5 +1,6 @@
 """One model over worker processes: a single device, or a pipeline group of g devices with
-stage r holding layers [r·L/g, (r+1)·L/g) and g micro-batches in flight.
+stage r holding layers [r·L/g, (r+1)·L/g) and g micro-batches in flight; with tensor
+parallelism, each stage t processes holding a shard each.
 
 A worker that dies is noticed at once (see kunserve/executor/workers.py): the step fails
 with WorkerDiedError naming it, and the remaining workers are stopped. WorkerSetExecutor
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+
+import torch
 
 from kunserve.config import EngineConfig
 from kunserve.executor.rendezvous import Rendezvous
@@ -23,29 +26,42 @@ logger = logging.getLogger(__name__)
 
 
 class MultiprocExecutor(WorkerSetExecutor):
-    """The stages as worker processes of this host."""
+    """The stages (their tensor-parallel ranks) as worker processes of this host."""
 
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
         """`world`: this executor's place among a cluster's workers; None: its stages link only
         to each other."""
         super().__init__()
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        if world is None and config.pipeline_parallel_size > 1:
-            # The stages meet at a store of their own, which lives as long as this executor.
+        if world is None and config.devices_per_replica > 1:
+            # The devices meet at a store of their own, which lives as long as this executor.
             self._rendezvous = Rendezvous(config.worker_timeout_s)
-            world = self._rendezvous.world(config.pipeline_parallel_size)
+            world = self._rendezvous.world(config.devices_per_replica)
+        stages = stage_assignments(config, model, world)
+        check_devices_exist([torch.device(stage.device) for stage in stages])
         handles = []
-        for stage in stage_assignments(config, model, world):
+        for stage in stages:
             parent, child = context.Pipe()
             process = context.Process(target=worker_main, args=(config, model, stage, child),
                                       name=f"kunserve-worker{stage.global_rank}", daemon=True)
             process.start()
             child.close()
             handles.append(WorkerHandle(process, parent, stage.global_rank))
-        self.workers = WorkerSet(handles, config.worker_timeout_s)
+        self.workers = WorkerSet(handles, config.worker_timeout_s, config.tensor_parallel_size)
         self._await_ready(config)
         logger.info("%d worker process(es) ready, pids %s", len(handles), self.worker_pids)
 
     @property
     def worker_pids(self) -> list[int | None]:
         return [handle.process.pid for handle in self.workers.handles]
+
+
+def check_devices_exist(devices: list[torch.device]) -> None:
+    """ValueError, before any worker starts, when a replica's GPUs (pipeline stages x
+    tensor-parallel ranks, from `device` on) run past this host's."""
+    gpus = [d.index or 0 for d in devices if d.type == "cuda"]
+    if gpus and max(gpus) >= torch.cuda.device_count():
+        raise ValueError(
+            f"pipeline_parallel_size x tensor_parallel_size: this replica's devices run to cuda:{max(gpus)}, "
+            f"but this host has {torch.cuda.device_count()} GPU(s)"
+        )

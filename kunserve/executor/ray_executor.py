@@ -81,8 +81,8 @@ class RayWorkerSet(WorkerSet):
 
     handles: list[RayWorkerHandle]  # type: ignore[assignment]
 
-    def __init__(self, handles: list[RayWorkerHandle], timeout_s: float) -> None:
-        super().__init__(handles, timeout_s)  # type: ignore[arg-type]
+    def __init__(self, handles: list[RayWorkerHandle], timeout_s: float, tp_size: int = 1) -> None:
+        super().__init__(handles, timeout_s, tp_size)  # type: ignore[arg-type]
         self._stop_requested = False
 
     def send(self, index: int, message: bytes) -> None:
@@ -144,10 +144,10 @@ class RayExecutor(WorkerSetExecutor):
         to each other."""
         super().__init__()
         connect(config.ray_address)
-        if world is None and config.pipeline_parallel_size > 1:
+        if world is None and config.devices_per_replica > 1:
             # The stages meet at a store of their own, which lives as long as this executor.
             self._rendezvous = Rendezvous(config.worker_timeout_s, driver_address(config))
-            world = self._rendezvous.world(config.pipeline_parallel_size)
+            world = self._rendezvous.world(config.devices_per_replica)
         stages = stage_assignments(config, model, world)
         placement = place_devices(config, len(stages))
         self._placement: PlacementGroup | None = placement
@@ -158,11 +158,11 @@ class RayExecutor(WorkerSetExecutor):
                 num_cpus=CPUS_PER_WORKER,
                 num_gpus=1 if on_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement,
-                                                                     placement_group_bundle_index=stage.rank),
+                                                                     placement_group_bundle_index=stage.device_index),
                 runtime_env={"env_vars": KEEP_VISIBLE_DEVICES} if on_gpu else None,
             ).remote(config, model, stage)
             handles.append(RayWorkerHandle(actor, stage.global_rank))
-        self.workers = RayWorkerSet(handles, config.worker_timeout_s)
+        self.workers = RayWorkerSet(handles, config.worker_timeout_s, config.tensor_parallel_size)
         for rank in range(len(handles)):
             self.workers.call_actor(rank, "ready")
         self._await_ready(config)

@@ -4,6 +4,9 @@ device or a static pipeline, and the group a drop fuses from such replicas.
 
 A group's stages are its members' workers, still owned by the members' executors: each stage
 gets the step with its own physical sub-block ids, and the last stage samples.
+
+With tensor parallelism each stage is `tensor_parallel_size` workers: every one gets every
+step, and a device call goes to all of a stage's ranks as one (executor/tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from kunserve.config import EngineConfig
 from kunserve.executor.base import Executor, FusedGroupExecutor, StageBlockMap, WorkerExecutor
+from kunserve.executor.tensor_parallel import call_ranks, combine_replies, rank_arguments
 from kunserve.executor.workers import WorkerSet
 from kunserve.layout import ArenaLayout, stage_ranges
 from kunserve.model.presets import ResolvedModel
@@ -25,13 +29,16 @@ from kunserve.worker.protocol import Command, DeviceCalls, Reply, StageAssignmen
 
 
 def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None) -> list[StageAssignment]:
-    """Each stage's layers and device, for `config.pipeline_parallel_size` stages in `world`
-    (None: one device that links to no other)."""
-    num_stages = config.pipeline_parallel_size
+    """Each worker's stage, layers and device: `config.pipeline_parallel_size` stages of
+    `config.tensor_parallel_size` ranks in `world`, stage by stage (None: one device that
+    links to no other)."""
+    num_stages, t = config.pipeline_parallel_size, config.tensor_parallel_size
+    model.spec.check_tensor_parallel(t)
     return [
-        StageAssignment(rank, num_stages, layers, str(config.stage_device(rank)), world,
-                        logical_block_ids=num_stages > 1)
-        for rank, layers in enumerate(stage_ranges(model.spec.num_layers, num_stages))
+        StageAssignment(stage, num_stages, layers, str(config.stage_device(stage * t + tp_rank)), world,
+                        logical_block_ids=num_stages > 1, tp_rank=tp_rank, tp_size=t)
+        for stage, layers in enumerate(stage_ranges(model.spec.num_layers, num_stages))
+        for tp_rank in range(t)
     ]
 
 
@@ -43,23 +50,32 @@ def step_message(step: StepInput) -> bytes:
 class WorkerSetExecutor(WorkerExecutor):
     workers: WorkerSet
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Per stage, the calls posted and not yet answered: each one's name, and whether it reads
+        # weights from the checkpoint (it then has the start's deadline).
+        self._calls_posted: defaultdict[int, deque[tuple[str, bool]]] = defaultdict(deque)
+
     def _await_ready(self, config: EngineConfig) -> None:
         """Take every worker's READY (its arena layout), each within the start deadline; on any
         failure stop them all."""
-        num_stages = len(self.workers)
+        num_stages = self.workers.num_stages
         self.max_in_flight = num_stages
-        # One device: its worker reads the next step while the driver processes this one's
-        # tokens, and takes a step ahead's input tokens from its own last sampled ones.
+        # One stage: its workers read the next step while the driver processes this one's
+        # tokens, and take a step ahead's input tokens from their own last sampled ones.
         self.runs_ahead = num_stages == 1
         self._start_timeout_s = config.worker_start_timeout_s
-        # By stage: whether each call made and not yet answered reads weights from the checkpoint.
-        self._calls_load: defaultdict[int, deque[bool]] = defaultdict(deque)
         try:
-            layouts: list[ArenaLayout] = [self.workers.receive(rank, Reply.READY, config.worker_start_timeout_s)
-                                          for rank in range(num_stages)]
+            every: list[ArenaLayout] = [self.workers.receive(i, Reply.READY, config.worker_start_timeout_s)
+                                        for i in range(len(self.workers))]
         except BaseException:
             self.shutdown()
             raise
+        # A stage's ranks hold equal shards: one layout, one set of block ids, for all of them.
+        layouts = [every[self.workers.stage_workers(stage)[0]] for stage in range(num_stages)]
+        if any(layout != layouts[i // self.workers.tp_size] for i, layout in enumerate(every)):
+            self.shutdown()
+            raise RuntimeError("the tensor-parallel ranks of a stage built different arena layouts")
         self._layout = layouts[0]
         swaps = config.preemption_mode == "swap"
         self._num_swap_blocks = min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts) if swaps else 0
@@ -74,12 +90,13 @@ class WorkerSetExecutor(WorkerExecutor):
 
     @property
     def global_ranks(self) -> list[int]:
-        """Each stage's rank in the cluster's torch.distributed world."""
-        return [handle.global_rank for handle in self.workers.handles]
+        """Each stage's global rank (its tensor-parallel rank 0's, by which device calls name
+        it; kunserve/executor/rendezvous.py)."""
+        return [self.workers.handles[self.workers.stage_workers(s)[0]].global_rank for s in range(self.num_stages)]
 
     @property
     def num_stages(self) -> int:
-        return len(self.workers)
+        return self.workers.num_stages
 
     def form_group(self, members: list[WorkerExecutor], blocks: StageBlockMap) -> Executor:
         alike = [m for m in members if isinstance(m, type(self))]
@@ -111,12 +128,17 @@ class WorkerSetExecutor(WorkerExecutor):
         self.call(0, DeviceCalls.reclaim_layer, layer)
 
     def _start_call(self, rank: int, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.workers.post(rank, Command.CALL, (name, args, kwargs))
-        self._calls_load[rank].append(loads_weights(name, args, kwargs))
+        """Send the call to each of stage `rank`'s workers that serves it."""
+        workers, t = self.workers.stage_workers(rank), self.workers.tp_size
+        for tp_rank in call_ranks(name, t):
+            self.workers.post(workers[tp_rank], Command.CALL, (name, *rank_arguments(name, args, kwargs, tp_rank, t)))
+        self._calls_posted[rank].append((name, loads_weights(name, args, kwargs)))
 
     def _finish_call(self, rank: int) -> Any:
-        loads = self._calls_load[rank].popleft()
-        return self.workers.receive(rank, Reply.RETURNED, self._start_timeout_s if loads else None)
+        name, loads = self._calls_posted[rank].popleft()
+        workers, timeout_s = self.workers.stage_workers(rank), self._start_timeout_s if loads else None
+        return combine_replies(name, [self.workers.receive(workers[tp_rank], Reply.RETURNED, timeout_s)
+                                      for tp_rank in call_ranks(name, self.workers.tp_size)])
 
     def take_busy_seconds(self) -> list[float]:
         return self.workers.take_busy_seconds()
@@ -131,7 +153,7 @@ class WorkerSetExecutor(WorkerExecutor):
         return self.workers.exited()
 
     def _refuse_static_pipeline(self, call: str) -> None:
-        if len(self.workers) > 1:
+        if self.num_stages > 1:
             raise RuntimeError(f"{call}: a static pipeline group does not drop layers; replicas do")
 
 
@@ -140,9 +162,13 @@ class WorkerGroupExecutor(FusedGroupExecutor):
 
     def __init__(self, members: list[WorkerSetExecutor], blocks: StageBlockMap) -> None:
         super().__init__(list(members), blocks)
-        # A set of the members' kind (pipes or Ray calls) over each member's one worker.
-        self.workers = type(members[0].workers)([member.workers.handles[0] for member in members],
-                                                members[0].workers.timeout_s)
+        # A set of the members' kind (pipes or Ray calls) over each member's one stage (its
+        # tensor-parallel ranks: member r's rank k is stage r's rank k).
+        sizes = [member.workers.tp_size for member in members]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"tensor_parallel_size: a group's members must have one size, got {sizes}")
+        self.workers = type(members[0].workers)([h for member in members for h in member.workers.handles],
+                                                members[0].workers.timeout_s, sizes[0])
 
     def submit(self, step: StepInput) -> None:
         self.refuse_swaps(step)
@@ -150,7 +176,9 @@ class WorkerGroupExecutor(FusedGroupExecutor):
             tables, slots = self.blocks.translate(stage, step.batch.block_tables, step.batch.slot_mapping)
             staged = dataclasses.replace(step, batch=dataclasses.replace(step.batch, block_tables=tables,
                                                                           slot_mapping=slots))
-            self.workers.send(stage, step_message(staged))
+            message = step_message(staged)
+            for worker in self.workers.stage_workers(stage):
+                self.workers.send(worker, message)
 
     def collect(self) -> np.ndarray:
         return self.workers.receive_sampled()

@@ -3,7 +3,9 @@ faults seen at once (a worker's process sentinel wakes any wait). Every wait has
 (EngineConfig.worker_timeout_s): a worker that does not answer in time is hung, and is killed.
 A set of workers fails as one: a dead, failing or hung member stops them all, since their
 pipeline state is lost. kunserve/executor/ray_executor.py carries the same commands as Ray
-actor calls."""
+actor calls.
+A set's workers are its stages' devices in order, `tp_size` consecutive ones per stage (a
+tensor-parallel stage's ranks); each stage's first rank answers for it."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class WorkerDiedError(RuntimeError):
 class WorkerHandle:
     process: BaseProcess
     conn: Connection
-    global_rank: int  # in the cluster's torch.distributed world
+    global_rank: int  # its name among a cluster's workers (kunserve/executor/rendezvous.py)
     inbox: deque[tuple[str, Any]] = field(default_factory=deque)  # read, not yet asked for
 
     @property
@@ -40,15 +42,27 @@ class WorkerHandle:
 
 
 class WorkerSet:
-    def __init__(self, handles: list[WorkerHandle], timeout_s: float) -> None:
-        """`timeout_s`: how long a worker may take to answer (EngineConfig.worker_timeout_s)."""
+    def __init__(self, handles: list[WorkerHandle], timeout_s: float, tp_size: int = 1) -> None:
+        """`timeout_s`: how long a worker may take to answer (EngineConfig.worker_timeout_s);
+        `tp_size`: the workers of each stage."""
+        if len(handles) % tp_size:
+            raise ValueError(f"tensor_parallel_size: {len(handles)} workers are not stages of {tp_size} ranks")
         self.handles = handles
         self.timeout_s = timeout_s
+        self.tp_size = tp_size
         self.failure: str | None = None  # why the set failed; every later call raises it
         self._last_stage_busy_s = 0.0  # computed by the last stage, reported with its steps
 
     def __len__(self) -> int:
         return len(self.handles)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.handles) // self.tp_size
+
+    def stage_workers(self, stage: int) -> range:
+        """The indices of stage `stage`'s workers (its tensor-parallel ranks, rank 0 first)."""
+        return range(stage * self.tp_size, (stage + 1) * self.tp_size)
 
     def send(self, index: int, message: bytes) -> None:
         self._raise_if_failed()
@@ -78,17 +92,19 @@ class WorkerSet:
         return payload
 
     def receive_sampled(self) -> Any:
-        """The last worker's answer to the oldest step: its sampled tokens."""
-        sampled, busy_s = self.receive(len(self.handles) - 1, Reply.SAMPLED)
+        """The last stage's answer to the oldest step (from its rank 0): its sampled tokens."""
+        sampled, busy_s = self.receive(self.stage_workers(self.num_stages - 1)[0], Reply.SAMPLED)
         self._last_stage_busy_s += busy_s
         return sampled
 
     def take_busy_seconds(self) -> list[float]:
-        """Seconds each worker computed since the last take. The last stage reports with its
-        steps; the others answer once the steps sent to them before this call have run."""
-        for index in range(len(self.handles) - 1):
+        """Seconds each stage computed since the last take (as its rank 0 counts them). The
+        last stage reports with its steps; the others answer once the steps sent to them
+        before this call have run."""
+        firsts = [self.stage_workers(stage)[0] for stage in range(self.num_stages - 1)]
+        for index in firsts:
             self.post(index, Command.TAKE_BUSY_S, None)
-        taken = [self.receive(index, Reply.BUSY_S) for index in range(len(self.handles) - 1)]
+        taken = [self.receive(index, Reply.BUSY_S) for index in firsts]
         taken.append(self._last_stage_busy_s)
         self._last_stage_busy_s = 0.0
         return taken

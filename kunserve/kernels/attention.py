@@ -2,7 +2,8 @@
 
 A backend turns the host-side batch description into device metadata once per step, writes
 each layer's new K/V into the paged cache and attends over it. The torch backend here runs
-anywhere (CPU in CI); GPU backends plug in behind the same three calls.
+anywhere (CPU in CI); the others plug in behind the same three calls and are chosen by name in
+kunserve/kernels/backends.py.
 
 KV cache of one layer: `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (a strided view
 of the block-major arena; see kunserve/layout.py).
@@ -169,20 +170,3 @@ def _visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int | None)
         mask = mask & (key_pos > query_pos - window)
     return mask
 
-
-def make_attention_backend(name: str, block_size: int, device: torch.device) -> AttentionBackend:
-    """`auto` picks the Triton kernels on CUDA and the C decode kernel on CPU
-    (kunserve/kernels/cpu_attention.py); `torch` is the reference everywhere."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "cpu"
-    if name == "triton":
-        from kunserve.kernels.triton_attention import TritonAttentionBackend
-
-        return TritonAttentionBackend(block_size)
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"attention_backend 'cpu' runs on CPU devices, not {device.type}")
-        from kunserve.kernels.cpu_attention import CpuAttentionBackend
-
-        return CpuAttentionBackend(block_size)
-    return TorchAttentionBackend(block_size)

@@ -12,7 +12,7 @@ only where float32 summation order or a transcendental's last bit differs:
 * `add_rms_norm`: the residual sum is rounded to the input dtype before it is normalized; the norm
   is computed in float32, rounded to the input dtype, then multiplied by the weight.
 * `rotary_qk`: float32 `x1 * cos - x2 * sin` with every product rounded (FMA contraction is turned
-  off), so in float32 it is bit-identical to `kunserve.model.rotary.apply_rotary`.
+  off), so in float32 it is bit-identical to `apply_rotary`, the torch version.
 * `silu_mul`: silu in float32, rounded to the input dtype, then the product, as `F.silu(g) * u`.
 
 On CPU tensors the same steps run in C (kunserve/kernels/cpu_fused.py), with the same roundings.
@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from kunserve.kernels import cpu_fused
-from kunserve.model.rotary import apply_rotary
 
 try:
     import triton
@@ -164,6 +163,15 @@ def add_rms_norm_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     h = x + residual
     return rms_norm_torch(h, weight, eps), h
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim // 2] float32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 def rotary_qk_torch(

@@ -4,7 +4,8 @@ A `DecoderStage` holds layers [start, end) of the model: the embedding only when
 first stage, the final norm and LM head only when it is the last. Decoder-layer weights are
 views into the device's memory arena (kunserve/worker/arena.py), so dropping a layer frees
 its bytes without the model owning a copy (unless the linears are oneDNN-packed on CPU:
-kunserve/kernels/cpu_linear.py).
+kunserve/kernels/cpu_linear.py). Under tensor parallelism a stage runs on each of its ranks
+with that rank's shard of the weights and its KV heads (kunserve/model/parallel.py).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from kunserve.arch.spec import ModelSpec
 from kunserve.kernels.attention import AttentionBackend
 from kunserve.kernels.cpu_linear import Linear, plain_linear
 from kunserve.kernels.fused import add_rms_norm, rms_norm, rotary_qk, silu_mul
 from kunserve.layout import ParamSlice
-from kunserve.model.spec import ModelSpec
+from kunserve.model.parallel import SINGLE, TensorParallel
 
 
 @dataclass
@@ -48,7 +49,8 @@ class LayerWeights:
 
 @dataclass
 class StageWeights:
-    """Parameters outside the arena: the embedding (first stage), final norm and LM head (last)."""
+    """Parameters outside the arena: the embedding (first stage), final norm and LM head (last);
+    a tensor-parallel rank holds its slice of the embedding's and the LM head's vocab rows."""
 
     embed: torch.Tensor | None
     final_norm: torch.Tensor | None
@@ -67,6 +69,7 @@ class DecoderStage:
         cos_sin: torch.Tensor,
         backend: AttentionBackend,
         linear: Linear = plain_linear,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         if not 0 <= start < end <= spec.num_layers:
             raise ValueError(f"layer range: [{start}, {end}) is not inside [0, {spec.num_layers})")
@@ -78,6 +81,12 @@ class DecoderStage:
         self.cos_sin = cos_sin
         self.backend = backend
         self.linear = linear
+        self.tp = tp
+        # This rank's heads ([q, k, v] in its qkv rows), and o's bias added by one rank only,
+        # since the all-reduce after o sums every rank's output.
+        self.heads = [spec.heads_per_rank(tp.size)] + [spec.kv_heads_per_rank(tp.size)] * 2
+        self.q_size = self.heads[0] * spec.head_dim
+        self.adds_o_bias = tp.rank == 0
 
     @property
     def is_first(self) -> bool:
@@ -89,7 +98,7 @@ class DecoderStage:
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, attn_meta: object) -> torch.Tensor:
         """inputs: token ids [T] on the first stage, else hidden states [T, hidden]."""
-        h = F.embedding(inputs, self.stage.embed) if self.is_first else inputs
+        h = self.tp.embed(inputs, self.stage.embed) if self.is_first else inputs
         residual = None
         for local, weights in enumerate(self.layers):
             window = self.spec.sliding_windows[self.start + local]
@@ -101,7 +110,10 @@ class DecoderStage:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given rows of the last stage's output."""
         x = rms_norm(hidden, self.stage.final_norm, self.spec.rms_norm_eps)
-        return self.linear(x, self.stage.lm_head, None, "lm_head").float()
+        logits = self.linear(x, self.stage.lm_head, None, "lm_head").float()
+        if self.tp.size == 1:
+            return logits
+        return self.tp.gather_columns(logits)[:, : self.spec.vocab_size]
 
     def _layer(
         self,
@@ -117,18 +129,20 @@ class DecoderStage:
         """One layer on the residual stream. `h` is the previous layer's MLP output, added to
         `residual` by the fused add + norm (the stage's input when `residual` is None); returns
         this layer's MLP output and the residual stream before it is added."""
-        spec, eps, linear = self.spec, self.spec.rms_norm_eps, self.linear
+        eps, linear, tp = self.spec.rms_norm_eps, self.linear, self.tp
         tokens = h.shape[0]
         if residual is None:
             x, residual = rms_norm(h, w.input_norm, eps), h
         else:
             x, residual = add_rms_norm(h, residual, w.input_norm, eps)
-        heads = [spec.num_heads, spec.num_kv_heads, spec.num_kv_heads]
-        qkv = linear(x, w.qkv, w.qkv_bias, (layer, "qkv")).view(tokens, sum(heads), spec.head_dim)
+        heads = self.heads
+        qkv = linear(x, w.qkv, w.qkv_bias, (layer, "qkv")).view(tokens, sum(heads), self.spec.head_dim)
         q, k, v = qkv.split(heads, dim=1)
         q, k = rotary_qk(q, k, self.cos_sin, positions)  # in place, inside qkv
         self.backend.write_kv(kv_layer, k, v, attn_meta)
         attn = self.backend.attend(q, kv_layer, attn_meta, window)
-        o = linear(attn.reshape(tokens, spec.q_size), w.o, w.o_bias, (layer, "o"))
+        o_bias = w.o_bias if self.adds_o_bias else None
+        o = tp.all_reduce(linear(attn.reshape(tokens, self.q_size), w.o, o_bias, (layer, "o")))
         x, residual = add_rms_norm(o, residual, w.post_attention_norm, eps)
-        return linear(silu_mul(linear(x, w.gate_up, None, (layer, "gate_up"))), w.down, None, (layer, "down")), residual
+        mlp = linear(silu_mul(linear(x, w.gate_up, None, (layer, "gate_up"))), w.down, None, (layer, "down"))
+        return tp.all_reduce(mlp), residual

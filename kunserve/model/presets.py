@@ -1,7 +1,8 @@
 """Model names a user may give instead of a directory.
 
-* `tiny-llama`, `tiny-qwen2`, `tiny-mistral`: the embedded default models, generated locally
-  on first use (kunserve/model/tiny.py). Nothing is downloaded.
+* `tiny-llama`, `tiny-qwen2`, `tiny-mistral` (one per family in TINY_ARCHS,
+  kunserve/arch/registry.py): the embedded default models, generated locally on first use
+  (kunserve/model/tiny.py). Nothing is downloaded.
 * Real architectures as bare configs (`llama-3-8b`, `qwen2.5-32b`, ...): for speed runs with
   `load_format="dummy"`; they carry no weights and no tokenizer.
 """
@@ -12,9 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kunserve.model.spec import ModelSpec
-
-TINY_ARCHS: tuple[str, ...] = ("llama", "qwen2", "mistral")  # architectures kunserve can build tiny models of
+from kunserve.arch.registry import TINY_ARCHS
+from kunserve.arch.spec import ModelSpec
 
 DEFAULT_MODEL = "tiny-llama"
 _CONFIG_DIR = Path(__file__).parent / "configs"

@@ -1,4 +1,5 @@
-"""Rotary position embedding (rotate-half layout, as Llama/Qwen2/Mistral checkpoints use)."""
+"""Rotary position embedding (rotate-half layout, as Llama/Qwen2/Mistral checkpoints use): the
+frequencies and the cos/sin cache. Rotating q and k is a kernel (kunserve/kernels/fused.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 
-from kunserve.model.spec import RopeSpec
+from kunserve.arch.spec import RopeSpec
 
 
 def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -37,12 +38,3 @@ def cos_sin_cache(rope: RopeSpec, head_dim: int, max_positions: int, device: tor
     inv_freq = inverse_frequencies(rope, head_dim)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim // 2] float32."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)

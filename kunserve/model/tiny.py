@@ -14,18 +14,12 @@ import shutil
 import tempfile
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    GenerationConfig,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedConfig, PreTrainedTokenizerFast
 
-from kunserve.model.presets import TINY_ARCHS
+from kunserve.arch.family import TinyRecipe
+from kunserve.arch.registry import TINY_ARCHS, family
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -125,20 +119,25 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def _check_arch(arch: str) -> None:
-    if arch not in TINY_ARCHS:
+def _recipe(arch: str) -> TinyRecipe:
+    recipe = family(arch).tiny if arch in TINY_ARCHS else None
+    if recipe is None:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    return recipe
 
 
 def _make_config(
-    arch: str,
+    recipe: TinyRecipe,
     tokenizer: PreTrainedTokenizerFast,
     num_layers: int,
     hidden_size: int,
     tie_word_embeddings: bool,
     dtype: str,
+    num_kv_heads: int,
 ) -> PreTrainedConfig:
     num_heads = 4
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads must divide the {num_heads} query heads, got {num_kv_heads}")
     # Even head_dim is required by rotary embeddings.
     if hidden_size <= 0 or hidden_size % (2 * num_heads):
         raise ValueError(f"hidden_size must be a positive multiple of {2 * num_heads}, got {hidden_size}")
@@ -152,7 +151,7 @@ def _make_config(
         "intermediate_size": -(-hidden_size * 8 // (3 * 16)) * 16,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
-        "num_key_value_heads": 2,  # GQA: 2 query heads share each kv head
+        "num_key_value_heads": num_kv_heads,  # GQA by default: 2 query heads share each kv head
         "head_dim": hidden_size // num_heads,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
@@ -161,21 +160,13 @@ def _make_config(
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": tie_word_embeddings,
         "dtype": dtype,
+        "rope_parameters": {"rope_type": "default", "rope_theta": recipe.rope_theta},
+        **recipe.extra,
     }
-    if arch == "llama":
-        return LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
-    if arch == "qwen2":
-        # Qwen2Config takes no head_dim argument; it derives hidden/heads itself.
+    if not recipe.takes_head_dim:
         del common["head_dim"]
-        return Qwen2Config(
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            use_sliding_window=False,
-            **common,
-        )
-    # Plain full attention: a tiny default model should not need windowed kernels.
-    return MistralConfig(
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, sliding_window=None, **common
-    )
+    config_class: type[PreTrainedConfig] = getattr(transformers, recipe.config_class)
+    return config_class(**common)
 
 
 @torch.no_grad()
@@ -212,17 +203,17 @@ def make_tiny_model(
     vocab_size: int = 512,
     tie_word_embeddings: bool | None = None,
     dtype: str = "float32",
+    num_kv_heads: int = 2,
 ) -> pathlib.Path:
     """Write config.json, model.safetensors, generation_config.json and tokenizer files to out_dir."""
-    _check_arch(arch)
+    recipe = _recipe(arch)
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be one of ('float32', 'float16', 'bfloat16'), got {dtype!r}")
     if tie_word_embeddings is None:
-        # Mirror the real checkpoints: small Qwen2 models tie, Llama/Mistral do not.
-        tie_word_embeddings = arch == "qwen2"
+        tie_word_embeddings = recipe.ties_word_embeddings
     out = pathlib.Path(out_dir)
     tokenizer = build_tokenizer(vocab_size)
-    config = _make_config(arch, tokenizer, num_layers, hidden_size, tie_word_embeddings, dtype)
+    config = _make_config(recipe, tokenizer, num_layers, hidden_size, tie_word_embeddings, dtype, num_kv_heads)
     # from_config draws its (discarded) init from the global RNG; fork it so the
     # caller's random state is left untouched. Weights are drawn in float32 so
     # every dtype holds a rounding of the same model.
@@ -246,7 +237,7 @@ def default_model_dir(arch: str = "llama") -> pathlib.Path:
     ~/.cache/kunserve); safe against two processes building at once, since each
     builds in a temp dir and then renames it into place atomically.
     """
-    _check_arch(arch)
+    _recipe(arch)  # an unknown arch fails here, before the cache is touched
     cache = pathlib.Path(os.environ.get("KUNSERVE_CACHE") or pathlib.Path.home() / ".cache" / "kunserve")
     final = cache / f"tiny-{arch}"
     # The directory only ever appears by an atomic rename of a finished build,

@@ -8,22 +8,32 @@ import dataclasses
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
 
 import kunserve
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.config import EngineConfig
 from kunserve.server.metrics import ServerMetrics
-from kunserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, DropRequest, RestoreRequest
+from kunserve.server.protocol import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    APIError,
+    Body,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DropRequest,
+    RestoreRequest,
+    parse_body,
+)
 from kunserve.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -34,6 +44,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: str | None = None  # when set, /v1/* requires `Authorization: Bearer <key>`
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger request body is refused with 413
+    metrics_need_key: bool = False  # /metrics, too, requires the API key
     served_model_names: list[str] = field(default_factory=list)  # empty: the model argument
     max_waiting_requests: int | None = None  # per replica; beyond it, 503 with Retry-After; None: no limit
     num_replicas: int = 1  # data-parallel replicas, each on its own device(s)
@@ -41,6 +53,12 @@ class ServerConfig:
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)  # drop / restore policy
     retry_after_s: int = 1  # the Retry-After a 503 suggests
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes: must be >= 1, got {self.max_request_bytes}")
+        if self.metrics_need_key and self.api_key is None:
+            raise ValueError("metrics_need_key: needs an api_key to check")
 
 
 def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
@@ -52,7 +70,8 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
     metrics.replicas_alive.set_function(lambda: cluster.num_alive)
     metrics.watch_cluster(cluster.coordinator)
     serving = OpenAIServing(
-        cluster, names, cluster.tokenizer, config.retry_after_s, metrics.requests_rejected_queue_full.inc
+        cluster, names, cluster.tokenizer, engine.max_model_len, config.retry_after_s,
+        metrics.requests_rejected_queue_full.inc,
     )
 
     @asynccontextmanager
@@ -68,19 +87,29 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
     def check_api_key(request: Request) -> None:
         if config.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+        # The scheme is case-insensitive (RFC 9110); the key is compared as the bytes sent.
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        expected = config.api_key.encode()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode("latin-1"), expected):
             raise APIError(401, "a valid API key is required: `Authorization: Bearer <key>`")
 
     authorized = [Depends(check_api_key)]
 
+    async def parsed(request: Request, model: type[Body], empty_means_defaults: bool = False) -> Body:
+        """The request's body as `model`, read within the size limit and parsed off the event
+        loop (a large body would stall every other request and /health)."""
+        body = await read_body(request, config.max_request_bytes)
+        if empty_means_defaults and not body.strip():
+            body = b"{}"
+        return await asyncio.to_thread(parse_body, model, body)
+
     @app.post("/v1/completions", dependencies=authorized)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await serving.completions(body, request)
+    async def completions(request: Request) -> Response:
+        return await serving.completions(await parsed(request, CompletionRequest), request)
 
     @app.post("/v1/chat/completions", dependencies=authorized)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await serving.chat(body, request)
+    async def chat_completions(request: Request) -> Response:
+        return await serving.chat(await parsed(request, ChatCompletionRequest), request)
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:
@@ -97,7 +126,10 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
         return cluster.coordinator.describe()
 
     @app.post("/v1/cluster/drop", dependencies=authorized)
-    async def cluster_drop(body: DropRequest) -> dict:
+    async def cluster_drop(request: Request) -> dict:
+        body = await parsed(request, DropRequest, empty_means_defaults=True)
+        if body.replicas is not None:
+            _check_replicas(body.replicas, len(cluster.replicas))
         try:
             members = body.replicas or cluster.coordinator.runner.default_drop_members()
             transition = await asyncio.to_thread(cluster.coordinator.runner.drop, members, "operator")
@@ -106,7 +138,8 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
         return dataclasses.asdict(transition)
 
     @app.post("/v1/cluster/restore", dependencies=authorized)
-    async def cluster_restore(body: RestoreRequest) -> dict:
+    async def cluster_restore(request: Request) -> dict:
+        body = await parsed(request, RestoreRequest, empty_means_defaults=True)
         try:
             transition = await asyncio.to_thread(cluster.coordinator.runner.restore, body.group, "operator")
         except ValueError as error:
@@ -123,7 +156,7 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
     async def version() -> dict:
         return {"version": kunserve.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=authorized if config.metrics_need_key else [])
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -131,20 +164,46 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
     return app
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body; APIError(413) as soon as it is known to exceed `limit` bytes, by its
+    Content-Length or, streamed without one, by the bytes received so far."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {limit} bytes (--max-request-bytes)")
+
+
+def _check_replicas(replicas: list[int], num_replicas: int) -> None:
+    """Refuse replica indices that do not exist or repeat, before the coordinator is asked."""
+    outside = [r for r in replicas if not 0 <= r < num_replicas]
+    if outside:
+        raise APIError(400, f"replicas: {outside[:5]} are not replicas of this cluster [0, {num_replicas})", "replicas")
+    repeated = sorted(r for r, times in Counter(replicas).items() if times > 1)
+    if repeated:
+        raise APIError(400, f"replicas: {repeated[:5]} named more than once", "replicas")
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        if first.get("type") == "json_invalid":
-            api = APIError(400, f"malformed JSON body: {first.get('msg')}")
-        else:
-            param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-            api = APIError(400, f"{param}: {first.get('msg')}", param)
-        return JSONResponse(api.body(), status_code=400)
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        # Routing's errors (404 unknown path, 405 wrong method with its Allow header).
+        api = APIError(error.status_code, str(error.detail), headers=error.headers)
+        return JSONResponse(api.body(), status_code=api.status, headers=api.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> JSONResponse:

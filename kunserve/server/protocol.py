@@ -1,4 +1,5 @@
-"""The OpenAI API's request bodies (with vLLM's sampling extras) and error body.
+"""The OpenAI API's request bodies (with vLLM's sampling extras) and error body, and how a
+body is parsed: strict UTF-8 JSON, every string valid Unicode, then pydantic's validation.
 
 Unknown fields are accepted and logged, as vLLM does, so clients that send newer fields
 keep working; fields kunserve does not implement are refused when set to anything but
@@ -6,16 +7,23 @@ their neutral value, rather than silently ignored."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import json
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# The default limit of a request body: room for a prompt of a million tokens, as token ids or
+# as text with JSON's escapes.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 
 
 class APIError(Exception):
     """An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 500: "InternalServerError",
-             503: "ServiceUnavailableError"}
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+        413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -27,6 +35,67 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         error_type = self.TYPES.get(self.status, "APIError")
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.status}}
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(model: type[Body], body: bytes) -> Body:
+    """`body` as a `model`; APIError(400) saying what is wrong (the field, where there is one).
+    JSON as RFC 8259 has it: UTF-8, no NaN or Infinity; strings must be valid Unicode (JSON's
+    escapes can spell a lone surrogate, which no tokenizer or response can encode)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise APIError(400, f"malformed JSON body: not UTF-8 ({error.reason} at byte {error.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
+    except ValueError as error:  # bad syntax, NaN or Infinity, an integer of too many digits
+        raise APIError(400, f"malformed JSON body: {error}") from None
+    _refuse_lone_surrogates(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise _validation_error(error) from None
+
+
+def _validation_error(error: ValidationError) -> APIError:
+    """The 400 of pydantic's first validation error, naming its field."""
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return APIError(400, f"{param or 'body'}: {first['msg']}", param)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _refuse_lone_surrogates(data: object) -> None:
+    """APIError(400) naming the first field (or key) that holds an unpaired UTF-16 surrogate."""
+    pending: list[tuple[object, tuple[str | int, ...]]] = [(data, ())]
+    while pending:  # not recursive: the JSON may nest as deep as the parser allows
+        value, path = pending.pop()
+        if isinstance(value, str):
+            _check_unicode(value, path, "")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_unicode(key, path, "a key of ")
+                pending.append((item, (*path, key)))
+        elif isinstance(value, list):
+            pending.extend((item, (*path, index)) for index, item in enumerate(value))
+
+
+def _check_unicode(text: str, path: tuple[str | int, ...], what: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        param = ".".join(str(part) for part in path) or None
+        raise APIError(400, f"{what}{param or 'the body'}: a lone surrogate (an unpaired \\ud800-\\udfff escape) "
+                       "is not valid Unicode", param) from None
 
 
 class StreamOptions(BaseModel):
@@ -115,8 +184,12 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class DropRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an operator's typo must not drop the default members
+
     replicas: list[int] | None = None  # None: the first replicas in replica mode, a group's worth
 
 
 class RestoreRequest(BaseModel):
-    group: int = 0
+    model_config = ConfigDict(extra="forbid")
+
+    group: int = Field(default=0, ge=0)

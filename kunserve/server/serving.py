@@ -15,11 +15,11 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError, TemplateSyntaxError
 from transformers import PreTrainedTokenizerBase
 
 from kunserve.cluster.cluster import Cluster
 from kunserve.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestStream
-from kunserve.engine.llm_engine import PromptInput
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import RequestOutputKind, SamplingParams
 from kunserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -54,12 +54,16 @@ class OpenAIServing:
         engine: Cluster,
         served_model_names: list[str],
         tokenizer: PreTrainedTokenizerBase | None,
+        max_model_len: int,
         retry_after_s: int,
         on_queue_full: Callable[[], None],
     ) -> None:
+        """Prompts are tokenized here, off the event loop (`asyncio.to_thread`): a long text
+        takes seconds to tokenize, and the loop must keep serving meanwhile."""
         self.engine = engine
         self.served_model_names = served_model_names
         self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
         self.retry_after_s = retry_after_s
         self.on_queue_full = on_queue_full
 
@@ -67,9 +71,10 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         model = self._check(body)
-        prompts = _completion_prompts(body.prompt)
+        params = self._sampling_params(body, body.max_tokens)
+        prompts = await asyncio.to_thread(self._completion_token_ids, body.prompt)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = self._start(base_id, prompts, self._sampling_params(body, body.max_tokens))
+        stream = self._start(base_id, prompts, params)
         choices = _Choices({rid: i for i, rid in enumerate(stream.request_ids)})
         header = {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": model}
 
@@ -87,10 +92,11 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         model = self._check(body)
-        prompt = self._chat_prompt(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = self._sampling_params(body, max_tokens)
+        prompt = await asyncio.to_thread(self._chat_prompt, body)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = self._start(base_id, [prompt], self._sampling_params(body, max_tokens))
+        stream = self._start(base_id, [prompt], params)
         choices = _Choices({stream.request_ids[0]: 0})
         header = {"id": base_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         started: set[str] = set()
@@ -142,7 +148,26 @@ class OpenAIServing:
         except ValueError as error:
             raise _bad_request(error) from None
 
+    def _completion_token_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """Each prompt's token ids (runs off the event loop)."""
+        return [self._within_max_model_len(self._token_ids(p)) for p in _completion_prompts(prompt)]
+
+    def _token_ids(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise APIError(400, "prompt: text prompts need a tokenizer; pass token ids instead", "prompt")
+        return self.tokenizer.encode(prompt)
+
+    def _within_max_model_len(self, token_ids: list[int]) -> list[int]:
+        # The engine checks this too, but on the event loop, after a pass over every id.
+        if len(token_ids) > self.max_model_len:
+            raise APIError(400, f"prompt: {len(token_ids)} tokens is longer than max_model_len={self.max_model_len}",
+                           "prompt")
+        return token_ids
+
     def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        """The conversation's token ids through the tokenizer's chat template (runs off the event loop)."""
         if self.tokenizer is None:
             raise APIError(400, "messages: the model has no tokenizer, so chat is unavailable", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -150,12 +175,14 @@ class OpenAIServing:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
             )
-        except ValueError as error:  # e.g. the tokenizer has no chat template
+        except TemplateSyntaxError:  # the model's template is broken: no fault of the request
+            raise
+        except (ValueError, TemplateError) as error:  # no chat template; the template refuses the messages
             raise APIError(400, f"messages: {error}", "messages") from None
         # The template writes any special tokens (bos) itself.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._within_max_model_len(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _start(self, base_id: str, prompts: list[PromptInput], params: SamplingParams) -> RequestStream:
+    def _start(self, base_id: str, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
         request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         try:
             return self.engine.add_requests(request_ids, prompts, [params] * len(prompts))
@@ -176,6 +203,7 @@ class OpenAIServing:
             watcher = asyncio.create_task(_close_on_disconnect(request, stream))
             try:
                 async for out in stream:
+                    _raise_if_failed(out)
                     choices.count(out)
                     finals[out.request_id] = out
             except EngineDeadError as error:
@@ -199,6 +227,7 @@ class OpenAIServing:
             watcher = asyncio.create_task(_close_on_disconnect(request, stream))
             try:
                 async for out in stream:
+                    _raise_if_failed(out)
                     choices.count(out)
                     for chunk in chunks_of(out):
                         yield _event(chunk)
@@ -206,6 +235,8 @@ class OpenAIServing:
                     yield _event({**header, "choices": [], "usage": choices.usage()})
             except EngineDeadError as error:
                 yield _event(APIError(500, str(error)).body())
+            except APIError as error:
+                yield _event(error.body())
             finally:
                 watcher.cancel()
         yield "data: [DONE]\n\n"
@@ -223,7 +254,13 @@ async def _close_on_disconnect(request: Request, stream: RequestStream) -> None:
     stream.close()
 
 
-def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[PromptInput]:
+def _raise_if_failed(out: RequestOutput) -> None:
+    """A request the engine failed alone (a fault in its own output) is this response's 500."""
+    if out.error is not None:
+        raise APIError(500, f"the request failed: {out.error}")
+
+
+def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from kunserve.arch.spec import parse_dtype
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.coordinator import Coordinator
 from kunserve.cluster.dispatcher import Dispatcher
@@ -31,7 +32,6 @@ from kunserve.engine.cost_model import CostModel, resolve_cost_model
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.layout import arena_layout, stage_ranges
 from kunserve.model.presets import resolve_model
-from kunserve.model.spec import parse_dtype
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
 from kunserve.sim.executor import SimulatedExecutor, resolve_host_time
@@ -107,7 +107,9 @@ class SimulatedCluster:
         spec = model.spec
         dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
         elem_bytes = dtype.itemsize
-        self.cost: CostModel = resolve_cost_model(config.cost_profile, spec, model.name, elem_bytes)
+        t = config.tensor_parallel_size
+        spec.check_tensor_parallel(t)
+        self.cost: CostModel = resolve_cost_model(config.cost_profile, spec, model.name, elem_bytes, t)
         self.settings = resolve_host_time(self.settings, self.cost)
         g = config.pipeline_parallel_size
         budget = config.memory_budget_bytes or device_budget_bytes
@@ -118,8 +120,8 @@ class SimulatedCluster:
             layouts = [arena_layout(spec, config, layers, elem_bytes, budget) for layers in stage_ranges(spec.num_layers, g)]
             swap_blocks = (min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts)
                            if config.preemption_mode == "swap" else 0)
-            executor = SimulatedExecutor(layouts[0], self.cost, self.clock, self.settings, spec.num_layers, i * g, g,
-                                         swap_blocks)
+            executor = SimulatedExecutor(layouts[0], self.cost, self.clock, self.settings, spec.num_layers,
+                                         i * config.devices_per_replica, g, swap_blocks, t)
             self.engines.append(LLMEngine(config, executor=executor, clock=self.clock))
         self.finished: dict[str, RequestOutput] = {}
         self.refused: dict[str, str] = {}

@@ -75,6 +75,9 @@ class SimulatedDevice(DeviceCalls):
         self.group = None
         self._call_s = self.settings.stage_switch_s + refill
 
+    def prepare_stages(self, group_sizes: list[int]) -> None:
+        """Nothing to capture: a simulated stage's steps are priced by the cost model from the first."""
+
     # ---- links: the measured cost of opening a pair (link_open_s) is paid by its warm-up,
     # which both ends run at once --------------------------------------------------------------
 

@@ -33,7 +33,10 @@ SIMULATED_TOKEN = 0  # what every simulated step samples (simulated requests ign
 
 
 class SimulatedExecutor(WorkerExecutor):
-    """One replica on one simulated device (or a static pipeline of `num_stages` of them)."""
+    """One replica on one simulated device (or a static pipeline of `num_stages` of them). A
+    tensor-parallel stage of `tp_size` GPUs is one simulated device: its ranks hold equal
+    shards and run every call side by side (each over its own link), so the device prices a
+    rank's share (its arena `layout` is a rank's) and the cost model a rank's step."""
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class SimulatedExecutor(WorkerExecutor):
         first_rank: int,
         num_stages: int = 1,
         num_swap_blocks: int = 0,
+        tp_size: int = 1,
     ) -> None:
         super().__init__()
         self._layout = layout
@@ -52,8 +56,9 @@ class SimulatedExecutor(WorkerExecutor):
         self.clock = clock
         self.settings = settings
         self.model_layers = num_layers
-        self.devices = [SimulatedDevice(layout, cost, settings, rank)
-                        for rank in range(first_rank, first_rank + num_stages)]
+        # Stage s's GPUs are global ranks first_rank + s·t + [0, t); it goes by the first.
+        self.devices = [SimulatedDevice(layout, cost, settings, first_rank + stage * tp_size)
+                        for stage in range(num_stages)]
         self.max_in_flight = num_stages
         self._num_swap_blocks = num_swap_blocks
         self._steps = StepQueue(num_stages, clock, settings)

@@ -37,7 +37,7 @@ def stage_model(replica: DecoderStage, arena: MemoryArena, stage: int, num_stage
     cache = arena.stage_kv_cache(num_stages)
     return DecoderStage(
         replica.spec, keep.start, keep.stop, [arena.layers[k] for k in keep], replica.stage,
-        [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend, replica.linear,
+        [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend, replica.linear, replica.tp,
     )
 
 

@@ -9,6 +9,7 @@ import torch
 
 from kunserve.kernels.staging import to_device
 from kunserve.model.decoder import DecoderStage
+from kunserve.model.parallel import TensorParallel
 from kunserve.step import StepInput
 from kunserve.worker.cuda_graphs import DecodeGraphs, fill_ahead_tokens
 from kunserve.worker.sampler import Sampler
@@ -74,16 +75,27 @@ class ModelRunner:
         return self.model.forward(inputs, positions, meta)
 
     @torch.inference_mode()
-    def sample(self, step: StepInput, hidden: torch.Tensor) -> np.ndarray:
+    def sample(self, step: StepInput, hidden: torch.Tensor) -> np.ndarray | None:
         """The last stage's sampling from its hidden states (kept on the device too, for a
-        step scheduled ahead of this one)."""
+        step scheduled ahead of this one); None on a tensor-parallel rank that does not sample."""
         self.last_sampled = self.sample_on_device(step, hidden)
-        return self.last_sampled.cpu().numpy()
+        return self.last_sampled.cpu().numpy() if self.model.tp.samples else None
 
     def sample_on_device(self, step: StepInput, hidden: torch.Tensor) -> torch.Tensor:
+        """The sampled tokens; on a tensor-parallel rank other than 0, which only helps compute
+        the logits, a buffer of their shape (share_last_sampled fills it when a step needs them)."""
         self.sampler.forget(step.finished_request_ids)
         if len(step.sample_rows) == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         last_token = np.cumsum(step.batch.query_lens)[step.sample_rows] - 1
         logits = self.model.compute_logits(hidden[to_device(last_token, self.device)])
+        if not self.model.tp.samples:
+            return torch.empty(len(step.sample_rows), dtype=torch.int64, device=self.device)
         return self.sampler(logits, step.sampling)
+
+    def share_last_sampled(self, tp: TensorParallel) -> None:
+        """Rank 0's last sampled tokens on every rank of the stage, for a step whose decodes
+        were scheduled ahead of them (each rank embeds those tokens itself)."""
+        if self.last_sampled is None:
+            raise RuntimeError("the step decodes ahead of a step this stage did not sample")
+        tp.broadcast_from_sampler(self.last_sampled)

@@ -99,23 +99,30 @@ class PeerLinks:
     def connect(self, peer: int) -> None:
         """Open the link with global rank `peer`, which opens it at the same time (each end
         waits for the other up to the world's link timeout)."""
-        if self.world is None:
-            raise RuntimeError(f"a worker without a rendezvous cannot link to worker {peer}")
         self._close_link(peer)
         low, high = sorted((self.rank, peer))
         # Both ends count their links to each other alike: the n-th of a pair meets under its own name.
-        store = dist.PrefixStore(f"link/{low}-{high}/{self._opened[peer]}", self._rendezvous_store())
+        name = f"link/{low}-{high}/{self._opened[peer]}"
         self._opened[peer] += 1
         index = 0 if self.rank == low else 1
+        group = self.open_group(name, index, 2)
+        self.links[peer] = Link(cast(LinkBackend, group), 1 - index)
+
+    def open_group(self, name: str, index: int, size: int) -> object:
+        """A torch.distributed backend of `size` members (gloo on CPU, NCCL on GPU), this worker
+        its member `index`, which the others open at the same time under the same `name` at the
+        rendezvous store (each waits for the rest up to the world's link timeout, and so does
+        every later operation on it): a pair's link, or a tensor-parallel stage's group
+        (kunserve/worker/parallel.py). A name is never used twice: global ranks are not reused."""
+        if self.world is None:
+            raise RuntimeError(f"a worker without a rendezvous cannot open group {name!r}")
+        store = dist.PrefixStore(name, self._rendezvous_store())
         timeout = timedelta(seconds=self.world.link_timeout_s)
         if self.device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()  # only CUDA builds of torch have NCCL
             options._timeout = timeout
-            group: object = dist.ProcessGroupNCCL(store, index, 2, options)
-        else:
-            group = dist.ProcessGroupGloo(store, index, 2, timeout)
-        # Both have send, recv and abort (torch's type stubs do not list the first two).
-        self.links[peer] = Link(cast(LinkBackend, group), 1 - index)
+            return dist.ProcessGroupNCCL(store, index, size, options)
+        return dist.ProcessGroupGloo(store, index, size, timeout)
 
     def warm(self, peer: int, send: bool, dtype: torch.dtype) -> None:
         """Open the link with `peer` and, on GPUs, make one tiny transfer over it: NCCL creates a

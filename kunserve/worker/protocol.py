@@ -23,7 +23,12 @@ SamplerStates = dict[str, Any]
 
 
 class DeviceCalls(ABC):
-    """The named calls a device serves (a worker's device, or a simulated one)."""
+    """The named calls a device serves (a worker's device, or a simulated one).
+
+    A tensor-parallel stage is one device to its callers: its executor sends a call to each of
+    its ranks (kunserve/executor/tensor_parallel.py says how their replies combine), and a
+    peer is named by its stage's first global rank: rank r of a stage talks to rank r of the
+    peer, which holds the same shard."""
 
     # ---- memory: layers <-> KV (a replica alone) --------------------------------------------
 
@@ -49,6 +54,11 @@ class DeviceCalls(ABC):
         """Reclaim the released slots and refill their weights: layer k from global rank
         `refill_from[k]`, or all from the weight source when None. Peers in `over_network`
         (members on another host, restoring at the same time) swap layers over the network."""
+
+    @abstractmethod
+    def prepare_stages(self, group_sizes: list[int]) -> None:
+        """Build the stage models (and capture their CUDA graphs) of every stage this replica may
+        become in groups of these sizes, so a drop finds them ready."""
 
     # ---- links between devices ------------------------------------------------------------
 
@@ -158,7 +168,7 @@ class WorkerWorld:
     new ones, so a link is never confused with the one its predecessor had."""
 
     store_address: str  # host:port of the driver's rendezvous store
-    first_rank: int  # the global rank of this executor's stage 0
+    first_rank: int  # the global rank of this executor's device 0 (stage 0, tensor-parallel rank 0)
     # How long a link's operation (opening it, a send or a receive) waits for its peer before
     # failing: a peer that died or hangs ends the wait instead of blocking this worker.
     link_timeout_s: float
@@ -166,6 +176,11 @@ class WorkerWorld:
 
 @dataclass(frozen=True)
 class StageAssignment:
+    """Where one worker stands: stage `rank` of a replica's `num_stages`, tensor-parallel rank
+    `tp_rank` of the stage's `tp_size`. A replica's devices are numbered stage by stage
+    (`device_index` = rank·tp_size + tp_rank), and so are their global ranks, from the
+    executor's first on."""
+
     rank: int  # the stage, within its group
     num_stages: int
     layer_range: tuple[int, int]
@@ -175,14 +190,28 @@ class StageAssignment:
     # different ids: the driver then speaks logical ids 0..B-1 and each stage adds its own
     # first KV block id. A single stage uses its physical ids (release/reclaim address them).
     logical_block_ids: bool
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    @property
+    def device_index(self) -> int:
+        """This worker's device among its replica's num_stages x tp_size."""
+        return self.rank * self.tp_size + self.tp_rank
 
     @property
     def global_rank(self) -> int:
-        return self.rank if self.world is None else self.world.first_rank + self.rank
+        return self.device_index if self.world is None else self.world.first_rank + self.device_index
+
+    @property
+    def stage_ranks(self) -> list[int]:
+        """The global ranks of this stage's tensor-parallel ranks (its process group)."""
+        first = self.global_rank - self.tp_rank
+        return list(range(first, first + self.tp_size))
 
     @property
     def pipe(self) -> tuple[int | None, int | None]:
-        """The global ranks of the previous and next stages (None at either end)."""
-        prev_rank = self.global_rank - 1 if self.rank > 0 else None
-        next_rank = self.global_rank + 1 if self.rank < self.num_stages - 1 else None
+        """The global ranks of the same tensor-parallel rank of the previous and next stages
+        (None at either end): activations go rank to rank."""
+        prev_rank = self.global_rank - self.tp_size if self.rank > 0 else None
+        next_rank = self.global_rank + self.tp_size if self.rank < self.num_stages - 1 else None
         return prev_rank, next_rank

@@ -1,5 +1,7 @@
 """One device: its memory arena, the layers it holds, the runner of its steps, and the device
-calls (kunserve/worker/protocol.py) that drops, restores and migrations make on it."""
+calls (kunserve/worker/protocol.py) that drops, restores and migrations make on it. Under
+tensor parallelism a device is one rank of a stage: it holds its shard of the stage's layers
+and its KV heads, and talks to the same rank of its peers."""
 
 from __future__ import annotations
 
@@ -8,14 +10,15 @@ import logging
 import numpy as np
 import torch
 
+from kunserve.arch.spec import ModelSpec, parse_dtype
 from kunserve.config import EngineConfig
-from kunserve.kernels.attention import make_attention_backend
+from kunserve.kernels.backends import make_attention_backend
 from kunserve.kernels.cpu_linear import make_linear
 from kunserve.layout import ArenaLayout, arena_layout
 from kunserve.model.decoder import DecoderStage
+from kunserve.model.parallel import SINGLE, TensorParallel
 from kunserve.model.presets import ResolvedModel
 from kunserve.model.rotary import cos_sin_cache
-from kunserve.model.spec import ModelSpec, parse_dtype
 from kunserve.model.weights import CheckpointWeights, DummyWeights, WeightSource
 from kunserve.step import StepInput
 from kunserve.worker import drop
@@ -24,7 +27,7 @@ from kunserve.worker.busy_clock import BusyClock
 from kunserve.worker.cuda_graphs import DecodeGraphs
 from kunserve.worker.model_runner import ModelRunner, PendingTokens
 from kunserve.worker.peers import PeerLinks, digest
-from kunserve.worker.protocol import DeviceCalls, SamplerStates, WorkerWorld
+from kunserve.worker.protocol import DeviceCalls, SamplerStates
 from kunserve.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
@@ -36,23 +39,24 @@ def build_worker(
     layer_range: tuple[int, int],
     device: torch.device,
     pipe: tuple[int | None, int | None] = (None, None),
-    world: WorkerWorld | None = None,
-    rank: int = 0,
+    tp: TensorParallel = SINGLE,
+    peers: PeerLinks | None = None,
 ) -> Worker:
-    """The worker of one device holding layers `layer_range` of `model`, weights loaded;
-    `pipe`: the global ranks of a static pipeline's previous and next stages; `world` and
-    `rank`: where it meets its peers, as global rank `rank` (None: it links to nobody)."""
+    """The worker of one device holding layers `layer_range` of `model` (its shard, as rank
+    `tp.rank` of a tensor-parallel stage), weights loaded; `pipe`: the global ranks of a static
+    pipeline's previous and next stages (the same tensor-parallel rank of each); `peers`: its
+    links to other workers (None: it links to nobody)."""
     spec = model.spec
     dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
     weights: WeightSource
     if config.load_format == "dummy":
-        weights = DummyWeights(spec, config.seed)
+        weights = DummyWeights(spec, config.seed, tp.rank, tp.size)
     elif model.weights_dir is None:
         raise ValueError(f"load_format: preset {model.name!r} has no weights; use load_format='dummy'")
     else:
-        weights = CheckpointWeights(model.weights_dir, spec)
+        weights = CheckpointWeights(model.weights_dir, spec, tp.rank, tp.size)
     max_model_len = config.max_model_len or spec.max_position_embeddings
-    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe, PeerLinks(device, world, rank))
+    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe, tp, peers)
 
 
 class Worker(DeviceCalls):
@@ -66,10 +70,14 @@ class Worker(DeviceCalls):
         dtype: torch.dtype,
         device: torch.device,
         pipe: tuple[int | None, int | None] = (None, None),
+        tp: TensorParallel = SINGLE,
         peers: PeerLinks | None = None,
     ) -> None:
+        if tp.size != config.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size}, but this worker is one of {tp.size}")
         torch.manual_seed(config.seed)
         self.spec = spec
+        self.tp = tp
         self.weights = weights
         self.device = device
         self.start, self.end = layer_range
@@ -95,6 +103,7 @@ class Worker(DeviceCalls):
             cos_sin_cache(spec.rope, spec.head_dim, max_model_len, device),
             make_attention_backend(config.attention_backend, config.block_size, device),
             make_linear(config.linear_backend, device, dtype),
+            tp,
         )
         self.config, self.max_model_len = config, max_model_len
         self.runner = ModelRunner(self.model, device, self.decode_graphs(self.model, lazy=False))
@@ -142,11 +151,13 @@ class Worker(DeviceCalls):
     def run_stage(self, step: StepInput) -> np.ndarray | None:
         """This device's part of a pipeline's step: the previous stage's hidden states in,
         this stage's layers, the next stage's input out; the last stage samples and returns
-        the tokens (the others None)."""
+        the tokens (the others None; of a tensor-parallel stage, rank 0 returns them)."""
         self._check_runnable()
         self.swap(step)
         if step.num_tokens == 0:  # swaps only: nothing flows down the pipeline
-            return self.runner.execute(step) if self.pipe_next is None else None
+            return self.runner.execute(step) if self.pipe_next is None and self.tp.samples else None
+        if self.tp.size > 1 and len(step.ahead_token_index):
+            self.runner.share_last_sampled(self.tp)
         hidden_in = None
         if self.pipe_prev is not None:
             hidden_in = torch.empty((step.num_tokens, self.spec.hidden_size), dtype=self.arena.buffer.dtype,
@@ -197,23 +208,36 @@ class Worker(DeviceCalls):
         self._run_with(*self._stage_runner(stage, num_stages))
         self.runner.sampler = self.replica_runner.sampler  # seeded requests keep their generators
         self.group = (stage, num_stages)
-        self.pipe_prev, self.pipe_next = prev_rank, next_rank
+        self.pipe_prev = None if prev_rank is None else self._peer(prev_rank)
+        self.pipe_next = None if next_rank is None else self._peer(next_rank)
         return released
 
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
         if self.group is None:
             raise RuntimeError("not a stage of a group")
-        drop.refill_layers(self.arena, self.weights, self.peers, refill_from, over_network)
+        refill = None if refill_from is None else {layer: self._peer(r) for layer, r in refill_from.items()}
+        remote = None if over_network is None else [self._peer(r) for r in over_network]
+        drop.refill_layers(self.arena, self.weights, self.peers, refill, remote)
         self._run_with(self.replica_model, self.replica_runner)
         self.group = None
         self.pipe_prev = self.pipe_next = None
 
-    def _stage_runner(self, stage: int, num_stages: int) -> tuple[DecoderStage, ModelRunner]:
-        """Stage `stage`'s model and runner, made at the first drop into it and kept."""
+    def prepare_stages(self, group_sizes: list[int]) -> None:
+        if self.layout.num_layers != self.spec.num_layers:
+            raise RuntimeError("only a device holding the whole model (a replica) has stages to prepare")
+        for num_stages in group_sizes:
+            for stage in range(num_stages):
+                self._stage_runner(stage, num_stages, capture_now=True)
+
+    def _stage_runner(self, stage: int, num_stages: int, capture_now: bool = False
+                      ) -> tuple[DecoderStage, ModelRunner]:
+        """Stage `stage`'s model and runner, kept once made: made by `prepare_stages` with its
+        graphs captured (before any drop), or else at the first drop into it, its graphs then
+        captured as batch sizes come (a capture never runs inside a drop's stall)."""
         if (stage, num_stages) not in self.stage_runners:
             model = drop.stage_model(self.replica_model, self.arena, stage, num_stages)
-            self.stage_runners[(stage, num_stages)] = (model, ModelRunner(model, self.device,
-                                                                          self.decode_graphs(model, lazy=True)))
+            graphs = self.decode_graphs(model, lazy=not capture_now)
+            self.stage_runners[(stage, num_stages)] = (model, ModelRunner(model, self.device, graphs))
         return self.stage_runners[(stage, num_stages)]
 
     def _run_with(self, model: DecoderStage, runner: ModelRunner) -> None:
@@ -221,30 +245,35 @@ class Worker(DeviceCalls):
 
     # ---- device calls: links and KV copies (kunserve/worker/peers.py) ---------------------------
 
+    def _peer(self, stage_rank: int) -> int:
+        """The global rank this device talks to in the peer stage whose first rank is
+        `stage_rank`: the same tensor-parallel rank, which holds the same shard."""
+        return stage_rank + self.tp.rank
+
     def export_arena(self) -> bytes:
         return self.peers.export(self.arena)
 
     def open_peer(self, peer: int, handle: bytes) -> None:
-        self.peers.open(peer, handle)
+        self.peers.open(self._peer(peer), handle)
 
     def warm_link(self, peer: int, send: bool) -> None:
-        self.peers.warm(peer, send, self.arena.buffer.dtype)
+        self.peers.warm(self._peer(peer), send, self.arena.buffer.dtype)
 
     def close_peer(self, peer: int) -> None:
-        self.peers.close_peer(peer)
+        self.peers.close_peer(self._peer(peer))
 
     def kv_view(self) -> torch.Tensor:
         """The KV cache as this device addresses it now: blocks, or a stage's sub-blocks."""
         return self.arena.kv_cache if self.group is None else self.arena.stage_kv_cache(self.group[1])
 
     def pull_kv(self, peer: int, src_ids: list[int], dst_ids: list[int], staging_bytes: int | None = None) -> None:
-        self.peers.pull_kv(self.kv_view(), peer, src_ids, dst_ids, staging_bytes)
+        self.peers.pull_kv(self.kv_view(), self._peer(peer), src_ids, dst_ids, staging_bytes)
 
     def send_kv(self, peer: int, ids: list[int], staging_bytes: int | None = None) -> None:
-        self.peers.send_kv(self.kv_view(), peer, ids, staging_bytes)
+        self.peers.send_kv(self.kv_view(), self._peer(peer), ids, staging_bytes)
 
     def recv_kv(self, peer: int, ids: list[int], staging_bytes: int | None = None) -> None:
-        self.peers.recv_kv(self.kv_view(), peer, ids, staging_bytes)
+        self.peers.recv_kv(self.kv_view(), self._peer(peer), ids, staging_bytes)
 
     def move_kv(self, src_ids: list[int], dst_ids: list[int]) -> None:
         self.peers.move_kv(self.kv_view(), src_ids, dst_ids)

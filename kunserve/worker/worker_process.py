@@ -1,10 +1,12 @@
-"""A worker process: one device, one pipeline stage.
+"""A worker process: one device, one pipeline stage (or one tensor-parallel rank of it).
 
 Commands come from the driver over a pipe (the light control channel: pickled host
 arrays). Activations go from stage to stage over the links between neighbours
-(kunserve/worker/peers.py: gloo on CPU, NCCL on GPU); only the last stage answers a step, with
-its sampled tokens (and its compute time, for the bubble metric).
-Every stage gets every step command, so each knows the batch's shape without asking.
+(kunserve/worker/peers.py: gloo on CPU, NCCL on GPU), tensor-parallel rank r of one stage to
+rank r of the next; a stage's ranks run their collectives in a group of their own
+(kunserve/worker/parallel.py). Only the last stage answers a step (its tensor-parallel rank 0),
+with its sampled tokens (and its compute time, for the bubble metric).
+Every stage (every rank) gets every step command, so each knows the batch's shape without asking.
 `start_worker` and `CommandHandler` (what one command does) are shared with the Ray actor
 of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
 
@@ -28,6 +30,8 @@ import torch.multiprocessing
 from kunserve.config import EngineConfig
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
+from kunserve.worker.parallel import tensor_parallel_group
+from kunserve.worker.peers import PeerLinks
 from kunserve.worker.protocol import Command, Reply, StageAssignment, check_device_call
 from kunserve.worker.worker import Worker, build_worker
 
@@ -40,8 +44,9 @@ STDERR_FD = 2  # stdin, stdout and stderr stay inherited
 
 
 def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignment) -> Worker:
-    """Set this process up for its stage (CPU threads, device, the links to its pipeline
-    neighbours) and build the stage's worker: the same in a worker process and in a Ray actor."""
+    """Set this process up for its stage (CPU threads, device, its tensor-parallel group, the
+    links to its pipeline neighbours) and build the stage's worker: the same in a worker
+    process and in a Ray actor."""
     # Shared CPU tensors travel as shared-memory file names: plain bytes the driver can
     # pass on between workers (see PeerLinks.export).
     torch.multiprocessing.set_sharing_strategy("file_system")
@@ -52,7 +57,9 @@ def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignm
         torch.set_num_threads(config.worker_threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    worker = build_worker(config, model, stage.layer_range, device, stage.pipe, stage.world, stage.global_rank)
+    peers = PeerLinks(device, stage.world, stage.global_rank)
+    tp = tensor_parallel_group(stage, peers, device)
+    worker = build_worker(config, model, stage.layer_range, device, stage.pipe, tp, peers)
     # In stage order (each links to its previous neighbour, then its next), so no stage
     # waits for one that waits for it.
     for neighbour in stage.pipe:
@@ -85,7 +92,7 @@ def keep_descriptors_from_children() -> None:
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
     """The process's entry point: build the stage, report its layout, then serve commands."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.rank}: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.global_rank}: %(message)s")
     keep_descriptors_from_children()
     watch_driver(os.getppid())
     try:

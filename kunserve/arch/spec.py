@@ -2,7 +2,8 @@
 
 The raw JSON is read directly (not through ``transformers.AutoConfig``) so that both the
 transformers-4 layout (``rope_theta`` + ``rope_scaling``) and the transformers-5 layout
-(``rope_parameters``) load the same way on every installed transformers version.
+(``rope_parameters``) load the same way on every installed transformers version. Where
+families read a config differently, their modules in kunserve/arch/ say how.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from typing import Any
 
 import torch
 
-# HF architecture name -> our family name. All three share one decoder implementation.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
+from kunserve.arch.family import Family
+from kunserve.arch.registry import family, family_of
+from kunserve.arch.schema import LayerTensor
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -77,6 +75,34 @@ class ModelSpec:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def layer_tensors(self) -> tuple[LayerTensor, ...]:
+        """One decoder layer's parameters, as its family declares them (kunserve/arch/schema.py)."""
+        return family(self.family).layer_tensors(self)
+
+    # ---- tensor parallelism: what one of `tp_size` ranks holds ----------------------------
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """ValueError naming the field when `tp_size` ranks cannot split this model's layers:
+        query heads and MLP channels must divide evenly; KV heads too, or be shared (t a
+        multiple of them)."""
+        if tp_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {tp_size}")
+        for tensor in self.layer_tensors():
+            for part in tensor.parts:
+                part.check(tp_size)
+
+    def heads_per_rank(self, tp_size: int) -> int:
+        return self.num_heads // tp_size
+
+    def kv_heads_per_rank(self, tp_size: int) -> int:
+        """KV heads each rank holds: its share, or one shared head with more ranks than heads."""
+        return max(1, self.num_kv_heads // tp_size)
+
+    def vocab_per_rank(self, tp_size: int) -> int:
+        """Rows of the embedding and LM head each rank holds: rank r has vocab ids
+        [r·n, (r+1)·n), the last rank's tail past the vocab zero padding."""
+        return -(-self.vocab_size // tp_size)
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelSpec:
         path = Path(model_dir) / "config.json"
@@ -86,13 +112,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], extra_eos: tuple[int, ...] = ()) -> ModelSpec:
-        archs = cfg.get("architectures") or []
-        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if family is None:
-            raise ValueError(
-                f"architectures: unsupported architecture {archs!r}; "
-                f"kunserve supports {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
+        arch = family_of(cfg.get("architectures") or [])
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act: unsupported activation {cfg['hidden_act']!r}; expected 'silu'")
         if cfg.get("mlp_bias", False):
@@ -100,9 +120,9 @@ class ModelSpec:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         num_layers = int(cfg["num_hidden_layers"])
-        attention_bias = bool(cfg.get("attention_bias", False))
+        qkv_bias, o_bias = arch.attention_biases(cfg)
         return cls(
-            family=family,
+            family=arch.name,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
@@ -113,10 +133,10 @@ class ModelSpec:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=_parse_rope(cfg),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family != "qwen2" and attention_bias,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_windows=_parse_sliding_windows(cfg, family, num_layers),
+            sliding_windows=_parse_sliding_windows(cfg, arch, num_layers),
             eos_token_ids=tuple(dict.fromkeys(_as_id_list(cfg.get("eos_token_id")) + list(extra_eos))),
             dtype=parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         )
@@ -152,15 +172,11 @@ def _parse_rope(cfg: dict[str, Any]) -> RopeSpec:
     )
 
 
-def _parse_sliding_windows(cfg: dict[str, Any], family: str, num_layers: int) -> tuple[int | None, ...]:
-    window = cfg.get("sliding_window")
+def _parse_sliding_windows(cfg: dict[str, Any], arch: Family, num_layers: int) -> tuple[int | None, ...]:
+    """`layer_types`, where a config has it, names each layer's attention in every family;
+    without it, the family's own rule applies."""
     layer_types = cfg.get("layer_types")
     if layer_types is not None:
+        window = cfg.get("sliding_window")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if family == "qwen2":
-        # Qwen2 applies its window only with use_sliding_window, from max_window_layers on.
-        if not cfg.get("use_sliding_window", False):
-            return (None,) * num_layers
-        first = int(cfg.get("max_window_layers", num_layers))
-        return tuple(window if i >= first else None for i in range(num_layers))
-    return (window,) * num_layers
+    return arch.sliding_windows(cfg, num_layers)
