@@ -4,7 +4,10 @@ Specified: a worker killed in replica mode, in a pipeline group, or during a dro
 ends the requests whose state it held within FAULT_S, and no request hangs; its replica (every
 member of its group) restarts on new workers, and within RECOVERY_S the cluster serves the
 tokens of an uninterrupted greedy run again, on every replica; the dead workers leave no
-process behind, and the other replicas no link to them. A hung worker (SIGSTOP) is killed at
+process behind, and the other replicas no link to them. A group's member killed while the
+others hold its arena mapped fails the group's requests, none hangs. One tensor-parallel rank
+of a replica killed fails that replica's requests alone: the replica restarts (all its ranks)
+while the other serves its own to the end. A hung worker (SIGSTOP) is killed at
 --worker-timeout-s: its requests fail within that plus FAULT_S, while the other replica
 serves and an operator drop is refused instead of pausing it. A drop the layers cannot split
 into is refused with 400 and the cluster serves on. Shutdown never waits on a hung worker, and
@@ -62,17 +65,18 @@ class Ended:
 
 
 class Traffic:
-    """Requests posted at once, each on a thread of its own."""
+    """Requests posted at once, each on a thread of its own; one not answered within
+    `timeout_s` ends as "no answer" (status 0): it hung."""
 
-    def __init__(self, server: RunningServer, body: dict, count: int) -> None:
+    def __init__(self, server: RunningServer, body: dict, count: int, timeout_s: float = RECOVERY_S) -> None:
         self.ended: list[Ended] = []
-        self._threads = [threading.Thread(target=self._post, args=(server.url, body)) for _ in range(count)]
+        self._threads = [threading.Thread(target=self._post, args=(server.url, body, timeout_s)) for _ in range(count)]
         for thread in self._threads:
             thread.start()
 
-    def _post(self, url: str, body: dict) -> None:
+    def _post(self, url: str, body: dict, timeout_s: float) -> None:
         try:
-            response = httpx.post(f"{url}/v1/completions", json=body, timeout=RECOVERY_S)
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=timeout_s)
             message = response.json()["error"]["message"] if response.status_code != 200 else ""
             self.ended.append(Ended(response.status_code, message, time.monotonic()))
         except httpx.TimeoutException:
@@ -151,11 +155,16 @@ def serves_the_reference_again(server: RunningServer, reference: list[str], faul
     print(f"correct greedy outputs from every replica {time.monotonic() - fault_at:.1f} s after the fault")
 
 
-def ended_within(ended: list[Ended], fault_at: float, bound_s: float) -> bool:
-    """Whether every failed request ended within `bound_s` of the fault (reported either way)."""
+def failure_delays(ended: list[Ended], fault_at: float) -> list[float]:
+    """How long after the fault each failed request ended (reported)."""
     failed = [e.at - fault_at for e in ended if e.status != 200]
     print(f"{len(failed)} failed request(s), the last {max(failed, default=0.0):.2f} s after the fault")
-    return all(delay < bound_s for delay in failed)
+    return failed
+
+
+def ended_within(ended: list[Ended], fault_at: float, bound_s: float) -> bool:
+    """Whether every failed request ended within `bound_s` of the fault (reported either way)."""
+    return all(delay < bound_s for delay in failure_delays(ended, fault_at))
 
 
 # ---- a worker killed --------------------------------------------------------------------------
@@ -206,6 +215,56 @@ def test_a_worker_killed_in_a_group_ends_the_groups_requests_and_every_member_re
     servers.note_workers(server)
     assert all(process_gone(pid) for pid in old_pids)
     assert dict(runner.restarts) == {0: 1, 1: 1}
+
+
+def test_a_member_killed_while_the_other_maps_its_arena_fails_the_groups_requests_and_none_hangs(
+    llama_dir: Path, reference: list[str], servers: Servers
+) -> None:
+    # Issue 24: links (mapped arenas) open at launch must not let a dead peer hang the
+    # survivor. A short deadline: were the death missed, the survivor would be killed at it.
+    server = servers.start(llama_dir, ServerConfig(num_replicas=2, coordinator=CoordinatorConfig("recompute")),
+                           worker_timeout_s=HANG_TIMEOUT_S)
+    assert server.cluster.links.are_open(0, 1)  # each has the other's arena mapped since launch
+    assert httpx.post(f"{server.url}/v1/cluster/drop", json={}, timeout=WAIT_S).status_code == 200
+    traffic = Traffic(server, LONG, 4, timeout_s=WAIT_S)  # an answer later than WAIT_S: a hang
+    wait_until(lambda: httpx.get(f"{server.url}/v1/cluster").json()["groups"][0]["running"] == 4,
+               "the group running every request")
+    old_pids = worker_pids(server)
+    killed_at = time.monotonic()
+    os.kill(old_pids[0], signal.SIGKILL)  # stage 0: stage 1 waits on its activations
+    ended = traffic.join()
+    assert [e.status for e in ended] == [500] * 4, [e.message for e in ended]
+    assert all("worker 0" in e.message and "exited" in e.message for e in ended)
+    failure_delays(ended, killed_at)
+    serves_the_reference_again(server, reference, killed_at)
+    servers.note_workers(server)
+    assert all(process_gone(pid) for pid in old_pids)
+    assert dict(server.cluster.coordinator.runner.restarts) == {0: 1, 1: 1}
+
+
+def test_a_tensor_parallel_rank_killed_fails_its_replicas_requests_alone_and_the_replica_restarts(
+    llama_dir: Path, reference: list[str], servers: Servers
+) -> None:
+    server = servers.start(llama_dir, ServerConfig(num_replicas=2, dispatch_policy="round_robin"),
+                           tensor_parallel_size=2)
+    cluster = server.cluster
+    pids = worker_pids(server)
+    assert len(pids) == 4  # two replicas of two ranks each
+    other_replicas_pids = pids[2:]
+    traffic = Traffic(server, LONG, 4)
+    wait_until(lambda: [len(e.scheduler.running) for e in cluster.engines] == [2, 2], "two requests on each replica")
+    killed_at = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)  # replica 0's rank 1, which samples nothing: rank 0 waits on it in collectives
+    ended = traffic.join()
+    assert sorted(e.status for e in ended) == [200, 200, 500, 500]
+    assert all("worker 1" in e.message and "exited" in e.message for e in ended if e.status == 500)
+    failure_delays(ended, killed_at)
+    serves_the_reference_again(server, reference, killed_at)
+    new_pids = servers.note_workers(server)
+    assert process_gone(pids[0]) and process_gone(pids[1])  # the whole replica restarted
+    assert new_pids[2:] == other_replicas_pids  # the other one never stopped
+    assert [r["restarts"] for r in httpx.get(f"{server.url}/v1/cluster").json()["replicas"]] == [1, 0]
+    assert not cluster.links.has_stale(1)  # replica 1's ranks let go of both dead ranks' arenas and links
 
 
 @pytest.mark.parametrize("transition", ["drop", "restore"])

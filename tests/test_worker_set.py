@@ -2,8 +2,10 @@
 
 Specified: a worker that exits fails the set with its exit code; after that every call on
 the set raises the same failure at once instead of waiting on processes that are gone; a
-worker that does not answer within the deadline is killed and fails the set as hung; a
-worker whose driver is gone exits even while its main thread is blocked."""
+worker that does not answer within the deadline is killed and fails the set as hung; calls
+that redo a start's work (weights read from the checkpoint, the arena moved into shared memory,
+stage models built) wait as long as a start, the others a step's deadline; a worker whose
+driver is gone exits even while its main thread is blocked."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pytest
 from server_harness import process_gone
 
 from kunserve.executor.workers import WorkerDiedError, WorkerHandle, WorkerSet
-from kunserve.worker.protocol import Command
+from kunserve.worker.protocol import Command, DeviceCalls, takes_start_deadline
 from kunserve.worker.worker_process import watch_driver
 
 LIVENESS_S = 60.0  # a bound for what must happen, not a timing
@@ -78,6 +80,19 @@ def test_a_wait_may_be_given_a_longer_deadline_than_the_sets() -> None:
     workers = worker_set(silent_worker, (2 * DEADLINE_S,), timeout_s=DEADLINE_S)
     with pytest.raises(WorkerDiedError, match="exited with code 0"):
         workers.receive(0, "ready", timeout_s=LIVENESS_S)
+
+
+def test_calls_that_redo_a_starts_work_have_the_starts_deadline_and_the_others_a_steps() -> None:
+    def start_deadline(call: object, *args: object) -> bool:
+        return takes_start_deadline(call.__name__, args, {})  # type: ignore[attr-defined]
+
+    assert start_deadline(DeviceCalls.reclaim_layer, 3)
+    assert start_deadline(DeviceCalls.become_replica, None)  # refilled from the checkpoint
+    assert start_deadline(DeviceCalls.export_arena)
+    assert start_deadline(DeviceCalls.prepare_stages, [2])
+    assert not start_deadline(DeviceCalls.become_replica, {0: 5})  # refilled from a peer
+    assert not start_deadline(DeviceCalls.pull_kv, 5, [0], [1])
+    assert not start_deadline(DeviceCalls.release_layer, 3)
 
 
 ORPHAN_SCRIPT = f"""

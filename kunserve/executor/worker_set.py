@@ -25,7 +25,7 @@ from kunserve.executor.workers import WorkerSet
 from kunserve.layout import ArenaLayout, stage_ranges
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
-from kunserve.worker.protocol import Command, DeviceCalls, Reply, StageAssignment, WorkerWorld, loads_weights
+from kunserve.worker.protocol import Command, DeviceCalls, Reply, StageAssignment, WorkerWorld, takes_start_deadline
 
 
 def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None) -> list[StageAssignment]:
@@ -52,8 +52,8 @@ class WorkerSetExecutor(WorkerExecutor):
 
     def __init__(self) -> None:
         super().__init__()
-        # Per stage, the calls posted and not yet answered: each one's name, and whether it reads
-        # weights from the checkpoint (it then has the start's deadline).
+        # Per stage, the calls posted and not yet answered: each one's name, and whether it has
+        # the start's deadline (takes_start_deadline).
         self._calls_posted: defaultdict[int, deque[tuple[str, bool]]] = defaultdict(deque)
 
     def _await_ready(self, config: EngineConfig) -> None:
@@ -132,11 +132,11 @@ class WorkerSetExecutor(WorkerExecutor):
         workers, t = self.workers.stage_workers(rank), self.workers.tp_size
         for tp_rank in call_ranks(name, t):
             self.workers.post(workers[tp_rank], Command.CALL, (name, *rank_arguments(name, args, kwargs, tp_rank, t)))
-        self._calls_posted[rank].append((name, loads_weights(name, args, kwargs)))
+        self._calls_posted[rank].append((name, takes_start_deadline(name, args, kwargs)))
 
     def _finish_call(self, rank: int) -> Any:
-        name, loads = self._calls_posted[rank].popleft()
-        workers, timeout_s = self.workers.stage_workers(rank), self._start_timeout_s if loads else None
+        name, start_work = self._calls_posted[rank].popleft()
+        workers, timeout_s = self.workers.stage_workers(rank), self._start_timeout_s if start_work else None
         return combine_replies(name, [self.workers.receive(workers[tp_rank], Reply.RETURNED, timeout_s)
                                       for tp_rank in call_ranks(name, self.workers.tp_size)])
 

@@ -125,13 +125,20 @@ class DeviceCalls(ABC):
 DEVICE_CALLS = frozenset(name for name in vars(DeviceCalls) if not name.startswith("_"))
 
 
-def loads_weights(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether call `name` reads weights from the checkpoint (a layer reclaimed, or a refill with
-    no peer to copy from): it may take as long as a worker's start, and has its deadline
-    (EngineConfig.worker_start_timeout_s)."""
+# Calls that do a worker's start-up work over again, however they are called: the whole arena
+# moved into shared memory (export_arena, the first time), every stage model a replica may
+# become built and its graphs captured (prepare_stages).
+START_WORK_CALLS = frozenset({DeviceCalls.export_arena.__name__, DeviceCalls.prepare_stages.__name__})
+
+
+def takes_start_deadline(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether call `name` may take as long as a worker's start, and has its deadline
+    (EngineConfig.worker_start_timeout_s) instead of a step's: it reads weights from the
+    checkpoint (a layer reclaimed, or a refill with no peer to copy from) or does start-up
+    work (START_WORK_CALLS)."""
     if name == "become_replica":
         return (args[0] if args else kwargs.get("refill_from")) is None
-    return name == "reclaim_layer"
+    return name == "reclaim_layer" or name in START_WORK_CALLS
 
 
 def check_device_call(name: str) -> str:
