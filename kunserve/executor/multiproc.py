@@ -29,7 +29,7 @@ class MultiprocExecutor(WorkerSetExecutor):
     """The stages (their tensor-parallel ranks) as worker processes of this host."""
 
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
-        """`world`: this executor's place among a cluster's workers; None: its stages link only
+        """`world`: this executor's place among a cluster's workers; None: its devices link only
         to each other."""
         super().__init__()
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child

@@ -140,7 +140,7 @@ class RayWorkerSet(WorkerSet):
 
 class RayExecutor(WorkerSetExecutor):
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
-        """`world`: this executor's place among a cluster's workers; None: its stages link only
+        """`world`: this executor's place among a cluster's workers; None: its devices link only
         to each other."""
         super().__init__()
         connect(config.ray_address)
