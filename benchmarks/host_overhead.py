@@ -8,8 +8,12 @@ step it submitted recorded; the residual (step wall time - the cost model's pred
 fitted as host_step_s + host_seq_s * sequences + host_token_s * tokens, non-negative, by
 relative error.
 
-    python benchmarks/host_overhead.py --memory-budget-bytes 42949672960 --trace .trace/azure_llm_conv_2023.csv \
+    python benchmarks/host_overhead.py --memory-budget-bytes 42949672960 --trace data/traces/azure_llm_conv_2023.csv \
         --trace-start-s 600 --trace-duration-s 60 --rate-scale 4 --out $OUT/host_overhead.json
+
+It also prints measured over modelled time by kind of step (decode-only, with a prefill chunk,
+with swaps, long and uneven contexts): run on a long-generation burst (`--dataset reasoning`,
+each `--preemption-mode`) it shows which steps the simulator underprices.
 """
 
 from __future__ import annotations
@@ -43,22 +47,48 @@ def trace_steps(engine: LLMEngine, records: list[dict]) -> None:
     def submit_recorded(step_input: StepInput) -> None:
         batch = step_input.batch
         shapes.append(StepShape.of_batch(batch.query_lens, batch.context_lens, len(step_input.sample_rows)))
+        decode = batch.query_lens == 1
+        extras.append({"max_decode_context": int(batch.context_lens[decode].max()) if decode.any() else 0,
+                       "swapped_blocks": len(step_input.swap_out) + len(step_input.swap_in)})
         submit(step_input)
+
+    extras: list[dict] = []
 
     def step_timed() -> list:
         shapes.clear()
+        extras.clear()
         start = time.perf_counter()
         outputs = step()
         if shapes:
             shape = shapes[0]
             records.append({"seconds": time.perf_counter() - start, "num_seqs": int(shape.num_samples),
                             "num_tokens": int(shape.num_tokens), "decode_context": int(shape.decode_context),
-                            "prefill_pairs": int(shape.prefill_pairs),
+                            "prefill_pairs": int(shape.prefill_pairs), **extras[0],
                             "predicted": engine.cost_model.step_time(shape, engine.spec.num_layers)})
         return outputs
 
     engine.executor.submit = submit_recorded  # type: ignore[method-assign]
     engine.step = step_timed  # type: ignore[method-assign]
+
+
+def print_breakdown(records: list[dict], fitted: np.ndarray) -> None:
+    """Measured over modelled step time (cost model + the fitted host time) by kind of step:
+    where a workload's steps run slower than the simulator prices them (long generations:
+    decodes at long or uneven contexts; swaps, which the cost model leaves out)."""
+    seconds = np.array([r["seconds"] for r in records])
+    ratio = seconds / fitted
+    decode_only = np.array([r["prefill_pairs"] == 0 for r in records])
+    swaps = np.array([r["swapped_blocks"] > 0 for r in records])
+    mean_context = np.array([r["decode_context"] / max(r["num_seqs"], 1) for r in records])
+    uneven = np.array([r["max_decode_context"] for r in records]) > 2 * mean_context
+    long_context = mean_context > 2048
+    kinds = {"decode only": decode_only & ~swaps, "with a prefill chunk": ~decode_only & ~swaps, "with swaps": swaps,
+             "decodes, mean context > 2048": decode_only & long_context,
+             "decodes, max context > 2x mean": decode_only & uneven}
+    print(f"{'steps':<32} {'count':>6} {'measured / modelled':>20} {'seconds measured':>17}")
+    for name, mask in kinds.items():
+        if mask.any():
+            print(f"{name:<32} {int(mask.sum()):>6} {float(np.mean(ratio[mask])):>20.3f} {seconds[mask].sum():>17.1f}")
 
 
 def main() -> None:
@@ -68,11 +98,15 @@ def main() -> None:
                         help="the engine's memory (default: 0.9 of the GPU's)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute")
+    parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="off",
+                        help="off: every step's host time is in its wall time, as the fit assumes")
     add_workload_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = EngineConfig(model=args.model, load_format=args.load_format, memory_budget_bytes=args.memory_budget_bytes,
-                          max_model_len=args.max_model_len, skip_tokenizer_init=True)
+                          max_model_len=args.max_model_len, skip_tokenizer_init=True,
+                          preemption_mode=args.preemption_mode, async_scheduling=args.async_scheduling)
     specs = build_workload(args)
     prompts = prompt_token_ids(specs, PROMPT_TOKEN_IDS, args.seed)
     cluster = Cluster.launch(config, 1)
@@ -100,6 +134,7 @@ def main() -> None:
     print(f"host time per step: {step_s * 1e3:.3f} ms + {seq_s * 1e6:.2f} us/sequence + {token_s * 1e9:.1f} ns/token")
     print(f"step time error, cost model alone: mean {np.mean(np.abs(predicted - seconds) / seconds) * 100:.1f}%; "
           f"with the host time: {np.mean(np.abs(fitted - seconds) / seconds) * 100:.1f}%")
+    print_breakdown(records, fitted)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"host_step_s": step_s, "host_seq_s": seq_s, "host_token_s": token_s,

@@ -6,7 +6,7 @@ Every GPU count N replays the same trace window with its rate scaled by N × `--
 `--max-group-size`. Prints the tables, writes a JSON of the summaries (per-request results
 are left out: they grow with N) and two plots.
 
-    python benchmarks/sim_projections.py --model llama-3-8b --memory-budget-gib 40 --gpus 2 8 32 64 \
+    python benchmarks/sim_projections.py --model llama-3-8b --memory-budget 40 --gpus 2 8 32 64 \
         --rate-per-gpu 4 --out-dir docs/results/projections_llama3_8b
 """
 
@@ -78,14 +78,11 @@ def main() -> None:
     add_simulate_arguments(parser)
     parser.add_argument("--gpus", type=int, nargs="+", default=[2, 8, 32, 64])
     parser.add_argument("--rate-per-gpu", type=float, required=True, help="the trace's rate scale per GPU")
-    parser.add_argument("--memory-budget-gib", type=float, default=None)
     parser.add_argument("--sweep-gpus", type=int, default=32)
     parser.add_argument("--group-sizes", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.memory_budget_gib is not None:
-        args.memory_budget_bytes = int(args.memory_budget_gib * (1 << 30))
     scaling = [simulate(args, n, policy, None) for n in args.gpus for policy in args.policies]
     sweep = [simulate(args, args.sweep_gpus, "kunserve", size) for size in args.group_sizes]
     out = Path(args.out_dir)

@@ -27,6 +27,9 @@ def simulate_args(measured: dict, trace: str | None) -> argparse.Namespace:
     for key, value in measured["args"].items():
         if hasattr(args, key) and key not in ("out_dir", "out", "compare"):
             setattr(args, key, value)
+    if "async_scheduling" not in measured["args"]:
+        args.async_scheduling = "off"  # measured before replicas scheduled ahead (2026-12-01)
+    args.links_open_at_start = True  # bench --launch opens them before its replay
     if trace is not None:
         args.trace = trace
     return args

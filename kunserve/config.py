@@ -12,6 +12,7 @@ ASYNC_SCHEDULING = ("auto", "on", "off")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 LINEAR_BACKENDS = ("auto", "torch", "onednn", "onednn-packed")
+LOAD_FORMATS = ("auto", "dummy")  # safetensors from the model directory, or seeded random weights
 # Ray's placement group strategies: STRICT_PACK puts all of a replica's devices on one node.
 RAY_PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -125,8 +126,8 @@ class EngineConfig:
         if self.distributed_executor_backend == "uni" and self.devices_per_replica > 1:
             raise ValueError("distributed_executor_backend: 'uni' runs one device; pipelines and tensor "
                              "parallelism need 'mp' or 'ray'")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format: expected 'auto' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format: expected one of {LOAD_FORMATS}, got {self.load_format!r}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

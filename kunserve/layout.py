@@ -8,7 +8,7 @@ KV blocks. Layer `k`'s parameters occupy a *slot* of `slot_blocks` grid blocks s
 block `k * slot_blocks`; the KV region follows the last slot. A KV block is block-major: it
 holds, for `block_size` tokens, the K and V of every layer the device owns, so one block
 table per sequence addresses all layers, and releasing a layer turns the whole grid blocks
-inside its slot into KV blocks without moving anything (see DESIGN.md §3).
+inside its slot into KV blocks without moving anything.
 
 With tensor parallelism each of a stage's t ranks has its own arena of the same layout: a
 slot holds the rank's shard of the layer (kunserve/arch/schema.py says how each tensor
@@ -93,11 +93,17 @@ class ArenaLayout:
         cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, num_kv_blocks: int, tp_size: int = 1
     ) -> ArenaLayout:
         """The smallest arena holding the layers plus exactly `num_kv_blocks` KV blocks."""
+        arena_bytes = cls.bytes_for(spec, num_layers, block_size, elem_bytes, num_kv_blocks, tp_size)
+        return cls.build(spec, num_layers, block_size, elem_bytes, arena_bytes, tp_size)
+
+    @classmethod
+    def bytes_for(cls, spec: ModelSpec, num_layers: int, block_size: int, elem_bytes: int, num_kv_blocks: int,
+                  tp_size: int = 1) -> int:
+        """The bytes of a rank's arena holding its shard of the layers plus `num_kv_blocks` KV blocks."""
         block_elems = cls.kv_block_elems(spec, num_layers, block_size, tp_size)
         _, layer_elems = layer_param_slices(spec, elem_bytes, tp_size)
         slots = num_layers * math.ceil(layer_elems / block_elems)
-        arena_bytes = (slots + num_kv_blocks) * block_elems * elem_bytes
-        return cls.build(spec, num_layers, block_size, elem_bytes, arena_bytes, tp_size)
+        return (slots + num_kv_blocks) * block_elems * elem_bytes
 
     @staticmethod
     def kv_block_elems(spec: ModelSpec, num_layers: int, block_size: int, tp_size: int = 1) -> int:
@@ -200,7 +206,24 @@ def arena_layout(
         activations = ACTIVATION_SAFETY_FACTOR * config.max_num_batched_tokens * widest * elem_bytes
         logits = SAMPLER_LOGIT_COPIES * config.max_num_seqs * spec.vocab_size * 4
         arena_bytes = budget_bytes - stage_bytes - activations - logits
+        least = ArenaLayout.bytes_for(spec, num_layers, config.block_size, elem_bytes, 1, t)
+        if arena_bytes < least:
+            raise ValueError(
+                f"memory budget: {format_size(budget_bytes)} leaves {format_size(arena_bytes)} for the arena of "
+                f"{num_layers} layers, which needs {format_size(least)} for them and one KV block; the rest goes to "
+                f"the embeddings and LM head ({format_size(stage_bytes)}), activations of max_num_batched_tokens="
+                f"{config.max_num_batched_tokens} ({format_size(activations)}) and the sampler's logits for "
+                f"max_num_seqs={config.max_num_seqs} ({format_size(logits)})"
+            )
     return ArenaLayout.build(spec, num_layers, config.block_size, elem_bytes, arena_bytes, t)
+
+
+def format_size(num_bytes: float) -> str:
+    """Bytes in the unit a reader takes in at once (negative budgets included)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes:.0f} bytes"
 
 
 # ---- pipeline stages and sub-blocks: the arithmetic every layer above shares -----------------

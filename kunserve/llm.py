@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import Self
 
 from kunserve.config import EngineConfig
 from kunserve.engine.llm_engine import LLMEngine, PromptInput
@@ -21,9 +22,33 @@ Prompts = str | list[int] | dict[str, Any] | Seq[str | list[int] | dict[str, Any
 
 
 class LLM:
+    """An engine for offline generation. Its devices' memory and worker processes are freed
+    by `shutdown()`, at the end of a `with LLM(...) as llm:` block, or once the LLM is deleted
+    and nothing else holds its engine (`del llm`): another LLM of the same process then finds
+    the memory free, as vLLM's users expect."""
+
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._engine: LLMEngine | None = LLMEngine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise RuntimeError("LLM: shut down; make a new LLM to generate again")
+        return self._engine
+
+    def shutdown(self) -> None:
+        """Free the engine's device memory (arena, CUDA graphs, cached blocks) and stop its
+        worker processes. Further calls do nothing; generating afterwards raises."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.engine.tokenizer

@@ -2,7 +2,7 @@
 
 Specified: every import inside the package runs downward through the layers
     entry points (cli, llm, server, bench, sim) -> cluster -> engine -> executor -> worker
-    -> model -> kernels -> the foundation (config, step, layout, arch, sampling_params, outputs)
+    -> model -> kernels -> the foundation (config, step, layout, arch, sampling_params, outputs, logs)
 (imports within one layer are allowed), and no files import each other in a cycle. Imports
 inside functions count: they tie the files together as much as those at the top."""
 
@@ -17,14 +17,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kunserve"
 
 # Lowest first; a module's layer is the first entry that names its package or file.
 LAYERS: list[tuple[str, ...]] = [
-    ("arch", "config", "step", "layout", "sampling_params", "outputs"),
+    ("arch", "config", "step", "layout", "sampling_params", "outputs", "logs", "exit_codes"),
     ("kernels",),
     ("model",),
     ("worker",),
     ("executor",),
     ("engine",),
     ("cluster",),
-    ("server", "bench", "sim", "llm", "cli", "engine_args", "__init__"),
+    ("server", "bench", "sim", "llm", "cli", "__main__", "engine_args", "cluster_args", "__init__"),
 ]
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from kunserve.bench.run import add_bench_arguments, run_bench
+from kunserve.cli import main
+from kunserve.exit_codes import EXIT_REQUESTS_FAILED
 
 API_KEY = "secret"
 FAIL_PROMPT_LEN = 3  # the fake server answers 500 to prompts of this length
@@ -61,6 +63,8 @@ class FakeServer:
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(data) + data
             )
+        elif request_line.startswith("GET"):  # /health
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         else:
             payload = json.loads(body)
             self.payloads.append(payload)
@@ -138,3 +142,22 @@ def test_unreachable_server_fails_requests_and_has_no_server_section() -> None:
     summary = run_bench(bench_args("--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1", "--no-progress"))
     assert (summary["completed"], summary["failed"]) == (0, 1)
     assert summary["server"] is None
+
+
+def test_the_bench_command_exits_non_zero_when_requests_fail(
+    server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--base-url", f"http://127.0.0.1:{server.port}", "--num-prompts", "2",
+              "--input-len", str(FAIL_PROMPT_LEN), "--no-progress"])
+    assert exited.value.code == EXIT_REQUESTS_FAILED
+    assert "2 of 2 requests failed" in caplog.text and "HTTP 500: boom" in caplog.text
+
+
+def test_the_bench_command_with_no_server_says_how_to_start_one() -> None:
+    stopped = FakeServer()
+    stopped.start()
+    stopped.stop()
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--base-url", f"http://127.0.0.1:{stopped.port}", "--num-prompts", "1", "--no-progress"])
+    assert "no server answers" in str(exited.value.code) and "kunserve serve" in str(exited.value.code)

@@ -10,7 +10,7 @@ import pytest
 from kunserve.bench.client import RequestResult
 from kunserve.bench.compare import comparison_table, transition_stats, ttft_p99_ratio
 from kunserve.bench.in_process import result_from_output
-from kunserve.bench.launch import add_launch_arguments, policies_of
+from kunserve.bench.launch import add_launch_arguments, policies_of, rounded
 from kunserve.bench.run import add_bench_arguments
 from kunserve.bench.slo import (
     SLO_TPOT_FACTOR,
@@ -152,3 +152,8 @@ def test_an_unknown_policy_is_refused_by_the_parser() -> None:
 def test_compare_needs_launch() -> None:
     with pytest.raises(SystemExit, match="need --launch"):
         main(["bench", "--compare", "recompute", "kunserve"])
+
+
+def test_results_json_keeps_nine_significant_digits_at_any_depth() -> None:
+    assert rounded({"runs": [{"ttft_s": 0.00552445661234, "n": 3, "p99": [1234.5678901234]}]}) == {
+        "runs": [{"ttft_s": 0.00552445661, "n": 3, "p99": [1234.56789]}]}

@@ -8,11 +8,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import pytest
 
 from kunserve.bench.demo import DemoConfig
 from kunserve.cli import main
+
+pytestmark = pytest.mark.slow  # the whole demo, about a minute
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +47,22 @@ def test_kunserve_fuses_the_replicas_during_the_demo_burst(demo: tuple[dict, str
 def test_the_demo_prints_the_side_by_side_table(demo: tuple[dict, str]) -> None:
     _, printed = demo
     assert "| recompute |" in printed and "| kunserve |" in printed
+
+
+def test_kunserve_restores_after_each_drop(demo: tuple[dict, str]) -> None:
+    record, _ = demo
+    kunserve = next(run for run in record["runs"] if run["policy"] == "kunserve")
+    kinds = [t["kind"] for t in kunserve["transitions"]]
+    assert kinds and kinds == ["drop", "restore"] * (len(kinds) // 2)
+
+
+def test_the_demo_says_what_happened_to_each_policy(demo: tuple[dict, str]) -> None:
+    _, printed = demo
+    assert "What happened:" in printed and "recompute: queue peaked at" in printed
+    assert re.search(r"kunserve: \d+ drops as bursts came", printed) and "P99 TTFT, recompute / kunserve:" in printed
+
+
+def test_the_demo_slos_are_absolute(demo: tuple[dict, str]) -> None:
+    record, _ = demo
+    for run in record["runs"]:
+        assert (run["slo"]["ttft_ms"], run["slo"]["tpot_ms"]) == (DemoConfig().slo_ttft_ms, DemoConfig().slo_tpot_ms)

@@ -16,6 +16,8 @@ import pytest
 from kunserve.bench.slo import SLO_TPOT_FACTOR, SLO_TTFT_FACTOR
 from kunserve.cli import main
 
+pytestmark = pytest.mark.slow  # clusters launched per policy, workloads replayed
+
 POLICIES = ("recompute", "kunserve")
 NUM_REQUESTS = 16
 PROMPT_LEN = 40

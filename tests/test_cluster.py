@@ -21,6 +21,8 @@ from kunserve.executor.multiproc import MultiprocExecutor
 from kunserve.layout import stage_ranges
 from kunserve.sampling_params import RequestOutputKind
 
+pytestmark = pytest.mark.slow  # clusters of worker processes
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 # Lengths that make chunked prefill (budget 64) split prompts across micro-batches.
 PROMPTS = [[(7 * i + 13 * j) % 500 for j in range(n)] for i, n in enumerate((3, 19, 70, 130, 45, 8))]

@@ -1,4 +1,4 @@
-"""Greedy outputs equal transformers' `generate` token for token (DESIGN.md invariant 1),
+"""Greedy outputs equal transformers' `generate` token for token,
 also when prefill is chunked and when KV memory is so small that requests are preempted."""
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=T
 # KV for 480 tokens: the 8 requests (727 prompt tokens, 32 new tokens each) must take
 # turns, so running requests get preempted. max_model_len is lowered to match.
 SMALL_KV = {"num_kv_blocks": 30, "max_model_len": 400}
+# The fast subset (-m "not slow") checks one architecture; the others are slow.
+FAST_VARIANT = "llama"
+VARIANTS = [pytest.param(name, marks=() if name == FAST_VARIANT else pytest.mark.slow) for name in sorted(MODEL_VARIANTS)]
 
 
-@pytest.fixture(scope="module", params=sorted(MODEL_VARIANTS))
+@pytest.fixture(scope="module", params=VARIANTS)
 def variant(request: pytest.FixtureRequest, models_root: Path) -> tuple[Path, list[list[int]], list[list[int]]]:
     arch, build_kwargs, edits = MODEL_VARIANTS[request.param]
     model_dir = build_model_dir(models_root / request.param, arch, build_kwargs, edits)

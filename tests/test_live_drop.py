@@ -25,6 +25,8 @@ from kunserve.engine.async_engine import EngineDeadError, RequestStream
 from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
 
+pytestmark = pytest.mark.slow  # live servers over clusters of worker processes
+
 MAX_TOKENS = 24
 PROMPTS = [[(5 * i + 17 * j) % 500 for j in range(8 + 9 * (i % 7))] for i in range(24)]
 

@@ -17,6 +17,8 @@ from kunserve.cluster.runner import Transition
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.worker.protocol import DeviceCalls
 
+pytestmark = pytest.mark.slow  # migrations between worker processes
+
 MAX_MODEL_LEN = 256
 PROMPTS = [[(5 * i + 17 * j) % 500 for j in range(8 + 9 * (i % 7))] for i in range(6)]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

@@ -18,6 +18,8 @@ from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
 from kunserve.engine.async_engine import RequestStream
 from kunserve.sampling_params import RequestOutputKind
 
+pytestmark = pytest.mark.slow  # every overload policy on a cluster of worker processes
+
 MAX_MODEL_LEN = 256
 NUM_REQUESTS = 16
 PROMPT = [(17 * j) % 500 for j in range(8)] * 5

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kunserve.cluster.planner import Planner, PlannerConfig, ReplicaLoad
+from kunserve.cluster.planner import GroupLoad, Planner, PlannerConfig, ReplicaLoad
 from kunserve.engine.cost_model import CostModel
 from kunserve.model.presets import resolve_model
 
@@ -92,3 +92,61 @@ def test_planning_1024_replicas_gives_disjoint_groups() -> None:
 def test_max_group_size_below_two_is_refused() -> None:
     with pytest.raises(ValueError, match="max_group_size"):
         PlannerConfig(NUM_LAYERS, max_group_size=1)
+
+
+def group_of(members: list[int], demand: int, seqs: int = 0) -> GroupLoad:
+    return GroupLoad([ReplicaLoad(m, 0, CAPACITY, WEIGHT_BLOCKS, seq_capacity=16) for m in members], demand, seqs)
+
+
+def test_a_group_that_sequence_slots_do_not_fit_takes_more_members() -> None:
+    # Blocks fit a pair; 40 requests need three replicas' 16 slots: the smallest size covering both is four.
+    loads = [ReplicaLoad(i, 10, CAPACITY, WEIGHT_BLOCKS, seqs=40 if i == 0 else 0, seq_capacity=16) for i in range(6)]
+    (group,) = planner().plan_drops(loads, due={0})
+    assert len(group.members) == 4
+
+
+def test_an_overloaded_group_grows_with_free_replicas_of_its_host_first() -> None:
+    free = [load(4, 0, host=1), load(5, 100, host=0), load(6, 150, host=0), load(7, 0, host=1)]
+    planned = planner().plan_growth(group_of([0, 1], 520), free, [])
+    assert planned is not None and planned.members == [0, 5, 1, 6] and planned.absorbs == ()
+
+
+def test_a_group_grows_by_the_smallest_factor_that_covers_its_demand() -> None:
+    free = [load(i, 0) for i in range(2, 16)]
+    # Pair: 500 blocks. Four stages: 800 + 300 = 1100. Eight: 1600 + 700 = 2300.
+    assert len(planner().plan_growth(group_of([0, 1], 1000), free, []).members) == 4
+    assert len(planner().plan_growth(group_of([0, 1], 2000), free, []).members) == 8
+
+
+def test_a_group_with_no_free_replicas_merges_the_group_with_most_spare_memory() -> None:
+    others = [group_of([2, 3], 480), group_of([4, 5], 100), group_of([6, 7, 8, 9], 0)]
+    planned = planner().plan_growth(group_of([0, 1], 520), [], others)
+    assert planned is not None and planned.members == [0, 4, 1, 5] and planned.absorbs == (1,)
+
+
+def test_no_growth_beyond_max_group_size() -> None:
+    free = [load(i, 0) for i in range(2, 6)]
+    assert planner(max_group_size=2).plan_growth(group_of([0, 1], 2000), free, []) is None
+
+
+def test_restore_waits_until_the_requests_fit_half_the_sequence_slots_too() -> None:
+    p = planner(restore_fill=0.5)
+    members = [ReplicaLoad(i, 0, CAPACITY, WEIGHT_BLOCKS, seq_capacity=16) for i in range(2)]
+    assert p.restore_is_worth(10, members, seqs=16)
+    assert not p.restore_is_worth(10, members, seqs=17)
+
+
+def queued_load(replica: int, running: int, queued: int, context: int = 1024) -> ReplicaLoad:
+    return ReplicaLoad(replica, 0, CAPACITY, WEIGHT_BLOCKS, running=running, context_tokens=running * context,
+                       seqs=running + queued, seq_capacity=256, queued_tokens=queued * context)
+
+
+def test_a_drop_that_admits_a_long_queue_beside_few_running_requests_gains_throughput() -> None:
+    # Memory-bound: 16 running each, 100 queued each; the pair runs them all.
+    assert planner().drop_gain([queued_load(0, 16, 100), queued_load(1, 16, 100)]) > 1
+
+
+def test_a_drop_of_replicas_whose_slots_are_full_loses_throughput() -> None:
+    # 256 running each (their sequence slots), the queue stays queued: the pipeline only costs.
+    p = planner(group_step_factor=1.22)
+    assert p.drop_gain([queued_load(0, 256, 50), queued_load(1, 256, 50)]) < 1

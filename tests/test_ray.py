@@ -39,6 +39,8 @@ from kunserve.sampling_params import RequestOutputKind
 from kunserve.server.api_server import ServerConfig
 from kunserve.worker.protocol import DeviceCalls
 
+pytestmark = pytest.mark.slow  # Ray clusters
+
 NODES = 2
 CPUS_PER_NODE = 1  # a worker reserves one: a node holds one replica
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)

@@ -39,6 +39,7 @@ from kunserve.cluster import runner as runner_module
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.executor.multiproc import MultiprocExecutor
 from kunserve.server.api_server import ServerConfig
+from kunserve.worker.protocol import StageAssignment, WorkerWorld
 
 FAULT_S = 5.0  # a killed worker's requests end within this; a hung one's within its deadline plus this
 RECOVERY_S = 60.0  # the cluster serves correct tokens again within this of a fault, the restart included
@@ -298,6 +299,15 @@ def test_a_worker_killed_during_a_transition_ends_the_members_requests_and_they_
     serves_the_reference_again(server, reference, killed_at)
     servers.note_workers(server)
     assert all(process_gone(pid) for pid in old_pids)
+
+
+def test_a_restarted_replicas_workers_log_under_its_own_index_with_their_new_ranks() -> None:
+    # Two replicas of 2 devices took ranks 0-3; replica 0 restarted takes 4-5.
+    restarted = WorkerWorld("127.0.0.1:1", first_rank=4, link_timeout_s=1.0, replica=0)
+    stage = StageAssignment(0, 1, (0, 4), "cpu", restarted, logical_block_ids=False, tp_rank=1, tp_size=2)
+    assert stage.log_name == "worker[replica 0 stage 0 tp 1 rank 5]"
+    alone = StageAssignment(0, 1, (0, 4), "cpu", None, logical_block_ids=False)
+    assert alone.log_name == "worker[replica 0 stage 0 rank 0]"
 
 
 # ---- a worker hung ----------------------------------------------------------------------------

@@ -177,6 +177,14 @@ def test_a_prompt_over_max_model_len_is_400(client: openai.OpenAI) -> None:
     assert raised.value.body["param"] == "prompt" and "max_model_len" in raised.value.body["message"]
 
 
+def test_restoring_with_no_group_says_groups_restore_themselves(server: RunningServer) -> None:
+    response = httpx.post(f"{server.url}/v1/cluster/restore", json={"group": 0},
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 400
+    assert "no pipeline group" in response.json()["error"]["message"]
+    assert "--restore-after-s" in response.json()["error"]["message"]
+
+
 def test_malformed_json_is_400(server: RunningServer) -> None:
     response = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "x",',
                           headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
@@ -309,3 +317,13 @@ def test_bench_reports_every_metric_and_agrees_with_the_server(
     assert server_side["vllm:e2e_request_latency_seconds"]["count"] == summary["e2e_ms"]["count"] == 12
     assert server_side["vllm:generation_tokens_total"]["value"] == summary["total_output_tokens"] == 12 * 6
     assert server_side["vllm:prompt_tokens_total"]["value"] == summary["total_prompt_tokens"] == 12 * 24
+
+
+def test_bench_of_prompts_over_max_model_len_fails_naming_the_flag(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--base-url", server.url, "--api-key", API_KEY, "--model", MODEL, "--num-prompts", "2",
+              "--input-len", str(MAX_MODEL_LEN + 1), "--output-len", "3", "--no-progress"])
+    assert exited.value.code != 0
+    assert f"--max-model-len {MAX_MODEL_LEN + 4}" in caplog.text

@@ -27,11 +27,12 @@ from kunserve.sim.cluster import SimulatedCluster
 from kunserve.sim.executor import StagePipeline
 from kunserve.sim.settings import SimulatorConfig, VirtualClock
 
-# The first 45 s of ../shared/traces/azure_llm_conv_2023.csv, kept with the tests (a clean checkout has no ../shared).
+# The first 45 s of data/traces/azure_llm_conv_2023.csv: a small excerpt the tests replay quickly.
 TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"
 MAX_MODEL_LEN = 256
-# A trace window that overloads two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of KV).
-FF_TRACE_S, FF_RATE_SCALE, FF_BUDGET = 40.0, 8.0, 24 << 30
+# A trace window that overloads the KV memory of two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of
+# KV) long enough for a drop.
+FF_TRACE_S, FF_RATE_SCALE, FF_BUDGET = 40.0, 16.0, 24 << 30
 ROUND_S = 0.01  # the coordinator's clock advances this much per round of the lock-step driver
 MAX_ROUNDS = 400
 # Sixteen requests over the first rounds: far more KV than two replicas of 12 blocks hold.
@@ -64,6 +65,7 @@ def lock_step(cluster: Cluster | SimulatedCluster) -> list[tuple]:
     return log
 
 
+@pytest.mark.slow  # a real cluster of worker processes beside the simulated one
 @pytest.mark.parametrize("policy", ["kunserve", "migrate"])
 def test_a_simulated_cluster_makes_the_real_clusters_decisions(llama_dir: Path, policy: str) -> None:
     config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=12, max_num_seqs=16,
@@ -81,12 +83,14 @@ def test_a_simulated_cluster_makes_the_real_clusters_decisions(llama_dir: Path, 
     assert simulated == expected
 
 
-def test_fast_forwarding_steady_decodes_changes_no_result() -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])  # on: host time hidden behind the step before
+def test_fast_forwarding_steady_decodes_changes_no_result(async_scheduling: str) -> None:
     specs = load_trace(TRACE, duration_s=FF_TRACE_S, rate_scale=FF_RATE_SCALE, seed=0)
     runs = []
     for fast in (True, False):
-        cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", memory_budget_bytes=FF_BUDGET), 2,
-                                   CoordinatorConfig("kunserve"))
+        config = EngineConfig(model="llama-3-8b", memory_budget_bytes=FF_BUDGET, device="cuda",
+                              async_scheduling=async_scheduling)
+        cluster = SimulatedCluster(config, 2, CoordinatorConfig("kunserve"))
         outputs = cluster.run([s.arrival_s for s in specs], [[0] * s.prompt_len for s in specs],
                               [request_params(s.output_len) for s in specs], fast_forward=fast)
         runs.append(({rid: (o.metrics.first_token_time, o.metrics.finished_time, o.metrics.num_preemptions)

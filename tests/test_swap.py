@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import make_prompts
 
@@ -42,6 +43,7 @@ def test_outputs_under_swap_preemption_equal_an_unloaded_run(llama_dir: Path) ->
     assert scheduler.num_swap_outs > 0 and scheduler.swap_pool.num_free_blocks == scheduler.swap_pool.num_total_blocks
 
 
+@pytest.mark.slow  # a pipeline of worker processes
 def test_a_pipeline_swaps_each_stages_kv_and_keeps_the_outputs(llama_dir: Path) -> None:
     unloaded = LLM(str(llama_dir), max_model_len=400, num_kv_blocks=256)
     prompts = make_prompts(unloaded.engine.spec.vocab_size, LENGTHS)

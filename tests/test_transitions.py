@@ -3,7 +3,7 @@ tiny Llama fuse into a 2-stage pipeline (releasing half their layers, exchanging
 running requests), run, split back (gathering each request's KV on a home replica and
 refilling the dropped weights from the peer), several times while requests run and queue.
 
-Specified (DESIGN.md §4, invariants 2-4): every request ends with exactly the tokens of an
+Specified: every request ends with exactly the tokens of an
 uninterrupted single-device run; none is lost; afterwards every block is free and every
 device holds the original weights."""
 
@@ -26,6 +26,8 @@ from kunserve.sampling_params import RequestOutputKind
 from kunserve.worker.protocol import DeviceCalls
 from kunserve.worker.worker import build_worker
 
+pytestmark = pytest.mark.slow  # drop and restore cycles on clusters of worker processes
+
 MAX_MODEL_LEN = 256
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
 # Seeded sampling: each request's random stream must survive moving between devices.
@@ -34,6 +36,7 @@ SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True,
 # A full cache: FULL_REQUESTS prompts of FULL_PROMPT tokens take all FULL_BLOCKS blocks
 # (12 blocks of 16 tokens each), more than the released layers give a stage as sub-blocks.
 FULL_BLOCKS, FULL_REQUESTS, FULL_PROMPT = 96, 8, 190
+SMALL_BLOCKS, SMALL_REQUEST_BLOCKS = 8, 5
 PROMPTS = [[(7 * i + 13 * j) % 500 for j in range(n)] for i, n in enumerate((3, 19, 70, 130, 45, 8, 33, 90))]
 
 
@@ -154,6 +157,29 @@ def test_a_restore_the_replicas_cannot_hold_is_refused_and_the_group_serves_on(l
         while group.has_unfinished_requests():
             run_steps([group], 1, full.finished)
         assert full.tokens() == full.expected
+
+
+def test_a_refused_restore_leaves_no_block_taken_once_the_requests_finish(llama_dir: Path) -> None:
+    # Replicas of SMALL_BLOCKS blocks each; the group runs three requests of SMALL_REQUEST_BLOCKS
+    # blocks, more than one replica can take home, while the dropped layers' sub-blocks are free.
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=SMALL_BLOCKS,
+                          max_num_batched_tokens=MAX_MODEL_LEN, worker_threads=1)
+    cluster = Cluster.launch(config, num_replicas=2)
+    try:
+        cluster.open_links()
+        group, _ = fuse(cluster.engines)
+        prompt_len = SMALL_REQUEST_BLOCKS * config.block_size - 1
+        for i in range(3):
+            group.add_request(f"r{i}", [(5 * i + j) % 500 for j in range(prompt_len)], GREEDY)
+        finished: dict[str, list[int]] = {}
+        run_steps([group], 1, finished)
+        with pytest.raises(SplitRefused):
+            split(group, cluster.engines)
+        while group.has_unfinished_requests():
+            run_steps([group], 1, finished)
+        assert group.block_manager.num_free_blocks == group.block_manager.num_total_blocks
+    finally:
+        cluster.shutdown()
 
 
 def test_a_drop_releases_memory_that_the_group_can_use(replicas: list[LLMEngine]) -> None:

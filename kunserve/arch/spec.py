@@ -26,6 +26,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+DTYPE_NAMES = tuple(_DTYPES)  # what a dtype setting may name
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -1,7 +1,7 @@
 """`kunserve bench --launch`: start the cluster in this process and replay the workload on it,
 once per overload policy (`--compare`), one cluster after another. For example:
 
-kunserve bench --launch --compare recompute kunserve --trace ../shared/traces/azure_llm_conv_2023.csv \
+kunserve bench --launch --compare recompute kunserve --trace data/traces/azure_llm_conv_2023.csv \
     --trace-duration-s 300 --rate-scale 4 --load-format dummy --model llama-3-8b --out-dir $OUT/overload
 
 Each run warms every replica up (one request each), measures the unloaded latency (a few
@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from kunserve.bench.compare import comparison_table, transition_lines, ttft_p99_
 from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, replay, send_one
 from kunserve.bench.plots import plot_timeline, plot_ttft_cdf
 from kunserve.bench.report import MS_PER_S, format_table, latency_stats, summarize
-from kunserve.bench.run import build_workload, json_args
+from kunserve.bench.run import build_workload, json_args, log_failures
 from kunserve.bench.slo import (
     SLO_TPOT_FACTOR,
     SLO_TTFT_FACTOR,
@@ -36,19 +37,25 @@ from kunserve.bench.slo import (
     reference_shape,
     unloaded_reference,
 )
-from kunserve.bench.timeline import DEFAULT_TIMELINE_INTERVAL_S, Clock, TransitionRecorder, sample_until
+from kunserve.bench.timeline import (
+    DEFAULT_TIMELINE_INTERVAL_S,
+    Clock,
+    TransitionRecorder,
+    peak_waiting,
+    sample_until,
+)
 from kunserve.bench.workload import RequestSpec, prompt_token_ids
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
-from kunserve.cluster.dispatcher import DISPATCH_POLICIES
 from kunserve.cluster.policies.registry import OVERLOAD_POLICIES
+from kunserve.cluster.status import count_cycles
+from kunserve.cluster_args import add_cluster_arguments, coordinator_config
 from kunserve.config import EngineConfig
 from kunserve.engine_args import add_engine_arguments, engine_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REPLICAS = 2  # the fewest that can fuse into a pipeline group
-DEFAULTS = CoordinatorConfig()
 # After the last request: how long a pipeline group may take to restore (the timeline shows it).
 SETTLE_TIMEOUT_S = 30.0
 SETTLE_POLL_S = 0.05
@@ -58,6 +65,7 @@ REPLAY_ID_PREFIX = "req-"
 # Engine flags the bench already has: --model (the model to serve) and --seed (the workload's).
 SKIPPED_ENGINE_FLAGS = ("model", "seed")
 RESULTS_FILE = "results.json"
+JSON_DIGITS = 9  # significant digits a float keeps in results.json (relative error below 1e-8)
 TABLE_FILE = "table.md"
 TTFT_CDF_FILE = "ttft_cdf.png"
 TIMELINE_FILE = "timeline_{policy}.png"
@@ -81,35 +89,26 @@ class LaunchSettings:
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    """--launch, --demo, and the cluster's flags."""
+    """--launch, --demo, the comparison's flags, and the cluster's and engines' (as `kunserve
+    serve` has them)."""
     parser.add_argument("--launch", action="store_true", help="start the cluster in this process instead of a URL")
     parser.add_argument("--demo", action="store_true",
-                        help="two tiny KV-starved CPU replicas through a burst, recompute vs kunserve")
-    add_cluster_arguments(parser)
-
-
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """--compare, the cluster's and coordinator's flags, --out-dir, and one flag per engine
-    setting (as `kunserve serve` has them): shared by `bench --launch` and `simulate`."""
-    parser.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS, help="data-parallel replicas (--launch)")
-    parser.add_argument("--overload-policy", choices=OVERLOAD_POLICIES, default=DEFAULTS.overload_policy,
-                        help="the policy of a --launch run without --compare")
-    parser.add_argument("--compare", nargs="+", choices=OVERLOAD_POLICIES, default=None, metavar="POLICY",
-                        help=f"--launch once per policy, same workload; one of {', '.join(OVERLOAD_POLICIES)}")
-    parser.add_argument("--dispatch-policy", choices=DISPATCH_POLICIES, default="least_loaded")
-    parser.add_argument("--max-group-size", type=int, default=DEFAULTS.max_group_size,
-                        help="most replicas a drop fuses into one group (default: as many as needed)")
-    parser.add_argument("--drop-after-s", type=float, default=DEFAULTS.drop_after_s,
-                        help="overload lasting this long triggers a drop (default %(default)s)")
-    parser.add_argument("--restore-after-s", type=float, default=DEFAULTS.restore_after_s,
-                        help="demand fitting the replicas this long triggers a restore (default %(default)s)")
-    parser.add_argument("--check-interval-s", type=float, default=DEFAULTS.check_interval_s,
-                        help="how often the coordinator looks at the replicas (default %(default)s)")
-    parser.add_argument("--timeline-interval-s", type=float, default=DEFAULT_TIMELINE_INTERVAL_S,
-                        help="how often the timeline samples the cluster (default %(default)s)")
-    parser.add_argument("--out-dir", default=None,
-                        help=f"write {RESULTS_FILE}, {TABLE_FILE}, {TTFT_CDF_FILE} and timeline_<policy>.png here")
+                        help="two tiny KV-starved CPU replicas through bursts, recompute vs kunserve (about a minute)")
+    add_comparison_arguments(parser)
+    add_cluster_arguments(parser, DEFAULT_REPLICAS)
     add_engine_arguments(parser, skip=SKIPPED_ENGINE_FLAGS)
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """--compare, the timeline's interval and --out-dir: shared by `bench --launch` and `simulate`."""
+    parser.add_argument("--compare", nargs="+", choices=OVERLOAD_POLICIES, default=None, metavar="POLICY",
+                        help=f"run once per policy, same workload, and compare; some of {', '.join(OVERLOAD_POLICIES)} "
+                             "(default: --overload-policy alone)")
+    parser.add_argument("--timeline-interval-s", type=float, default=DEFAULT_TIMELINE_INTERVAL_S,
+                        help="how often the timeline samples the cluster")
+    parser.add_argument("--out-dir", default=None,
+                        help=f"write {RESULTS_FILE}, {TABLE_FILE}, {TTFT_CDF_FILE} and timeline_<policy>.png here "
+                             "(default: none)")
 
 
 def policies_of(args: argparse.Namespace) -> list[str]:
@@ -123,21 +122,11 @@ def policies_of(args: argparse.Namespace) -> list[str]:
     return policies
 
 
-def coordinator_settings(args: argparse.Namespace) -> CoordinatorConfig:
-    """The coordinator's flags (its overload_policy is set per run)."""
-    return CoordinatorConfig(
-        max_group_size=args.max_group_size,
-        check_interval_s=args.check_interval_s,
-        drop_after_s=args.drop_after_s,
-        restore_after_s=args.restore_after_s,
-    )
-
-
 def launch_settings(args: argparse.Namespace) -> LaunchSettings:
     return LaunchSettings(
         num_replicas=args.replicas,
         dispatch_policy=args.dispatch_policy,
-        coordinator=coordinator_settings(args),
+        coordinator=coordinator_config(args),
         timeline_interval_s=args.timeline_interval_s,
         slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms,
@@ -149,13 +138,13 @@ def launch_settings(args: argparse.Namespace) -> LaunchSettings:
     )
 
 
-def run_launch(args: argparse.Namespace) -> dict:
-    """Run the workload `args` describe once per policy; print the table, write --out-dir (and
-    --out), return the record written to results.json."""
+def run_launch(args: argparse.Namespace, specs: list[RequestSpec] | None = None) -> dict:
+    """Run the workload `args` describe (or `specs`) once per policy; print the table, write
+    --out-dir (and --out), return the record written to results.json."""
     policies = policies_of(args)
     settings = launch_settings(args)
     config = engine_config(args, model=args.model)
-    specs = build_workload(args)
+    specs = build_workload(args) if specs is None else specs
     prompts = prompt_token_ids(specs, settings.max_prompt_token_id, settings.seed)
     logger.info("%d requests over %.1f s on %d replica(s), policies %s", len(specs), specs[-1].arrival_s,
                 settings.num_replicas, policies)
@@ -238,8 +227,11 @@ async def _measure(
     summary = summarize(results, duration, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
     summary["queue_ms"] = latency_stats([r.queue_s for r in results if r.error is None and r.queue_s is not None])
     summary["preemptions"] = sum(r.num_preemptions for r in results)
+    summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
-    _log_failures(results)
+    transitions = recorder.records()
+    summary["cycles"] = count_cycles(transitions, settings.coordinator.cycle_window_s)
+    log_failures([r.error for r in results], None, specs)
     return {
         "summary": summary,
         "unloaded": asdict(reference),
@@ -251,7 +243,7 @@ async def _measure(
         },
         "settled": settled,
         "timeline": samples,
-        "transitions": recorder.records(),
+        "transitions": transitions,
         "results": [asdict(r) for r in results],
     }
 
@@ -304,11 +296,18 @@ def write_outputs(record: dict, out_dir: Path) -> None:
 
 
 def _write_json(record: dict, path: Path) -> None:
+    """Compact JSON, numbers rounded: a run's per-request results make most of the file (tens of
+    thousands of requests in a simulated hour)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    path.write_text(json.dumps(rounded(record), separators=(",", ":")))
 
 
-def _log_failures(results: list[InProcessResult]) -> None:
-    failures = [r for r in results if r.error is not None]
-    if failures:
-        logger.warning("%d of %d requests failed; first: %s", len(failures), len(results), failures[0].error)
+def rounded(value: object) -> object:
+    """`value` with every finite float rounded to JSON_DIGITS significant digits, at any depth."""
+    if isinstance(value, float):
+        return float(f"{value:.{JSON_DIGITS}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item) for item in value]
+    return value

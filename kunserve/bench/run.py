@@ -1,6 +1,6 @@
 """The benchmark as a command: build a workload, replay it against a server, report. For example:
 
-python -m kunserve.bench.run --trace ../shared/traces/azure_llm_conv_2023.csv --time-scale 0.5 --out $OUT/bench.json
+python -m kunserve.bench.run --trace data/traces/azure_llm_conv_2023.csv --time-scale 0.5 --out $OUT/bench.json
 python -m kunserve.bench.run --num-prompts 200 --request-rate 8 --arrival gamma --cv 4 --slo-ttft-ms 500
 """
 
@@ -15,10 +15,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from kunserve.bench.client import run_requests
+from kunserve.bench.failures import explain_failures
 from kunserve.bench.report import MS_PER_S, format_table, scrape_histograms, server_delta, summarize
-from kunserve.bench.workload import RequestSpec, load_trace, prompt_token_ids, synthetic_workload
+from kunserve.bench.workload import (
+    DATASETS,
+    RequestSpec,
+    dataset_workload,
+    load_trace,
+    prompt_token_ids,
+    synthetic_workload,
+)
+from kunserve.logs import DEFAULT_LOG_LEVEL, LOG_LEVELS, configure
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +39,8 @@ DEFAULT_OUTPUT_LEN = 64
 # Ids below 256 are byte tokens in every byte-level BPE vocabulary, so any such model accepts them.
 DEFAULT_MAX_PROMPT_TOKEN_ID = 256
 DEFAULT_TIMEOUT_S = 600.0
+HEALTH_PATH = "/health"
+REACH_TIMEOUT_S = 10.0  # how long the check that a server is there waits for an answer
 POISSON_CV = 1.0
 
 
@@ -79,6 +91,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="synthetic arrival process")
     parser.add_argument("--cv", type=float, default=POISSON_CV, help="gamma arrivals' gap coefficient of variation")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                        help="synthetic: prompt and output lengths drawn like this set's (instead of --input-len and "
+                             "--output-len); with --trace: the trace's arrivals, this set's lengths")
     parser.add_argument("--input-len", type=int, default=DEFAULT_INPUT_LEN, help="synthetic prompt length in tokens")
     parser.add_argument("--output-len", type=int, default=DEFAULT_OUTPUT_LEN, help="synthetic output length in tokens")
     parser.add_argument(
@@ -95,6 +110,14 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_workload(args: argparse.Namespace) -> list[RequestSpec]:
+    specs = _arrivals_and_lengths(args)
+    dataset = getattr(args, "dataset", None)
+    if dataset is None:
+        return specs
+    return dataset_workload(dataset, np.array([spec.arrival_s for spec in specs]), args.seed)
+
+
+def _arrivals_and_lengths(args: argparse.Namespace) -> list[RequestSpec]:
     if args.trace is not None:
         return load_trace(
             args.trace,
@@ -149,9 +172,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         )
     )
     after = _try_scrape(args.base_url, args.api_key)
-    failures = [r for r in results if r.error is not None]
-    if failures:
-        logger.warning("%d of %d requests failed; first: %s", len(failures), len(results), failures[0].error)
+    log_failures([r.error for r in results], args.base_url, specs)
     summary = summarize(
         results,
         duration,
@@ -167,6 +188,27 @@ def run_bench(args: argparse.Namespace) -> dict:
         out.write_text(json.dumps(record, indent=1))
         logger.info("wrote %s", out)
     return summary
+
+
+def require_server(base_url: str) -> None:
+    """Exit with what to do when nothing answers at `base_url` (any HTTP answer will do: the
+    bench may target any OpenAI-compatible server)."""
+    try:
+        httpx.get(base_url.rstrip("/") + HEALTH_PATH, timeout=REACH_TIMEOUT_S)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+        raise SystemExit(
+            f"kunserve bench: no server answers at {base_url} ({type(error).__name__}: {error}). Start one "
+            f"(`kunserve serve`) or point --base-url at one; `kunserve bench --launch` (or --demo) starts a "
+            "cluster in this process instead."
+        ) from None
+
+
+def log_failures(errors: list[str | None], base_url: str | None, specs: list[RequestSpec]) -> None:
+    """Warn how many requests failed, why, and what to do about it (see failures.py)."""
+    longest = max((s.prompt_len + s.output_len for s in specs), default=0)
+    lines = explain_failures(errors, base_url, longest)
+    if lines:
+        logger.warning("\n".join(lines))
 
 
 def _try_scrape(base_url: str, api_key: str | None) -> dict[str, dict] | None:
@@ -188,10 +230,10 @@ def json_args(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kunserve.bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, type=str.upper, choices=LOG_LEVELS)
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level)
+    configure(args.log_level)
     run_bench(args)
 
 

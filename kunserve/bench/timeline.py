@@ -53,6 +53,20 @@ def snapshot(coordinator: Coordinator, t_s: float) -> dict | None:
     }
 
 
+def waiting_in(taken: dict) -> int:
+    """Requests waiting in the cluster at a sample, a group's counted once (its members all
+    show the group's queue)."""
+    grouped = {member for members in taken["groups"] for member in members}
+    first_members = {members[0] for members in taken["groups"]}
+    return sum(r["num_waiting"] for r in taken["replicas"]
+               if r["replica"] not in grouped or r["replica"] in first_members)
+
+
+def peak_waiting(samples: list[dict]) -> int:
+    """The most requests waiting at once over the samples."""
+    return max((waiting_in(taken) for taken in samples), default=0)
+
+
 async def sample_until(
     coordinator: Coordinator, start: Clock, interval_s: float, stop: asyncio.Event, samples: list[dict]
 ) -> None:

@@ -115,7 +115,8 @@ class Cluster:
         logger.info("starting %d replica(s)", num_replicas)
         model = resolve_model(config.model)
         rendezvous = cluster_rendezvous(config) if num_replicas > 1 else None
-        worlds = [None if rendezvous is None else rendezvous.world(config.devices_per_replica) for _ in configs]
+        worlds = [None if rendezvous is None else rendezvous.world(config.devices_per_replica, i)
+                  for i in range(len(configs))]
         # Replicas start side by side: most of a start is the workers loading weights.
         with ThreadPoolExecutor(len(configs)) as pool:
             futures = [pool.submit(lambda c, w: LLMEngine(c, build_executor(c, model, w)), c, w)
@@ -173,7 +174,7 @@ class Cluster:
         model, weights loaded again, new global ranks."""
         failed = self.engines[index]
         config = failed.config
-        world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica)
+        world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica, index)
         return LLMEngine.replacing(failed, build_executor(config, failed.model, world))
 
     def revive(self, engines: dict[int, LLMEngine]) -> bool:

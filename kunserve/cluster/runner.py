@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from kunserve.cluster import migration
+from kunserve.cluster.growth import grow, shrink
 from kunserve.cluster.planner import group_sizes
 from kunserve.cluster.transitions import SplitRefused, TransitionStats, fuse, split
 from kunserve.cluster.view import ClusterView, ReplicaLoop
@@ -38,7 +39,7 @@ class Group:
 
 @dataclass
 class Transition:
-    kind: str  # "drop" | "restore" | "migrate" | "restart" (replicas whose workers failed, on new ones)
+    kind: str  # "drop" | "grow" | "shrink" | "restore" | "migrate" | "restart" (replicas whose workers failed, on new ones)
     members: list[int]  # a group's replicas; a migration's (source, destination)
     at: float  # the cluster's wall clock (time.time() on a live cluster)
     duration_s: float
@@ -159,8 +160,103 @@ class TransitionRunner:
             raise ValueError(f"replicas: a group of {len(members)} must divide the model's {num_layers} layers "
                              f"(each stage holds L/g of them); possible sizes here: {sizes}")
 
+    def grow(self, groups: list[Group], members: list[int], reason: str = "requested") -> Transition:
+        """Grow `groups[0]` into a group of `members`, in stage order: k units of its size,
+        stage k·r + u being unit u's r-th member, unit 0 the group, each other unit another
+        of `groups` or replicas in replica mode that join (kunserve/cluster/growth.py)."""
+        with self.holding(members):
+            self._check_growth(groups, members)
+            cluster = self.cluster
+            loops = [cluster.replicas[i] for i in members]
+            owner = cluster.replicas[groups[0].members[0]]  # it runs the grown group as it ran the first
+            paused_at = cluster.clock()
+            for loop in loops:
+                loop.pause()
+            try:
+                cluster.links.open({i: cluster.engines[i].executor for i in members})
+                engine, outputs, stats = grow([group.engine for group in groups], [cluster.engines[i] for i in members])
+                owner.run_engine(engine)
+                for i in members[1:]:
+                    cluster.replicas[i].run_engine(cluster.engines[i])  # a group's owner until now
+                    cluster.replicas[i].merge_into(owner)
+                owner.deliver_from_thread(outputs)
+            except Exception as error:
+                _fail_loops(loops, error, "grow")
+                with self._state_lock:
+                    for group in groups:
+                        self.groups.remove(group)
+                raise
+            finally:
+                for loop in loops:
+                    loop.resume()
+            with self._state_lock:
+                for group in groups:
+                    self.groups.remove(group)
+                self.groups.append(Group(list(members), engine, cluster.clock()))
+            return self._record("grow", members, stats, reason, cluster.clock() - paused_at)
+
+    def _check_growth(self, groups: list[Group], members: list[int]) -> None:
+        """Refuse (ValueError) a growth no group can be made of, before any device is touched."""
+        g, size = len(groups[0].members), len(members)
+        k = size // g
+        free = self.replicas_in_replica_mode()
+        if any(group not in self.groups for group in groups):
+            raise ValueError(f"groups: {[group.members for group in groups]} are not all groups now")
+        grouped = {m for group in groups for m in group.members}
+        joining = [m for m in members if m not in grouped]
+        if not set(joining) <= set(free) or len(set(members)) != size or not grouped <= set(members):
+            raise ValueError(f"replicas: {members} must be the groups' members and distinct replicas in replica "
+                             f"mode {free}")
+        units = [members[u::k] for u in range(k)] if k else []
+        if size % g or k < 2 or units[0] != groups[0].members or any(
+                group.members not in units for group in groups):
+            raise ValueError(f"replicas: groups of {g} grow by a factor k >= 2 into stages where stage k·r + u is "
+                             f"unit u's r-th member; got {members} for groups {[group.members for group in groups]}")
+        num_layers = self.cluster.engines[members[0]].spec.num_layers
+        if num_layers % size:
+            raise ValueError(f"replicas: a group of {size} must divide the model's {num_layers} layers")
+
+    def shrink(self, group: Group, factor: int = 2, reason: str = "requested") -> Transition:
+        """Shrink `group` by `factor`: its members at stages 0, k, 2k, ... form the kept group,
+        the others leave as replicas (kunserve/cluster/growth.py). SplitRefused when they
+        cannot take the requests' KV now: the group then serves on as it was."""
+        cluster = self.cluster
+        with self.holding(group.members):
+            if group not in self.groups:
+                raise ValueError(f"group: {group.members} is not a group now")
+            loops = [cluster.replicas[i] for i in group.members]
+            paused_at = cluster.clock()
+            for loop in loops:
+                loop.pause()
+            try:
+                engine, outputs, stats = shrink(group.engine, [cluster.engines[i] for i in group.members], factor)
+                loops[0].run_engine(engine)
+                for s, loop in enumerate(loops):
+                    if s % factor:
+                        loop.unmerge()
+                loops[0].deliver_from_thread(outputs)
+            except SplitRefused as refused:
+                loops[0].deliver_from_thread(refused.outputs)  # the group serves on
+                raise
+            except Exception as error:
+                _fail_loops(loops, error, "shrink")
+                with self._state_lock:
+                    self.groups.remove(group)
+                raise
+            finally:
+                for loop in loops:
+                    loop.resume()
+            kept = group.members[::factor]
+            with self._state_lock:
+                self.groups.remove(group)
+                self.groups.append(Group(kept, engine, cluster.clock()))
+            return self._record("shrink", group.members, stats, reason, cluster.clock() - paused_at)
+
     def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
         """Split a group back into its replicas."""
+        if not self.groups:
+            raise ValueError("group: there is no pipeline group to restore (a group restores itself once its demand "
+                             "fits its replicas for --restore-after-s)")
         if not 0 <= group_index < len(self.groups):
             raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
         return self.restore_group(self.groups[group_index], reason)

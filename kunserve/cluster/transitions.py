@@ -121,14 +121,13 @@ def split(group: LLMEngine, members: list[LLMEngine]) -> tuple[list[RequestOutpu
     ranks = [e.global_ranks[0] for e in executors]
     num_layers = executors[0].layout.num_layers
     running, waiting = group.hand_over()
-    slots: list[list[int]] = [[] for _ in executors]  # per stage: dropped layers' sub-blocks taken out of use
+    set_aside: list[list[int]] = [[] for _ in executors]
     try:
-        _evacuate_dropped_memory(executors, blocks, running, slots)
+        _evacuate_dropped_memory(executors, blocks, running, num_layers, set_aside)
         homes, home_blocks, local, transfers = _gather_plan(members, blocks, running)
     except SplitRefused as refused:
-        # The group serves on: the dropped layers' sub-blocks are its KV memory again, and
-        # the KV moved so far is bound where it went.
-        for stage, ids in zip(blocks.stages, slots):
+        # The KV moved so far is bound where it went; the dropped layers' sub-blocks serve the group again.
+        for stage, ids in zip(blocks.stages, set_aside):
             stage.give(ids)
         group.scheduler.adopt(running, waiting)
         raise SplitRefused(str(refused), outputs) from None
@@ -165,21 +164,23 @@ def _gather_plan(
     """Each running request's home, the free full blocks there that will hold its KV, and the
     copies that gather it there: within the home's device (local), and from the other stages."""
     g = len(members)
-    homes = _choose_homes(running, g)
+    free_full = []
+    for h, member in enumerate(members):
+        pool = np.sort(np.fromiter(member.block_manager.pool, dtype=np.int64))[::-1]
+        free = np.zeros(int(pool.max()) * g + g, dtype=bool)
+        free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
+        free[free_ids[free_ids < len(free)]] = True
+        free_full.append(pool[free[sub_block_ids(pool, g)].reshape(-1, g).all(axis=1)].tolist())
+    homes = _choose_homes(running, [len(ids) for ids in free_full])
     transfers: Transfers = {}
     local: list[tuple[list[int], list[int]]] = [([], []) for _ in members]
     home_blocks: dict[str, list[int]] = {}
     for h, member in enumerate(members):
         mine = [seq for seq, home in zip(running, homes) if home == h]
         need = sum(len(seq.block_ids) for seq in mine)
-        pool = np.sort(np.fromiter(member.block_manager.pool, dtype=np.int64))[::-1]
-        free = np.zeros(int(pool.max()) * g + g, dtype=bool)
-        free_ids = np.fromiter(blocks.stages[h].free_ids(), dtype=np.int64)
-        free[free_ids[free_ids < len(free)]] = True
-        free_full = pool[free[sub_block_ids(pool, g)].reshape(-1, g).all(axis=1)].tolist()
-        if len(free_full) < need:
-            raise SplitRefused(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full)}")
-        targets = iter(free_full[:need])
+        if len(free_full[h]) < need:
+            raise SplitRefused(f"split: replica {h} needs {need} free blocks for its requests, has {len(free_full[h])}")
+        targets = iter(free_full[h][:need])
         for seq in mine:
             full = [next(targets) for _ in seq.block_ids]
             home_blocks[seq.request_id] = full
@@ -257,19 +258,20 @@ def _exchange(executors: list[WorkerExecutor], transfers: Transfers) -> int:
 
 
 def _evacuate_dropped_memory(
-    executors: list[WorkerExecutor], blocks: StagedBlockManager, running: list[Sequence], slots: list[list[int]]
+    executors: list[WorkerExecutor], blocks: StagedBlockManager, running: list[Sequence], num_layers: int,
+    set_aside: list[list[int]],
 ) -> None:
     """Move KV out of the sub-blocks that lie in dropped layers' slots, so the slots can be
-    reclaimed. `slots[r]` gets every sub-block of stage r's dropped slots taken out of use
-    (free ones claimed, those the KV moved out of), which a refused split gives back."""
+    reclaimed. `set_aside[r]` gets the slots' sub-blocks taken from stage r's pool (free ones,
+    and those the KV left): a refused split gives them back."""
     g = len(executors)
     layout = executors[0].layout
     bound = np.asarray([b for seq in running for b in seq.block_ids], dtype=np.int64)
     for r, (executor, stage) in enumerate(zip(executors, blocks.stages)):
         slot_ids = set(layout.released_sub_blocks_of_stage(r, g))
-        claimed = [i for i in slot_ids if stage.is_free(i)]
-        stage.claim(claimed)  # so nothing is moved into them
-        slots[r].extend(claimed)
+        free_slots = [i for i in slot_ids if stage.is_free(i)]
+        stage.claim(free_slots)  # so nothing is moved into them
+        set_aside[r].extend(free_slots)
         inside = [int(logical) for logical in bound if int(blocks.physical[r, logical]) in slot_ids]
         if not inside:
             continue
@@ -277,17 +279,18 @@ def _evacuate_dropped_memory(
             raise SplitRefused(f"split: stage {r} has no room outside the dropped layers for {len(inside)} blocks")
         targets = stage.take(len(inside))
         executor.call(0, DeviceCalls.move_kv, blocks.physical[r, inside].tolist(), targets)
-        slots[r].extend(blocks.physical[r, inside].tolist())
+        set_aside[r].extend(blocks.physical[r, inside].tolist())
         blocks.physical[r, inside] = targets
 
 
-def _choose_homes(running: list[Sequence], num_replicas: int) -> list[int]:
-    """Each running request's replica after the split: the one with the fewest blocks so far."""
-    load = [0] * num_replicas
+def _choose_homes(running: list[Sequence], free_blocks: list[int]) -> list[int]:
+    """Each running request's replica after the split: the one with the most free full
+    blocks left (`free_blocks`: each replica's now)."""
+    room = list(free_blocks)
     homes = []
     for seq in running:
-        home = min(range(num_replicas), key=lambda h: load[h])
-        load[home] += len(seq.block_ids)
+        home = max(range(len(room)), key=room.__getitem__)
+        room[home] -= len(seq.block_ids)
         homes.append(home)
     return homes
 

@@ -196,10 +196,12 @@ class CostModel:
         link = self.links.get(ALL_REDUCE_LINK) or Link(*NOMINAL_LINKS[ALL_REDUCE_LINK])
         return link.transfer_time(2 * (t - 1) / t * num_bytes)
 
-    def stage_time(self, shape: StepShape, num_layers: int, num_stages: int, stage: int, link: str = "device") -> float:
+    def stage_time(self, shape: StepShape, num_layers: int, num_stages: int, stage: int, link: str = "device",
+                   compute_factor: float = 1.0) -> float:
         """A micro-batch's time on stage `stage` of a `num_stages` pipeline: its layers (the
-        last stage samples) and, after the first, receiving the activations over `link`."""
-        compute = self.step_time(shape, num_layers // num_stages, samples=stage == num_stages - 1)
+        last stage samples; their time times `compute_factor`) and, after the first,
+        receiving the activations over `link`."""
+        compute = compute_factor * self.step_time(shape, num_layers // num_stages, samples=stage == num_stages - 1)
         if stage == 0:
             return compute
         return compute + self.transfer_time(shape.num_tokens * self.activation_bytes_per_token, link)

@@ -30,6 +30,9 @@ from kunserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 PromptInput = str | list[int]
+# Output lengths of the last finished requests an engine keeps: what an overload policy
+# estimates running requests' remaining growth from (kunserve/cluster/demand.py).
+RECENT_OUTPUTS = 256
 Clock = Callable[[], float]  # seconds, monotonic: time.monotonic, or a simulation's virtual clock
 FAILED = "error"  # the finish reason of a request that failed alone (a fault in its own output)
 
@@ -122,6 +125,8 @@ class LLMEngine:
         # Set by a server to receive StepStats after each step; offline runs skip the stats.
         self.stats_listener: StatsListener | None = None
         self._unreported: list[FinishedRequestStats] = []  # aborts between steps
+        self.recent_output_lens: deque[int] = deque(maxlen=RECENT_OUTPUTS)  # of requests that ran to their end
+        self.num_recent_outputs = 0  # appended to recent_output_lens so far
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted steps, oldest first
         # The pipeline bubble: time with steps in flight, against the stages' busy clocks.
         self._in_flight_s = 0.0
@@ -412,6 +417,9 @@ class LLMEngine:
 
     def _finish_output(self, seq: Sequence) -> RequestOutput:
         seq.metrics.finished_time = self.clock()
+        if seq.finish_reason != "abort":
+            self.recent_output_lens.append(seq.num_output_tokens)
+            self.num_recent_outputs += 1
         output = self.output_processor.finished_output(seq)
         self._forget_finished(seq)
         return output

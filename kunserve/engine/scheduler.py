@@ -37,6 +37,16 @@ from kunserve.engine.cost_model import StepShape
 from kunserve.engine.lookahead import LookaheadBudget
 from kunserve.engine.sequence import Sequence, SequenceStatus
 
+# Why queued requests stayed queued in a step (`Scheduler.stalls` counts steps by it): no
+# room left in the step's token budget (or its micro-batch share) for the queue's head; else
+# no free sequence slot (`max_num_seqs`) or no free KV blocks for it (or a preemption:
+# running requests outgrew them). The last two are memory, which a drop relieves; the first
+# is compute, which it does not (more memory would admit more work into full steps).
+KV_BLOCKS = "kv_blocks"
+SEQ_SLOTS = "seq_slots"
+TOKEN_BUDGET = "token_budget"
+MEMORY_WAITS = frozenset({KV_BLOCKS, SEQ_SLOTS})
+
 
 @dataclass
 class SchedulerOutput:
@@ -76,6 +86,10 @@ class Scheduler:
         # Blocks the waiting and swapped sequences need to run their known tokens: a
         # replica's queued KV demand, kept as a running sum so other threads can read it.
         self.num_waiting_blocks = 0
+        # Steps that left requests queued, by why (KV_BLOCKS, SEQ_SLOTS, TOKEN_BUDGET), and the
+        # last step's reason (None: nothing was left queued): read by the overload policy.
+        self.stalls = {KV_BLOCKS: 0, SEQ_SLOTS: 0, TOKEN_BUDGET: 0}
+        self.last_stall: str | None = None
 
     @property
     def has_unfinished(self) -> bool:
@@ -88,6 +102,7 @@ class Scheduler:
             raise RuntimeError(f"{len(self.swapped)} sequences are swapped out; they cannot be handed over")
         running, waiting = self.running, list(self.waiting)
         self.running, self.waiting, self.num_waiting_blocks = [], deque(), 0
+        self.last_stall = None  # nothing waits here any more
         return running, waiting
 
     def take_unstarted(self) -> list[Sequence]:
@@ -204,7 +219,43 @@ class Scheduler:
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, for the kernels
         self.num_steps_ahead += ahead and bool(scheduled)
         output.shape = None if time_budget is None else time_budget.shape
+        # Budget spent recomputing preempted requests' KV (prompt chunks of requests that have
+        # output already) is memory's doing, not compute's.
+        recomputing = sum(n for seq, n in scheduled if n > 1 and seq.num_output_tokens)
+        decodes = sum(n == 1 for _, n in scheduled)
+        self._record_stall(bool(preempted), budget + recomputing, self.max_num_batched_tokens - decodes)
         return output
+
+    def _record_stall(self, preempted: bool, budget_left: int, prefill_budget: int) -> None:
+        """Count the step by why requests stayed queued (nothing when none did): KV_BLOCKS when
+        it preempted, else, when the budget it left (or spent recomputing preempted requests)
+        would have taken the queue's head (its known tokens, up to what a step leaves for
+        prompts beside its decodes: `prefill_budget`), what the head lacked: a sequence slot,
+        or blocks.
+        A head the budget could not take waits for compute (TOKEN_BUDGET), whatever else it
+        lacks: freeing memory would admit it no sooner."""
+        if not (self.waiting or self.swapped):
+            self.last_stall = None
+            return
+        head = self.swapped[0] if self.swapped else self.waiting[0]
+        need = min(len(head) - head.num_computed_tokens, prefill_budget)
+        if preempted:
+            reason = KV_BLOCKS
+        elif budget_left < need:
+            reason = TOKEN_BUDGET
+        elif len(self.running) >= self.max_num_seqs:
+            reason = SEQ_SLOTS
+        elif self.block_manager.num_missing_blocks(head, len(head)) > self.block_manager.num_free_blocks:
+            reason = KV_BLOCKS
+        else:  # it fitted, but the step was a micro-batch's share of the work: compute
+            reason = TOKEN_BUDGET
+        self.last_stall = reason
+        self.stalls[reason] += 1
+
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step, if scheduled ahead, would find blocks for every running
+        sequence (else scheduling falls back to one step at a time)."""
+        return self.block_manager.num_free_blocks >= self._ahead_reserve_blocks(self.max_num_batched_tokens)
 
     def _ahead_reserve_blocks(self, budget: int) -> int:
         """Free blocks that surely cover a step's running sequences: each may start one new

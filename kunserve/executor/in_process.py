@@ -55,6 +55,7 @@ class InProcessExecutor(Executor):
             return
         self._shut_down = True
         device = self.worker.device
+        self._results.clear()  # steps in flight hold the device's tensors too
         del self.worker
         gc.collect()
         if device.type == "cuda":

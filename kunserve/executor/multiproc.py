@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import pickle
+import weakref
 
 import torch
 
@@ -19,8 +21,8 @@ from kunserve.executor.rendezvous import Rendezvous
 from kunserve.executor.worker_set import WorkerSetExecutor, stage_assignments
 from kunserve.executor.workers import WorkerHandle, WorkerSet
 from kunserve.model.presets import ResolvedModel
+from kunserve.worker import process_entry
 from kunserve.worker.protocol import WorkerWorld
-from kunserve.worker.worker_process import worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,17 @@ class MultiprocExecutor(WorkerSetExecutor):
         handles = []
         for stage in stages:
             parent, child = context.Pipe()
-            process = context.Process(target=worker_main, args=(config, model, stage, child),
+            arguments = pickle.dumps((config, model, stage), protocol=pickle.HIGHEST_PROTOCOL)
+            process = context.Process(target=process_entry.run, args=(arguments, child),
                                       name=f"kunserve-worker{stage.global_rank}", daemon=True)
             process.start()
             child.close()
+            logger.info("%s: process %d started; it loads its layers next", stage.log_name, process.pid)
             handles.append(WorkerHandle(process, parent, stage.global_rank))
         self.workers = WorkerSet(handles, config.worker_timeout_s, config.tensor_parallel_size)
+        # Stop the processes (and free their devices) once nothing holds this executor any
+        # more, e.g. a deleted LLM's; an explicit shutdown() before makes this a no-op.
+        weakref.finalize(self, self.workers.shutdown)
         self._await_ready(config)
         logger.info("%d worker process(es) ready, pids %s", len(handles), self.worker_pids)
 

@@ -32,10 +32,11 @@ class Rendezvous:
         self._ranks = itertools.count()
         self._lock = threading.Lock()  # replicas start (and restart) on threads of their own
 
-    def world(self, num_devices: int) -> WorkerWorld:
-        """A place for an executor of `num_devices` devices: global ranks no worker had before."""
+    def world(self, num_devices: int, replica: int = 0) -> WorkerWorld:
+        """A place for an executor of `num_devices` devices serving replica `replica`: global
+        ranks no worker had before."""
         with self._lock:
             first = next(self._ranks)
             for _ in range(num_devices - 1):
                 next(self._ranks)
-        return WorkerWorld(self.address, first, self.link_timeout_s)
+        return WorkerWorld(self.address, first, self.link_timeout_s, replica)

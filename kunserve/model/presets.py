@@ -47,5 +47,19 @@ def resolve_model(name: str | None) -> ResolvedModel:
     config = _CONFIG_DIR / f"{name}.json"
     if config.is_file():
         return ResolvedModel(name, ModelSpec.from_dict(json.loads(config.read_text())), None, None)
+    raise ValueError(unknown_model_message(name, path))
+
+
+def unknown_model_message(name: str, path: Path) -> str:
+    """Why `name` names no model, and what would: a path that is not there, a Hugging Face hub
+    id (kunserve reads local directories only; nothing is downloaded), or a mistyped preset."""
     known = [f"tiny-{a}" for a in TINY_ARCHS] + config_presets()
-    raise ValueError(f"model: {name!r} is neither a model directory nor a preset; presets: {known}")
+    if path.exists():
+        return f"model: {name!r} is not a directory; give the model's directory (with config.json)"
+    if path.is_absolute() or name.startswith((".", "~")):
+        return f"model: no such directory {str(path)!r}"
+    if name.count("/") == 1:
+        return (f"model: {name!r} is not a local directory. kunserve loads models from local directories only "
+                f"(nothing is downloaded): fetch it first, e.g. `hf download {name} --local-dir DIR`, "
+                f"then give DIR; or a preset: {', '.join(known)}")
+    return f"model: {name!r} is neither a model directory nor a preset; presets: {', '.join(known)}"

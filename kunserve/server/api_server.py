@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -212,8 +213,26 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
+    # The port first: one in use fails now, not after the model has loaded.
+    sock = bind_port(config.host, config.port)
     cluster = Cluster.launch(engine_config, config.num_replicas, config.dispatch_policy, config.max_waiting_requests,
                              config.coordinator)
     app = build_app(cluster, config)
     logger.info("serving %s on http://%s:%d", cluster.first.model.name, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level))
+    server.run(sockets=[sock])
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for the server to listen on (as uvicorn binds one:
+    SO_REUSEADDR, so a port left in TIME_WAIT by a previous server is taken). Raises
+    ValueError naming the port when something else holds it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"port: cannot listen on {host}:{port} ({error.strerror}); stop what uses it or pass "
+                         "another --port") from None
+    return sock

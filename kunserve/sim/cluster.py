@@ -34,9 +34,9 @@ from kunserve.layout import arena_layout, stage_ranges
 from kunserve.model.presets import resolve_model
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
-from kunserve.sim.executor import SimulatedExecutor, resolve_host_time
-from kunserve.sim.fast_forward import decode_ahead
-from kunserve.sim.settings import SimulatorConfig, VirtualClock
+from kunserve.sim.executor import SimulatedExecutor, resolve_group_stage_factor, resolve_host_time
+from kunserve.sim.fast_forward import decode_ahead, schedules_ahead
+from kunserve.sim.settings import Fabric, SimulatorConfig, VirtualClock
 
 STEP = 1  # the heap holds replica steps; arrivals (first at equal times, as into an inbox) and checks are kept apart
 
@@ -110,7 +110,8 @@ class SimulatedCluster:
         t = config.tensor_parallel_size
         spec.check_tensor_parallel(t)
         self.cost: CostModel = resolve_cost_model(config.cost_profile, spec, model.name, elem_bytes, t)
-        self.settings = resolve_host_time(self.settings, self.cost)
+        self.settings = resolve_group_stage_factor(resolve_host_time(self.settings, self.cost))
+        self.fabric = Fabric()  # the links the cluster's devices share
         g = config.pipeline_parallel_size
         budget = config.memory_budget_bytes or device_budget_bytes
         if config.num_kv_blocks is None and budget is None:
@@ -121,7 +122,7 @@ class SimulatedCluster:
             swap_blocks = (min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts)
                            if config.preemption_mode == "swap" else 0)
             executor = SimulatedExecutor(layouts[0], self.cost, self.clock, self.settings, spec.num_layers,
-                                         i * config.devices_per_replica, g, swap_blocks, t)
+                                         i * config.devices_per_replica, g, swap_blocks, self.fabric, t)
             self.engines.append(LLMEngine(config, executor=executor, clock=self.clock))
         self.finished: dict[str, RequestOutput] = {}
         self.refused: dict[str, str] = {}
@@ -224,6 +225,8 @@ class SimulatedCluster:
             return
         engine = replica.engine
         before = self.clock()
+        if isinstance(engine.executor, SimulatedExecutor):
+            engine.executor.overlaps_host = self.settings.schedule_ahead and schedules_ahead(engine)
         if decode_ahead(engine, until):
             replica.busy_until = self.clock()
             return

@@ -1,31 +1,36 @@
 """A simulated GPU: the device calls of kunserve/worker/protocol.py, answered as a real device
 answers them (the same released sub-blocks, the same layout arithmetic) and priced in
 simulated seconds (transfers at the cost model's link rates, fixed costs from
-SimulatorConfig). Nothing is stored: a simulated device holds no bytes."""
+SimulatorConfig), copies between devices of a host over their shared NVLink ports (settings.py
+Fabric). Nothing is stored: a simulated device holds no bytes."""
 
 from __future__ import annotations
 
 from kunserve.engine.cost_model import CostModel
-from kunserve.layout import ArenaLayout, layers_outside_stage
-from kunserve.sim.settings import SimulatorConfig, simulated_host
+from kunserve.layout import ArenaLayout, layers_outside_stage, stage_layers
+from kunserve.sim.settings import Fabric, SimulatorConfig, device_port, simulated_host
 from kunserve.worker.protocol import DeviceCalls, SamplerStates
 
 
 class SimulatedDevice(DeviceCalls):
-    def __init__(self, layout: ArenaLayout, cost: CostModel, settings: SimulatorConfig, rank: int) -> None:
+    def __init__(self, layout: ArenaLayout, cost: CostModel, settings: SimulatorConfig, rank: int,
+                 fabric: Fabric | None = None) -> None:
         self.layout = layout
         self.cost = cost
         self.settings = settings
         self.rank = rank  # global
+        self.fabric = fabric or Fabric()  # the links it shares with the cluster's other devices
         self.released: set[int] = set()
         self.group: tuple[int, int] | None = None  # (stage, group size) while a stage of a drop's group
         self.free_at = 0.0  # the calls it was given run one after another
         self._call_s = 0.0  # what the last call costs
+        self._call_links: list[str] = []  # and the shared links it holds meanwhile
 
-    def take_call_seconds(self) -> float:
-        """How long the device is busy with the call just made."""
-        seconds, self._call_s = self._call_s, 0.0
-        return seconds
+    def run_call(self, ready: float) -> float:
+        """When the call just made ends, started at `ready` (and once its links are free)."""
+        seconds, links = self._call_s, self._call_links
+        self._call_s, self._call_links = 0.0, []
+        return self.fabric.occupy(links, ready, seconds) if links else ready + seconds
 
     @property
     def host(self) -> str:
@@ -41,7 +46,15 @@ class SimulatedDevice(DeviceCalls):
         return self.layout.block_bytes // (1 if self.group is None else self.group[1])
 
     def _transfer(self, num_blocks: int, peer: int) -> None:
-        self._call_s = self.cost.transfer_time(num_blocks * self.sub_block_bytes(), self.link_to(peer))
+        """A copy with global rank `peer`: within a host over both devices' NVLink ports at
+        the measured rate (it waits for copies either holds), across hosts over the network."""
+        num_bytes = num_blocks * self.sub_block_bytes()
+        link = self.link_to(peer)
+        if link == self.settings.network_link:
+            self._call_s = self.cost.transfer_time(num_bytes, link)
+            return
+        self._call_s = self.cost.transfer_time(0, link) + num_bytes / self.settings.device_port_bytes_s
+        self._call_links = [device_port(self.rank), device_port(peer)]
 
     # ---- memory ----------------------------------------------------------------------------
 
@@ -57,20 +70,32 @@ class SimulatedDevice(DeviceCalls):
     # ---- role changes ------------------------------------------------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
+        """A widening stage's refills come over the link to the peer holding each layer."""
         self.layout.check_split(num_stages)
+        missing = set(stage_layers(self.layout.num_layers, stage, num_stages)) & self.released
+        if not missing <= set(refill_from or {}):
+            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here: "
+                               f"name where to refill them from")
+        refill = self._refill_time({layer: (refill_from or {})[layer] for layer in missing})
+        self.released -= missing
         self.released.update(layers_outside_stage(self.layout.num_layers, stage, num_stages))
         self.group = (stage, num_stages)
-        self._call_s = self.settings.stage_switch_s
+        self._call_s = self.settings.stage_switch_s + refill
         return self.layout.released_sub_blocks_of_stage(stage, num_stages)
+
+    def _refill_time(self, refill_from: dict[int, int]) -> float:
+        """Copying these layers' weights in, each over the link to the rank that holds it."""
+        links = [self.link_to(rank) for rank in refill_from.values()]
+        return sum(self.cost.transfer_time(self.layout.layer_bytes * links.count(link), link) for link in set(links))
 
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
         """Each dropped layer comes from the stage that kept it, over the link to that device
         (from the weight source, here timed as the device link, when none is named)."""
-        layer_bytes = self.layout.layer_bytes
-        links = [self.link_to(refill_from[layer]) if refill_from else self.settings.device_link
-                 for layer in sorted(self.released)]
-        refill = sum(self.cost.transfer_time(layer_bytes * links.count(link), link) for link in set(links))
+        if refill_from:
+            refill = self._refill_time({layer: refill_from[layer] for layer in self.released})
+        else:
+            refill = self.cost.transfer_time(self.layout.layer_bytes * len(self.released), self.settings.device_link)
         self.released.clear()
         self.group = None
         self._call_s = self.settings.stage_switch_s + refill

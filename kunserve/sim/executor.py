@@ -17,7 +17,9 @@ side by side, and waiting for one moves the clock to its end.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ from kunserve.engine.cost_model import CostModel, HostTime, StepShape
 from kunserve.executor.base import Executor, FusedGroupExecutor, StageBlockMap, WorkerExecutor
 from kunserve.layout import ArenaLayout
 from kunserve.sim.device import SimulatedDevice
-from kunserve.sim.settings import SimulatorConfig, VirtualClock
+from kunserve.sim.settings import Fabric, SimulatorConfig, VirtualClock, host_link
 from kunserve.step import StepInput
 
 SIMULATED_TOKEN = 0  # what every simulated step samples (simulated requests ignore EOS)
@@ -48,6 +50,7 @@ class SimulatedExecutor(WorkerExecutor):
         first_rank: int,
         num_stages: int = 1,
         num_swap_blocks: int = 0,
+        fabric: Fabric | None = None,
         tp_size: int = 1,
     ) -> None:
         super().__init__()
@@ -56,13 +59,18 @@ class SimulatedExecutor(WorkerExecutor):
         self.clock = clock
         self.settings = settings
         self.model_layers = num_layers
+        self.fabric = fabric or Fabric()
         # Stage s's GPUs are global ranks first_rank + s·t + [0, t); it goes by the first.
-        self.devices = [SimulatedDevice(layout, cost, settings, first_rank + stage * tp_size)
+        self.devices = [SimulatedDevice(layout, cost, settings, first_rank + stage * tp_size, self.fabric)
                         for stage in range(num_stages)]
         self.max_in_flight = num_stages
         self._num_swap_blocks = num_swap_blocks
         self._steps = StepQueue(num_stages, clock, settings)
         self._calls: dict[int, deque[tuple[float, Any]]] = {rank: deque() for rank in range(num_stages)}
+        # Whether the replica's next step is scheduled while the one before runs (set before
+        # each step: kunserve/sim/cluster.py), and the last step's end and device seconds.
+        self.overlaps_host = False
+        self.last_step = (0.0, 0.0)
 
     # ---- the executor interface ------------------------------------------------------------
 
@@ -82,10 +90,26 @@ class SimulatedExecutor(WorkerExecutor):
     def submit(self, step: StepInput) -> None:
         g = self.num_stages
         shape = step_shape(step)
-        swap_s = swap_time(self, step)
-        stages = [swap_s + self.cost.stage_time(shape, self.model_layers, g, s, self.settings.device_link)
+        host = overlapped_host_time(self.settings, len(step.batch.query_lens), step.num_tokens, self.clock(),
+                                    self.last_step, self.overlaps_host and g == 1)
+        ready = self.clock() + host
+        swap_wait = self.swaps_done_at(step, ready) - ready  # the step computes once its swaps are done
+        stages = [swap_wait + self.cost.stage_time(shape, self.model_layers, g, s, self.settings.device_link)
                   for s in range(g)]
-        self._steps.submit(step, stages)
+        end = self._steps.submit(step, stages, host)
+        self.last_step = (end, sum(stages))
+
+    def swaps_done_at(self, step: StepInput, ready: float) -> float:
+        """The step's KV copies to and from host memory, from `ready` on, each direction over
+        the host link this device shares (settings.py Fabric); returns when both are done."""
+        block = self.layout.block_bytes
+        rank = self.devices[0].rank
+        ends = [ready]
+        for pairs, direction in ((step.swap_out, "out"), (step.swap_in, "in")):
+            if len(pairs):
+                seconds = self.cost.transfer_time(len(pairs) * block, self.settings.host_link)
+                ends.append(self.fabric.occupy([host_link(self.settings, rank, direction)], ready, seconds))
+        return max(ends)
 
     def collect(self) -> np.ndarray:
         return self._steps.collect()
@@ -97,11 +121,12 @@ class SimulatedExecutor(WorkerExecutor):
         """When the (first) device finishes what it was given."""
         return self._steps.pipeline.free_at[0]
 
-    def record_steps(self, end: float, compute_s: float) -> None:
+    def record_steps(self, end: float, compute_s: float, last_compute_s: float) -> None:
         """Steps applied without `submit` (kunserve/sim/fast_forward.py) kept the device busy
-        until `end`, computing for `compute_s`."""
+        until `end`, computing for `compute_s`, the last of them for `last_compute_s`."""
         self._steps.pipeline.free_at[0] = end
         self._steps.pipeline.busy_s[0] += compute_s
+        self.last_step = (end, last_compute_s)
 
     def release_layer(self, layer: int) -> range:
         return self.devices[0].release_layer(layer)
@@ -128,7 +153,7 @@ class SimulatedExecutor(WorkerExecutor):
         been busy for its cost, after the calls given to it before."""
         device = self.devices[rank]
         value = getattr(device, name)(*args, **kwargs)
-        device.free_at = max(self.clock(), device.free_at) + device.take_call_seconds()
+        device.free_at = device.run_call(max(self.clock(), device.free_at))
         self._calls[rank].append((device.free_at, value))
 
     def _finish_call(self, rank: int) -> Any:
@@ -160,8 +185,10 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         self.refuse_swaps(step)
         g = len(self.members)
         shape = step_shape(step)
-        stages = [self.cost.stage_time(shape, self.model_layers, g, s, self._hop_links[s]) for s in range(g)]
-        self._steps.submit(step, stages)
+        factor = self.settings.group_stage_factor
+        assert factor is not None  # resolved: resolve_group_stage_factor
+        stages = [self.cost.stage_time(shape, self.model_layers, g, s, self._hop_links[s], factor) for s in range(g)]
+        self._steps.submit(step, stages, host_time(self.settings, step))
 
     def collect(self) -> np.ndarray:
         return self._steps.collect()
@@ -180,10 +207,13 @@ class StepQueue:
         self.settings = settings
         self._results: deque[tuple[float, np.ndarray]] = deque()  # (done at, sampled) per step in flight
 
-    def submit(self, step: StepInput, stage_s: list[float]) -> None:
-        self.clock.advance_to(self.clock() + host_time(self.settings, step))
+    def submit(self, step: StepInput, stage_s: list[float], host_s: float) -> float:
+        """Queue the step after `host_s` of the driver's time; returns when it ends."""
+        self.clock.advance_to(self.clock() + host_s)
         sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
-        self._results.append((self.pipeline.run(self.clock(), stage_s), sampled))
+        end = self.pipeline.run(self.clock(), stage_s)
+        self._results.append((end, sampled))
+        return end
 
     def collect(self) -> np.ndarray:
         done_at, sampled = self._results.popleft()
@@ -223,6 +253,18 @@ def step_shape(step: StepInput) -> StepShape:
 FALLBACK_HOST_TIME = HostTime(step_s=4.23e-4, seq_s=1.402e-5, token_s=2.418e-6)
 
 
+# The measured group stage factor (benchmarks/group_step_factor.py writes it).
+GROUP_STAGE_PROFILE = Path(__file__).with_name("profiles") / "group_stage.json"
+
+
+def resolve_group_stage_factor(settings: SimulatorConfig) -> SimulatorConfig:
+    """`settings` with group_stage_factor taken from GROUP_STAGE_PROFILE when it is None."""
+    if settings.group_stage_factor is not None:
+        return settings
+    factor = json.loads(GROUP_STAGE_PROFILE.read_text())["group_stage_factor"]
+    return dataclasses.replace(settings, group_stage_factor=float(factor))
+
+
 def resolve_host_time(settings: SimulatorConfig, cost: CostModel) -> SimulatorConfig:
     """`settings` with every host_* that is None taken from the cost profile (or the fallback)."""
     measured = cost.host or FALLBACK_HOST_TIME
@@ -245,10 +287,15 @@ def host_step_time(settings: SimulatorConfig, num_seqs: int, num_tokens: int) ->
     return settings.host_step_s + settings.host_seq_s * num_seqs + settings.host_token_s * num_tokens
 
 
-def swap_time(executor: SimulatedExecutor, step: StepInput) -> float:
-    """The step's swaps: the two directions overlap (separate copy streams)."""
-    block = executor.layout.block_bytes
-    link = executor.settings.host_link
-    times = [executor.cost.transfer_time(len(pairs) * block, link) for pairs in (step.swap_out, step.swap_in)
-             if len(pairs)]
-    return max(times, default=0.0)
+def overlapped_host_time(settings: SimulatorConfig, num_seqs: int, num_tokens: int, now: float,
+                         last_step: tuple[float, float], overlaps: bool) -> float:
+    """The driver's time a step of `num_seqs` sequences computing `num_tokens` tokens adds:
+    all of it, or, scheduled while the step before ran (`overlaps`, and submitted as that
+    step ended: `last_step` is its end and device seconds), less the part scheduling ahead
+    hides (settings.ahead_hidden_*), as far as that step's device time covers it."""
+    host_s = host_step_time(settings, num_seqs, num_tokens)
+    end, device_s = last_step
+    if not (overlaps and now == end):
+        return host_s
+    hidden = settings.ahead_hidden_step_s + settings.ahead_hidden_seq_s * num_seqs
+    return host_s - min(hidden, device_s, host_s)

@@ -18,7 +18,7 @@ import numpy as np
 from kunserve.engine.cost_model import StepShape
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
-from kunserve.sim.executor import SIMULATED_TOKEN, SimulatedExecutor, host_step_time
+from kunserve.sim.executor import SIMULATED_TOKEN, SimulatedExecutor, overlapped_host_time
 
 MIN_STEPS = 2  # fewer are not worth the bookkeeping: the engine's own step runs them
 
@@ -40,8 +40,13 @@ def decode_ahead(engine: LLMEngine, until: float) -> int:
     if most < MIN_STEPS:
         return 0
     needs = _block_needs(running, most, engine.config.block_size)
-    steps, end, compute_s = _steps_that_fit(executor, running, most, needs, engine.block_manager.num_free_blocks,
-                                            until)
+    # A replica scheduling ahead does so while its free blocks cover every running sequence's
+    # next block (Scheduler.can_schedule_ahead: for decodes, one each and their chunk's share).
+    ahead_reserve = None
+    if executor.overlaps_host:
+        ahead_reserve = len(running) + -(-min(len(running), scheduler.max_num_batched_tokens) // engine.config.block_size)
+    steps, end, compute_s, last_s = _steps_that_fit(executor, running, most, needs, engine.block_manager.num_free_blocks,
+                                                    until, ahead_reserve)
     if steps < MIN_STEPS:
         return 0
     _take_blocks(engine, running, needs, steps)
@@ -49,9 +54,18 @@ def decode_ahead(engine: LLMEngine, until: float) -> int:
         seq.token_ids.extend([SIMULATED_TOKEN] * steps)
         seq.num_computed_tokens += steps
         seq.metrics.last_token_time = end
-    executor.record_steps(end, compute_s)
+    executor.record_steps(end, compute_s, last_s)
     executor.clock.advance_to(end)
     return steps
+
+
+def schedules_ahead(engine: LLMEngine) -> bool:
+    """Whether `engine`'s next step would be scheduled while the one before runs, on a GPU:
+    a one-device replica that does not swap, with asynchronous scheduling on, and free
+    blocks for every running sequence (kunserve/engine/scheduler.py)."""
+    config = engine.config
+    return (engine.executor.max_in_flight == 1 and engine.scheduler.swap_pool is None
+            and config.resolve_async_scheduling(config.resolve_device()) and engine.scheduler.can_schedule_ahead())
 
 
 def _block_needs(running: list[Sequence], steps: int, block_size: int) -> np.ndarray:
@@ -66,28 +80,32 @@ def _block_needs(running: list[Sequence], steps: int, block_size: int) -> np.nda
 
 def _steps_that_fit(
     executor: SimulatedExecutor, running: list[Sequence], most: int, needs: np.ndarray, free_blocks: int,
-    until: float,
-) -> tuple[int, float, float]:
+    until: float, ahead_reserve: int | None,
+) -> tuple[int, float, float, float]:
     """How many of the next `most` steps start before `until` with blocks to spare; the end
-    time of the last and the compute seconds of all."""
+    time of the last, the compute seconds of all and of the last. A step overlaps its host
+    time with the one before while `ahead_reserve` blocks are free before it (None: never)."""
     n = len(running)
     context = sum(seq.num_computed_tokens for seq in running)
-    host = host_step_time(executor.settings, n, n)
     layers = executor.model_layers
     t = executor.clock()
+    last_step = executor.last_step
     compute_total = 0.0
     taken = 0
     steps = 0
     for j in range(1, most + 1):
+        overlaps = ahead_reserve is not None and free_blocks - taken >= ahead_reserve
         taken += int(needs[j].sum())
         if t >= until or taken > free_blocks:
             break
-        t += host  # as SimulatedExecutor.submit then collect move the clock: host time, then compute
+        # As SimulatedExecutor.submit then collect move the clock: host time, then compute.
+        t += overlapped_host_time(executor.settings, n, n, t, last_step, overlaps)
         compute = executor.cost.step_time(StepShape(n, context + n * (j - 1), 0, n), layers)
-        t = max(t, executor.stage_free_at()) + compute
+        t = max(t, last_step[0] if steps else executor.stage_free_at()) + compute
+        last_step = (t, compute)
         compute_total += compute
         steps = j
-    return steps, t, compute_total
+    return steps, t, compute_total, last_step[1]
 
 
 def _take_blocks(engine: LLMEngine, running: list[Sequence], needs: np.ndarray, steps: int) -> None:

@@ -2,8 +2,8 @@
 GPUs, once per overload policy, with the same JSON, table and plots as `bench --launch`.
 For example, an hour of the Azure conversation trace on 32 simulated H200s:
 
-kunserve simulate --model llama-3-8b --replicas 32 --trace ../shared/traces/azure_llm_conv_2023.csv \
-    --compare recompute kunserve --memory-budget-bytes 42949672960 --out-dir $OUT/sim32
+kunserve simulate --model llama-3-8b --replicas 32 --trace data/traces/azure_llm_conv_2023.csv \
+    --compare recompute kunserve --memory-budget 40 --out-dir $OUT/sim32
 
 Step times come from the model's cost profile (kunserve/engine/profiles/, or --cost-profile);
 the driver's host time and the transitions' fixed costs from the simulator flags.
@@ -19,16 +19,26 @@ import typing
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm import tqdm
+
 from kunserve.bench.compare import comparison_table, transition_lines, ttft_p99_ratio
 from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, request_params, result_from_output
-from kunserve.bench.launch import add_cluster_arguments, coordinator_settings, policies_of, write_outputs
+from kunserve.bench.launch import (
+    DEFAULT_REPLICAS,
+    SKIPPED_ENGINE_FLAGS,
+    add_comparison_arguments,
+    policies_of,
+    write_outputs,
+)
 from kunserve.bench.report import MS_PER_S, latency_stats, summarize
 from kunserve.bench.run import add_workload_arguments, build_workload, json_args
 from kunserve.bench.slo import UNLOADED_REQUESTS, derive_slo, reference_shape, unloaded_reference
-from kunserve.bench.timeline import Clock, TransitionRecorder, snapshot
+from kunserve.bench.timeline import Clock, TransitionRecorder, peak_waiting, snapshot
 from kunserve.bench.workload import RequestSpec
+from kunserve.cluster.status import count_cycles
+from kunserve.cluster_args import add_cluster_arguments, coordinator_config
 from kunserve.config import EngineConfig, GiB
-from kunserve.engine_args import engine_config
+from kunserve.engine_args import add_engine_arguments, engine_config
 from kunserve.sim.cluster import SimulatedCluster
 from kunserve.sim.settings import SimulatorConfig
 
@@ -46,15 +56,25 @@ TIMELINE_POINTS = 400  # about this many timeline samples per run, whatever its 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a preset or model directory (default %(default)s)")
     parser.add_argument("--device-memory-gib", type=float, default=H200_MEMORY_GIB,
-                        help="each simulated GPU's memory, with --gpu-memory-utilization when no budget is given")
+                        help="each simulated GPU's memory, with --gpu-memory-utilization when no --memory-budget "
+                             "is given (default: an H200's, %(default)s)")
     add_workload_arguments(parser)
-    add_cluster_arguments(parser)
+    add_comparison_arguments(parser)
+    add_cluster_arguments(parser, DEFAULT_REPLICAS)
+    add_engine_arguments(parser, skip=SKIPPED_ENGINE_FLAGS)
+    parser.add_argument("--links-open-at-start", action="store_true",
+                        help="open every pair's peer links before serving, as bench --launch does (default: the "
+                             "first drop or migration of a pair opens them, as on a live server)")
     hints = typing.get_type_hints(SimulatorConfig)
     for f in dataclasses.fields(SimulatorConfig):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        default = "the cost profile's" if f.default is None else f.default
-        parser.add_argument("--sim-" + f.name.replace("_", "-"), dest=f"sim_{f.name}", type=kind,
-                            default=f.default, help=f"(default: {default})")
+        default = "the measured profile's" if f.default is None else f.default
+        flag = "--sim-" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f"sim_{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, dest=f"sim_{f.name}", type=kind, default=f.default, help=f"(default: {default})")
 
 
 def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
@@ -85,7 +105,7 @@ def simulated_engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str, specs: list[RequestSpec]) -> dict:
-    coordinator = dataclasses.replace(coordinator_settings(args), overload_policy=policy)
+    coordinator = coordinator_config(args, policy)
     budget = int((args.device_memory_gib * config.gpu_memory_utilization - DEVICE_RESERVED_GIB) * GiB)
 
     def cluster() -> SimulatedCluster:
@@ -98,17 +118,26 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     slo = derive_slo(reference, args.slo_ttft_ms, args.slo_tpot_ms)
 
     simulated = cluster()
-    simulated.open_all_links()
+    if args.links_open_at_start:
+        simulated.open_all_links()
     recorder = TransitionRecorder(simulated.coordinator, Clock(0.0, 0.0))
     span = specs[-1].arrival_s if specs else 0.0
-    results, samples = replay(simulated, specs, max(span, 1.0) / TIMELINE_POINTS)
+    logger.info("policy %s: %d requests over %.0f s on %d simulated GPU(s)", policy, len(specs), span,
+                args.replicas * config.pipeline_parallel_size)
+    wall_start = time.perf_counter()
+    with tqdm(total=round(span), unit="s", desc=f"{policy} (simulated time)", disable=args.no_progress) as bar:
+        results, samples = replay(simulated, specs, max(span, 1.0) / TIMELINE_POINTS, bar)
+    logger.info("policy %s: done in %.1f s", policy, time.perf_counter() - wall_start)
     done = [r for r in results if r.error is None]
     duration = max((r.sent_at + r.e2e_s for r in done), default=0.0) - min((s.arrival_s for s in specs), default=0.0)
     summary = summarize(results, duration, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
     summary["queue_ms"] = latency_stats([r.queue_s for r in done if r.queue_s is not None])
     summary["preemptions"] = sum(r.num_preemptions for r in results)
+    summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
     summary["simulated_s"] = simulated.clock()
+    transitions = recorder.records()
+    summary["cycles"] = count_cycles(transitions, coordinator.cycle_window_s)
     return {
         "policy": policy,
         "summary": summary,
@@ -117,15 +146,17 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
                 "tpot_ms": None if slo.tpot_s is None else slo.tpot_s * MS_PER_S},
         "kv_blocks_per_replica": simulated.engines[0].block_manager.num_total_blocks,
         "timeline": samples,
-        "transitions": recorder.records(),
+        "transitions": transitions,
         "results": [asdict(r) for r in results],
     }
 
 
 def replay(
-    cluster: SimulatedCluster, specs: list[RequestSpec], sample_every_s: float | None = None
+    cluster: SimulatedCluster, specs: list[RequestSpec], sample_every_s: float | None = None,
+    progress: tqdm | None = None,
 ) -> tuple[list[InProcessResult], list[dict]]:
-    """Each request's result (refused or lost ones with their error) and the timeline."""
+    """Each request's result (refused or lost ones with their error) and the timeline;
+    `progress` advances to each sample's simulated second."""
     prompts = [[0] * spec.prompt_len for spec in specs]  # a simulation reads no token values
     params = [request_params(spec.output_len) for spec in specs]
     samples: list[dict] = []
@@ -133,6 +164,8 @@ def replay(
     def take_sample(t_s: float) -> None:
         if (sample := snapshot(cluster.coordinator, t_s)) is not None:
             samples.append(sample)
+        if progress is not None and (ahead := min(round(t_s), progress.total) - progress.n) > 0:
+            progress.update(ahead)
 
     outputs = cluster.run([s.arrival_s for s in specs], prompts, params, sample_every_s, take_sample)
     results = []

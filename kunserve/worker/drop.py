@@ -1,4 +1,6 @@
-"""The drop mechanism on one device: a replica becomes stage r of a g-stage group, and back.
+"""The drop mechanism on one device: a replica becomes stage r of a g-stage group, and back;
+a stage of a growing group narrows to a part of its layers, and of a shrinking one widens
+again (kunserve/cluster/growth.py).
 
 Dropping keeps layers [r·L/g, (r+1)·L/g) and releases the other layers' slots in the
 arena: no copy, no allocation, and their bytes are KV memory at once. The KV cache is then
@@ -21,12 +23,14 @@ from kunserve.worker.peers import PeerLinks
 
 
 def release_other_layers(arena: MemoryArena, stage: int, num_stages: int) -> list[int]:
-    """Release every layer outside stage `stage`'s; returns the sub-block ids their slots
-    provide (the arena then serves as `num_stages` sub-blocks per block)."""
+    """Release every layer outside stage `stage`'s not released yet; returns the sub-block
+    ids all released slots provide (the arena then serves as `num_stages` sub-blocks per
+    block)."""
     layout = arena.layout
     layout.check_split(num_stages)
     for layer in layers_outside_stage(layout.num_layers, stage, num_stages):
-        arena.release(layer)
+        if layer not in arena.released:  # a stage narrowing (a group growing) released some before
+            arena.release(layer)
     return layout.released_sub_blocks_of_stage(stage, num_stages)
 
 
@@ -39,6 +43,16 @@ def stage_model(replica: DecoderStage, arena: MemoryArena, stage: int, num_stage
         replica.spec, keep.start, keep.stop, [arena.layers[k] for k in keep], replica.stage,
         [cache[:, k] for k in range(len(keep))], replica.cos_sin, replica.backend, replica.linear, replica.tp,
     )
+
+
+def reclaim_layers(arena: MemoryArena, peers: PeerLinks, refill_from: dict[int, int]) -> None:
+    """Reclaim these released layers' slots (a stage widening as its group shrinks) and refill
+    each from the same slot of the global rank `refill_from` names, whose arena is mapped here."""
+    for layer in sorted(refill_from):
+        arena.reclaim(layer)
+        peers.copy_layer_from(refill_from[layer], arena, layer)
+    if refill_from:
+        peers.wait_for_devices()
 
 
 def refill_layers(

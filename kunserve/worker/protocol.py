@@ -44,10 +44,13 @@ class DeviceCalls(ABC):
 
     @abstractmethod
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
-        """Keep stage `stage`'s layers of a `num_stages`-stage group and release the others;
-        activations then come from global rank `prev_rank` and go to `next_rank`. Returns the
-        sub-block ids the released slots provide."""
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
+        """Hold stage `stage`'s layers of a `num_stages`-stage group and release the others (a
+        replica dropping, a stage narrowing as its group grows); a stage widening as its group
+        shrinks reclaims the layers it lacks and refills them from the global ranks
+        `refill_from` names (peers on this host). Activations then come from global rank
+        `prev_rank` and go to `next_rank`. Returns the sub-block ids all the released slots
+        provide, as the device addresses its arena from now on."""
 
     @abstractmethod
     def become_replica(self, refill_from: dict[int, int] | None, over_network: list[int] | None = None) -> None:
@@ -179,6 +182,9 @@ class WorkerWorld:
     # How long a link's operation (opening it, a send or a receive) waits for its peer before
     # failing: a peer that died or hangs ends the wait instead of blocking this worker.
     link_timeout_s: float
+    # The replica the executor serves: its workers' names in logs. Not derived from the ranks,
+    # which a restarted replica takes anew after every other replica's.
+    replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,13 @@ class StageAssignment:
         """The global ranks of this stage's tensor-parallel ranks (its process group)."""
         first = self.global_rank - self.tp_rank
         return list(range(first, first + self.tp_size))
+
+    @property
+    def log_name(self) -> str:
+        """How this worker's log lines are prefixed."""
+        replica = 0 if self.world is None else self.world.replica
+        tp = f" tp {self.tp_rank}" if self.tp_size > 1 else ""
+        return f"worker[replica {replica} stage {self.rank}{tp} rank {self.global_rank}]"
 
     @property
     def pipe(self) -> tuple[int | None, int | None]:

@@ -10,7 +10,6 @@ class an actor, so this module imports Ray only inside the actor.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pickle
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from kunserve.config import EngineConfig
 from kunserve.layout import ArenaLayout
+from kunserve.logs import configure_worker
 from kunserve.model.presets import ResolvedModel
 from kunserve.worker.protocol import Command, Reply, StageAssignment
 from kunserve.worker.worker_process import CommandHandler, start_worker
@@ -28,8 +28,7 @@ class RayWorker:
     def __init__(self, config: EngineConfig, model: ResolvedModel, stage: StageAssignment) -> None:
         import ray
 
-        logging.basicConfig(level=logging.INFO,
-                            format=f"%(asctime)s %(levelname)s worker{stage.global_rank}: %(message)s")
+        configure_worker(stage.log_name)
         if torch.device(stage.device).type == "cuda":
             # The actor sees all of the node's GPUs (ray_executor.py), so that it can map its
             # peers' arenas: it picks the one Ray gave it.

@@ -5,6 +5,7 @@ and its KV heads, and talks to the same rank of its peers."""
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -14,7 +15,7 @@ from kunserve.arch.spec import ModelSpec, parse_dtype
 from kunserve.config import EngineConfig
 from kunserve.kernels.backends import make_attention_backend
 from kunserve.kernels.cpu_linear import make_linear
-from kunserve.layout import ArenaLayout, arena_layout
+from kunserve.layout import ArenaLayout, arena_layout, format_size, stage_layers
 from kunserve.model.decoder import DecoderStage
 from kunserve.model.parallel import SINGLE, TensorParallel
 from kunserve.model.presets import ResolvedModel
@@ -83,7 +84,10 @@ class Worker(DeviceCalls):
         self.start, self.end = layer_range
         num_layers = self.end - self.start
         elem_bytes = torch.finfo(dtype).bits // 8
-        layout = arena_layout(spec, config, layer_range, elem_bytes, device_budget_bytes(config, device))
+        try:
+            layout = arena_layout(spec, config, layer_range, elem_bytes, device_budget_bytes(config, device))
+        except ValueError as error:
+            raise ValueError(f"{error}. {budget_origin(config, device)}") from None
         self.arena = MemoryArena(layout, dtype, device)
         for k, layer_weights in enumerate(self.arena.layers):
             weights.load_layer(self.start + k, layer_weights)
@@ -199,11 +203,14 @@ class Worker(DeviceCalls):
     # ---- device calls: role changes (kunserve/worker/drop.py) -----------------------------------
 
     def become_stage(self, stage: int, num_stages: int, prev_rank: int | None = None,
-                     next_rank: int | None = None) -> list[int]:
-        if self.group is not None:
-            raise RuntimeError(f"already stage {self.group[0]} of a {self.group[1]}-stage group")
+                     next_rank: int | None = None, refill_from: dict[int, int] | None = None) -> list[int]:
         if self.layout.num_layers != self.spec.num_layers:
             raise RuntimeError("only a device holding the whole model (a replica) can drop layers")
+        missing = set(stage_layers(self.spec.num_layers, stage, num_stages)) & self.arena.released
+        if not missing <= set(refill_from or {}):
+            raise RuntimeError(f"stage {stage} of {num_stages} needs layers {sorted(missing)}, released here: "
+                               f"name where to refill them from")
+        drop.reclaim_layers(self.arena, self.peers, {layer: (refill_from or {})[layer] for layer in missing})
         released = drop.release_other_layers(self.arena, stage, num_stages)
         self._run_with(*self._stage_runner(stage, num_stages))
         self.runner.sampler = self.replica_runner.sampler  # seeded requests keep their generators
@@ -300,10 +307,36 @@ class Worker(DeviceCalls):
 
 def device_budget_bytes(config: EngineConfig, device: torch.device) -> int | None:
     """The bytes this engine may take on `device`: the configured budget, or (on a GPU)
-    `gpu_memory_utilization` of it less what is already in use; None on CPU without a budget."""
+    `gpu_memory_utilization` of it less what is already in use; None on CPU without a budget.
+    Engines of this process that nothing holds any more (a deleted LLM, perhaps in reference
+    cycles) are collected first and torch's cache emptied, so their memory counts as free."""
     if config.memory_budget_bytes is not None:
         return config.memory_budget_bytes
     if device.type != "cuda":
         return None
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     return int(total * config.gpu_memory_utilization) - (total - free)
+
+
+def budget_origin(config: EngineConfig, device: torch.device) -> str:
+    """Where `device_budget_bytes` came from, what uses the device, and what to do: the second
+    half of a too-small budget's error."""
+    if config.memory_budget_bytes is not None:
+        return f"The budget is memory_budget_bytes={config.memory_budget_bytes} ({format_size(config.memory_budget_bytes)})."
+    if device.type != "cuda":
+        return f"On CPU without a budget the arena holds the layers and cpu_kv_cache_bytes={config.cpu_kv_cache_bytes}."
+    free, total = torch.cuda.mem_get_info(device)
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    in_use = total - free
+    text = (
+        f"The budget is gpu_memory_utilization={config.gpu_memory_utilization} of {device}'s {format_size(total)}, less "
+        f"the {format_size(in_use)} in use there: {format_size(allocated)} by live tensors of this process, "
+        f"{format_size(reserved - allocated)} cached by its allocator, {format_size(in_use - reserved)} by other processes "
+        "and CUDA contexts."
+    )
+    if allocated:
+        return text + (" Another engine of this process still holds its memory: shut it down first "
+                       "(`llm.shutdown()`, or `with LLM(...) as llm:`), or let go of every reference to it.")
+    return text + " Free the device (nvidia-smi lists what uses it) or raise gpu_memory_utilization."

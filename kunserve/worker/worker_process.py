@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 import torch.multiprocessing
 
 from kunserve.config import EngineConfig
+from kunserve.logs import configure_worker
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
 from kunserve.worker.parallel import tensor_parallel_group
@@ -91,13 +93,17 @@ def keep_descriptors_from_children() -> None:
 
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
-    """The process's entry point: build the stage, report its layout, then serve commands."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{stage.global_rank}: %(message)s")
+    """The process's main function (after kunserve/worker/process_entry.py, which ignores
+    Ctrl-C first): build the stage, report its layout, then serve commands."""
+    configure_worker(stage.log_name)
     keep_descriptors_from_children()
     watch_driver(os.getppid())
+    begin = time.perf_counter()
+    logger.info("starting on %s: layers [%d, %d) of %s", stage.device, *stage.layer_range, model.name)
     try:
         worker = start_worker(config, model, stage)
         conn.send((Reply.READY, worker.layout))
+        logger.info("ready in %.1f s", time.perf_counter() - begin)
         _serve(CommandHandler(worker, stage), conn)
     except BaseException:
         conn.send((Reply.ERROR, traceback.format_exc()))

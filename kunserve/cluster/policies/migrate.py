@@ -25,7 +25,7 @@ class MigratePolicy(OverloadPolicy):
 
     def check(self, now: float) -> None:
         free = self.runner.replicas_in_replica_mode()
-        due = self.overloads.update(now, {i: self.cluster.engines[i] for i in free})
+        due = self.overloads.update(now, {i: deficit(self.cluster.engines[i]) > 0 for i in free})
         self.cluster.run_together([functools.partial(self._relieve, src, dst)
                                    for src, dst in self._pairs(sorted(due), free)])
 

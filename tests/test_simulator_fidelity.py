@@ -1,0 +1,119 @@
+"""What the simulator charges beyond the cost model's steps (kunserve/sim/), each from a
+measured or stated source: copies between devices of a host share both devices' NVLink ports
+(the KV exchange's measured both-ways rate); swaps share a host link; the first drop of a
+pair opens its links, as on a live server; replicas that schedule ahead hide their host time
+behind the step before; a group's stages run `group_stage_factor` times the cost model."""
+
+from __future__ import annotations
+
+import pytest
+
+from kunserve import EngineConfig
+from kunserve.bench.in_process import request_params
+from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.transitions import fuse
+from kunserve.engine.cost_model import StepShape
+from kunserve.engine.step_builder import build_step_input
+from kunserve.sim.cluster import SimulatedCluster
+from kunserve.sim.executor import GROUP_STAGE_PROFILE, resolve_group_stage_factor
+from kunserve.sim.settings import Fabric, SimulatorConfig
+from kunserve.worker.protocol import DeviceCalls
+
+MODEL = "llama-3-8b"
+BLOCKS = 1000
+
+
+def cluster_of(num: int, settings: SimulatorConfig | None = None, **config: object) -> SimulatedCluster:
+    return SimulatedCluster(EngineConfig(model=MODEL, num_kv_blocks=BLOCKS, **config), num,
+                            CoordinatorConfig("kunserve"), settings=settings)
+
+
+def test_two_copies_between_two_devices_share_their_ports_at_the_measured_rate() -> None:
+    cluster = cluster_of(2)
+    a, b = (engine.executor for engine in cluster.engines)
+    block_bytes = a.layout.block_bytes
+    start = cluster.clock()
+    one = b.post(0, DeviceCalls.pull_kv, a.global_ranks[0], list(range(100)), list(range(100)))
+    other = a.post(0, DeviceCalls.pull_kv, b.global_ranks[0], list(range(100)), list(range(100)))
+    one.wait()
+    other.wait()
+    rate = cluster.settings.device_port_bytes_s
+    latency = cluster.cost.transfer_time(0, "device")
+    assert cluster.clock() - start == pytest.approx(2 * (latency + 100 * block_bytes / rate))
+
+
+def test_a_fabric_link_carries_one_transfer_at_a_time() -> None:
+    fabric = Fabric()
+    assert fabric.occupy(["a", "b"], 0.0, 1.0) == 1.0
+    assert fabric.occupy(["b"], 0.5, 1.0) == 2.0  # waits for b
+    assert fabric.occupy(["c"], 0.5, 1.0) == 1.5  # another link: at once
+
+
+def swap_out_seconds(devices_per_host_link: int) -> float:
+    """Two replicas each swapping 50 blocks out at once: when the later is done."""
+    cluster = cluster_of(2, SimulatorConfig(devices_per_host_link=devices_per_host_link), preemption_mode="swap")
+    step = build_step_input([], cluster.engines[0].config.block_size, [], [(i, i) for i in range(50)], [])
+    return max(engine.executor.swaps_done_at(step, 0.0) for engine in cluster.engines)
+
+
+def test_swaps_of_devices_behind_one_host_link_take_turns() -> None:
+    assert swap_out_seconds(2) == pytest.approx(2 * swap_out_seconds(1))
+
+
+def test_the_first_drop_of_a_pair_opens_its_links_and_the_next_does_not() -> None:
+    cluster = cluster_of(2)
+    open_s = cluster.settings.link_open_s
+    runner = cluster.coordinator.runner
+    first = runner.drop([0, 1])
+    runner.restore_group(runner.groups[0], "test")
+    second = runner.drop([0, 1])
+    assert first.pause_s >= open_s > second.pause_s
+
+
+def decode_step_seconds(schedule_ahead: bool) -> tuple[float, float, float]:
+    """A replica decoding 8 requests, step after step: (the last step's time, its host time,
+    its compute time)."""
+    cluster = cluster_of(1, SimulatorConfig(schedule_ahead=schedule_ahead), device="cuda", async_scheduling="on")
+    engine = cluster.engines[0]
+    for i in range(8):
+        engine.add_request(f"r{i}", [0] * 64, request_params(200))
+    for _ in range(20):
+        engine.executor.overlaps_host = schedule_ahead
+        engine.step()
+    start = cluster.clock()
+    engine.executor.overlaps_host = schedule_ahead
+    engine.step()
+    shape = StepShape(8, sum(s.num_computed_tokens - 1 for s in engine.scheduler.running), 0, 8)
+    settings = cluster.settings
+    host = settings.host_step_s + 8 * (settings.host_seq_s + settings.host_token_s)
+    return cluster.clock() - start, host, engine.cost_model.step_time(shape, engine.spec.num_layers)
+
+
+def test_a_replica_scheduling_ahead_hides_the_measured_part_of_its_host_time() -> None:
+    serial, host, compute = decode_step_seconds(schedule_ahead=False)
+    ahead, _, _ = decode_step_seconds(schedule_ahead=True)
+    assert serial == pytest.approx(host + compute)
+    settings = SimulatorConfig()
+    hidden = min(settings.ahead_hidden_step_s + 8 * settings.ahead_hidden_seq_s, compute, host)
+    assert ahead == pytest.approx(host - hidden + compute) and ahead < serial
+
+
+def test_a_groups_stages_run_the_measured_factor_times_the_cost_model() -> None:
+    times = {}
+    for factor in (1.0, 2.0):
+        cluster = cluster_of(2, SimulatorConfig(group_stage_factor=factor), lookahead_batching=False)
+        group, _ = fuse(cluster.engines)
+        group.add_request("r", [0] * 512, request_params(1))
+        start = cluster.clock()
+        group.step()
+        times[factor] = cluster.clock() - start
+    compute = cluster.cost.step_time(StepShape.of_chunk(0, 512, True), 16, samples=False) + \
+        cluster.cost.step_time(StepShape.of_chunk(0, 512, True), 16)
+    assert times[2.0] - times[1.0] == pytest.approx(compute)
+
+
+def test_the_default_group_stage_factor_is_the_measured_profiles() -> None:
+    import json
+    measured = json.loads(GROUP_STAGE_PROFILE.read_text())
+    assert resolve_group_stage_factor(SimulatorConfig()).group_stage_factor == measured["group_stage_factor"] > 1
+    assert "drop_restore" in measured["source"]
