@@ -169,9 +169,16 @@ class TransitionRunner:
             cluster = self.cluster
             loops = [cluster.replicas[i] for i in members]
             owner = cluster.replicas[groups[0].members[0]]  # it runs the grown group as it ran the first
+            # The loops that step: each group's owner, and the joining replicas'.
+            stepping = [m for m in members if (group := self.group_of(m)) is None or group.members[0] == m]
             paused_at = cluster.clock()
-            for loop in loops:
-                loop.pause()
+            pause_together(loops)
+            try:
+                _check_serving(stepping, [cluster.replicas[i] for i in stepping])
+            except ValueError:
+                for loop in loops:
+                    loop.resume()
+                raise
             try:
                 cluster.links.open({i: cluster.engines[i].executor for i in members})
                 engine, outputs, stats = grow([group.engine for group in groups], [cluster.engines[i] for i in members])
@@ -182,14 +189,14 @@ class TransitionRunner:
                 owner.deliver_from_thread(outputs)
             except Exception as error:
                 _fail_loops(loops, error, "grow")
-                with self._state_lock:
+                with self._state:
                     for group in groups:
                         self.groups.remove(group)
                 raise
             finally:
                 for loop in loops:
                     loop.resume()
-            with self._state_lock:
+            with self._state:
                 for group in groups:
                     self.groups.remove(group)
                 self.groups.append(Group(list(members), engine, cluster.clock()))
@@ -229,6 +236,7 @@ class TransitionRunner:
             for loop in loops:
                 loop.pause()
             try:
+                _check_serving(group.members[:1], loops[:1])
                 engine, outputs, stats = shrink(group.engine, [cluster.engines[i] for i in group.members], factor)
                 loops[0].run_engine(engine)
                 for s, loop in enumerate(loops):
@@ -238,16 +246,18 @@ class TransitionRunner:
             except SplitRefused as refused:
                 loops[0].deliver_from_thread(refused.outputs)  # the group serves on
                 raise
+            except ValueError:
+                raise  # refused before any device was touched
             except Exception as error:
                 _fail_loops(loops, error, "shrink")
-                with self._state_lock:
+                with self._state:
                     self.groups.remove(group)
                 raise
             finally:
                 for loop in loops:
                     loop.resume()
             kept = group.members[::factor]
-            with self._state_lock:
+            with self._state:
                 self.groups.remove(group)
                 self.groups.append(Group(kept, engine, cluster.clock()))
             return self._record("shrink", group.members, stats, reason, cluster.clock() - paused_at)
