@@ -405,8 +405,7 @@ def test_every_process_of_a_server_killed_after_a_worker_exits(llama_dir: Path) 
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     descendants: list[int] = []
     try:
-        assert server.stderr is not None
-        url = next(match.group(1) for line in server.stderr if (match := re.search(r"running on (http://\S+)", line)))
+        url = _server_url(server)
         # Grouped, with steps in flight: one stage waits on the other when the driver goes.
         assert httpx.post(f"{url}/v1/cluster/drop", json={}, timeout=WAIT_S).status_code == 200
         traffic = threading.Thread(target=_post_until_killed, args=(f"{url}/v1/completions",))
@@ -427,6 +426,25 @@ def test_every_process_of_a_server_killed_after_a_worker_exits(llama_dir: Path) 
         for pid in descendants:
             if not process_gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _server_url(server: subprocess.Popen) -> str:
+    """The URL the server logs once it serves, read within RECOVERY_S (a server that never
+    logs it fails the test instead of blocking it)."""
+    found: list[str] = []
+
+    def read() -> None:
+        assert server.stderr is not None
+        for line in server.stderr:
+            if match := re.search(r"serving \S+ on (http://\S+)", line):
+                found.append(match.group(1))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(RECOVERY_S)
+    assert found, "the server never logged where it serves"
+    return found[0]
 
 
 def _post_until_killed(url: str) -> None:
