@@ -18,7 +18,7 @@ from kunserve.engine_args import HELP, HelpFormatter, add_engine_arguments, engi
 from kunserve.exit_codes import EXIT_INTERRUPTED, EXIT_REQUESTS_FAILED, EXIT_USAGE
 from kunserve.logs import DEFAULT_LOG_LEVEL, LOG_LEVELS, configure
 from kunserve.model.tiny import make_tiny_model
-from kunserve.server.protocol import DEFAULT_MAX_REQUEST_BYTES
+from kunserve.server.limits import DEFAULT_MAX_REQUEST_BYTES
 from kunserve.sim.run import add_simulate_arguments, run_simulate
 
 logger = logging.getLogger(__name__)

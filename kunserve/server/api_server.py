@@ -24,9 +24,9 @@ import kunserve
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.config import EngineConfig
+from kunserve.server.limits import DEFAULT_MAX_REQUEST_BYTES
 from kunserve.server.metrics import ServerMetrics
 from kunserve.server.protocol import (
-    DEFAULT_MAX_REQUEST_BYTES,
     APIError,
     Body,
     ChatCompletionRequest,

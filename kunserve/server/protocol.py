@@ -12,10 +12,6 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# The default limit of a request body: room for a prompt of a million tokens, as token ids or
-# as text with JSON's escapes.
-DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
-
 
 class APIError(Exception):
     """An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""

@@ -22,7 +22,7 @@ POLICIES = ("recompute", "kunserve")
 NUM_REQUESTS = 16
 PROMPT_LEN = 40
 OUTPUT_LEN = 40
-# run_burst's overload (tests/test_live_drop.py): 12 blocks (192 tokens) per replica hold 2 of these requests.
+# run_burst's overload (tests/cluster/test_live_drop.py): 12 blocks (192 tokens) per replica hold 2 of these requests.
 ENGINE_FLAGS = ("--num-kv-blocks", "12", "--max-num-seqs", "16", "--max-num-batched-tokens", "64",
                 "--worker-threads", "1", "--max-model-len", "192")  # fmt: skip
 COORDINATOR_FLAGS = ("--check-interval-s", "0.01", "--drop-after-s", "0.02", "--restore-after-s", "0.2")

@@ -12,7 +12,7 @@ import pytest
 from kunserve.bench.run import add_workload_arguments, build_workload
 from kunserve.bench.workload import DATASETS, dataset_workload, load_trace
 
-TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"
+TRACE = Path(__file__).resolve().parents[1] / "data" / "azure_llm_conv_2023_first_45s.csv"
 PAPER_MEANS = {"burstgpt": (642, 262), "sharegpt": (1660, 373), "longbench": (5900, 499)}
 
 

@@ -169,7 +169,7 @@ def test_silu_mul_matches_reference(dtype: torch.dtype, inner: int, triton_backe
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dispatch")
 def test_auto_backend_runs_no_triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CPU tensors take the C kernels or torch (tests/test_cpu_kernels.py), never the interpreter."""
+    """CPU tensors take the C kernels or torch (tests/kernels/test_cpu_kernels.py), never the interpreter."""
     monkeypatch.setattr(fused, "BACKEND", "auto")
     monkeypatch.setattr(fused, "_norm_triton", None)  # would fail if called
     x = randn(3, 80, dtype=torch.bfloat16, seed=11)

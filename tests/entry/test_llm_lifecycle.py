@@ -34,7 +34,8 @@ def test_nothing_keeps_a_deleted_llms_arena(llama_dir: Path) -> None:
 
 
 def test_a_deleted_llms_worker_processes_exit(llama_dir: Path) -> None:
-    llm = LLM(str(llama_dir), **ENGINE_ARGS, pipeline_parallel_size=2, worker_threads=1)
+    # Properties of worker processes, not of a device: two CPU stages, on a host with one GPU too.
+    llm = LLM(str(llama_dir), **ENGINE_ARGS, pipeline_parallel_size=2, worker_threads=1, device="cpu")
     processes = [handle.process for handle in llm.engine.executor.workers.handles]
     del llm
     gc.collect()
@@ -43,7 +44,7 @@ def test_a_deleted_llms_worker_processes_exit(llama_dir: Path) -> None:
 
 def test_a_ctrl_c_reaching_a_worker_process_leaves_it_serving(llama_dir: Path) -> None:
     # A terminal's Ctrl-C reaches every process of its group; the driver decides what stops.
-    with LLM(str(llama_dir), **ENGINE_ARGS, pipeline_parallel_size=2, worker_threads=1) as llm:
+    with LLM(str(llama_dir), **ENGINE_ARGS, pipeline_parallel_size=2, worker_threads=1, device="cpu") as llm:
         for handle in llm.engine.executor.workers.handles:
             os.kill(handle.process.pid, signal.SIGINT)
         assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 2

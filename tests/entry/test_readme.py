@@ -15,7 +15,7 @@ import pytest
 
 from kunserve.cli import build_parser, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The README's simulate example, shortened for a test: a window that still overloads the replicas.
 QUICK_TRACE_DURATION_S = "30"
 

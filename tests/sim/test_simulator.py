@@ -28,7 +28,7 @@ from kunserve.sim.executor import StagePipeline
 from kunserve.sim.settings import SimulatorConfig, VirtualClock
 
 # The first 45 s of data/traces/azure_llm_conv_2023.csv: a small excerpt the tests replay quickly.
-TRACE = Path(__file__).resolve().parent / "data" / "azure_llm_conv_2023_first_45s.csv"
+TRACE = Path(__file__).resolve().parents[1] / "data" / "azure_llm_conv_2023_first_45s.csv"
 MAX_MODEL_LEN = 256
 # A trace window that overloads the KV memory of two replicas of dummy Llama-3-8B with 24 GiB each (8 GiB of
 # KV) long enough for a drop.
