@@ -1,6 +1,6 @@
 """The long soak: thousands of greedy requests through the HTTP server while an operator drops
 and restores the replicas back to back and some clients disconnect mid-stream, every answer
-checked against an uninterrupted run (kunserve/bench/soak.py; tests/test_soak.py runs a short
+checked against an uninterrupted run (kunserve/bench/soak.py; tests/bench/test_soak.py runs a short
 one). Prints the figures as a table and writes them as JSON.
 
     python benchmarks/soak.py --requests 5000 --transition-every 50 --out soak.json

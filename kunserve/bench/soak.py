@@ -6,7 +6,7 @@ What is counted (`SoakReport`): requests tried; answered 2xx, 4xx, 5xx; lost (no
 connection error or a request that outlived `request_timeout_s`); mismatched (a 200 whose text
 is not the reference's); clients that disconnected on purpose; transitions carried out and
 refused (a drop or restore the cluster declined, e.g. while another ran); and blocks still
-in use once the load is gone. tests/test_soak.py runs a short one; benchmarks/soak.py the long.
+in use once the load is gone. tests/bench/test_soak.py runs a short one; benchmarks/soak.py the long.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Several devices as worker processes (gloo on CPU): replicas behind a dispatcher, and
-pipeline groups with micro-batches in flight (workers that die: tests/test_recovery.py).
+pipeline groups with micro-batches in flight (workers that die: tests/cluster/test_recovery.py).
 
 Specified: a pipeline of g stages and a cluster of replicas give exactly the tokens of one
 device; the dispatcher spreads requests by policy and skips dead replicas."""
