@@ -62,10 +62,10 @@ def main() -> None:
     config = EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", device=args.device,
                           max_model_len=args.context + 512, max_num_batched_tokens=8192, skip_tokenizer_init=True,
                           gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.batch)
-    cluster = Cluster.launch(config, num_replicas=2, coordinator=CoordinatorConfig("recompute"))
+    cluster = Cluster.launch(config, num_replicas=2, coordinator=CoordinatorConfig("recompute"), open_links=False)
     engines = cluster.engines
     links_start = time.perf_counter()
-    cluster.open_links()  # as the coordinator does before its first drop
+    cluster.open_links()  # as a serving cluster does at launch (timed here)
     links_s = time.perf_counter() - links_start
     try:
         rng = np.random.default_rng(0)

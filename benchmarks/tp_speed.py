@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +33,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kunserve import LLM, SamplingParams
-from kunserve.executor.worker_set import free_port
 from kunserve.sampling_params import RequestOutputKind
 
 DECODE_STEPS = 30
@@ -42,6 +42,13 @@ LARGE_ALL_REDUCE_BYTES = 64 << 20  # a buffer large enough that bandwidth domina
 BIG_MODEL_TP = 4
 BIG_MODEL_BATCH = 32
 TARGET_RATIO = 0.6  # TP 2's decode step against TP 1's (issue 25)
+
+
+def free_port() -> int:
+    """A port of this host free now, for the all-reduce's own rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def gpu_count() -> int:

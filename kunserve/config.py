@@ -68,6 +68,15 @@ class EngineConfig:
     ray_address: str | None = None  # the Ray cluster "ray" attaches to; None: RAY_ADDRESS, else a new local one
     ray_placement_strategy: str = "STRICT_PACK"  # how a replica's (or pipeline's) devices spread over Ray nodes
     worker_threads: int | None = None  # torch CPU threads per worker process; None: torch's default
+    # How long the driver waits for a worker's answer (a step's tokens, a device call's result)
+    # before it counts the worker as hung, kills it and fails (then restarts) its replica; also
+    # how long a link between two workers waits for its peer. Generous: a step takes
+    # milliseconds to a few seconds, but a new shape's first step may compile kernels or capture
+    # graphs (up to a minute on a GPU), and a false alarm costs a restart.
+    worker_timeout_s: float = 120.0
+    # The same for work that loads weights: a worker's start (checkpoint, kernels built once per
+    # machine), and refilling released layers from the checkpoint; large models take minutes.
+    worker_start_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -96,6 +105,10 @@ class EngineConfig:
             raise ValueError(f"lookahead_min_chunk_tokens: must be >= 1, got {self.lookahead_min_chunk_tokens}")
         if self.bubble_window_s <= 0:
             raise ValueError(f"bubble_window_s: must be > 0, got {self.bubble_window_s}")
+        if self.worker_timeout_s <= 0:
+            raise ValueError(f"worker_timeout_s: must be > 0, got {self.worker_timeout_s}")
+        if self.worker_start_timeout_s <= 0:
+            raise ValueError(f"worker_start_timeout_s: must be > 0, got {self.worker_start_timeout_s}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"pipeline_parallel_size: must be >= 1, got {self.pipeline_parallel_size}")
         if self.tensor_parallel_size < 1:

@@ -85,6 +85,9 @@ HELP = {
     "ray_address": "the Ray cluster to join (default: RAY_ADDRESS, else a new local one)",
     "ray_placement_strategy": "how a replica's devices spread over Ray nodes",
     "worker_threads": "torch CPU threads per worker process (default: torch's)",
+    "worker_timeout_s": "seconds a worker may take to answer a step or a call (and a link its peer) before it "
+                        "is killed as hung and its replica restarts",
+    "worker_start_timeout_s": "seconds a worker may take to start, or to reload weights from the checkpoint",
 }
 
 

@@ -24,7 +24,7 @@ WAIT_S = 30.0  # a liveness bound for things the server does in the background, 
 
 class RunningServer:
     def __init__(self, model_dir: Path, server: ServerConfig, **engine_args: object) -> None:
-        config = EngineConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, **engine_args)
+        config = EngineConfig(**{"model": str(model_dir), "max_model_len": MAX_MODEL_LEN, **engine_args})
         self.cluster = Cluster.launch(config, server.num_replicas, server.dispatch_policy, server.max_waiting_requests,
                                       server.coordinator)
         self.engine = self.cluster.first
@@ -67,13 +67,25 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-def scrape(server: RunningServer) -> dict[str, float]:
-    """Every sample of /metrics by name and labels, summed over replicas: `name{label="v",...}` -> value."""
+def scrape(server: RunningServer, engine: int | None = None) -> dict[str, float]:
+    """Every sample of /metrics by name and labels, summed over replicas (or replica `engine`'s
+    alone): `name{label="v",...}` -> value."""
     text = httpx.get(f"{server.url}/metrics").text
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            if engine is not None and s.labels.get("engine") != str(engine):
+                continue
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k not in ("model_name", "engine"))
             key = f"{s.name}{{{labels}}}"
             samples[key] = samples.get(key, 0.0) + s.value
     return samples
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie not yet reaped by its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -170,7 +170,8 @@ def run_policy(
     """Launch a cluster under `policy`, measure it, shut it down; the run's record."""
     coordinator = dataclasses.replace(settings.coordinator, overload_policy=policy)
     logger.info("policy %s: starting %d replica(s)", policy, settings.num_replicas)
-    cluster = Cluster.launch(config, settings.num_replicas, settings.dispatch_policy, None, coordinator)
+    cluster = Cluster.launch(config, settings.num_replicas, settings.dispatch_policy, None, coordinator,
+                             open_links=False)  # opened (and timed) by open_peer_links
     try:
         links_s = open_peer_links(cluster)
         record = asyncio.run(_measure(cluster, settings, specs, prompts))

@@ -1,7 +1,8 @@
 """N data-parallel replicas of one model behind a dispatcher. Each replica is an engine with
 its own scheduler and block manager, its own devices (one, or a pipeline group of g) and its
-own loop thread; a replica whose worker dies fails its own requests and leaves the rest
-serving."""
+own loop thread. A replica whose worker dies, fails or hangs fails the requests whose state
+was on it, hands those that never started to the others, and restarts on new workers
+(kunserve/cluster/recovery.py) while the rest serve on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -21,10 +23,14 @@ from kunserve.cluster.coordinator import Coordinator
 from kunserve.cluster.dispatcher import Dispatcher, NoReplicaError
 from kunserve.cluster.links import Links, replica_device
 from kunserve.cluster.policies.registry import policy_class
+from kunserve.cluster.recovery import Recovery
 from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kunserve.engine.llm_engine import Clock, LLMEngine, PromptInput
-from kunserve.executor.factory import build_executor, cluster_worlds
+from kunserve.engine.sequence import Sequence
+from kunserve.executor.base import WorkerExecutor
+from kunserve.executor.factory import build_executor, cluster_rendezvous
+from kunserve.executor.rendezvous import Rendezvous
 from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import SamplingParams
 from kunserve.worker.protocol import DeviceCalls
@@ -64,19 +70,28 @@ class Cluster:
         dispatch_policy: str = "least_loaded",
         max_waiting_requests: int | None = None,
         coordinator: CoordinatorConfig | None = None,
+        rendezvous: Rendezvous | None = None,
     ) -> None:
+        """`rendezvous`: where the replicas' workers meet to link (kept as long as the cluster:
+        restarted replicas' workers meet there too); None where they never link."""
         if not engines:
             raise ValueError("replicas: a cluster needs at least one engine")
         self.engines = engines  # each replica's own engine (a group runs its members' requests)
+        self.rendezvous = rendezvous
         self.clock: Clock = time.monotonic  # what the coordinator times overloads by
         self.wall_clock: Clock = time.time  # what transitions are stamped with
         streams: dict[str, RequestStream] = {}  # shared: a request's stream, whichever loop runs it
         self.replicas = [AsyncEngine(engine, max_waiting_requests, streams) for engine in engines]
         for replica in self.replicas:
             replica.peers = self.replicas
+            replica.on_failure = self._replica_failed
         self.dispatcher = Dispatcher(dispatch_policy)
+        self._dispatch_lock = threading.Lock()  # requests arrive on the event loop, and from failed loops
         self.links = Links()
         self.coordinator = Coordinator(self, coordinator or CoordinatorConfig())
+        self.recovery = Recovery(self)
+        self._stopping = False
+        self._engines_lock = threading.Lock()  # a restart's new engines against a shutdown
 
     @classmethod
     def launch(
@@ -86,7 +101,11 @@ class Cluster:
         dispatch_policy: str = "least_loaded",
         max_waiting_requests: int | None = None,
         coordinator: CoordinatorConfig | None = None,
+        open_links: bool = True,
     ) -> Cluster:
+        """`open_links`: link the replicas' devices before serving, so that the first drop or
+        migration pays nothing (False: the first transition opens the links it needs, or the
+        caller does, e.g. to time it)."""
         coordinator = coordinator or CoordinatorConfig()
         preemption_mode = policy_class(coordinator.overload_policy).preemption_mode
         if config.preemption_mode != preemption_mode:
@@ -95,9 +114,10 @@ class Cluster:
         configs = replica_configs(config, num_replicas)
         logger.info("starting %d replica(s)", num_replicas)
         model = resolve_model(config.model)
-        worlds = cluster_worlds(config, num_replicas)
-        # Replicas start side by side (they also meet in one world): most of a start is
-        # the workers loading weights.
+        rendezvous = cluster_rendezvous(config) if num_replicas > 1 else None
+        worlds = [None if rendezvous is None else rendezvous.world(config.devices_per_replica, i)
+                  for i in range(len(configs))]
+        # Replicas start side by side: most of a start is the workers loading weights.
         with ThreadPoolExecutor(len(configs)) as pool:
             futures = [pool.submit(lambda c, w: LLMEngine(c, build_executor(c, model, w)), c, w)
                        for c, w in zip(configs, worlds)]
@@ -107,20 +127,66 @@ class Cluster:
             for engine in engines:
                 engine.shutdown()
             raise errors[0]
-        return cls(engines, dispatch_policy, max_waiting_requests, coordinator)
+        cluster = cls(engines, dispatch_policy, max_waiting_requests, coordinator, rendezvous)
+        if open_links and cluster.can_link():
+            try:
+                cluster.open_links()
+            except BaseException:
+                cluster.shutdown()
+                raise
+        return cluster
+
+    def can_link(self) -> bool:
+        """Whether the replicas' devices can link to each other: two or more replicas of one
+        device each, whose devices take calls (drops and migrations need that)."""
+        return len(self.engines) > 1 and all(
+            isinstance(e.executor, WorkerExecutor) and e.executor.num_stages == 1 for e in self.engines)
 
     def open_links(self, members: list[int] | None = None) -> None:
         """Open the links between these replicas' devices (all when None), once per pair, so a
         drop or migration copies device to device at once (kunserve/cluster/links.py), and
         prepare every stage they may become (stage models, CUDA graphs captured), so a drop
-        finds them ready. Only when a transition needs them, or before serving: a worker
-        holding a dead peer's mapped arena hangs. The replicas' engine loops must be paused
-        (or not started)."""
+        finds them ready. A transition opens those it needs (those of a restarted replica's new
+        workers, whose stages it then makes as it drops). The replicas' engine loops must be
+        paused (or not started)."""
         indices = list(range(len(self.engines))) if members is None else members
         self.links.open({i: self.engines[i].executor for i in indices})
         sizes = self.coordinator.runner.group_sizes(len(indices))
         for i in indices:
             replica_device(self.engines[i].executor, "open_links").call(0, DeviceCalls.prepare_stages, sizes)
+
+    # ---- failures --------------------------------------------------------------------------
+
+    def _replica_failed(self, loop: AsyncEngine, error: BaseException, unstarted: list[Sequence]) -> None:
+        """A replica's loop went down: its requests that never started run elsewhere (or on it
+        once it is back, when no replica serves), and it restarts."""
+        for seq in unstarted:
+            with self._dispatch_lock:
+                try:
+                    target = self.replicas[self.dispatcher.choose([r.kv_load() for r in self.replicas])]
+                except NoReplicaError:
+                    target = loop
+            target.adopt_unstarted([seq])
+        self.recovery.replica_failed(self.replicas.index(loop), error)
+
+    def new_engine(self, index: int) -> LLMEngine:
+        """Replica `index`'s engine on new workers (its old ones failed): the same config and
+        model, weights loaded again, new global ranks."""
+        failed = self.engines[index]
+        config = failed.config
+        world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica, index)
+        return LLMEngine.replacing(failed, build_executor(config, failed.model, world))
+
+    def revive(self, engines: dict[int, LLMEngine]) -> bool:
+        """Put these replicas (by index, held by the caller, their loops down) back in service
+        on their new engines; False, changing nothing, when the cluster is shutting down."""
+        with self._engines_lock:
+            if self._stopping:
+                return False
+            for index, engine in engines.items():
+                self.engines[index] = engine
+                self.replicas[index].revive(engine)
+        return True
 
     def run_together(self, transitions: list[Callable[[], object]]) -> None:
         """Run transitions of disjoint replicas side by side (each mostly waits on its own
@@ -157,22 +223,34 @@ class Cluster:
         for replica in self.replicas:
             replica.start(loop)
         self.coordinator.start()
+        self.recovery.start()
 
     def shutdown(self) -> None:
-        self.coordinator.stop()
+        """Stop everything, a bounded time: the threads are told first, then the workers are
+        stopped (those that do not exit within the grace are killed), which ends any wait on
+        them; only then are the threads joined."""
+        with self._engines_lock:
+            self._stopping = True
+        self.recovery.request_stop()
+        self.coordinator.request_stop()
         for replica in self.replicas:
-            replica.stop()
-        for engine in self.engines:  # all workers at once: they leave one shared world
+            replica.request_stop()
+        for engine in self.engines:  # all workers at once
             engine.executor.request_shutdown()
         for engine in self.engines:
             engine.shutdown()
+        for replica in self.replicas:
+            replica.join()
+        self.coordinator.stop()
+        self.recovery.join()
 
     def add_requests(
         self, request_ids: Seq[str], prompts: Seq[PromptInput], params: Seq[SamplingParams]
     ) -> RequestStream:
         """Queue the requests on one replica, chosen by the dispatcher (see AsyncEngine)."""
-        try:
-            index = self.dispatcher.choose([replica.kv_load() for replica in self.replicas])
-        except NoReplicaError as error:
-            raise EngineDeadError(str(error)) from None
-        return self.replicas[index].add_requests(request_ids, prompts, params)
+        with self._dispatch_lock:
+            try:
+                index = self.dispatcher.choose([replica.kv_load() for replica in self.replicas])
+            except NoReplicaError as error:
+                raise EngineDeadError(str(error)) from None
+            return self.replicas[index].add_requests(request_ids, prompts, params)

@@ -13,6 +13,7 @@ from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.policies.registry import policy_class
 from kunserve.cluster.runner import Transition, TransitionRunner
 from kunserve.cluster.view import ClusterView
+from kunserve.engine.async_engine import STOP_GRACE_S
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,18 @@ class Coordinator:
         self._thread = threading.Thread(target=self._watch, name="kunserve-coordinator", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Stop checking, without waiting for a check under way."""
+        self._stop.set()
+
     def stop(self) -> None:
+        """Stop checking and wait for a check under way, a bounded time: its transition ends
+        within its devices' deadlines, at once when they are stopped."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(STOP_GRACE_S)
+            if self._thread.is_alive():
+                logger.warning("the coordinator's check did not end within %.0f s; leaving it", STOP_GRACE_S)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.config.check_interval_s):

@@ -43,11 +43,14 @@ def post_kv_copy(src: WorkerExecutor, dst: WorkerExecutor, sources: list[int], t
 
 class Links:
     """Which replicas' devices can copy between each other, opened once per pair: each maps the
-    other's arena where they share a host, and both open their activation link."""
+    other's arena where they share a host, and both open their link. A replica whose workers
+    are replaced (`forget`) leaves its peers with stale links to the old ones, which are closed
+    before they link again (`close_stale`)."""
 
     def __init__(self) -> None:
         self._arena_handles: dict[int, bytes] = {}
         self._open_pairs: set[tuple[int, int]] = set()
+        self._stale: dict[int, set[int]] = {}  # by replica: global ranks of gone peers it still links to
 
     def are_open(self, a: int, b: int) -> bool:
         return (min(a, b), max(a, b)) in self._open_pairs
@@ -56,10 +59,33 @@ class Links:
         """Count a pair as opened beforehand (a simulation's links opened before its replay)."""
         self._open_pairs.add((min(a, b), max(a, b)))
 
+    def forget(self, replica: int, gone_rank: int) -> None:
+        """The replica's device (global rank `gone_rank`) is gone: its pairs close, and each
+        peer it was linked to has a stale link to close."""
+        self._arena_handles.pop(replica, None)
+        self._stale.pop(replica, None)
+        for pair in [pair for pair in self._open_pairs if replica in pair]:
+            self._open_pairs.discard(pair)
+            peer = pair[0] if pair[1] == replica else pair[1]
+            self._stale.setdefault(peer, set()).add(gone_rank)
+
+    def has_stale(self, replica: int) -> bool:
+        return bool(self._stale.get(replica))
+
+    def close_stale(self, replica: int, executor: Executor) -> None:
+        """Unmap the gone peers' arenas on this replica's device and close its links to them
+        (its engine loop paused, or not started)."""
+        device = replica_device(executor, "close_stale")
+        for rank in sorted(self._stale.pop(replica, set())):
+            device.call(0, DeviceCalls.close_peer, rank)
+
     def open(self, executors: dict[int, Executor]) -> None:
         """Open every pair among these replicas (by index) not yet open. Their engine loops
         must be paused (or not started): the calls run on their devices."""
         devices = {i: replica_device(executor, "open_links") for i, executor in executors.items()}
+        for i in sorted(devices):
+            if self.has_stale(i):
+                self.close_stale(i, devices[i])
         for i in sorted(devices):
             for j in sorted(devices):
                 if i < j and not self.are_open(i, j):

@@ -58,7 +58,7 @@ def migrate(cluster: ClusterView, seq: Sequence, src: int, dst: int) -> Migratio
             return None
         reserved = target.block_manager.take(len(early))
         if early:
-            _copy_kv(src_device, dst_device, early, reserved)
+            _copy_kv_or_give_back(src_device, dst_device, early, reserved, target)
     finally:
         for loop in early_pauses:
             loop.resume()
@@ -74,7 +74,7 @@ def migrate(cluster: ClusterView, seq: Sequence, src: int, dst: int) -> Migratio
             return None
         rest = target.block_manager.take(len(late))
         if late:
-            _copy_kv(src_device, dst_device, late, rest)
+            _copy_kv_or_give_back(src_device, dst_device, late, rest, target, reserved)
         _move_sampler_state(source, target, seq.request_id)
         source.release_running(seq)
         seq.block_ids = reserved + rest
@@ -86,9 +86,16 @@ def migrate(cluster: ClusterView, seq: Sequence, src: int, dst: int) -> Migratio
     return MigrationStats(seq.request_id, end - start, end - pause_start, len(early) + len(late))
 
 
-def _copy_kv(source: WorkerExecutor, target: WorkerExecutor, src_ids: list[int], dst_ids: list[int]) -> None:
-    for pending in post_kv_copy(source, target, src_ids, dst_ids):
-        pending.wait()
+def _copy_kv_or_give_back(source: WorkerExecutor, target: WorkerExecutor, src_ids: list[int], dst_ids: list[int],
+                          engine: LLMEngine, reserved_before: list[int] | None = None) -> None:
+    """Copy the KV into the destination's blocks `dst_ids`; if a device fails meanwhile, the
+    destination gets those blocks (and `reserved_before`) back before the error goes on."""
+    try:
+        for pending in post_kv_copy(source, target, src_ids, dst_ids):
+            pending.wait()
+    except BaseException:
+        engine.block_manager.give(dst_ids + (reserved_before or []))
+        raise
 
 
 def _move_sampler_state(source: LLMEngine, target: LLMEngine, request_id: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -40,7 +40,7 @@ class Group:
 
 @dataclass
 class Transition:
-    kind: str  # "drop" | "grow" | "shrink" | "restore" | "migrate"
+    kind: str  # "drop" | "grow" | "shrink" | "restore" | "migrate" | "restart" (replicas whose workers failed, on new ones)
     members: list[int]  # a group's replicas; a migration's (source, destination)
     at: float  # the cluster's wall clock (time.time() on a live cluster)
     duration_s: float
@@ -64,7 +64,9 @@ class TransitionRunner:
         self.on_transition = on_transition
         self.groups: list[Group] = []
         self.history: deque[Transition] = deque(maxlen=HISTORY_LENGTH)
-        self._state_lock = threading.Lock()  # the groups and the replicas a transition holds
+        self.restarts: Counter[int] = Counter()  # by replica: how often its workers were replaced
+        # The groups and the replicas a transition holds; notified when a transition lets go.
+        self._state = threading.Condition()
         self._held: set[int] = set()  # replicas a transition is under way on
 
     # ---- which replica runs what -----------------------------------------------------------------
@@ -94,19 +96,32 @@ class TransitionRunner:
             raise ValueError(f"replicas: the {len(free)} replica(s) in replica mode can form no group")
         return free[: sizes[-1]]
 
+    def hold(self, replicas: list[int], wait_s: float = 0.0) -> bool:
+        """Hold these replicas for one transition once no other holds any of them, waiting up to
+        `wait_s` (transitions end within their devices' deadlines); False if still held then."""
+        with self._state:
+            if not self._state.wait_for(lambda: not self._held & set(replicas), wait_s):
+                return False
+            self._held.update(replicas)
+            return True
+
+    def release(self, replicas: list[int]) -> None:
+        with self._state:
+            self._held.difference_update(replicas)
+            self._state.notify_all()
+
     @contextlib.contextmanager
     def holding(self, replicas: list[int]) -> Iterator[None]:
         """Hold these replicas for one transition; refused (ValueError) while another holds any."""
-        with self._state_lock:
-            busy = self._held & set(replicas)
-            if busy:
-                raise ValueError(f"replicas: {sorted(busy)} are in another transition")
-            self._held.update(replicas)
+        if not self.hold(replicas):
+            raise ValueError(f"replicas: {sorted(self._held & set(replicas))} are in another transition")
         try:
             yield
         finally:
-            with self._state_lock:
-                self._held.difference_update(replicas)
+            self.release(replicas)
+
+    def is_held(self, replica: int) -> bool:
+        return replica in self._held
 
     # ---- transitions -----------------------------------------------------------------------------
 
@@ -117,8 +132,13 @@ class TransitionRunner:
             cluster = self.cluster
             loops = [cluster.replicas[i] for i in members]
             paused_at = cluster.clock()
-            for loop in loops:
-                loop.pause()
+            pause_together(loops)
+            try:
+                _check_serving(members, loops)
+            except ValueError:
+                for loop in loops:
+                    loop.resume()
+                raise
             try:
                 cluster.links.open({i: cluster.engines[i].executor for i in members})
                 engines = [cluster.engines[i] for i in members]
@@ -131,7 +151,7 @@ class TransitionRunner:
             finally:
                 for loop in loops:
                     loop.resume()
-            with self._state_lock:
+            with self._state:
                 self.groups.append(Group(members, group_engine, cluster.clock()))
             return self._record("drop", members, stats, reason, cluster.clock() - paused_at)
 
@@ -155,9 +175,16 @@ class TransitionRunner:
             cluster = self.cluster
             loops = [cluster.replicas[i] for i in members]
             owner = cluster.replicas[groups[0].members[0]]  # it runs the grown group as it ran the first
+            # The loops that step: each group's owner, and the joining replicas'.
+            stepping = [m for m in members if (group := self.group_of(m)) is None or group.members[0] == m]
             paused_at = cluster.clock()
-            for loop in loops:
-                loop.pause()
+            pause_together(loops)
+            try:
+                _check_serving(stepping, [cluster.replicas[i] for i in stepping])
+            except ValueError:
+                for loop in loops:
+                    loop.resume()
+                raise
             try:
                 cluster.links.open({i: cluster.engines[i].executor for i in members})
                 engine, outputs, stats = grow([group.engine for group in groups], [cluster.engines[i] for i in members])
@@ -168,14 +195,14 @@ class TransitionRunner:
                 owner.deliver_from_thread(outputs)
             except Exception as error:
                 _fail_loops(loops, error, "grow")
-                with self._state_lock:
+                with self._state:
                     for group in groups:
                         self.groups.remove(group)
                 raise
             finally:
                 for loop in loops:
                     loop.resume()
-            with self._state_lock:
+            with self._state:
                 for group in groups:
                     self.groups.remove(group)
                 self.groups.append(Group(list(members), engine, cluster.clock()))
@@ -215,6 +242,7 @@ class TransitionRunner:
             for loop in loops:
                 loop.pause()
             try:
+                _check_serving(group.members[:1], loops[:1])
                 engine, outputs, stats = shrink(group.engine, [cluster.engines[i] for i in group.members], factor)
                 loops[0].run_engine(engine)
                 for s, loop in enumerate(loops):
@@ -224,16 +252,18 @@ class TransitionRunner:
             except SplitRefused as refused:
                 loops[0].deliver_from_thread(refused.outputs)  # the group serves on
                 raise
+            except ValueError:
+                raise  # refused before any device was touched
             except Exception as error:
                 _fail_loops(loops, error, "shrink")
-                with self._state_lock:
+                with self._state:
                     self.groups.remove(group)
                 raise
             finally:
                 for loop in loops:
                     loop.resume()
             kept = group.members[::factor]
-            with self._state_lock:
+            with self._state:
                 self.groups.remove(group)
                 self.groups.append(Group(kept, engine, cluster.clock()))
             return self._record("shrink", group.members, stats, reason, cluster.clock() - paused_at)
@@ -250,11 +280,14 @@ class TransitionRunner:
     def restore_group(self, group: Group, reason: str) -> Transition:
         cluster = self.cluster
         with self.holding(group.members):
+            if group not in self.groups:
+                raise ValueError(f"replicas: the group of {group.members} is gone (its workers failed)")
             loops = [cluster.replicas[i] for i in group.members]
             paused_at = cluster.clock()
             for loop in loops:
                 loop.pause()
             try:
+                _check_serving(group.members[:1], loops[:1])
                 outputs, stats = split(group.engine, [cluster.engines[i] for i in group.members])
                 loops[0].run_engine(cluster.engines[group.members[0]])
                 for loop in loops[1:]:
@@ -263,15 +296,17 @@ class TransitionRunner:
             except SplitRefused as refused:
                 loops[0].deliver_from_thread(refused.outputs)  # the group serves on
                 raise
+            except ValueError:
+                raise  # refused before any device was touched
             except Exception as error:
                 _fail_loops(loops, error, "restore")
-                with self._state_lock:
+                with self._state:
                     self.groups.remove(group)
                 raise
             finally:
                 for loop in loops:
                     loop.resume()
-            with self._state_lock:
+            with self._state:
                 self.groups.remove(group)
             return self._record("restore", group.members, stats, reason, cluster.clock() - paused_at)
 
@@ -280,10 +315,10 @@ class TransitionRunner:
         None when it was called off (the request moved on meanwhile)."""
         cluster = self.cluster
         with self.holding([src, dst]):
+            _check_serving([src, dst], [cluster.replicas[src], cluster.replicas[dst]])
             if not cluster.links.are_open(src, dst):
                 pair = [cluster.replicas[i] for i in sorted((src, dst))]
-                for loop in pair:
-                    loop.pause()
+                pause_together(pair)
                 try:
                     cluster.links.open({i: cluster.engines[i].executor for i in (src, dst)})
                 finally:
@@ -295,6 +330,20 @@ class TransitionRunner:
             transition = Transition("migrate", [src, dst], cluster.wall_clock(), stats.duration_s, stats.pause_s,
                                     stats.blocks_moved, f"{reason}; request {stats.request_id}", stats.pause_s)
             return self._log(transition)
+
+    def dissolve(self, group: Group) -> None:
+        """Forget a group whose workers failed (its members restart as replicas); the caller
+        holds its members."""
+        with self._state:
+            if group in self.groups:
+                self.groups.remove(group)
+
+    def record_restart(self, members: list[int], reason: str, duration_s: float) -> Transition:
+        """Note that these replicas run on new workers now, `duration_s` after they failed."""
+        with self._state:
+            self.restarts.update(members)
+        return self._log(Transition("restart", list(members), self.cluster.wall_clock(), duration_s, 0.0, 0,
+                                    reason, duration_s))
 
     def _record(self, kind: str, members: list[int], stats: TransitionStats, reason: str, pause_s: float
                 ) -> Transition:
@@ -311,12 +360,30 @@ class TransitionRunner:
         return transition
 
 
+def pause_together(loops: list[ReplicaLoop]) -> None:
+    """Pause these loops, each first alone (paused and resumed), so that no loop is held while
+    another's step runs on: a hung worker's step lasts until its deadline, and the requests of
+    the loops paused before it would stall as long."""
+    for loop in loops:
+        loop.pause()
+        loop.resume()
+    for loop in loops:
+        loop.pause()
+
+
 def _run_group(loops: list[ReplicaLoop], group_engine: LLMEngine) -> None:
     """The first member's loop steps the group; the others pass their requests to it."""
     owner = loops[0]
     owner.run_engine(group_engine)
     for loop in loops[1:]:
         loop.merge_into(owner)
+
+
+def _check_serving(replicas: list[int], loops: list[ReplicaLoop]) -> None:
+    """Refuse (ValueError) a transition on replicas that went down meanwhile (they restart)."""
+    down = [i for i, loop in zip(replicas, loops) if not loop.is_alive]
+    if down:
+        raise ValueError(f"replicas: {down} are not serving (their workers failed; they restart)")
 
 
 def _fail_loops(loops: list[ReplicaLoop], error: Exception, kind: str) -> None:

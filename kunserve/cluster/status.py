@@ -33,7 +33,8 @@ def describe(runner: TransitionRunner, overload_policy: str) -> dict:
         replicas.append({
             "replica": i,
             "mode": mode_of(runner, i),
-            "alive": cluster.replicas[i].is_alive,
+            "alive": cluster.replicas[i].is_alive,  # false while its workers restart
+            "restarts": runner.restarts[i],  # times its workers failed and were replaced
             "layers_held": layers_held(runner, i),
             "kv_usage": engine.block_manager.usage,
             "queued_demand_blocks": engine.scheduler.num_waiting_blocks,

@@ -38,6 +38,7 @@ from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.staged_block_manager import StagedBlockManager
+from kunserve.engine.stats import group_stats_listener
 from kunserve.executor.base import FusedGroupExecutor, WorkerExecutor
 from kunserve.layout import stage_layers, sub_block_ids
 from kunserve.outputs import RequestOutput
@@ -114,6 +115,7 @@ def fuse(members: list[LLMEngine], overlap_chunk: int | None = None) -> tuple[LL
     config = dataclasses.replace(members[0].config, max_num_seqs=sum(m.config.max_num_seqs for m in members),
                                  pipeline_parallel_size=g)
     group = LLMEngine.for_group(members[0], config, executors[0].form_group(executors, blocks), blocks)
+    group.stats_listener = group_stats_listener([member.stats_listener for member in members])
     for member, (running, waiting) in zip(members, handed):
         group.take_over(member, running, waiting)
     group.scheduler.running.sort(key=lambda s: s.age_key)

@@ -101,6 +101,14 @@ class LLMEngine:
         engine.stats_listener = like.stats_listener
         return engine
 
+    @classmethod
+    def replacing(cls, failed: LLMEngine, executor: Executor) -> LLMEngine:
+        """A fresh engine for `failed`'s replica on new devices (its workers died): the same
+        config, model, clock and stats listener; no requests."""
+        engine = cls(failed.config, executor, failed.clock, context=failed.context)
+        engine.stats_listener = failed.stats_listener
+        return engine
+
     def _model_context(self, model: ResolvedModel, tokenizer: PreTrainedTokenizerBase | None) -> ModelContext:
         config = self.config
         cost_model = resolve_cost_model(config.cost_profile, model.spec, model.name, self.executor.layout.elem_bytes,
@@ -216,6 +224,15 @@ class LLMEngine:
     def has_request(self, request_id: str) -> bool:
         """Whether the request is here and unfinished."""
         return request_id in self._sequences
+
+    def take_unstarted(self) -> list[Sequence]:
+        """Give up the waiting requests that were never scheduled (nothing of them is on the
+        devices, and nothing was output) for another engine to `add_sequence`: what of a failed
+        engine's requests can go on elsewhere."""
+        unstarted = self.scheduler.take_unstarted()
+        for seq in unstarted:
+            del self._sequences[seq.request_id]
+        return unstarted
 
     def hand_over(self) -> tuple[list[Sequence], list[Sequence]]:
         """Give up all requests (running, waiting) for another engine to `take_over`; nothing

@@ -130,6 +130,14 @@ class Scheduler:
         self.last_stall = None  # nothing waits here any more
         return running, waiting
 
+    def take_unstarted(self) -> list[Sequence]:
+        """Take out the waiting sequences that were never scheduled (no KV, no token yet), in
+        queue order, for another scheduler to run."""
+        unstarted = [seq for seq in self.waiting if seq.metrics.first_scheduled_time is None]
+        self.waiting = deque(seq for seq in self.waiting if seq.metrics.first_scheduled_time is not None)
+        self.num_waiting_blocks -= sum(self.block_manager.blocks_for(len(seq)) for seq in unstarted)
+        return unstarted
+
     def adopt(self, running: list[Sequence], waiting: list[Sequence]) -> None:
         """Take sequences over from another scheduler, as they are (blocks included)."""
         self.running.extend(running)

@@ -71,3 +71,23 @@ class StepStats:
 
 
 StatsListener = Callable[[StepStats], None]
+
+
+def group_stats_listener(listeners: list[StatsListener | None]) -> StatsListener | None:
+    """Where a drop group's steps are reported: to its first member's listener (its loop runs
+    the group) in full; to each other member's, whose requests now run in the group, no
+    requests of its own but the group's KV figures (its device holds a share of that KV), so no
+    member's series stands still while grouped. None when no member has a listener."""
+    if all(listener is None for listener in listeners):
+        return None
+
+    def report(stats: StepStats) -> None:
+        first, others = listeners[0], listeners[1:]
+        if first is not None:
+            first(stats)
+        share = StepStats(kv_cache_usage=stats.kv_cache_usage, num_kv_blocks=stats.num_kv_blocks)
+        for listener in others:
+            if listener is not None:
+                listener(share)
+
+    return report

@@ -79,6 +79,11 @@ class Executor(ABC):
     def shutdown(self) -> None:
         """Stop the devices' workers (nothing to do in-process)."""
 
+    def exited(self) -> str | None:
+        """Which of the devices' workers has exited, if any, seen without waiting (a health
+        check from another thread than the one stepping); None where none is known to have."""
+        return None
+
 
 class Pending(Generic[R]):
     """A device call under way; `wait` returns its result. Calls posted to one device
@@ -221,3 +226,12 @@ class FusedGroupExecutor(Executor):
 
     def reclaim_layer(self, layer: int) -> None:
         raise RuntimeError("a group's layers are dropped and restored by kunserve/cluster/transitions.py")
+
+    def shutdown(self) -> None:
+        """Stop the members' workers: only when the group failed (a restore hands the members'
+        devices back to their replicas instead)."""
+        for member in self.members:
+            member.shutdown()
+
+    def exited(self) -> str | None:
+        return next((gone for member in self.members if (gone := member.exited()) is not None), None)

@@ -17,7 +17,8 @@ import weakref
 import torch
 
 from kunserve.config import EngineConfig
-from kunserve.executor.worker_set import WorkerSetExecutor, free_port, stage_assignments
+from kunserve.executor.rendezvous import Rendezvous
+from kunserve.executor.worker_set import WorkerSetExecutor, stage_assignments
 from kunserve.executor.workers import WorkerHandle, WorkerSet
 from kunserve.model.presets import ResolvedModel
 from kunserve.worker import process_entry
@@ -30,10 +31,14 @@ class MultiprocExecutor(WorkerSetExecutor):
     """The stages (their tensor-parallel ranks) as worker processes of this host."""
 
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
-        """`world`: the cluster's shared world; None: a world of this executor's stages alone."""
+        """`world`: this executor's place among a cluster's workers; None: its devices link only
+        to each other."""
         super().__init__()
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        world = world or WorkerWorld(f"tcp://127.0.0.1:{free_port()}", config.devices_per_replica)
+        if world is None and config.devices_per_replica > 1:
+            # The devices meet at a store of their own, which lives as long as this executor.
+            self._rendezvous = Rendezvous(config.worker_timeout_s)
+            world = self._rendezvous.world(config.devices_per_replica)
         stages = stage_assignments(config, model, world)
         check_devices_exist([torch.device(stage.device) for stage in stages])
         handles = []
@@ -46,7 +51,7 @@ class MultiprocExecutor(WorkerSetExecutor):
             child.close()
             logger.info("%s: process %d started; it loads its layers next", stage.log_name, process.pid)
             handles.append(WorkerHandle(process, parent, stage.global_rank))
-        self.workers = WorkerSet(handles, config.tensor_parallel_size)
+        self.workers = WorkerSet(handles, config.worker_timeout_s, config.tensor_parallel_size)
         # Stop the processes (and free their devices) once nothing holds this executor any
         # more, e.g. a deleted LLM's; an explicit shutdown() before makes this a no-op.
         weakref.finalize(self, self.workers.shutdown)

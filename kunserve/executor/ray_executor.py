@@ -4,9 +4,10 @@ Ray actor calls for the pipes.
 
 A replica's devices are placed together by a placement group (`ray_placement_strategy`:
 STRICT_PACK, all on one node, by default; SPREAD and STRICT_SPREAD stretch a pipeline over
-nodes). The actors of a whole cluster join one torch.distributed world (gloo on CPU, NCCL on
-GPU), whose rendezvous store this driver hosts. An actor that dies fails the call waiting on
-it at once, naming the worker, as a dead worker process does.
+nodes). Actors link to each other as worker processes do (kunserve/worker/peers.py: gloo on
+CPU, NCCL on GPU), meeting at the rendezvous store this driver hosts. An actor that dies fails
+the call waiting on it at once, naming the worker, as a dead worker process does; one that
+does not answer within worker_timeout_s is killed as hung.
 
 Ray is an optional extra (`pip install kunserve[ray]`): only this module imports it, and
 only the "ray" executor backend imports this module.
@@ -19,9 +20,6 @@ import pickle
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
-
-import torch.distributed as dist
 
 try:
     import ray
@@ -31,7 +29,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kunserve.config import EngineConfig
-from kunserve.executor.worker_set import WorkerSetExecutor, free_port, stage_assignments
+from kunserve.executor.rendezvous import Rendezvous
+from kunserve.executor.worker_set import WorkerSetExecutor, stage_assignments
 from kunserve.executor.workers import SHUTDOWN_GRACE_S, WorkerSet
 from kunserve.model.presets import ResolvedModel
 from kunserve.worker.protocol import Command, WorkerWorld
@@ -55,22 +54,17 @@ def connect(address: str | None) -> None:
         ray.init(address=address)
 
 
-def ray_world(config: EngineConfig, size: int) -> WorkerWorld:
-    """A world of `size` devices meeting at a store in this driver: the one address every node
-    can reach before the devices are placed."""
+def driver_address(config: EngineConfig) -> str:
+    """This driver's address as every node of the Ray cluster reaches it (where the workers'
+    rendezvous store listens)."""
     connect(config.ray_address)
-    return WorkerWorld(f"tcp://{ray.util.get_node_ip_address()}:{free_port()}", size, store_in_driver=True)
-
-
-def host_store(world: WorkerWorld) -> dist.TCPStore:
-    address = urlparse(world.init_method)
-    return dist.TCPStore(address.hostname, address.port, is_master=True, wait_for_workers=False)
+    return ray.util.get_node_ip_address()
 
 
 @dataclass
 class RayWorkerHandle:
     actor: ray.actor.ActorHandle
-    global_rank: int  # in the cluster's torch.distributed world
+    global_rank: int  # among the cluster's workers (kunserve/executor/rendezvous.py)
     node_id: str = ""  # the Ray node it runs on
     pid: int | None = None
     pending: deque[ray.ObjectRef] = field(default_factory=deque)  # calls made, their replies unread, oldest first
@@ -87,8 +81,8 @@ class RayWorkerSet(WorkerSet):
 
     handles: list[RayWorkerHandle]  # type: ignore[assignment]
 
-    def __init__(self, handles: list[RayWorkerHandle], tp_size: int = 1) -> None:
-        super().__init__(handles, tp_size)  # type: ignore[arg-type]
+    def __init__(self, handles: list[RayWorkerHandle], timeout_s: float, tp_size: int = 1) -> None:
+        super().__init__(handles, timeout_s, tp_size)  # type: ignore[arg-type]
         self._stop_requested = False
 
     def send(self, index: int, message: bytes) -> None:
@@ -100,11 +94,11 @@ class RayWorkerSet(WorkerSet):
         handle = self.handles[index]
         handle.pending.append(getattr(handle.actor, method).remote(*args))
 
-    def _read_any(self) -> None:
+    def _read_any(self, timeout_s: float) -> bool:
         oldest = {h.pending[0]: h for h in self.handles if h.pending}
         if not oldest:
             raise RuntimeError("a reply is awaited that no call made will send")
-        ready, _ = ray.wait(list(oldest), num_returns=1)
+        ready, _ = ray.wait(list(oldest), num_returns=1, timeout=max(0.0, timeout_s))
         for ref in ready:
             handle = oldest[ref]
             handle.pending.popleft()
@@ -118,6 +112,11 @@ class RayWorkerSet(WorkerSet):
                 self.fail(f"{handle.name} failed:\n{error}")
             if reply is not None:
                 handle.inbox.append(reply)
+        return bool(ready)
+
+    def exited(self) -> str | None:
+        """Ray reports an actor's death at the next call on it: only a failure seen so far."""
+        return self.failure
 
     def request_shutdown(self) -> None:
         if self.failure is not None or self._stop_requested:
@@ -141,27 +140,29 @@ class RayWorkerSet(WorkerSet):
 
 class RayExecutor(WorkerSetExecutor):
     def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
-        """`world`: the cluster's shared world (ray_world); None: a world of this executor's
-        stages alone."""
+        """`world`: this executor's place among a cluster's workers; None: its devices link only
+        to each other."""
         super().__init__()
         connect(config.ray_address)
-        world = world or ray_world(config, config.devices_per_replica)
-        # The executor of global rank 0 keeps the world's store: it lives as long as the world.
-        self._store = host_store(world) if world.first_rank == 0 and world.size > 1 else None
+        if world is None and config.devices_per_replica > 1:
+            # The stages meet at a store of their own, which lives as long as this executor.
+            self._rendezvous = Rendezvous(config.worker_timeout_s, driver_address(config))
+            world = self._rendezvous.world(config.devices_per_replica)
         stages = stage_assignments(config, model, world)
-        self._placement = place_devices(config, len(stages))
+        placement = place_devices(config, len(stages))
+        self._placement: PlacementGroup | None = placement
         on_gpu = config.resolve_device().type == "cuda"
         handles = []
         for stage in stages:
             actor = RemoteWorker.options(
                 num_cpus=CPUS_PER_WORKER,
                 num_gpus=1 if on_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement,
                                                                      placement_group_bundle_index=stage.device_index),
                 runtime_env={"env_vars": KEEP_VISIBLE_DEVICES} if on_gpu else None,
             ).remote(config, model, stage)
             handles.append(RayWorkerHandle(actor, stage.global_rank))
-        self.workers = RayWorkerSet(handles, config.tensor_parallel_size)
+        self.workers = RayWorkerSet(handles, config.worker_timeout_s, config.tensor_parallel_size)
         for rank in range(len(handles)):
             self.workers.call_actor(rank, "ready")
         self._await_ready(config)
@@ -175,7 +176,9 @@ class RayExecutor(WorkerSetExecutor):
 
     def shutdown(self) -> None:
         self.workers.shutdown()
-        remove_placement_group(self._placement)
+        if self._placement is not None:  # once: a failed replica's is removed before its restart
+            remove_placement_group(self._placement)
+            self._placement = None
 
 
 def place_devices(config: EngineConfig, num_devices: int) -> PlacementGroup:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import socket
 from collections import defaultdict, deque
 from typing import Any
 
@@ -26,18 +25,13 @@ from kunserve.executor.workers import WorkerSet
 from kunserve.layout import ArenaLayout, stage_ranges
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
-from kunserve.worker.protocol import Command, DeviceCalls, Reply, StageAssignment, WorkerWorld
+from kunserve.worker.protocol import Command, DeviceCalls, Reply, StageAssignment, WorkerWorld, takes_start_deadline
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld) -> list[StageAssignment]:
+def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None) -> list[StageAssignment]:
     """Each worker's stage, layers and device: `config.pipeline_parallel_size` stages of
-    `config.tensor_parallel_size` ranks in `world`, stage by stage."""
+    `config.tensor_parallel_size` ranks in `world`, stage by stage (None: one device that
+    links to no other)."""
     num_stages, t = config.pipeline_parallel_size, config.tensor_parallel_size
     model.spec.check_tensor_parallel(t)
     return [
@@ -61,18 +55,23 @@ class WorkerSetExecutor(WorkerExecutor):
 
     def __init__(self) -> None:
         super().__init__()
-        self._calls_posted: defaultdict[int, deque[str]] = defaultdict(deque)  # per stage, unfinished
+        # Per stage, the calls posted and not yet answered: each one's name, and whether it has
+        # the start's deadline (takes_start_deadline).
+        self._calls_posted: defaultdict[int, deque[tuple[str, bool]]] = defaultdict(deque)
 
     def _await_ready(self, config: EngineConfig) -> None:
-        """Take every worker's READY (its arena layout); on any failure stop them all."""
+        """Take every worker's READY (its arena layout), each within the start deadline; on any
+        failure stop them all."""
         num_stages = self.workers.num_stages
         self.max_in_flight = num_stages
         # Its workers read the next step while the driver processes this one's tokens, and
         # take a step ahead's input tokens from their own last sampled ones (a pipeline's first
         # stage, from the last stage's: Worker.run_stage).
         self.runs_ahead = True
+        self._start_timeout_s = config.worker_start_timeout_s
         try:
-            every: list[ArenaLayout] = [self.workers.receive(i, Reply.READY) for i in range(len(self.workers))]
+            every: list[ArenaLayout] = [self.workers.receive(i, Reply.READY, config.worker_start_timeout_s)
+                                        for i in range(len(self.workers))]
         except BaseException:
             self.shutdown()
             raise
@@ -95,8 +94,8 @@ class WorkerSetExecutor(WorkerExecutor):
 
     @property
     def global_ranks(self) -> list[int]:
-        """Each stage's rank in the cluster's torch.distributed world (its tensor-parallel
-        rank 0's, by which device calls name it)."""
+        """Each stage's global rank (its tensor-parallel rank 0's, by which device calls name
+        it; kunserve/executor/rendezvous.py)."""
         return [self.workers.handles[self.workers.stage_workers(s)[0]].global_rank for s in range(self.num_stages)]
 
     @property
@@ -137,12 +136,12 @@ class WorkerSetExecutor(WorkerExecutor):
         workers, t = self.workers.stage_workers(rank), self.workers.tp_size
         for tp_rank in call_ranks(name, t):
             self.workers.post(workers[tp_rank], Command.CALL, (name, *rank_arguments(name, args, kwargs, tp_rank, t)))
-        self._calls_posted[rank].append(name)
+        self._calls_posted[rank].append((name, takes_start_deadline(name, args, kwargs)))
 
     def _finish_call(self, rank: int) -> Any:
-        name = self._calls_posted[rank].popleft()
-        workers = self.workers.stage_workers(rank)
-        return combine_replies(name, [self.workers.receive(workers[tp_rank], Reply.RETURNED)
+        name, start_work = self._calls_posted[rank].popleft()
+        workers, timeout_s = self.workers.stage_workers(rank), self._start_timeout_s if start_work else None
+        return combine_replies(name, [self.workers.receive(workers[tp_rank], Reply.RETURNED, timeout_s)
                                       for tp_rank in call_ranks(name, self.workers.tp_size)])
 
     def take_busy_seconds(self) -> list[float]:
@@ -153,6 +152,9 @@ class WorkerSetExecutor(WorkerExecutor):
 
     def shutdown(self) -> None:
         self.workers.shutdown()
+
+    def exited(self) -> str | None:
+        return self.workers.exited()
 
     def _refuse_static_pipeline(self, call: str) -> None:
         if self.num_stages > 1:
@@ -169,8 +171,8 @@ class WorkerGroupExecutor(FusedGroupExecutor):
         sizes = [member.workers.tp_size for member in members]
         if len(set(sizes)) > 1:
             raise ValueError(f"tensor_parallel_size: a group's members must have one size, got {sizes}")
-        t = sizes[0]
-        self.workers = type(members[0].workers)([h for member in members for h in member.workers.handles], t)
+        self.workers = type(members[0].workers)([h for member in members for h in member.workers.handles],
+                                                members[0].workers.timeout_s, sizes[0])
         self.runs_ahead = True  # the stages feed sampled tokens back (Worker.run_stage)
 
     def submit(self, step: StepInput) -> None:

@@ -1,7 +1,9 @@
 """The control channel to worker processes: commands down a pipe each, replies back, and
-faults seen at once (a worker's process sentinel wakes any wait). A set of workers fails
-as one: a dead or failing member stops them all, since their pipeline state is lost.
-kunserve/executor/ray_executor.py carries the same commands as Ray actor calls.
+faults seen at once (a worker's process sentinel wakes any wait). Every wait has a deadline
+(EngineConfig.worker_timeout_s): a worker that does not answer in time is hung, and is killed.
+A set of workers fails as one: a dead, failing or hung member stops them all, since their
+pipeline state is lost. kunserve/executor/ray_executor.py carries the same commands as Ray
+actor calls.
 A set's workers are its stages' devices in order, `tp_size` consecutive ones per stage (a
 tensor-parallel stage's ranks); each stage's first rank answers for it."""
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -30,7 +33,7 @@ class WorkerDiedError(RuntimeError):
 class WorkerHandle:
     process: BaseProcess
     conn: Connection
-    global_rank: int  # in the cluster's torch.distributed world
+    global_rank: int  # its name among a cluster's workers (kunserve/executor/rendezvous.py)
     inbox: deque[tuple[str, Any]] = field(default_factory=deque)  # read, not yet asked for
 
     @property
@@ -43,10 +46,13 @@ def _first_of(inbox: deque[tuple[str, Any]], kind: str) -> int | None:
 
 
 class WorkerSet:
-    def __init__(self, handles: list[WorkerHandle], tp_size: int = 1) -> None:
+    def __init__(self, handles: list[WorkerHandle], timeout_s: float, tp_size: int = 1) -> None:
+        """`timeout_s`: how long a worker may take to answer (EngineConfig.worker_timeout_s);
+        `tp_size`: the workers of each stage."""
         if len(handles) % tp_size:
             raise ValueError(f"tensor_parallel_size: {len(handles)} workers are not stages of {tp_size} ranks")
         self.handles = handles
+        self.timeout_s = timeout_s
         self.tp_size = tp_size
         self.failure: str | None = None  # why the set failed; every later call raises it
         self._last_stage_busy_s = 0.0  # computed by the last stage, reported with its steps
@@ -72,15 +78,21 @@ class WorkerSet:
     def post(self, index: int, command: str, argument: Any) -> None:
         self.send(index, pickle.dumps((command, argument), protocol=pickle.HIGHEST_PROTOCOL))
 
-    def receive(self, index: int, expected: str) -> Any:
+    def receive(self, index: int, expected: str, timeout_s: float | None = None) -> Any:
         """The next message of kind `expected` from worker `index`, watching every worker of
         the set: one that dies or reports an error fails the call at once instead of leaving it
-        waiting. Messages of one kind come in order; a device call's reply may pass a step's
-        (a drop's KV exchange runs between a group's steps in flight: kunserve/cluster/exchange.py)."""
+        waiting, and worker `index` is killed as hung unless it answers within `timeout_s`
+        (None: the set's). Messages of one kind come in order; a device call's reply may pass a
+        step's (a drop's KV exchange runs between a group's steps in flight:
+        kunserve/cluster/exchange.py)."""
         self._raise_if_failed()
         handle = self.handles[index]
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         while (position := _first_of(handle.inbox, expected)) is None:
-            self._read_any()
+            if not self._read_any(deadline - time.monotonic()):
+                self.fail(f"{handle.name} did not answer within {timeout_s:g} s (worker_timeout_s): "
+                          "killed as hung")
         _, payload = handle.inbox[position]
         del handle.inbox[position]
         return payload
@@ -103,10 +115,11 @@ class WorkerSet:
         self._last_stage_busy_s = 0.0
         return taken
 
-    def _read_any(self) -> None:
-        """Wait until any worker sends (its message goes to its inbox) or dies (the set fails)."""
+    def _read_any(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` until any worker sends (its message goes to its inbox) or dies
+        (the set fails); False when none did in time."""
         sentinels = {h.process.sentinel: h for h in self.handles}
-        ready = wait([*(h.conn for h in self.handles), *sentinels])
+        ready = wait([*(h.conn for h in self.handles), *sentinels], timeout=max(0.0, timeout_s))
         for other in self.handles:
             if other.conn in ready:
                 kind, payload = self._recv(other)
@@ -115,7 +128,17 @@ class WorkerSet:
                 other.inbox.append((kind, payload))
         for sentinel, other in sentinels.items():
             if sentinel in ready:
+                other.process.join(SHUTDOWN_GRACE_S)  # it is gone: this only collects its exit code
                 self.fail(f"{other.name} exited with code {other.process.exitcode}")
+        return bool(ready)
+
+    def exited(self) -> str | None:
+        """Which worker has exited, if any, seen without waiting (and without reading replies,
+        which belong to whoever waits for them): a health check from another thread."""
+        if self.failure is not None:
+            return self.failure
+        gone = wait([h.process.sentinel for h in self.handles], timeout=0)
+        return next((f"{h.name} exited" for h in self.handles if h.process.sentinel in gone), None)
 
     def request_shutdown(self) -> None:
         """Ask every worker to exit, without waiting (see `shutdown`)."""
@@ -128,11 +151,10 @@ class WorkerSet:
 
     def shutdown(self) -> None:
         self.request_shutdown()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
         for handle in self.handles:
-            handle.process.join(SHUTDOWN_GRACE_S)
-            if handle.process.is_alive():
-                handle.process.terminate()
-                handle.process.join()
+            handle.process.join(max(0.0, deadline - time.monotonic()))
+        self._kill_all()  # what has not exited by now is hung (or stopped: only SIGKILL ends it)
 
     def fail(self, reason: str) -> NoReturn:
         """Stop every worker of the set at once and raise."""

@@ -218,7 +218,8 @@ def run_server(engine_config: EngineConfig, config: ServerConfig) -> None:
     cluster = Cluster.launch(engine_config, config.num_replicas, config.dispatch_policy, config.max_waiting_requests,
                              config.coordinator)
     app = build_app(cluster, config)
-    logger.info("serving %s on http://%s:%d", cluster.first.model.name, config.host, config.port)
+    # The bound port: with --port 0 the system chose it, and this line is how one learns it.
+    logger.info("serving %s on http://%s:%d", cluster.first.model.name, config.host, sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level))
     server.run(sockets=[sock])
 

@@ -94,8 +94,11 @@ class ServerMetrics:
             "kunserve:requests_rejected_queue_full", "Requests refused with 503 because the waiting queue was full.",
             ["model_name"], registry=registry,
         ).labels(model_name)
-        self.replicas_alive = Gauge("kunserve:replicas_alive", "Replicas serving (a dead worker takes one down).",
+        self.replicas_alive = Gauge("kunserve:replicas_alive",
+                                    "Replicas serving (a failed worker takes one down until it restarts).",
                                     ["model_name"], registry=registry).labels(model_name)
+        self.replica_restarts = Counter("kunserve:replica_restarts", "Replicas restarted on new workers after a fault.",
+                                        ["model_name"], registry=registry).labels(model_name)
 
         self.drops = Counter("kunserve:drops", "Drops: replicas fused into a pipeline group.", ["model_name"],
                              registry=registry).labels(model_name)
@@ -134,6 +137,9 @@ class ServerMetrics:
         if transition.kind == "migrate":
             self.migrations.inc()
             self.migration_pause.observe(transition.pause_s)
+            return
+        if transition.kind == "restart":
+            self.replica_restarts.inc(len(transition.members))
             return
         if transition.kind == "drop":
             self.drops.inc()

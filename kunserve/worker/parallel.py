@@ -1,29 +1,35 @@
-"""The process groups a worker belongs to beyond the cluster's world.
+"""A tensor-parallel stage's process group.
 
-Every worker of a cluster joins one torch.distributed world (worker_process.join_world);
-pipeline activations, KV copies and weight refills go point to point within it. A
-tensor-parallel stage's t ranks also form a group of their own for their collectives
-(kunserve/model/parallel.py): its global ranks are consecutive (StageAssignment.stage_ranks),
-and only its members create it (local synchronization), so replicas start and stop without
-waiting for each other's groups.
+There is no world of all of a cluster's workers (kunserve/executor/rendezvous.py says why):
+the t ranks of a stage open a group of their own for their collectives
+(kunserve/model/parallel.py), a torch.distributed backend of t members built at the driver's
+rendezvous store like a pair's link (kunserve/worker/peers.py), with the same timeout. It is
+named by the stage's first global rank, which no other worker ever has, so a restarted
+replica's new ranks make a new group, and its members alone wait for each other: replicas
+start and stop without waiting for each other's groups. A member that dies fails the
+others' collectives (at once where its connection drops, else at the timeout); its replica,
+the unit that restarts, then restarts with all of them.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+from typing import cast
 
-from kunserve.model.parallel import SINGLE, TensorParallel
+import torch
+
+from kunserve.model.parallel import SINGLE, Collectives, TensorParallel
+from kunserve.worker.peers import PeerLinks
 from kunserve.worker.protocol import StageAssignment
 
 
-def tensor_parallel_group(stage: StageAssignment, device: torch.device) -> TensorParallel:
-    """This worker's tensor-parallel rank among its stage's ranks, their group made and
-    connected (one all-reduce: NCCL makes its communicator at the first collective, which must
-    not be inside a CUDA graph's capture); SINGLE for a stage of one rank."""
+def tensor_parallel_group(stage: StageAssignment, peers: PeerLinks, device: torch.device) -> TensorParallel:
+    """This worker's tensor-parallel rank among its stage's ranks, their group made (at `peers`'
+    rendezvous) and connected (one all-reduce: NCCL makes its communicator at the first
+    collective, which must not be inside a CUDA graph's capture); SINGLE for a stage of one
+    rank."""
     if stage.tp_size == 1:
         return SINGLE
-    group = dist.new_group(stage.stage_ranks, use_local_synchronization=True)
-    tp = TensorParallel(stage.tp_rank, stage.tp_size, group)
+    group = peers.open_group(f"tp/{stage.stage_ranks[0]}", stage.tp_rank, stage.tp_size)
+    tp = TensorParallel(stage.tp_rank, stage.tp_size, cast(Collectives, group))
     tp.all_reduce(torch.zeros(1, device=device))
     return tp

@@ -1,31 +1,66 @@
-"""A device's links to its peers: the data path of drops, restores and migrations.
+"""A device's links to its peers: the data path of pipelines, drops, restores and migrations.
 
 Devices of one host copy straight from each other's arenas, mapped into the reader's process
 once (CUDA IPC on GPUs; shared memory on CPU): the destination pulls, the source does
-nothing. Devices on two hosts cannot map each other's memory: the bytes go over
-torch.distributed point-to-point, both ends posting batched operations at once, in bounded
-chunks.
+nothing. Tensors that flow between two devices (a pipeline's activations; KV and weights
+between hosts, which cannot map each other's memory) go over the pair's own link: a
+two-member torch.distributed backend (gloo on CPU, NCCL on GPU) that both ends open at once
+through the driver's rendezvous store (kunserve/executor/rendezvous.py), with a timeout. No
+worker belongs to a world of all of them: a peer that dies fails only the operations on its
+links (at once where its connection drops, else at the timeout), and a restarted peer, under
+a new global rank, links afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
 
 from kunserve.kernels.kv_copy import TORCH_STAGING_BYTES, copy_sub_blocks
 from kunserve.worker.arena import MemoryArena
+from kunserve.worker.protocol import WorkerWorld
 
 WARM_UP_ELEMS = 1024  # a row copied from a newly mapped peer arena, to set up the path
+TAG = 0  # every transfer of a link: messages between its two ends match in the order posted
+
+
+class LinkBackend(Protocol):
+    """What a link uses of a torch.distributed backend (gloo's or NCCL's)."""
+
+    def send(self, tensors: list[torch.Tensor], dst_rank: int, tag: int) -> dist.Work: ...
+
+    def recv(self, tensors: list[torch.Tensor], src_rank: int, tag: int) -> dist.Work: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass
+class Link:
+    """A two-member torch.distributed backend shared with one peer."""
+
+    group: LinkBackend
+    peer_index: int  # the peer's member index in it (the lower global rank is member 0)
 
 
 class PeerLinks:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, world: WorkerWorld | None = None, rank: int = 0) -> None:
+        """`world`: where to meet peers (None: a device alone, which links to nobody); `rank`:
+        this worker's global rank."""
         self.device = device
+        self.world = world
+        self.rank = rank
         self.arenas: dict[int, torch.Tensor] = {}  # peers' arenas mapped here, by global rank
+        self.links: dict[int, Link] = {}  # by the peer's global rank
+        self._opened: Counter[int] = Counter()  # links opened with each peer: names the next one
+        self._store: dist.Store | None = None  # the rendezvous store, connected at the first link
 
     # ---- mapping peers' arenas ------------------------------------------------------------
 
@@ -49,23 +84,97 @@ class PeerLinks:
         copy_sub_blocks(arena[:WARM_UP_ELEMS].view(1, -1), first, row, first)
         self.wait_for_devices()
 
+    def close_peer(self, peer: int) -> None:
+        """Unmap `peer`'s arena and close the link to it (it died, or its replica restarts)."""
+        self.arenas.pop(peer, None)
+        self._close_link(peer)
+
     def close(self) -> None:
-        """Unmap the peers' memory (before the process exits)."""
-        self.arenas.clear()
+        """Unmap the peers' memory and close every link (before the process exits)."""
+        for peer in {*self.arenas, *self.links}:
+            self.close_peer(peer)
+
+    # ---- links -----------------------------------------------------------------------------
+
+    def connect(self, peer: int) -> None:
+        """Open the link with global rank `peer`, which opens it at the same time (each end
+        waits for the other up to the world's link timeout)."""
+        self._close_link(peer)
+        low, high = sorted((self.rank, peer))
+        # Both ends count their links to each other alike: the n-th of a pair meets under its own name.
+        name = f"link/{low}-{high}/{self._opened[peer]}"
+        self._opened[peer] += 1
+        index = 0 if self.rank == low else 1
+        group = self.open_group(name, index, 2)
+        self.links[peer] = Link(cast(LinkBackend, group), 1 - index)
+
+    def open_group(self, name: str, index: int, size: int) -> object:
+        """A torch.distributed backend of `size` members (gloo on CPU, NCCL on GPU), this worker
+        its member `index`, which the others open at the same time under the same `name` at the
+        rendezvous store (each waits for the rest up to the world's link timeout, and so does
+        every later operation on it): a pair's link, or a tensor-parallel stage's group
+        (kunserve/worker/parallel.py). A name is never used twice: global ranks are not reused."""
+        if self.world is None:
+            raise RuntimeError(f"a worker without a rendezvous cannot open group {name!r}")
+        store = dist.PrefixStore(name, self._rendezvous_store())
+        timeout = timedelta(seconds=self.world.link_timeout_s)
+        if self.device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()  # only CUDA builds of torch have NCCL
+            options._timeout = timeout
+            return dist.ProcessGroupNCCL(store, index, size, options)
+        return dist.ProcessGroupGloo(store, index, size, timeout)
 
     def warm(self, peer: int, send: bool, dtype: torch.dtype) -> None:
-        """One tiny transfer with `peer` over torch.distributed, so that the link a pipeline's
-        activations take (an NCCL communicator per pair, created lazily, hundreds of ms)
-        exists before a group's first step. Gloo (CPU) connects pairs fast and would only tie
-        the two processes' fates together early: nothing to do there."""
+        """Open the link with `peer` and, on GPUs, make one tiny transfer over it: NCCL creates a
+        pair's communicator at its first transfer (hundreds of ms), which a group's first step
+        would otherwise wait for. Gloo connects as the link opens."""
+        self.connect(peer)
         if self.device.type != "cuda":
             return
         probe = torch.zeros(1, dtype=dtype, device=self.device)
         if send:
-            dist.send(probe, dst=peer)
+            self.send(probe, peer)
         else:
-            dist.recv(probe, src=peer)
+            self.recv(probe, peer)
         self.wait_for_devices()
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        """Send `tensor` to `peer`, which receives it with `recv`."""
+        self.transfer(peer, [tensor], [])
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        """Receive into `tensor` what `peer` sends."""
+        self.transfer(peer, [], [tensor])
+
+    def transfer(self, peer: int, send: list[torch.Tensor], receive: list[torch.Tensor]) -> None:
+        """Send these tensors to `peer` and receive those from it, while it does the converse.
+        The lower global rank posts its sends first and the higher its receives, so the two
+        ends' operations pair up in order even where a link runs them one at a time (NCCL)."""
+        link = self._link(peer)
+        sends = [(link.group.send, tensor) for tensor in send]
+        receives = [(link.group.recv, tensor) for tensor in receive]
+        ordered = sends + receives if self.rank < peer else receives + sends
+        posted = [post([tensor], link.peer_index, TAG) for post, tensor in ordered]
+        for work in posted:
+            work.wait()
+
+    def _close_link(self, peer: int) -> None:
+        link = self.links.pop(peer, None)
+        if link is not None:
+            link.group.abort()  # waits for nothing: the peer may be gone
+
+    def _link(self, peer: int) -> Link:
+        if peer not in self.links:
+            raise RuntimeError(f"no link to worker {peer} is open here (warm_link)")
+        return self.links[peer]
+
+    def _rendezvous_store(self) -> dist.Store:
+        assert self.world is not None
+        if self._store is None:
+            host, port = self.world.store_address.rsplit(":", 1)
+            self._store = dist.TCPStore(host, int(port), is_master=False,
+                                        timeout=timedelta(seconds=self.world.link_timeout_s))
+        return self._store
 
     # ---- KV --------------------------------------------------------------------------------
 
@@ -82,7 +191,7 @@ class PeerLinks:
         """Send rows `ids` of `view` to `peer` (which runs `recv_kv` with the same staging)."""
         index = torch.tensor(ids, dtype=torch.long, device=view.device)
         for chunk in _chunks(view, len(ids), staging_bytes or TORCH_STAGING_BYTES):
-            _run_p2p([dist.P2POp(dist.isend, view.index_select(0, index[chunk]), peer)])
+            self.send(view.index_select(0, index[chunk]), peer)
         self.wait_for_devices()
 
     def recv_kv(self, view: torch.Tensor, peer: int, ids: list[int], staging_bytes: int | None) -> None:
@@ -90,7 +199,7 @@ class PeerLinks:
         index = torch.tensor(ids, dtype=torch.long, device=view.device)
         for chunk in _chunks(view, len(ids), staging_bytes or TORCH_STAGING_BYTES):
             incoming = torch.empty((chunk.stop - chunk.start, *view.shape[1:]), dtype=view.dtype, device=view.device)
-            _run_p2p([dist.P2POp(dist.irecv, incoming, peer)])
+            self.recv(incoming, peer)
             view.index_copy_(0, index[chunk], incoming)
         self.wait_for_devices()
 
@@ -107,11 +216,9 @@ class PeerLinks:
         source = self._arena(peer)[start : start + arena.layout.layer_elems]
         arena.slot(layer).copy_(source, non_blocking=True)
 
-    @staticmethod
-    def swap_layers(peer: int, send: list[torch.Tensor], receive: list[torch.Tensor]) -> None:
-        """Send these slots to `peer` and receive those from it, in one batch both ends post."""
-        _run_p2p([dist.P2POp(dist.isend, slot, peer) for slot in send]
-                 + [dist.P2POp(dist.irecv, slot, peer) for slot in receive])
+    def swap_layers(self, peer: int, send: list[torch.Tensor], receive: list[torch.Tensor]) -> None:
+        """Send these slots to `peer` and receive those from it, while it does the converse."""
+        self.transfer(peer, send, receive)
 
     def wait_for_devices(self) -> None:
         """Copies return to the host before the bytes have moved: wait for every device this
@@ -136,9 +243,3 @@ def _chunks(view: torch.Tensor, count: int, staging_bytes: int) -> list[slice]:
     per_chunk = max(1, staging_bytes // (view[0].numel() * view.element_size()))
     return [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
 
-
-def _run_p2p(ops: list[dist.P2POp]) -> None:
-    """Post the point-to-point operations together and wait for all of them."""
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()

@@ -79,8 +79,13 @@ class DeviceCalls(ABC):
 
     @abstractmethod
     def warm_link(self, peer: int, send: bool) -> None:
-        """One tiny transfer with global rank `peer`, so the activation link exists before a
-        group's first step needs it (`send`: this end sends)."""
+        """Open the point-to-point link with global rank `peer` (activations, and KV or weights
+        across hosts), which `peer` opens at the same time, so it exists before a group's first
+        step needs it (`send`: this end sends the first transfer)."""
+
+    def close_peer(self, peer: int) -> None:
+        """Forget global rank `peer` (it died, or its replica restarts): unmap its arena and
+        close the link to it. A device that keeps no links has nothing to do."""
 
     # ---- KV copies ------------------------------------------------------------------------
 
@@ -123,7 +128,23 @@ class DeviceCalls(ABC):
         """A digest of each layer slot's bytes (the weights, when the layer is held)."""
 
 
-DEVICE_CALLS = frozenset(DeviceCalls.__abstractmethods__)
+DEVICE_CALLS = frozenset(name for name in vars(DeviceCalls) if not name.startswith("_"))
+
+
+# Calls that do a worker's start-up work over again, however they are called: the whole arena
+# moved into shared memory (export_arena, the first time), every stage model a replica may
+# become built and its graphs captured (prepare_stages).
+START_WORK_CALLS = frozenset({DeviceCalls.export_arena.__name__, DeviceCalls.prepare_stages.__name__})
+
+
+def takes_start_deadline(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether call `name` may take as long as a worker's start, and has its deadline
+    (EngineConfig.worker_start_timeout_s) instead of a step's: it reads weights from the
+    checkpoint (a layer reclaimed, or a refill with no peer to copy from) or does start-up
+    work (START_WORK_CALLS)."""
+    if name == "become_replica":
+        return (args[0] if args else kwargs.get("refill_from")) is None
+    return name == "reclaim_layer" or name in START_WORK_CALLS
 
 
 def check_device_call(name: str) -> str:
@@ -157,28 +178,33 @@ class Reply:
 
 @dataclass(frozen=True)
 class WorkerWorld:
-    """The torch.distributed world the workers of a whole cluster share, so any two can
-    exchange tensors (activations within a group; KV and weights between replicas)."""
+    """Where the workers of a cluster meet to open links to each other: a rendezvous store the
+    driver hosts (kunserve/executor/rendezvous.py), and the global ranks of an executor's
+    devices. A global rank names one worker for its whole life: a replica that restarts gets
+    new ones, so a link is never confused with the one its predecessor had."""
 
-    init_method: str  # where the workers meet, e.g. tcp://127.0.0.1:port
-    size: int
-    first_rank: int = 0  # the global rank of this executor's stage 0
-    # The rendezvous store runs in the driver, not in global rank 0: across hosts the
-    # driver's address is the one known before the workers are placed (Ray).
-    store_in_driver: bool = False
+    store_address: str  # host:port of the driver's rendezvous store
+    first_rank: int  # the global rank of this executor's device 0 (stage 0, tensor-parallel rank 0)
+    # How long a link's operation (opening it, a send or a receive) waits for its peer before
+    # failing: a peer that died or hangs ends the wait instead of blocking this worker.
+    link_timeout_s: float
+    # The replica the executor serves: its workers' names in logs. Not derived from the ranks,
+    # which a restarted replica takes anew after every other replica's.
+    replica: int = 0
 
 
 @dataclass(frozen=True)
 class StageAssignment:
     """Where one worker stands: stage `rank` of a replica's `num_stages`, tensor-parallel rank
     `tp_rank` of the stage's `tp_size`. A replica's devices are numbered stage by stage
-    (`device_index` = rank·tp_size + tp_rank), and so are their global ranks in the world."""
+    (`device_index` = rank·tp_size + tp_rank), and so are their global ranks, from the
+    executor's first on."""
 
     rank: int  # the stage, within its group
     num_stages: int
     layer_range: tuple[int, int]
     device: str
-    world: WorkerWorld
+    world: WorkerWorld | None  # None: a device alone, linked to no other
     # Stages of a pipeline hold different layer counts, so their arenas place KV blocks at
     # different ids: the driver then speaks logical ids 0..B-1 and each stage adds its own
     # first KV block id. A single stage uses its physical ids (release/reclaim address them).
@@ -193,7 +219,7 @@ class StageAssignment:
 
     @property
     def global_rank(self) -> int:
-        return self.world.first_rank + self.device_index
+        return self.device_index if self.world is None else self.world.first_rank + self.device_index
 
     @property
     def stage_ranks(self) -> list[int]:
@@ -203,9 +229,8 @@ class StageAssignment:
 
     @property
     def log_name(self) -> str:
-        """How this worker's log lines are prefixed. A cluster's world gives replica i the ranks
-        [i·devices, (i+1)·devices), so the replica follows from the first rank."""
-        replica = self.world.first_rank // (self.num_stages * self.tp_size)
+        """How this worker's log lines are prefixed."""
+        replica = 0 if self.world is None else self.world.replica
         tp = f" tp {self.tp_rank}" if self.tp_size > 1 else ""
         return f"worker[replica {replica} stage {self.rank}{tp} rank {self.global_rank}]"
 

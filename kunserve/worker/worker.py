@@ -12,7 +12,6 @@ from collections import deque
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from kunserve.arch.spec import ModelSpec, parse_dtype
 from kunserve.config import EngineConfig
@@ -45,11 +44,13 @@ def build_worker(
     pipe: tuple[int | None, int | None] = (None, None),
     tp: TensorParallel = SINGLE,
     pipe_back: int | None = None,
+    peers: PeerLinks | None = None,
 ) -> Worker:
     """The worker of one device holding layers `layer_range` of `model` (its shard, as rank
     `tp.rank` of a tensor-parallel stage), weights loaded; `pipe`: the global ranks of a static
     pipeline's previous and next stages (the same tensor-parallel rank of each); `pipe_back`:
-    of its first stage, the last stage's, and of its last stage, the first's."""
+    of its first stage, the last stage's, and of its last stage, the first's; `peers`: its
+    links to other workers (None: it links to nobody)."""
     spec = model.spec
     dtype = spec.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
     weights: WeightSource
@@ -60,7 +61,7 @@ def build_worker(
     else:
         weights = CheckpointWeights(model.weights_dir, spec, tp.rank, tp.size)
     max_model_len = config.max_model_len or spec.max_position_embeddings
-    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe, tp, pipe_back)
+    return Worker(spec, weights, config, layer_range, max_model_len, dtype, device, pipe, tp, pipe_back, peers)
 
 
 class Worker(DeviceCalls):
@@ -76,6 +77,7 @@ class Worker(DeviceCalls):
         pipe: tuple[int | None, int | None] = (None, None),
         tp: TensorParallel = SINGLE,
         pipe_back: int | None = None,
+        peers: PeerLinks | None = None,
     ) -> None:
         if tp.size != config.tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size}, but this worker is one of {tp.size}")
@@ -126,7 +128,7 @@ class Worker(DeviceCalls):
         # micro-batch decodes ahead of them (scheduled ahead: kunserve/engine/scheduler.py).
         self.pipe_back = pipe_back
         self._recent_sampled = self._sampled_history(config.pipeline_parallel_size)
-        self.peers = PeerLinks(device)
+        self.peers = peers or PeerLinks(device)
         self.replica_model, self.replica_runner = self.model, self.runner
         # The stage models a drop made, by (stage, group size): kept for the next drop, with
         # their captured graphs (their weights and KV views never move).
@@ -179,13 +181,13 @@ class Worker(DeviceCalls):
         if self.pipe_prev is not None:
             hidden_in = torch.empty((step.num_tokens, self.spec.hidden_size), dtype=self.arena.buffer.dtype,
                                     device=self.device)
-            dist.recv(hidden_in, src=self.pipe_prev)
+            self.peers.recv(hidden_in, self.pipe_prev)
         self.clock.begin()
         hidden = self.runner.forward(step, hidden_in)
         sampled = self.runner.sample(step, hidden) if self.pipe_next is None else None
         self.clock.end()
         if self.pipe_next is not None:
-            dist.send(hidden.contiguous(), dst=self.pipe_next)
+            self.peers.send(hidden.contiguous(), self.pipe_next)
         else:
             self._recent_sampled.append(self.runner.last_sampled)
         return sampled
@@ -207,10 +209,10 @@ class Worker(DeviceCalls):
             if source is None:
                 raise RuntimeError("the step decodes ahead of a step this stage did not sample")
             tokens = source[torch.as_tensor(step.ahead_sample_rows, device=self.device)]
-            dist.send(self.tp.broadcast_from_sampler(tokens), dst=self.pipe_back)
+            self.peers.send(self.tp.broadcast_from_sampler(tokens), self.pipe_back)
             return step
         tokens = torch.empty(k, dtype=torch.int64, device=self.device)
-        dist.recv(tokens, src=self.pipe_back)
+        self.peers.recv(tokens, self.pipe_back)
         self.runner.last_sampled = tokens
         return dataclasses.replace(step, ahead_sample_rows=np.arange(k, dtype=np.int64))
 
@@ -319,6 +321,9 @@ class Worker(DeviceCalls):
     def warm_link(self, peer: int, send: bool) -> None:
         self.peers.warm(self._peer(peer), send, self.arena.buffer.dtype)
 
+    def close_peer(self, peer: int) -> None:
+        self.peers.close_peer(self._peer(peer))
+
     def kv_view(self) -> torch.Tensor:
         """The KV cache as this device addresses it now: blocks, or a stage's sub-blocks."""
         return self.arena.kv_cache if self.group is None else self.arena.stage_kv_cache(self.group[1])
@@ -351,7 +356,7 @@ class Worker(DeviceCalls):
         return [digest(self.arena.slot(layer)) for layer in range(self.layout.num_layers)]
 
     def close(self) -> None:
-        """Unmap the peers' memory before the process exits."""
+        """Unmap the peers' memory and close the links before the process exits."""
         self.peers.close()
 
 

@@ -1,27 +1,33 @@
 """A worker process: one device, one pipeline stage (or one tensor-parallel rank of it).
 
 Commands come from the driver over a pipe (the light control channel: pickled host
-arrays). Activations go from stage to stage through torch.distributed point-to-point
-(gloo on CPU, NCCL on GPU); only the last stage answers a step (its tensor-parallel rank 0),
+arrays). Activations go from stage to stage over the links between neighbours
+(kunserve/worker/peers.py: gloo on CPU, NCCL on GPU), tensor-parallel rank r of one stage to
+rank r of the next; a stage's ranks run their collectives in a group of their own
+(kunserve/worker/parallel.py). Only the last stage answers a step (its tensor-parallel rank 0),
 with its sampled tokens (and its compute time, for the bubble metric).
 Every stage (every rank) gets every step command, so each knows the batch's shape without asking.
 `start_worker` and `CommandHandler` (what one command does) are shared with the Ray actor
 of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
+
+A worker never outlives its driver: it exits when the pipe closes, and a watchdog thread ends
+it when the driver is gone while it is busy (e.g. waiting on a peer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import pickle
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.multiprocessing
 
 from kunserve.config import EngineConfig
@@ -29,44 +35,72 @@ from kunserve.logs import configure_worker
 from kunserve.model.presets import ResolvedModel
 from kunserve.step import StepInput
 from kunserve.worker.parallel import tensor_parallel_group
-from kunserve.worker.protocol import Command, Reply, StageAssignment, WorkerWorld, check_device_call
+from kunserve.worker.peers import PeerLinks
+from kunserve.worker.protocol import Command, Reply, StageAssignment, check_device_call
 from kunserve.worker.worker import Worker, build_worker
 
 logger = logging.getLogger(__name__)
 
+ORPHAN_CHECK_S = 0.5  # how often a worker looks whether its driver is still there
+ORPHAN_EXIT_CODE = 3  # what a worker whose driver vanished exits with
+OPEN_DESCRIPTORS = "/proc/self/fd"
+STDERR_FD = 2  # stdin, stdout and stderr stay inherited
+
 
 def start_worker(config: EngineConfig, model: ResolvedModel, stage: StageAssignment) -> Worker:
-    """Set this process up for its stage (CPU threads, device, the cluster's torch.distributed
-    world, its tensor-parallel group) and build the stage's worker: the same in a worker
+    """Set this process up for its stage (CPU threads, device, its tensor-parallel group, the
+    links to its pipeline neighbours) and build the stage's worker: the same in a worker
     process and in a Ray actor."""
     # Shared CPU tensors travel as shared-memory file names: plain bytes the driver can
     # pass on between workers (see PeerLinks.export).
     torch.multiprocessing.set_sharing_strategy("file_system")
+    device = torch.device(stage.device)
+    if device.type == "cpu":
+        start_shared_memory_manager()
     if config.worker_threads is not None:
         torch.set_num_threads(config.worker_threads)
-    device = torch.device(stage.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if stage.world.size > 1:
-        join_world(stage.world, stage.global_rank, "nccl" if device.type == "cuda" else "gloo")
-    return build_worker(config, model, stage.layer_range, device, stage.pipe, tensor_parallel_group(stage, device),
-                        stage.pipe_back)
+    peers = PeerLinks(device, stage.world, stage.global_rank)
+    tp = tensor_parallel_group(stage, peers, device)
+    worker = build_worker(config, model, stage.layer_range, device, stage.pipe, tp, stage.pipe_back, peers)
+    # In stage order (each links to its previous neighbour, then its next, then a first or last
+    # stage to the other end, unless that is its neighbour), so no stage waits for one that
+    # waits for it.
+    for peer in (*stage.pipe, stage.pipe_back if stage.pipe_back not in stage.pipe else None):
+        if peer is not None:
+            worker.peers.connect(peer)
+    return worker
 
 
-def join_world(world: WorkerWorld, rank: int, backend: str) -> None:
-    """Join the cluster's torch.distributed world as global rank `rank`."""
-    if not world.store_in_driver:
-        dist.init_process_group(backend, init_method=world.init_method, rank=rank, world_size=world.size)
+def start_shared_memory_manager() -> None:
+    """Start torch's shared-memory manager now, before this worker opens links. Torch starts it
+    (torch_shm_manager, a child process) when the first tensor moves to shared memory, e.g. the
+    arena at its first export, and the child keeps every descriptor open then that its exec
+    does not close: links to peers would then outlive this worker, so a peer waiting on one
+    would not see it die, and the manager itself would never see its last client go."""
+    torch.zeros(1).share_memory_()
+
+
+def keep_descriptors_from_children() -> None:
+    """Mark every descriptor this process was started with (its pipe to the driver, the pipe
+    whose closing tells the driver it died) as not inherited by programs it starts: a child
+    holding them would hide this worker's death from the driver (Linux: /proc)."""
+    if not os.path.isdir(OPEN_DESCRIPTORS):
         return
-    address = urlparse(world.init_method)
-    store = dist.TCPStore(address.hostname, address.port, world.size, is_master=False)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world.size)
+    for name in os.listdir(OPEN_DESCRIPTORS):
+        fd = int(name)
+        if fd > STDERR_FD:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
+                os.set_inheritable(fd, False)
 
 
 def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignment, conn: Connection) -> None:
     """The process's main function (after kunserve/worker/process_entry.py, which ignores
     Ctrl-C first): build the stage, report its layout, then serve commands."""
     configure_worker(stage.log_name)
+    keep_descriptors_from_children()
+    watch_driver(os.getppid())
     begin = time.perf_counter()
     logger.info("starting on %s: layers [%d, %d) of %s", stage.device, *stage.layer_range, model.name)
     try:
@@ -77,8 +111,18 @@ def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignme
     except BaseException:
         conn.send((Reply.ERROR, traceback.format_exc()))
         raise
-    # No destroy_process_group: it waits for the other workers of the world, which may be
-    # shutting down one replica at a time; the process exit frees the group.
+
+
+def watch_driver(driver_pid: int) -> None:
+    """End this process as soon as the driver is gone (this process is then re-parented),
+    whatever its main thread waits on: a worker must never be left behind."""
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            threading.Event().wait(ORPHAN_CHECK_S)
+        os._exit(ORPHAN_EXIT_CODE)  # at once: the main thread may be blocked in native code
+
+    threading.Thread(target=watch, name="kunserve-driver-watch", daemon=True).start()
 
 
 def _serve(handler: CommandHandler, conn: Connection) -> None:

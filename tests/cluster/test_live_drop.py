@@ -4,7 +4,7 @@ Specified: requests sent in a steady stream while an operator drops and restores
 the HTTP endpoints) all complete with the tokens of an uninterrupted run; under a burst
 that overloads two KV-starved replicas, the kunserve policy drops on its own and admits
 queued requests that the recompute policy leaves waiting, then restores; metrics and
-GET /v1/cluster show it."""
+GET /v1/cluster show it; while grouped, every member's metrics follow the group."""
 
 from __future__ import annotations
 
@@ -159,3 +159,22 @@ def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
     finally:
         cluster.shutdown()
     assert all(isinstance(end, EngineDeadError) and "during the exchange" in str(end) for end in ends)
+
+
+def test_while_grouped_the_second_members_metrics_follow_the_group(llama_dir: Path) -> None:
+    server = RunningServer(llama_dir, ServerConfig(num_replicas=2, coordinator=CoordinatorConfig("recompute")),
+                           worker_threads=1)
+    body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    try:
+        assert httpx.post(f"{server.url}/v1/cluster/drop", json={}, timeout=WAIT_S).status_code == 200
+        before = scrape(server, engine=1)
+        for _ in range(2):  # the group runs them; its first member's loop steps it
+            assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=WAIT_S).status_code == 200
+        after = scrape(server, engine=1)
+        group_blocks = server.cluster.coordinator.runner.groups[0].engine.block_manager.num_total_blocks
+    finally:
+        server.stop()
+    assert after["kunserve:engine_steps_total{}"] > before["kunserve:engine_steps_total{}"]
+    assert after["kunserve:kv_cache_blocks{}"] == group_blocks  # its device holds a share of the group's KV
+    assert after["vllm:num_requests_running{}"] == 0  # its requests are counted once, under the first member
+    assert after["vllm:generation_tokens_total{}"] == before["vllm:generation_tokens_total{}"]

@@ -236,3 +236,29 @@ def test_a_group_on_the_graph_decode_path_keeps_the_tokens(llama_dir: Path) -> N
         assert [finished[f"r{i}"] for i in range(len(prompts))] == expected
     finally:
         cluster.shutdown()
+
+
+
+def test_a_refused_restore_gives_back_every_block_of_the_group_once_its_requests_end(llama_dir: Path) -> None:
+    # Replicas of 24 blocks: a group whose requests hold more than the two replicas' 48
+    # blocks uses some of the released layers' sub-blocks, and a restore is refused.
+    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, num_kv_blocks=24,
+                          max_num_batched_tokens=1024, worker_threads=1)
+    cluster = Cluster.launch(config, num_replicas=2)
+    try:
+        cluster.open_links()
+        group, _ = fuse(cluster.engines)
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        for i in range(6):
+            group.add_request(f"r{i}", [(3 * i + j) % 500 for j in range(150)], params)
+        finished: dict[str, list[int]] = {}
+        run_steps([group], 2, finished)
+        assert group.block_manager.num_total_blocks - group.block_manager.num_free_blocks > 2 * 24
+        with pytest.raises(SplitRefused):
+            split(group, cluster.engines)
+        while group.has_unfinished_requests():
+            run_steps([group], 1, finished)
+        assert len(finished) == 6
+        assert group.block_manager.num_free_blocks == group.block_manager.num_total_blocks
+    finally:
+        cluster.shutdown()
