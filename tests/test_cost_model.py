@@ -113,7 +113,7 @@ def test_the_profiler_measures_one_point_per_case_on_cpu() -> None:
     worker = build_worker(config, resolve_model("tiny-llama"), (0, 2), config.resolve_device())
     cases = [ProfileCase(decodes=4, decode_context=32), ProfileCase(prefill_tokens=48, prefill_context=16)]
     points = profile_worker(worker, cases, config.block_size, repeats=1)
-    assert [p.shape for p in points] == [StepShape(4, 128, 0, 4), StepShape.of_chunk(16, 48, True)]
+    assert [p.shape for p in points] == [StepShape(4, 128, 0, 4, 32), StepShape.of_chunk(16, 48, True)]
     assert all(p.seconds > 0 and p.layers == 2 and not p.samples for p in points)
 
 

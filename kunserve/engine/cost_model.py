@@ -83,7 +83,7 @@ class StepShape:
     decode_context: float = 0  # KV tokens the decodes attend to, summed
     prefill_pairs: float = 0  # causal query-key pairs of the prefill chunks, summed
     num_samples: float = 0  # sequences that sample a token
-    # The longest decode's context (0: not known, as in the scheduler's lookahead shapes):
+    # The longest decode's context (0: not known, as in a lone chunk's or the lookahead's shapes):
     # the decode attention kernel's straggler (StepCoefficients.layer_longest_s).
     longest_decode_context: float = 0
 
@@ -119,10 +119,12 @@ class StepShape:
     @staticmethod
     def of_step(scheduled: Iterable[tuple[Sequence, int]]) -> StepShape:
         shape = StepShape()
+        longest = 0
         for seq, n in scheduled:
             start = seq.num_scheduled_tokens  # the step's input is built before it is marked in flight
             shape += StepShape.of_chunk(start, n, start + n == len(seq))
-        return shape
+            longest = max(longest, start if n == 1 else 0)
+        return replace(shape, longest_decode_context=longest)
 
 
 @dataclass(frozen=True)
