@@ -11,6 +11,12 @@ relative error.
     python benchmarks/host_overhead.py --memory-budget-bytes 42949672960 --trace data/traces/azure_llm_conv_2023.csv \
         --trace-start-s 600 --trace-duration-s 60 --rate-scale 4 --out $OUT/host_overhead.json
 
+`--refit STEPS.json` fits again the steps such a run saved, against the current cost model
+(the host time is what the cost model leaves; a new cost term changes it), and
+`--write-profile` puts the result into the model's packaged cost profile with a note:
+
+    python benchmarks/host_overhead.py --refit docs/results/longgen_h200_2026-12-02/steps_recompute.json --write-profile
+
 It also prints measured over modelled time by kind of step (decode-only, with a prefill chunk,
 with swaps, long and uneven contexts): run on a long-generation burst (`--dataset reasoning`,
 each `--preemption-mode`) it shows which steps the simulator underprices.
@@ -23,6 +29,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +39,9 @@ from kunserve.bench.in_process import replay
 from kunserve.bench.run import add_workload_arguments, build_workload
 from kunserve.bench.workload import prompt_token_ids
 from kunserve.cluster.cluster import Cluster
-from kunserve.engine.cost_model import StepShape, nonnegative_least_squares
+from kunserve.engine.cost_model import CostModel, HostTime, StepShape, nonnegative_least_squares, profile_path
 from kunserve.engine.llm_engine import LLMEngine
+from kunserve.model.presets import resolve_model
 from kunserve.step import StepInput
 
 PROMPT_TOKEN_IDS = 256  # byte tokens: any byte-level vocabulary has them
@@ -91,6 +99,51 @@ def print_breakdown(records: list[dict], fitted: np.ndarray) -> None:
             print(f"{name:<32} {int(mask.sum()):>6} {float(np.mean(ratio[mask])):>20.3f} {seconds[mask].sum():>17.1f}")
 
 
+def fit_host_time(records: list[dict]) -> tuple[float, float, float]:
+    """host_step_s, host_seq_s, host_token_s: the steps' wall time beyond their `predicted`,
+    non-negative, by relative error (every step alike, not the few longest)."""
+    seconds = np.array([r["seconds"] for r in records])
+    predicted = np.array([r["predicted"] for r in records])
+    features = np.array([[1.0, r["num_seqs"], r["num_tokens"]] for r in records])
+    weights = 1.0 / seconds
+    step_s, seq_s, token_s = (float(c) for c in nonnegative_least_squares(features * weights[:, None],
+                                                                          (seconds - predicted) * weights))
+    return step_s, seq_s, token_s
+
+
+def repredicted(records: list[dict], cost: CostModel, layers: int) -> list[dict]:
+    """The records with `predicted` from `cost` (steps saved before a field existed: 0)."""
+    return [{**r, "predicted": cost.step_time(StepShape(r["num_tokens"], r["decode_context"], r["prefill_pairs"],
+                                                        r["num_seqs"], r.get("max_decode_context", 0)), layers)}
+            for r in records]
+
+
+def refit(path: Path, model: str, write_profile: bool) -> None:
+    cost_path = profile_path(model)
+    cost = CostModel.load(cost_path)
+    saved = json.loads(path.read_text())["steps"]
+    records = repredicted(saved[1:], cost, resolve_model(model).spec.num_layers)  # the first warms up
+    step_s, seq_s, token_s = fit_host_time(records)
+    report(records, step_s, seq_s, token_s)
+    if write_profile:
+        notes = {**cost.notes, "host": f"benchmarks/host_overhead.py --refit {path.as_posix()} (its steps, "
+                                       f"{len(records)}, against this profile's step coefficients)"}
+        replace(cost, host=HostTime(step_s, seq_s, token_s), notes=notes).save(cost_path)
+        print(f"wrote {cost_path}")
+
+
+def report(records: list[dict], step_s: float, seq_s: float, token_s: float) -> None:
+    seconds = np.array([r["seconds"] for r in records])
+    predicted = np.array([r["predicted"] for r in records])
+    features = np.array([[1.0, r["num_seqs"], r["num_tokens"]] for r in records])
+    fitted = predicted + features @ np.array([step_s, seq_s, token_s])
+    print(f"{len(records)} steps; wall {seconds.sum():.1f} s, cost model {predicted.sum():.1f} s")
+    print(f"host time per step: {step_s * 1e3:.3f} ms + {seq_s * 1e6:.2f} us/sequence + {token_s * 1e9:.1f} ns/token")
+    print(f"step time error, cost model alone: mean {np.mean(np.abs(predicted - seconds) / seconds) * 100:.1f}%; "
+          f"with the host time: {np.mean(np.abs(fitted - seconds) / seconds) * 100:.1f}%")
+    print_breakdown(records, fitted)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3-8b")
@@ -101,9 +154,16 @@ def main() -> None:
     parser.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute")
     parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="off",
                         help="off: every step's host time is in its wall time, as the fit assumes")
+    parser.add_argument("--refit", type=Path, default=None,
+                        help="fit the steps this script saved (--out) again, against the current cost model; runs nothing")
+    parser.add_argument("--write-profile", action="store_true",
+                        help="with --refit: write the host time into the model's packaged cost profile")
     add_workload_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.refit is not None:
+        refit(args.refit, args.model, args.write_profile)
+        return
     config = EngineConfig(model=args.model, load_format=args.load_format, memory_budget_bytes=args.memory_budget_bytes,
                           max_model_len=args.max_model_len, skip_tokenizer_init=True,
                           preemption_mode=args.preemption_mode, async_scheduling=args.async_scheduling)
@@ -121,20 +181,8 @@ def main() -> None:
         asyncio.run(run())
     finally:
         cluster.shutdown()
-    seconds = np.array([r["seconds"] for r in records])
-    predicted = np.array([r["predicted"] for r in records])
-    features = np.array([[1.0, r["num_seqs"], r["num_tokens"]] for r in records])
-    residual = seconds - predicted
-    # Relative errors count: every step alike, not the few longest.
-    weights = 1.0 / seconds
-    step_s, seq_s, token_s = (float(c) for c in nonnegative_least_squares(features * weights[:, None],
-                                                                          residual * weights))
-    fitted = predicted + features @ np.array([step_s, seq_s, token_s])
-    print(f"{len(records)} steps; wall {seconds.sum():.1f} s, cost model {predicted.sum():.1f} s")
-    print(f"host time per step: {step_s * 1e3:.3f} ms + {seq_s * 1e6:.2f} us/sequence + {token_s * 1e9:.1f} ns/token")
-    print(f"step time error, cost model alone: mean {np.mean(np.abs(predicted - seconds) / seconds) * 100:.1f}%; "
-          f"with the host time: {np.mean(np.abs(fitted - seconds) / seconds) * 100:.1f}%")
-    print_breakdown(records, fitted)
+    step_s, seq_s, token_s = fit_host_time(records)
+    report(records, step_s, seq_s, token_s)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"host_step_s": step_s, "host_seq_s": seq_s, "host_token_s": token_s,

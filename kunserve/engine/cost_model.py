@@ -4,13 +4,21 @@ formulation plan with.
 A step of a stage holding `layers` decoder layers costs
 
     step_s + layers · (layer_s + layer_token_s · max(0, tokens − knee_tokens)
-                       + layer_context_s · decode context + layer_attention_s · prefill pairs
+                       + max(layer_context_s · decode context,
+                             layer_longest_s · longest decode context / decode splits)
+                       + layer_attention_s · prefill pairs
                        + layer_prefill_s · [the step has a prefill chunk])
            + sample_s · samples        (on the stage holding the LM head)
 
 Below `knee_tokens` a layer's GEMMs are bound by reading its weights, so its time hardly
 depends on the batch; above, every token adds its FLOPs. Decodes read their KV (one term
-per context token); prefill chunks attend causally (one term per query-key pair). A step
+per context token) at the device's memory rate, but a layer's decode attention also lasts at
+least as long as its longest program: the kernel (kunserve/kernels/triton_attention.py) splits
+every sequence's keys into the same number of slices, chosen from the batch size alone
+(`StepCoefficients.decode_splits`), so in a batch of uneven contexts the longest sequence's
+slices run on after the others are done (a straggler: measured on long generations,
+benchmarks/fit_decode_straggler.py; batches of equal contexts, as profile_steps.py measures,
+never show it). Prefill chunks attend causally (one term per query-key pair). A step
 with a prefill chunk runs eagerly (decode-only steps replay CUDA graphs), paying kernel
 launches per layer: measured at ~0.2 ms per Llama-3-8B layer on an H200. The
 coefficients are fitted to step times measured on the device (benchmarks/profile_steps.py) and
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import asdict, dataclass, field, replace
@@ -74,14 +83,19 @@ class StepShape:
     decode_context: float = 0  # KV tokens the decodes attend to, summed
     prefill_pairs: float = 0  # causal query-key pairs of the prefill chunks, summed
     num_samples: float = 0  # sequences that sample a token
+    # The longest decode's context (0: not known, as in a lone chunk's or the lookahead's shapes):
+    # the decode attention kernel's straggler (StepCoefficients.layer_longest_s).
+    longest_decode_context: float = 0
 
     def __add__(self, other: StepShape) -> StepShape:
         return StepShape(self.num_tokens + other.num_tokens, self.decode_context + other.decode_context,
-                         self.prefill_pairs + other.prefill_pairs, self.num_samples + other.num_samples)
+                         self.prefill_pairs + other.prefill_pairs, self.num_samples + other.num_samples,
+                         max(self.longest_decode_context, other.longest_decode_context))
 
     def scaled(self, factor: float) -> StepShape:
+        """A `factor` share of the step; the longest decode stays whole (one share holds it)."""
         return StepShape(self.num_tokens * factor, self.decode_context * factor, self.prefill_pairs * factor,
-                         self.num_samples * factor)
+                         self.num_samples * factor, self.longest_decode_context)
 
     @staticmethod
     def of_chunk(computed: int, num_tokens: int, samples: bool) -> StepShape:
@@ -99,15 +113,18 @@ class StepShape:
         decode = query_lens == 1
         chunk, before = query_lens[~decode], computed[~decode]
         pairs = int((chunk * before + chunk * (chunk + 1) // 2).sum())
-        return StepShape(int(query_lens.sum()), int(computed[decode].sum()), pairs, num_samples)
+        longest = int(computed[decode].max()) if decode.any() else 0
+        return StepShape(int(query_lens.sum()), int(computed[decode].sum()), pairs, num_samples, longest)
 
     @staticmethod
     def of_step(scheduled: Iterable[tuple[Sequence, int]]) -> StepShape:
         shape = StepShape()
+        longest = 0
         for seq, n in scheduled:
             start = seq.num_scheduled_tokens  # the step's input is built before it is marked in flight
             shape += StepShape.of_chunk(start, n, start + n == len(seq))
-        return shape
+            longest = max(longest, start if n == 1 else 0)
+        return replace(shape, longest_decode_context=longest)
 
 
 @dataclass(frozen=True)
@@ -120,12 +137,36 @@ class StepCoefficients:
     layer_attention_s: float
     sample_s: float
     layer_prefill_s: float = 0.0
+    # The decode attention kernel's straggler (the module's docstring): per key of the longest
+    # decode's slice, per layer; 0 (profiles before it) leaves the summed-KV term alone.
+    layer_longest_s: float = 0.0
+    # How the kernel splits keys: programs per KV head it aims for (SMs x programs per SM / KV
+    # heads), over the batch's decodes rounded up to a power of two, at most max_decode_splits.
+    decode_split_width: int = 0
+    max_decode_splits: int = 1
+
+    def decode_splits(self, num_decodes: float) -> int:
+        """The key slices of every decode sequence in a batch of `num_decodes` decodes."""
+        if self.decode_split_width <= 0:
+            return 1
+        bucket = 1 << max(0, math.ceil(math.log2(max(num_decodes, 1))))
+        return max(1, min(self.decode_split_width // bucket, self.max_decode_splits))
+
+    def decode_attention(self, shape: StepShape) -> float:
+        """A layer's decode attention: its KV read at the memory rate, or its longest key slice."""
+        summed = self.layer_context_s * shape.decode_context
+        if not self.layer_longest_s or not shape.longest_decode_context:
+            return summed
+        # The decodes sample: num_samples counts them (and a finishing prefill chunk or two).
+        longest = self.layer_longest_s * shape.longest_decode_context / self.decode_splits(shape.num_samples)
+        return max(summed, longest)
 
     def predict(self, shape: StepShape, layers: int, samples: bool = True, shards: int = 1) -> float:
         """The step's time on a stage of `layers` layers; with `shards` tensor-parallel ranks,
-        each rank's share of every layer's weights, FLOPs and KV (its collectives aside)."""
+        each rank's share of every layer's weights, FLOPs and KV (its collectives aside; a
+        rank's fewer KV heads split each sequence's keys into as many more slices)."""
         sharded = (self.layer_s + self.layer_token_s * max(0, shape.num_tokens - self.knee_tokens)
-                   + self.layer_context_s * shape.decode_context + self.layer_attention_s * shape.prefill_pairs)
+                   + self.decode_attention(shape) + self.layer_attention_s * shape.prefill_pairs)
         per_layer = sharded / shards + (self.layer_prefill_s if shape.prefill_pairs else 0.0)
         return self.step_s + layers * per_layer + (self.sample_s * shape.num_samples if samples else 0.0)
 

@@ -5,7 +5,10 @@ events on a virtual clock instead of threads.
 Events: request arrivals, replica steps and coordinator checks, in time order. A replica's
 step runs whole when its event comes (the engine's `step()`, whose executor moves the clock
 to the step's end) and the replica's next step is due then; a request arriving meanwhile
-waits in the engine's queue for that step, as it waits in a live replica's inbox. A
+waits in the engine's queue for that step, as it waits in a live replica's inbox. A replica
+that schedules ahead (as GPU replicas do: fast_forward.schedules_ahead) scheduled its next
+step while this one ran, so a request arriving meanwhile is held for the step after that (it
+counts toward the replica's load meanwhile). A
 coordinator check sees the replicas as of their last completed steps; a transition waits for
 its members' running steps to end (as a live one pauses their loops) and holds them for
 its simulated duration.
@@ -30,6 +33,7 @@ from kunserve.cluster.policies.registry import policy_class
 from kunserve.config import EngineConfig
 from kunserve.engine.cost_model import CostModel, resolve_cost_model
 from kunserve.engine.llm_engine import LLMEngine
+from kunserve.engine.sequence import Sequence
 from kunserve.layout import arena_layout, stage_ranges
 from kunserve.model.presets import resolve_model
 from kunserve.outputs import RequestOutput
@@ -48,21 +52,51 @@ class SimulatedReplica:
     clock: VirtualClock
     engine: LLMEngine
     finished: dict[str, RequestOutput]  # the cluster's finished requests (shared, as a live cluster's streams)
+    refused: dict[str, str]  # the cluster's refused requests and why (shared)
     busy_until: float = 0.0  # its current step (or transition) ends then
+    # Requests that arrived while a step ran with the next one already scheduled (the module's
+    # docstring): they join the engine's queue when its next step is scheduled.
+    held: list[Sequence] = dataclasses.field(default_factory=list)
+    schedules_ahead: bool = False  # whether its running step had the next one scheduled ahead
+    step_started: float = 0.0  # when its running (or last) step was scheduled
     forward_to: SimulatedReplica | None = None  # merged into a group run by that replica
     step_due: bool = False  # a step event is queued
     is_alive: bool = True
 
     def kv_demand_blocks(self) -> int | None:
-        return None if self.forward_to is not None else self.engine.kv_demand_blocks()
+        if self.forward_to is not None:
+            return None
+        blocks = self.engine.block_manager
+        return self.engine.kv_demand_blocks() + sum(blocks.blocks_for(seq.num_prompt_tokens) for seq in self.held)
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Into the engine's queue, or held (arrived, validated) while a step runs with the
+        next scheduled ahead."""
+        try:
+            seq = self.engine.make_sequence(request_id, prompt, params)
+        except ValueError as error:  # refused, as a server answers 400
+            self.refused[request_id] = f"ValueError: {error}"
+            return
+        if self.schedules_ahead and self.clock() < self.busy_until:
+            self.held.append(seq)
+        else:
+            self.engine.add_sequence(seq)
+
+    def release_held(self, arrived_by: float = math.inf) -> None:
+        """The held requests that arrived by `arrived_by` join the engine's queue."""
+        released = [seq for seq in self.held if seq.metrics.arrival_time <= arrived_by]
+        self.held = [seq for seq in self.held if seq.metrics.arrival_time > arrived_by]
+        for seq in released:
+            self.engine.add_sequence(seq)
 
     def kv_load(self) -> float | None:
         demand = self.kv_demand_blocks()
         return None if demand is None else demand / self.engine.block_manager.num_total_blocks
 
     def pause(self) -> None:
-        """Wait for the running step to end."""
+        """Wait for the running step to end; its held requests join the engine's queue."""
         self.clock.advance_to(self.busy_until)
+        self.release_held()
 
     def resume(self) -> None:
         self.busy_until = max(self.busy_until, self.clock())
@@ -126,7 +160,7 @@ class SimulatedCluster:
             self.engines.append(LLMEngine(config, executor=executor, clock=self.clock))
         self.finished: dict[str, RequestOutput] = {}
         self.refused: dict[str, str] = {}
-        self.replicas = [SimulatedReplica(self.clock, engine, self.finished) for engine in self.engines]
+        self.replicas = [SimulatedReplica(self.clock, engine, self.finished, self.refused) for engine in self.engines]
         self.dispatcher = Dispatcher(dispatch_policy)
         self.links = Links()
         self.coordinator = Coordinator(self, coordinator)
@@ -213,10 +247,7 @@ class SimulatedCluster:
 
     def _arrive(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         index = self.dispatcher.choose([replica.kv_load() for replica in self.replicas])
-        try:
-            self.replicas[index].engine.add_request(request_id, prompt, params)
-        except ValueError as error:  # refused, as a server answers 400
-            self.refused[request_id] = f"ValueError: {error}"
+        self.replicas[index].add_request(request_id, prompt, params)
 
     def _step(self, replica: SimulatedReplica, until: float) -> None:
         """Run the replica's next step, or its steady decode steps that start before `until`."""
@@ -225,19 +256,28 @@ class SimulatedCluster:
             return
         engine = replica.engine
         before = self.clock()
+        ahead = False
         if isinstance(engine.executor, SimulatedExecutor):
-            engine.executor.overlaps_host = self.settings.schedule_ahead and schedules_ahead(engine)
+            ahead = engine.executor.overlaps_host = self.settings.schedule_ahead and schedules_ahead(engine)
+        # Scheduled ahead, this step was scheduled as the one before started: it takes the
+        # held requests that had arrived by then, the others wait for the next.
+        replica.release_held(replica.step_started if ahead else math.inf)
+        replica.schedules_ahead, replica.step_started = ahead, before
+        if replica.held:
+            until = before  # no steady decodes past the held requests' step
         if decode_ahead(engine, until):
             replica.busy_until = self.clock()
             return
         outputs = engine.step()
         if self.clock() == before:  # nothing could run: look again a little later
+            replica.schedules_ahead = False  # no step runs that the next was scheduled beside
             self.clock.advance_to(before + self.settings.idle_step_s)
         replica.busy_until = self.clock()
         replica.deliver_from_thread(outputs)
 
     def _schedule_steps(self) -> None:
         for replica in self.replicas:
-            if not replica.step_due and replica.forward_to is None and replica.engine.has_unfinished_requests():
+            if not replica.step_due and replica.forward_to is None and (replica.engine.has_unfinished_requests()
+                                                                        or replica.held):
                 replica.step_due = True
                 self._push(max(replica.busy_until, self.clock()), replica)

@@ -272,7 +272,8 @@ def step_shape(step: StepInput) -> StepShape:
     return StepShape.of_batch(step.batch.query_lens, step.batch.context_lens, len(step.sample_rows))
 
 
-# Llama-3-8B on an H200 (kunserve/engine/profiles/llama-3-8b.json): for profiles without their own.
+# Llama-3-8B on an H200, measured 2026-12-01 (before the cost model had the decode straggler;
+# kunserve/engine/profiles/llama-3-8b.json now has its own, refitted): for profiles without their own.
 FALLBACK_HOST_TIME = HostTime(step_s=4.23e-4, seq_s=1.402e-5, token_s=2.418e-6)
 
 

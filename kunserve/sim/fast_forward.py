@@ -87,6 +87,7 @@ def _steps_that_fit(
     time with the one before while `ahead_reserve` blocks are free before it (None: never)."""
     n = len(running)
     context = sum(seq.num_computed_tokens for seq in running)
+    longest = max(seq.num_computed_tokens for seq in running)
     layers = executor.model_layers
     t = executor.clock()
     last_step = executor.last_step
@@ -100,7 +101,7 @@ def _steps_that_fit(
             break
         # As SimulatedExecutor.submit then collect move the clock: host time, then compute.
         t += overlapped_host_time(executor.settings, n, n, t, last_step, overlaps)
-        compute = executor.cost.step_time(StepShape(n, context + n * (j - 1), 0, n), layers)
+        compute = executor.cost.step_time(StepShape(n, context + n * (j - 1), 0, n, longest + j - 1), layers)
         t = max(t, last_step[0] if steps else executor.stage_free_at()) + compute
         last_step = (t, compute)
         compute_total += compute

@@ -19,6 +19,9 @@ from kunserve.sim.cluster import SimulatedCluster
 WINDOW_S = 30.0
 FIRST_WAVE_S, SECOND_WAVE_S = 80.0, 92.0
 LONG_SHARE = 0.25  # of requests with long outputs: the burst is KV-bound, a drop pays
+# The first wave arrives within this: fast enough to overflow the replicas' KV before they
+# drain it (with the simulator's host time refitted on 2026-12-02, a 2 s wave no longer did).
+FIRST_WAVE_SPREAD_S = 1.0
 
 
 def transition(kind: str, members: list[int], began: float, took: float = 0.1) -> dict:
@@ -63,7 +66,7 @@ def burst_with_a_lull() -> tuple[list[float], list[int]]:
     a burst 12 s apart; LONG_SHARE of the requests are long. Arrivals and output lengths."""
     rng = np.random.default_rng(0)
     light = np.arange(120) * 0.5
-    waves = [FIRST_WAVE_S + rng.uniform(0, 2, 300), SECOND_WAVE_S + rng.uniform(0, 2, 300)]
+    waves = [FIRST_WAVE_S + rng.uniform(0, FIRST_WAVE_SPREAD_S, 300), SECOND_WAVE_S + rng.uniform(0, 2, 300)]
     arrivals = np.sort(np.concatenate([light, *waves]))
     outputs = np.where(rng.random(len(arrivals)) < LONG_SHARE, 2000, 100)
     return arrivals.tolist(), outputs.tolist()

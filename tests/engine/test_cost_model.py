@@ -1,5 +1,6 @@
 """The cost model: step shapes, fitting to measured steps, files, and the CPU profiler."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,5 +113,45 @@ def test_the_profiler_measures_one_point_per_case_on_cpu() -> None:
     worker = build_worker(config, resolve_model("tiny-llama"), (0, 2), config.resolve_device())
     cases = [ProfileCase(decodes=4, decode_context=32), ProfileCase(prefill_tokens=48, prefill_context=16)]
     points = profile_worker(worker, cases, config.block_size, repeats=1)
-    assert [p.shape for p in points] == [StepShape(4, 128, 0, 4), StepShape.of_chunk(16, 48, True)]
+    assert [p.shape for p in points] == [StepShape(4, 128, 0, 4, 32), StepShape.of_chunk(16, 48, True)]
     assert all(p.seconds > 0 and p.layers == 2 and not p.samples for p in points)
+
+
+def _decode_batch(contexts: list[int]) -> StepShape:
+    """A decode-only step's shape from its batch arrays, as the simulator prices it."""
+    context_lens = np.asarray(contexts) + 1  # each decode attends its computed tokens and its new one
+    return StepShape.of_batch(np.ones(len(contexts), dtype=np.int64), context_lens, len(contexts))
+
+
+def test_a_decode_batch_knows_its_longest_context() -> None:
+    assert _decode_batch([100, 6000, 300]).longest_decode_context == 6000
+
+
+def test_one_long_decode_costs_more_than_the_same_context_spread_evenly_by_the_fitted_straggler() -> None:
+    cost = resolve_cost_model(None, resolve_model("llama-3-8b").spec, "llama-3-8b", 2)
+    step = cost.step
+    assert step.layer_longest_s > 0 and "layer_longest_s" in cost.notes  # fitted, with its source
+    uneven = _decode_batch([5800] + [1000] * 31)
+    even = _decode_batch([1150] * 32)
+    assert uneven.decode_context == even.decode_context
+    splits = step.decode_splits(32)
+    straggler = 32 * (step.layer_longest_s * 5800 / splits - step.layer_context_s * 36800)
+    assert straggler > 0
+    assert cost.step_time(uneven, 32) - cost.step_time(even, 32) == pytest.approx(straggler)
+
+
+def test_decode_keys_split_into_fewer_slices_as_the_batch_grows() -> None:
+    step = StepCoefficients(0, 0, 0, 0, 0, 0, 0, decode_split_width=132, max_decode_splits=32)
+    assert [step.decode_splits(n) for n in (1, 4, 5, 8, 33, 64, 65, 256)] == [32, 32, 16, 16, 2, 2, 1, 1]
+
+
+def test_a_profile_without_the_straggler_loads_and_prices_decodes_by_their_summed_context(tmp_path: Path) -> None:
+    old = {"model": "m", "device": "d", "links": {"device": {"bandwidth_bytes_s": 1e9, "latency_s": 0.0}},
+           "step": {"step_s": 0.0, "layer_s": 1e-4, "knee_tokens": 64, "layer_token_s": 0.0, "layer_context_s": 1e-9,
+                    "layer_attention_s": 0.0, "sample_s": 0.0, "layer_prefill_s": 0.0}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    cost = CostModel.load(path)
+    assert cost.step.layer_longest_s == 0
+    uneven, even = _decode_batch([5800] + [1000] * 31), _decode_batch([1150] * 32)
+    assert cost.step_time(uneven, 32) == pytest.approx(cost.step_time(even, 32))

@@ -2,7 +2,8 @@
 measured or stated source: copies between devices of a host share both devices' NVLink ports
 (the KV exchange's measured both-ways rate); swaps share a host link; the first drop of a
 pair opens its links, as on a live server; replicas that schedule ahead hide their host time
-behind the step before; a group's stages run `group_stage_factor` times the cost model."""
+behind the step before, and hold a request arriving during a step for the step after the next;
+a group's stages run `group_stage_factor` times the cost model."""
 
 from __future__ import annotations
 
@@ -137,3 +138,37 @@ def test_a_groups_stages_swap_their_own_layers_each_over_its_host_link() -> None
     replica = swap_step_seconds(64, group=False) - swap_step_seconds(0, group=False) - latency
     pair = swap_step_seconds(64, group=True) - swap_step_seconds(0, group=True) - latency
     assert replica > 0 and pair == pytest.approx(replica / 2)  # each stage moves half the bytes, side by side
+
+
+def late_request_steps(schedule_ahead: bool) -> int:
+    """Eight requests decoding on one replica, a ninth arriving among their steps: how many
+    steps start after it arrives and before it is first scheduled."""
+    cluster = cluster_of(1, SimulatorConfig(schedule_ahead=schedule_ahead), device="cuda", async_scheduling="on")
+    engine = cluster.engines[0]
+    starts: list[float] = []
+    step = engine.step
+
+    def recorded() -> list:
+        starts.append(cluster.clock())
+        return step()
+
+    engine.step = recorded  # type: ignore[method-assign]
+    outputs = cluster.run([0.0] * 8 + [0.05], [[0] * 64] * 9, [request_params(40)] * 9, fast_forward=False)
+    metrics = outputs["8"].metrics
+    assert metrics is not None and metrics.first_scheduled_time is not None
+    return sum(metrics.arrival_time < t < metrics.first_scheduled_time for t in starts)
+
+
+def test_a_request_arriving_while_a_replica_scheduling_ahead_runs_a_step_waits_for_the_step_after_the_next() -> None:
+    assert late_request_steps(schedule_ahead=False) == 0
+    assert late_request_steps(schedule_ahead=True) == 1
+
+
+def test_a_held_request_counts_toward_its_replicas_load() -> None:
+    cluster = cluster_of(1, device="cuda", async_scheduling="on")
+    replica = cluster.replicas[0]
+    replica.schedules_ahead, replica.busy_until = True, cluster.clock() + 1.0  # a step runs, the next scheduled
+    before = replica.kv_demand_blocks()
+    replica.add_request("late", [0] * 64, request_params(8))
+    assert not cluster.engines[0].has_request("late")
+    assert replica.kv_demand_blocks() == before + cluster.engines[0].block_manager.blocks_for(64)
