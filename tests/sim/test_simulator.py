@@ -193,5 +193,6 @@ def test_a_chunk_of_an_overlapped_exchange_occupies_its_stage_before_the_next_mi
     chunk_end = executor.members[0].devices[0].free_at
     ready = start + host_step_time(executor.settings, 1, 64)
     assert chunk_end > ready  # so the micro-batch waits for the chunk
-    stage_0_s = cluster.cost.stage_time(StepShape.of_chunk(0, 64, True), 32, 2, 0, "device")
+    stage_0_s = cluster.cost.stage_time(StepShape.of_chunk(0, 64, True), 32, 2, 0, "device",
+                                        executor.settings.group_stage_factor or 1.0)  # a group stage's measured factor
     assert executor.pipeline.free_at[0] == pytest.approx(chunk_end + stage_0_s)
