@@ -129,9 +129,12 @@ def test_a_burst_is_admitted_after_a_drop_that_recompute_leaves_queued(llama_dir
 def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
     llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    in_flight: set[str] = set()  # the members' requests when the drop began (a short one may end before)
+
     def fuse_failing_after_the_hand_over(members: list, overlap_chunk: int | None = None) -> None:
         for member in members:
-            member.hand_over()
+            running, waiting = member.hand_over()
+            in_flight.update(seq.request_id for seq in running + waiting)
         raise RuntimeError("a device failed during the exchange")
 
     monkeypatch.setattr(runner_module, "fuse", fuse_failing_after_the_hand_over)
@@ -140,25 +143,26 @@ def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
     params = SamplingParams(temperature=0.0, max_tokens=MAX_MODEL_LEN - 40, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY)
 
-    async def run() -> list[BaseException | RequestOutput]:
+    async def run() -> dict[str, BaseException | RequestOutput]:
         cluster.start(asyncio.get_running_loop())
         streams = [cluster.add_requests([f"f{i}"], [PROMPTS[i]], [params]) for i in range(4)]
         await asyncio.sleep(0.2)  # running on both replicas
         with pytest.raises(RuntimeError, match="during the exchange"):
             await asyncio.to_thread(cluster.coordinator.runner.drop, [0, 1])
-        ends: list[BaseException | RequestOutput] = []
-        for stream in streams:
+        ends: dict[str, BaseException | RequestOutput] = {}
+        for i, stream in enumerate(streams):
             try:
-                ends.append([out async for out in stream][-1])
+                ends[f"f{i}"] = [out async for out in stream][-1]
             except EngineDeadError as error:
-                ends.append(error)
+                ends[f"f{i}"] = error
         return ends
 
     try:
         ends = asyncio.run(asyncio.wait_for(run(), WAIT_S))
     finally:
         cluster.shutdown()
-    assert all(isinstance(end, EngineDeadError) and "during the exchange" in str(end) for end in ends)
+    assert in_flight
+    assert all(isinstance(ends[i], EngineDeadError) and "during the exchange" in str(ends[i]) for i in in_flight)
 
 
 def test_while_grouped_the_second_members_metrics_follow_the_group(llama_dir: Path) -> None:
