@@ -45,7 +45,8 @@ ERROR_BODY = '"error":'  # an OpenAI-shaped error answer
 # Why a command does not run here, by what it contains.
 PLACEHOLDERS = ("/path/to/", "HOST_A_IP")
 NEEDS_RAY = ("ray start", "--executor ray")
-NEEDS_GPU = ("benchmarks/check_gpu.py", "benchmarks/engine.py", "--model llama-3-8b --load-format dummy")
+# GPU scripts, and dummy weights of a real model's config (speed runs: tens of GB per device).
+NEEDS_GPU = ("benchmarks/check_gpu.py", "benchmarks/engine.py", "--load-format dummy")
 NOT_SIMULATED = "kunserve simulate"  # the simulator runs the GPU presets on any machine
 SKIP_INSTALL = "installs (the environment is installed already; --install runs it)"
 SKIP_TESTS = "the test suite (--with-tests runs it)"
