@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from engine_steps import run_steps
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
@@ -44,13 +45,6 @@ def cluster(llama_dir: Path) -> Iterator[Cluster]:
 def single_device(llama_dir: Path, params: SamplingParams) -> dict[str, list[int]]:
     outputs = LLM(str(llama_dir), max_model_len=MAX_MODEL_LEN).generate(PROMPTS, params, use_tqdm=False)
     return {f"r{i}": out.outputs[0].token_ids for i, out in enumerate(outputs)}
-
-
-def run_steps(engines: list[LLMEngine], steps: int, finished: dict[str, list[int]]) -> None:
-    for _ in range(steps):
-        for engine in engines:
-            for out in engine.step():
-                finished[out.request_id] = out.outputs[0].token_ids
 
 
 def run_to_end(engines: list[LLMEngine], finished: dict[str, list[int]]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from engine_steps import run_steps
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
@@ -48,13 +49,6 @@ def replicas(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[list[L
     cluster.open_links()
     yield cluster.engines
     cluster.shutdown()
-
-
-def run_steps(engines: list[LLMEngine], steps: int, finished: Finished) -> None:
-    for _ in range(steps):
-        for engine in engines:
-            for out in engine.step():
-                finished[out.request_id] = out.outputs[0].token_ids
 
 
 def start(replicas: list[LLMEngine], seeded: bool) -> Finished:

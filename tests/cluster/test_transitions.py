@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_steps import run_steps
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
@@ -60,13 +61,6 @@ def replicas(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[list[L
     cluster.open_links()
     yield cluster.engines
     cluster.shutdown()
-
-
-def run_steps(engines: list[LLMEngine], steps: int, finished: dict[str, list[int]]) -> None:
-    for _ in range(steps):
-        for engine in engines:
-            for out in engine.step():
-                finished[out.request_id] = out.outputs[0].token_ids
 
 
 def run_through_cycles(replicas: list[LLMEngine], params: SamplingParams) -> dict[str, list[int]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_prompts
+from engine_steps import run_steps
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
 from kunserve.cluster.cluster import Cluster
@@ -147,27 +148,20 @@ def replicas(llama_dir: Path) -> Iterator[list[LLMEngine]]:
     cluster.shutdown()
 
 
-def _run(engines: list[LLMEngine], steps: int, finished: dict[str, list[int]]) -> None:
-    for _ in range(steps):
-        for engine in engines:
-            for out in engine.step():
-                finished[out.request_id] = out.outputs[0].token_ids
-
-
 def _through_a_drop(replicas: list[LLMEngine], params: SamplingParams) -> tuple[dict[str, list[int]], int]:
     """Requests started on the replicas, dropped into a group that decodes ahead, restored."""
     for i, prompt in enumerate(GROUP_PROMPTS):
         replicas[i % STAGES].add_request(f"r{i}", prompt, params)
     finished: dict[str, list[int]] = {}
-    _run(replicas, 4, finished)
+    run_steps(replicas, 4, finished)
     for engine in replicas:
         finished.update({out.request_id: out.outputs[0].token_ids for out in engine.drain()})
     group, _ = fuse(replicas)
-    _run([group], 20, finished)
+    run_steps([group], 20, finished)
     ahead = group.scheduler.num_steps_ahead
     finished.update({out.request_id: out.outputs[0].token_ids for out in split(group, replicas)[0]})
     while any(engine.has_unfinished_requests() for engine in replicas):
-        _run(replicas, 1, finished)
+        run_steps(replicas, 1, finished)
     return finished, ahead
 
 
@@ -202,12 +196,12 @@ def test_a_four_stage_group_on_the_graph_decode_path_scheduling_ahead_keeps_the_
         for i, prompt in enumerate(prompts):
             engines[i % g].add_request(f"r{i}", prompt, p)
         finished: dict[str, list[int]] = {}
-        _run(engines, 2, finished)
+        run_steps(engines, 2, finished)
         for engine in engines:
             finished.update({out.request_id: out.outputs[0].token_ids for out in engine.drain()})
         group, _ = fuse(engines)
         while group.has_unfinished_requests():
-            _run([group], 1, finished)
+            run_steps([group], 1, finished)
         assert group.scheduler.num_steps_ahead > 0
     finally:
         cluster.shutdown()

@@ -26,6 +26,7 @@ except ImportError:
     if os.environ.get("CI"):  # CI installs the ray extra: there these tests must run
         raise
     pytest.skip("ray is not installed (pip install -e '.[ray]')", allow_module_level=True)
+from engine_steps import run_steps
 from ray.cluster_utils import Cluster as RayCluster
 
 from kunserve import LLM, EngineConfig, LLMEngine, SamplingParams
@@ -95,13 +96,6 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple]]:
 def ray_executor(engine: LLMEngine) -> RayExecutor:
     assert isinstance(engine.executor, RayExecutor)
     return engine.executor
-
-
-def run_steps(engines: list[LLMEngine], steps: int, finished: dict[str, list[int]]) -> None:
-    for _ in range(steps):
-        for engine in engines:
-            for out in engine.step():
-                finished[out.request_id] = out.outputs[0].token_ids
 
 
 def run_to_end(engines: list[LLMEngine], finished: dict[str, list[int]]) -> dict[str, list[int]]:

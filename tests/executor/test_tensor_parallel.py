@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 from conftest import MODEL_VARIANTS, build_model_dir
+from engine_steps import run_steps
 from safetensors import safe_open
 from server_harness import MAX_MODEL_LEN, RunningServer
 
@@ -287,13 +288,6 @@ def tp2_replicas(llama_dir: Path) -> Iterator[list[LLMEngine]]:
     cluster.open_links()
     yield cluster.engines
     cluster.shutdown()
-
-
-def run_steps(engines: list[LLMEngine], steps: int, finished: dict[str, list[int]]) -> None:
-    for _ in range(steps):
-        for engine in engines:
-            for out in engine.step():
-                finished[out.request_id] = out.outputs[0].token_ids
 
 
 def test_drops_and_restores_between_tensor_parallel_replicas_keep_every_requests_tokens(
