@@ -129,7 +129,7 @@ def test_a_burst_is_admitted_after_a_drop_that_recompute_leaves_queued(llama_dir
 def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
     llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    in_flight: set[str] = set()  # the members' requests when the drop began (a short one may end before)
+    in_flight: set[str] = set()  # the members' requests when the drop began
 
     def fuse_failing_after_the_hand_over(members: list, overlap_chunk: int | None = None) -> None:
         for member in members:
@@ -138,15 +138,17 @@ def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
         raise RuntimeError("a device failed during the exchange")
 
     monkeypatch.setattr(runner_module, "fuse", fuse_failing_after_the_hand_over)
-    config = EngineConfig(model=str(llama_dir), max_model_len=MAX_MODEL_LEN, worker_threads=1)
+    # Requests far longer than the test: every one is in flight when the drop begins.
+    config = EngineConfig(model=str(llama_dir), max_model_len=4 * MAX_MODEL_LEN, worker_threads=1)
     cluster = Cluster.launch(config, num_replicas=2, coordinator=CoordinatorConfig("recompute"))
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_MODEL_LEN - 40, ignore_eos=True,
+    params = SamplingParams(temperature=0.0, max_tokens=4 * MAX_MODEL_LEN - 40, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def run() -> dict[str, BaseException | RequestOutput]:
         cluster.start(asyncio.get_running_loop())
         streams = [cluster.add_requests([f"f{i}"], [PROMPTS[i]], [params]) for i in range(4)]
-        await asyncio.sleep(0.2)  # running on both replicas
+        while sum(len(engine.scheduler.running) for engine in cluster.engines) < 4:
+            await asyncio.sleep(0.01)  # until every one runs (the test's WAIT_S bounds the wait)
         with pytest.raises(RuntimeError, match="during the exchange"):
             await asyncio.to_thread(cluster.coordinator.runner.drop, [0, 1])
         ends: dict[str, BaseException | RequestOutput] = {}
@@ -161,7 +163,7 @@ def test_a_drop_that_fails_halfway_ends_its_members_requests_with_the_error(
         ends = asyncio.run(asyncio.wait_for(run(), WAIT_S))
     finally:
         cluster.shutdown()
-    assert in_flight
+    assert in_flight == {f"f{i}" for i in range(4)}
     assert all(isinstance(ends[i], EngineDeadError) and "during the exchange" in str(ends[i]) for i in in_flight)
 
 

@@ -276,8 +276,10 @@ def test_a_worker_killed_during_a_transition_ends_the_members_requests_and_they_
     llama_dir: Path, reference: list[str], servers: Servers, monkeypatch: pytest.MonkeyPatch,
     transition: str
 ) -> None:
+    # Requests far longer than the transition: none may end on its own before the kill.
     server = servers.start(llama_dir, ServerConfig(num_replicas=2, dispatch_policy="round_robin",
-                                                    coordinator=CoordinatorConfig("recompute")))
+                                                    coordinator=CoordinatorConfig("recompute")),
+                           max_model_len=4 * MAX_MODEL_LEN)
     if transition == "restore":
         assert httpx.post(f"{server.url}/v1/cluster/drop", json={}, timeout=WAIT_S).status_code == 200
     old_pids = worker_pids(server)
@@ -292,7 +294,7 @@ def test_a_worker_killed_during_a_transition_ends_the_members_requests_and_they_
 
     monkeypatch.setattr(runner_module, carry_out.__name__, kill_then_carry_out)
     runner = server.cluster.coordinator.runner
-    traffic = Traffic(server, LONG, 4)
+    traffic = Traffic(server, {**LONG, "max_tokens": 4 * MAX_MODEL_LEN - 16}, 4)
     wait_until(lambda: sum({id(e): len(e.scheduler.running) for e in map(runner.engine_of, (0, 1))}.values()) == 4,
                "every request running")
     answer = httpx.post(f"{server.url}/v1/cluster/{transition}", json={}, timeout=WAIT_S)
