@@ -38,7 +38,12 @@ from kunserve.layout import arena_layout, stage_ranges
 from kunserve.model.presets import resolve_model
 from kunserve.outputs import RequestOutput
 from kunserve.sampling_params import SamplingParams
-from kunserve.sim.executor import SimulatedExecutor, resolve_group_stage_factor, resolve_host_time
+from kunserve.sim.executor import (
+    SimulatedExecutor,
+    SimulatedGroupExecutor,
+    resolve_group_stage_factor,
+    resolve_host_time,
+)
 from kunserve.sim.fast_forward import decode_ahead, schedules_ahead
 from kunserve.sim.settings import Fabric, SimulatorConfig, VirtualClock
 
@@ -257,7 +262,7 @@ class SimulatedCluster:
         engine = replica.engine
         before = self.clock()
         ahead = False
-        if isinstance(engine.executor, SimulatedExecutor):
+        if isinstance(engine.executor, SimulatedExecutor | SimulatedGroupExecutor):
             ahead = engine.executor.overlaps_host = self.settings.schedule_ahead and schedules_ahead(engine)
         # Scheduled ahead, this step was scheduled as the one before started: it takes the
         # held requests that had arrived by then, the others wait for the next.

@@ -9,6 +9,8 @@ Timing. A replica's step costs the driver's host time (scheduling, sending, coll
 `SimulatorConfig.host_*`), then each stage's compute in turn (cost_model.stage_time: its
 layers, plus the activations' hop after the first stage); a stage starts a micro-batch when
 it is free and the previous stage is done with it, so a pipeline's micro-batches overlap.
+A step scheduled ahead (replicas, static pipelines and groups alike, as on GPUs) hides part
+of its host time behind the step collected before it (overlapped_host_time).
 Swaps ride on the step over the host link. Device calls (become a stage, pull KV, refill
 weights) occupy the device for their transfer time: calls posted to several devices run
 side by side, and waiting for one moves the clock to its end.
@@ -68,9 +70,8 @@ class SimulatedExecutor(WorkerExecutor):
         self._steps = StepQueue(num_stages, clock, settings)
         self._calls: dict[int, deque[tuple[float, Any]]] = {rank: deque() for rank in range(num_stages)}
         # Whether the replica's next step is scheduled while the one before runs (set before
-        # each step: kunserve/sim/cluster.py), and the last step's end and device seconds.
+        # each step: kunserve/sim/cluster.py).
         self.overlaps_host = False
-        self.last_step = (0.0, 0.0)
         # While this replica is stage s of a group: the group's pipeline and s. A device call
         # then runs between the stage's micro-batches, as on a worker (a drop's overlapped
         # exchange, kunserve/cluster/exchange.py): after those submitted, before the next.
@@ -94,14 +95,12 @@ class SimulatedExecutor(WorkerExecutor):
     def submit(self, step: StepInput) -> None:
         g = self.num_stages
         shape = step_shape(step)
-        host = overlapped_host_time(self.settings, len(step.batch.query_lens), step.num_tokens, self.clock(),
-                                    self.last_step, self.overlaps_host and g == 1)
+        host = self._steps.host_time(step, self.overlaps_host)
         ready = self.clock() + host
         swap_wait = self.swaps_done_at(step, ready, self.layout.block_bytes) - ready  # computes once they are done
         stages = [swap_wait + self.cost.stage_time(shape, self.model_layers, g, s, self.settings.device_link)
                   for s in range(g)]
-        end = self._steps.submit(step, stages, host)
-        self.last_step = (end, sum(stages))
+        self._steps.submit(step, stages, host)
 
     def swaps_done_at(self, step: StepInput, ready: float, block: int) -> float:
         """The step's KV copies to and from host memory, blocks of `block` bytes (a group's
@@ -125,12 +124,17 @@ class SimulatedExecutor(WorkerExecutor):
         """When the (first) device finishes what it was given."""
         return self._steps.pipeline.free_at[0]
 
+    @property
+    def last_step(self) -> tuple[float, float]:
+        """The last collected step's end and device seconds."""
+        return self._steps.last_collected
+
     def record_steps(self, end: float, compute_s: float, last_compute_s: float) -> None:
         """Steps applied without `submit` (kunserve/sim/fast_forward.py) kept the device busy
         until `end`, computing for `compute_s`, the last of them for `last_compute_s`."""
         self._steps.pipeline.free_at[0] = end
         self._steps.pipeline.busy_s[0] += compute_s
-        self.last_step = (end, last_compute_s)
+        self._steps.last_collected = (end, last_compute_s)
 
     def release_layer(self, layer: int) -> range:
         return self.devices[0].release_layer(layer)
@@ -187,6 +191,7 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         self.cost, self.clock, self.settings = first.cost, first.clock, first.settings
         self.model_layers = first.model_layers
         self._steps = StepQueue(len(members), first.clock, first.settings)
+        self.overlaps_host = False  # as SimulatedExecutor's
         for stage, member in enumerate(members):
             member.pipeline_stage = (self._steps.pipeline, stage)
         # Stage s receives its activations over this link (a group may span hosts).
@@ -204,7 +209,7 @@ class SimulatedGroupExecutor(FusedGroupExecutor):
         factor = self.settings.group_stage_factor
         assert factor is not None  # resolved: resolve_group_stage_factor
         stages = [self.cost.stage_time(shape, self.model_layers, g, s, self._hop_links[s], factor) for s in range(g)]
-        host = host_time(self.settings, step)
+        host = self._steps.host_time(step, self.overlaps_host)
         ready = self.clock() + host
         sub_block = self.layout.block_bytes // g
         # Each stage swaps its layers' sub-blocks over its own host link, and computes once they are done.
@@ -226,7 +231,14 @@ class StepQueue:
         self.pipeline = StagePipeline(num_stages, clock)
         self.clock = clock
         self.settings = settings
-        self._results: deque[tuple[float, np.ndarray]] = deque()  # (done at, sampled) per step in flight
+        # (done at, device seconds, sampled) per step in flight; the last collected's end and device seconds.
+        self._results: deque[tuple[float, float, np.ndarray]] = deque()
+        self.last_collected = (0.0, 0.0)
+
+    def host_time(self, step: StepInput, overlaps: bool) -> float:
+        """The driver's time for `step`, scheduled ahead (`overlaps`) or not."""
+        return overlapped_host_time(self.settings, len(step.batch.query_lens), step.num_tokens, self.clock(),
+                                    self.last_collected, overlaps)
 
     def submit(self, step: StepInput, stage_s: list[float], host_s: float, not_before: list[float] | None = None
                ) -> float:
@@ -235,12 +247,13 @@ class StepQueue:
         self.clock.advance_to(self.clock() + host_s)
         sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
         end = self.pipeline.run(self.clock(), stage_s, not_before)
-        self._results.append((end, sampled))
+        self._results.append((end, sum(stage_s), sampled))
         return end
 
     def collect(self) -> np.ndarray:
-        done_at, sampled = self._results.popleft()
+        done_at, device_s, sampled = self._results.popleft()
         self.clock.advance_to(done_at)
+        self.last_collected = (done_at, device_s)
         return sampled
 
 
@@ -298,10 +311,6 @@ def resolve_host_time(settings: SimulatorConfig, cost: CostModel) -> SimulatorCo
         host_seq_s=measured.seq_s if settings.host_seq_s is None else settings.host_seq_s,
         host_token_s=measured.token_s if settings.host_token_s is None else settings.host_token_s,
     )
-
-
-def host_time(settings: SimulatorConfig, step: StepInput) -> float:
-    return host_step_time(settings, len(step.batch.query_lens), step.num_tokens)
 
 
 def host_step_time(settings: SimulatorConfig, num_seqs: int, num_tokens: int) -> float:

@@ -62,9 +62,10 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     add_comparison_arguments(parser)
     add_cluster_arguments(parser, DEFAULT_REPLICAS)
     add_engine_arguments(parser, skip=SKIPPED_ENGINE_FLAGS)
-    parser.add_argument("--links-open-at-start", action="store_true",
-                        help="open every pair's peer links before serving, as bench --launch does (default: the "
-                             "first drop or migration of a pair opens them, as on a live server)")
+    parser.add_argument("--links-open-at-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="open every pair's peer links before serving, as a live server (kunserve serve) and "
+                             "bench --launch do (default: on; --no-links-open-at-start: the first drop or "
+                             "migration of a pair opens them, at the measured cost)")
     hints = typing.get_type_hints(SimulatorConfig)
     for f in dataclasses.fields(SimulatorConfig):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))

@@ -32,11 +32,12 @@ class SimulatorConfig:
     host_token_s: float | None = None  # and per token computed
     # A group stage's compute time over the cost model's for its layers and micro-batch.
     group_stage_factor: float | None = None
-    # Replicas schedule a step while the previous one runs (asynchronous scheduling, as GPU
-    # replicas do), except replicas that swap, groups, and under memory pressure
+    # Replicas and pipelines schedule a step while the previous one runs (asynchronous
+    # scheduling, as GPU executors do), except those that swap and under memory pressure
     # (kunserve/engine/scheduler.py): part of the step's host time then hides behind the
-    # previous step's device time. That part, fitted to decode steps measured with it off and
-    # on (docs/results/engine_mp_async_{off,on}_h200.json: 0.51-2.37 ms saved at batch 1-256):
+    # previous step's device time. That part, fitted to replicas' decode steps measured with it
+    # off and on (docs/results/engine_mp_async_{off,on}_h200.json: 0.51-2.37 ms saved at batch
+    # 1-256), is a pipeline's too (the same driver code; not measured on pipelines):
     schedule_ahead: bool = True
     ahead_hidden_step_s: float = 6.5e-4  # per step
     ahead_hidden_seq_s: float = 7.2e-6  # and per sequence in it

@@ -1,8 +1,8 @@
 """What the simulator charges beyond the cost model's steps (kunserve/sim/), each from a
 measured or stated source: copies between devices of a host share both devices' NVLink ports
 (the KV exchange's measured both-ways rate); swaps share a host link; the first drop of a
-pair opens its links, as on a live server; replicas that schedule ahead hide their host time
-behind the step before, and hold a request arriving during a step for the step after the next;
+pair opens its links when a simulation does not open them at start; replicas and groups that
+schedule ahead hide their host time behind the step before, and hold a request arriving during a step for the step after the next;
 a group's stages run `group_stage_factor` times the cost model."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from kunserve.engine.cost_model import StepShape
 from kunserve.engine.step_builder import build_step_input
 from kunserve.sim.cluster import SimulatedCluster
 from kunserve.sim.executor import GROUP_STAGE_PROFILE, resolve_group_stage_factor
+from kunserve.sim.fast_forward import schedules_ahead
 from kunserve.sim.settings import Fabric, SimulatorConfig
 from kunserve.worker.protocol import DeviceCalls
 
@@ -98,6 +99,31 @@ def test_a_replica_scheduling_ahead_hides_the_measured_part_of_its_host_time() -
     settings = SimulatorConfig()
     hidden = min(settings.ahead_hidden_step_s + 8 * settings.ahead_hidden_seq_s, compute, host)
     assert ahead == pytest.approx(host - hidden + compute) and ahead < serial
+
+
+def group_decode_seconds(settings: SimulatorConfig) -> float:
+    """A pair's group decoding 8 requests in two micro-batches: how long its last two steps
+    (one step of each micro-batch) take, the group scheduling ahead as the cluster lets it."""
+    cluster = cluster_of(2, settings, device="cuda", async_scheduling="on", lookahead_batching=False)
+    group, _ = fuse(cluster.engines)
+    for i in range(8):
+        group.add_request(f"r{i}", [0] * 64, request_params(200))
+    for _ in range(20):
+        group.executor.overlaps_host = settings.schedule_ahead and schedules_ahead(group)  # as the cluster does
+        group.step()
+    start = cluster.clock()
+    for _ in range(2):
+        group.executor.overlaps_host = settings.schedule_ahead and schedules_ahead(group)
+        group.step()
+    return cluster.clock() - start
+
+
+def test_a_group_scheduling_ahead_hides_part_of_its_host_time_as_a_replica_does() -> None:
+    serial = group_decode_seconds(SimulatorConfig(schedule_ahead=False))
+    none_hidden = group_decode_seconds(SimulatorConfig(ahead_hidden_step_s=0.0, ahead_hidden_seq_s=0.0))
+    ahead = group_decode_seconds(SimulatorConfig())
+    assert none_hidden == pytest.approx(serial)
+    assert ahead < serial
 
 
 def test_a_groups_stages_run_the_measured_factor_times_the_cost_model() -> None:
