@@ -152,17 +152,10 @@ class StepCoefficients:
         bucket = 1 << max(0, math.ceil(math.log2(max(num_decodes, 1))))
         return max(1, min(self.decode_split_width // bucket, self.max_decode_splits))
 
-    def decode_attention(self, shape: StepShape) -> float:
-        """A layer's decode attention: its KV read at the memory rate, or its longest key slice."""
-        return self._decode_attention(shape.decode_context, shape.longest_decode_context, shape.num_samples)
-
-    def _decode_attention(self, decode_context: float, longest_decode_context: float, num_samples: float) -> float:
-        summed = self.layer_context_s * decode_context
-        if not self.layer_longest_s or not longest_decode_context:
-            return summed
+    def longest_slice(self, longest_decode_context: float, num_samples: float) -> float:
+        """A layer's decode attention's longest key slice (its straggler)."""
         # The decodes sample: num_samples counts them (and a finishing prefill chunk or two).
-        longest = self.layer_longest_s * longest_decode_context / self.decode_splits(num_samples)
-        return max(summed, longest)
+        return self.layer_longest_s * longest_decode_context / self.decode_splits(num_samples)
 
     def predict(self, shape: StepShape, layers: int, samples: bool = True, shards: int = 1) -> float:
         """The step's time on a stage of `layers` layers; with `shards` tensor-parallel ranks,
@@ -175,8 +168,11 @@ class StepCoefficients:
                        longest_decode_context: float, layers: int, samples: bool = True, shards: int = 1) -> float:
         """`predict` of the shape with these fields, without building it (the lookahead's
         per-candidate sums: kunserve/engine/lookahead.py)."""
-        sharded = (self.layer_s + self.layer_token_s * max(0, num_tokens - self.knee_tokens)
-                   + self._decode_attention(decode_context, longest_decode_context, num_samples)
+        # A layer's decode attention: its KV read at the memory rate, or its longest key slice.
+        attention = self.layer_context_s * decode_context
+        if self.layer_longest_s and longest_decode_context:
+            attention = max(attention, self.longest_slice(longest_decode_context, num_samples))
+        sharded = (self.layer_s + self.layer_token_s * max(0, num_tokens - self.knee_tokens) + attention
                    + self.layer_attention_s * prefill_pairs)
         per_layer = sharded / shards + (self.layer_prefill_s if prefill_pairs else 0.0)
         return self.step_s + layers * per_layer + (self.sample_s * num_samples if samples else 0.0)

@@ -108,16 +108,24 @@ def cycle_target_s(
     shape = StepShape()
     for step in in_flight:
         shape += step
-    counts: Counts = (shape.num_tokens, shape.decode_context, shape.prefill_pairs, shape.num_samples)
+    # Summed as `_with_chunk` sums (inlined: this runs over every running sequence).
+    tokens, context, pairs, samples = shape.num_tokens, shape.decode_context, shape.prefill_pairs, shape.num_samples
     for seq in itertools.chain(running, waiting):
-        if counts[0] >= cycle_tokens:
+        if tokens >= cycle_tokens:
             break
-        if seq.awaits_token:
+        in_flight = seq.num_in_flight_tokens
+        start = seq.num_computed_tokens + in_flight
+        length = len(seq.token_ids)
+        if in_flight > 0 and start >= length:  # it awaits its token (Sequence.awaits_token)
             continue
-        remaining = len(seq.token_ids) - seq.num_scheduled_tokens
-        counts = _with_chunk(counts, seq, min(remaining, cycle_tokens - counts[0]))
+        n = min(length - start, cycle_tokens - tokens)
+        if n == 1:
+            tokens, context, samples = tokens + 1, context + start, samples + 1
+        else:
+            tokens, pairs = tokens + n, pairs + (n * start + n * (n + 1) // 2)
+            samples += int(start + n >= length)
     # A chunk's longest decode is not known: the cycle's is the steps in flight's.
-    return predict(StepShape(*counts, shape.longest_decode_context).scaled(1 / num_stages))
+    return predict(StepShape(tokens, context, pairs, samples, shape.longest_decode_context).scaled(1 / num_stages))
 
 
 def _count_predictor(predict: Predictor) -> CountPredictor:

@@ -76,7 +76,8 @@ class Sequence:
     @property
     def awaits_token(self) -> bool:
         """Its last scheduled chunk samples and has not come back: nothing to schedule."""
-        return self.in_flight and self.num_scheduled_tokens >= len(self.token_ids)
+        in_flight = self.num_in_flight_tokens  # as in_flight and num_scheduled_tokens, read once (hot)
+        return in_flight > 0 and self.num_computed_tokens + in_flight >= len(self.token_ids)
 
     @property
     def can_run_ahead(self) -> bool:
