@@ -105,11 +105,12 @@ def cycle_target_s(
     rest of every running sequence not waiting for its token, and the waiting prompts;
     together at most g micro-batches' token budget (a prompt's chunks may fill them all)."""
     cycle_tokens = num_stages * max_num_batched_tokens
-    shape = StepShape()
+    # Summed field by field in StepShape.__add__'s order (a StepShape per sum costs more than it).
+    tokens, context, pairs, samples, longest = 0, 0, 0, 0, 0
     for step in in_flight:
-        shape += step
-    # Summed as `_with_chunk` sums (inlined: this runs over every running sequence).
-    tokens, context, pairs, samples = shape.num_tokens, shape.decode_context, shape.prefill_pairs, shape.num_samples
+        tokens, context, pairs = tokens + step.num_tokens, context + step.decode_context, pairs + step.prefill_pairs
+        samples, longest = samples + step.num_samples, max(longest, step.longest_decode_context)
+    # Each chunk summed as `_with_chunk` sums (inlined: this runs over every running sequence).
     for seq in itertools.chain(running, waiting):
         if tokens >= cycle_tokens:
             break
@@ -124,8 +125,10 @@ def cycle_target_s(
         else:
             tokens, pairs = tokens + n, pairs + (n * start + n * (n + 1) // 2)
             samples += int(start + n >= length)
-    # A chunk's longest decode is not known: the cycle's is the steps in flight's.
-    return predict(StepShape(tokens, context, pairs, samples, shape.longest_decode_context).scaled(1 / num_stages))
+    # A chunk's longest decode is not known: the cycle's is the steps in flight's. Its 1/g
+    # share as StepShape.scaled makes it.
+    share = 1 / num_stages
+    return predict(StepShape(tokens * share, context * share, pairs * share, samples * share, longest))
 
 
 def _count_predictor(predict: Predictor) -> CountPredictor:
