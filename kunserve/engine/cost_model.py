@@ -152,23 +152,30 @@ class StepCoefficients:
         bucket = 1 << max(0, math.ceil(math.log2(max(num_decodes, 1))))
         return max(1, min(self.decode_split_width // bucket, self.max_decode_splits))
 
-    def decode_attention(self, shape: StepShape) -> float:
-        """A layer's decode attention: its KV read at the memory rate, or its longest key slice."""
-        summed = self.layer_context_s * shape.decode_context
-        if not self.layer_longest_s or not shape.longest_decode_context:
-            return summed
+    def longest_slice(self, longest_decode_context: float, num_samples: float) -> float:
+        """A layer's decode attention's longest key slice (its straggler)."""
         # The decodes sample: num_samples counts them (and a finishing prefill chunk or two).
-        longest = self.layer_longest_s * shape.longest_decode_context / self.decode_splits(shape.num_samples)
-        return max(summed, longest)
+        return self.layer_longest_s * longest_decode_context / self.decode_splits(num_samples)
 
     def predict(self, shape: StepShape, layers: int, samples: bool = True, shards: int = 1) -> float:
         """The step's time on a stage of `layers` layers; with `shards` tensor-parallel ranks,
         each rank's share of every layer's weights, FLOPs and KV (its collectives aside; a
         rank's fewer KV heads split each sequence's keys into as many more slices)."""
-        sharded = (self.layer_s + self.layer_token_s * max(0, shape.num_tokens - self.knee_tokens)
-                   + self.decode_attention(shape) + self.layer_attention_s * shape.prefill_pairs)
-        per_layer = sharded / shards + (self.layer_prefill_s if shape.prefill_pairs else 0.0)
-        return self.step_s + layers * per_layer + (self.sample_s * shape.num_samples if samples else 0.0)
+        return self.predict_counts(shape.num_tokens, shape.decode_context, shape.prefill_pairs, shape.num_samples,
+                                   shape.longest_decode_context, layers, samples, shards)
+
+    def predict_counts(self, num_tokens: float, decode_context: float, prefill_pairs: float, num_samples: float,
+                       longest_decode_context: float, layers: int, samples: bool = True, shards: int = 1) -> float:
+        """`predict` of the shape with these fields, without building it (the lookahead's
+        per-candidate sums: kunserve/engine/lookahead.py)."""
+        # A layer's decode attention: its KV read at the memory rate, or its longest key slice.
+        attention = self.layer_context_s * decode_context
+        if self.layer_longest_s and longest_decode_context:
+            attention = max(attention, self.longest_slice(longest_decode_context, num_samples))
+        sharded = (self.layer_s + self.layer_token_s * max(0, num_tokens - self.knee_tokens) + attention
+                   + self.layer_attention_s * prefill_pairs)
+        per_layer = sharded / shards + (self.layer_prefill_s if prefill_pairs else 0.0)
+        return self.step_s + layers * per_layer + (self.sample_s * num_samples if samples else 0.0)
 
 
 @dataclass(frozen=True)
@@ -224,11 +231,20 @@ class CostModel:
         return replace(self, tensor_parallel_size=tp_size)
 
     def step_time(self, shape: StepShape, layers: int, samples: bool = True) -> float:
+        return self.step_time_of_counts(shape.num_tokens, shape.decode_context, shape.prefill_pairs,
+                                        shape.num_samples, shape.longest_decode_context, layers, samples)
+
+    def step_time_of_counts(self, num_tokens: float, decode_context: float, prefill_pairs: float,
+                            num_samples: float, longest_decode_context: float, layers: int,
+                            samples: bool = True) -> float:
+        """`step_time` of the shape with these fields, without building it."""
         t = self.tensor_parallel_size
+        predicted = self.step.predict_counts(num_tokens, decode_context, prefill_pairs, num_samples,
+                                             longest_decode_context, layers, samples, t)
         if t == 1:
-            return self.step.predict(shape, layers, samples)
-        all_reduce = self.all_reduce_time(shape.num_tokens * self.activation_bytes_per_token)
-        return self.step.predict(shape, layers, samples, t) + layers * ALL_REDUCES_PER_LAYER * all_reduce
+            return predicted
+        all_reduce = self.all_reduce_time(num_tokens * self.activation_bytes_per_token)
+        return predicted + layers * ALL_REDUCES_PER_LAYER * all_reduce
 
     def all_reduce_time(self, num_bytes: float) -> float:
         """A ring all-reduce of `num_bytes` on each of the stage's t ranks: each sends (and
@@ -301,6 +317,26 @@ class CostModel:
         links = {name: Link(bw, lat) for name, (bw, lat) in NOMINAL_LINKS.items()}
         return cls(model_name, "nominal", step, links, None, layer_bytes, kv_bytes,
                    spec.hidden_size * elem_bytes, {"source": "estimated from the model's sizes; no profile"})
+
+
+class StagePredictor:
+    """A micro-batch's predicted seconds on one stage of `layers` of `cost_model`'s layers: the
+    lookahead's predictor (kunserve/engine/lookahead.py), which also predicts from a shape's
+    counts without building it (`of_counts`, its sums per candidate sequence)."""
+
+    __slots__ = ("cost_model", "layers")
+
+    def __init__(self, cost_model: CostModel, layers: int) -> None:
+        self.cost_model = cost_model
+        self.layers = layers
+
+    def __call__(self, shape: StepShape) -> float:
+        return self.cost_model.step_time(shape, self.layers)
+
+    def of_counts(self, num_tokens: float, decode_context: float, prefill_pairs: float, num_samples: float) -> float:
+        """As called on the shape of these counts and no longest decode known (a lookahead shape)."""
+        return self.cost_model.step_time_of_counts(num_tokens, decode_context, prefill_pairs, num_samples, 0,
+                                                   self.layers)
 
 
 def profile_path(model_name: str) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -15,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kunserve.config import EngineConfig
 from kunserve.engine.block_manager import BlockAccounting, BlockManager
-from kunserve.engine.cost_model import CostModel, resolve_cost_model
+from kunserve.engine.cost_model import CostModel, StagePredictor, resolve_cost_model
 from kunserve.engine.lookahead import LookaheadBudget, cycle_target_s
 from kunserve.engine.output_processor import OutputProcessor
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -412,7 +411,7 @@ class LLMEngine:
             return None, None
         scheduler, config = self.scheduler, self.config
         if config.lookahead_batching:
-            predict = functools.partial(self.cost_model.step_time, layers=self.spec.num_layers // depth)
+            predict = StagePredictor(self.cost_model, self.spec.num_layers // depth)
             in_flight = (step.shape for step in self._in_flight if step.shape is not None)
             target = cycle_target_s(predict, in_flight, scheduler.running, scheduler.waiting, depth,
                                     config.max_num_batched_tokens)

@@ -19,10 +19,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 
-from kunserve.engine.cost_model import StepShape
+from kunserve.engine.cost_model import StagePredictor, StepShape
 from kunserve.engine.sequence import Sequence
 
 Predictor = Callable[[StepShape], float]  # predicted seconds of a micro-batch on one stage
+# A lookahead shape's fields: num_tokens, decode_context, prefill_pairs, num_samples (its
+# longest decode is never known). The budget sums these per candidate instead of building a
+# StepShape each time: a micro-batch's host cost is mostly these sums.
+Counts = tuple[float, float, float, float]
+CountPredictor = Callable[[float, float, float, float], float]
 
 
 class LookaheadBudget:
@@ -32,10 +37,16 @@ class LookaheadBudget:
         self.predict = predict
         self.target_s = target_s
         self.min_chunk_tokens = min_chunk_tokens
-        self.shape = StepShape()
-        # The shape with the last chunk tried, which `commit` usually takes (a micro-batch's
-        # host cost is mostly these sums: one per candidate, not two).
-        self._tried: tuple[Sequence, int, StepShape] | None = None
+        self._predict_counts = _count_predictor(predict)
+        self._counts: Counts = (0, 0, 0, 0)
+        # The counts with the last chunk tried, which `commit` usually takes (one sum per
+        # candidate, not two).
+        self._tried: tuple[Sequence, int, Counts] | None = None
+
+    @property
+    def shape(self) -> StepShape:
+        """What the micro-batch computes so far."""
+        return StepShape(*self._counts)
 
     def grant(self, seq: Sequence, wanted: int) -> int:
         """Tokens of the `wanted` next ones that `seq` may compute in this micro-batch (0:
@@ -48,7 +59,7 @@ class LookaheadBudget:
         if wanted <= self.min_chunk_tokens and self._closer_with(seq, wanted):
             return wanted
         floor = min(wanted, self.min_chunk_tokens)
-        if self.shape.num_tokens == 0:
+        if self._counts[0] == 0:
             granted = floor
         elif wanted == 1 or not self._fits(seq, floor):
             return 0
@@ -67,19 +78,19 @@ class LookaheadBudget:
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         tried = self._tried
         if tried is not None and tried[0] is seq and tried[1] == num_tokens:
-            self.shape = tried[2]
+            self._counts = tried[2]
         else:
-            self.shape += _chunk(seq, num_tokens)
+            self._counts = _with_chunk(self._counts, seq, num_tokens)
         self._tried = None
 
     def _fits(self, seq: Sequence, num_tokens: int) -> bool:
-        with_chunk = self.shape + _chunk(seq, num_tokens)
+        with_chunk = _with_chunk(self._counts, seq, num_tokens)
         self._tried = (seq, num_tokens, with_chunk)
-        return self.predict(with_chunk) <= self.target_s
+        return self._predict_counts(*with_chunk) <= self.target_s
 
     def _closer_with(self, seq: Sequence, num_tokens: int) -> bool:
-        over = self.predict(self.shape + _chunk(seq, num_tokens)) - self.target_s
-        return over < self.target_s - self.predict(self.shape)
+        over = self._predict_counts(*_with_chunk(self._counts, seq, num_tokens)) - self.target_s
+        return over < self.target_s - self._predict_counts(*self._counts)
 
 
 def cycle_target_s(
@@ -94,19 +105,45 @@ def cycle_target_s(
     rest of every running sequence not waiting for its token, and the waiting prompts;
     together at most g micro-batches' token budget (a prompt's chunks may fill them all)."""
     cycle_tokens = num_stages * max_num_batched_tokens
-    shape = StepShape()
+    # Summed field by field in StepShape.__add__'s order (a StepShape per sum costs more than it).
+    tokens, context, pairs, samples, longest = 0, 0, 0, 0, 0
     for step in in_flight:
-        shape += step
+        tokens, context, pairs = tokens + step.num_tokens, context + step.decode_context, pairs + step.prefill_pairs
+        samples, longest = samples + step.num_samples, max(longest, step.longest_decode_context)
+    # Each chunk summed as `_with_chunk` sums (inlined: this runs over every running sequence).
     for seq in itertools.chain(running, waiting):
-        if shape.num_tokens >= cycle_tokens:
+        if tokens >= cycle_tokens:
             break
-        if seq.awaits_token:
+        in_flight = seq.num_in_flight_tokens
+        start = seq.num_computed_tokens + in_flight
+        length = len(seq.token_ids)
+        if in_flight > 0 and start >= length:  # it awaits its token (Sequence.awaits_token)
             continue
-        remaining = len(seq) - seq.num_scheduled_tokens
-        shape += _chunk(seq, min(remaining, cycle_tokens - shape.num_tokens))
-    return predict(shape.scaled(1 / num_stages))
+        n = min(length - start, cycle_tokens - tokens)
+        if n == 1:
+            tokens, context, samples = tokens + 1, context + start, samples + 1
+        else:
+            tokens, pairs = tokens + n, pairs + (n * start + n * (n + 1) // 2)
+            samples += int(start + n >= length)
+    # A chunk's longest decode is not known: the cycle's is the steps in flight's. Its 1/g
+    # share as StepShape.scaled makes it.
+    share = 1 / num_stages
+    return predict(StepShape(tokens * share, context * share, pairs * share, samples * share, longest))
 
 
-def _chunk(seq: Sequence, num_tokens: int) -> StepShape:
-    start = seq.num_scheduled_tokens
-    return StepShape.of_chunk(start, num_tokens, start + num_tokens >= len(seq))
+def _count_predictor(predict: Predictor) -> CountPredictor:
+    """`predict` of a lookahead shape, from its counts."""
+    if isinstance(predict, StagePredictor):
+        return predict.of_counts
+    return lambda num_tokens, context, pairs, samples: predict(StepShape(num_tokens, context, pairs, samples))
+
+
+def _with_chunk(counts: Counts, seq: Sequence, num_tokens: int) -> Counts:
+    """`counts` plus those of `seq`'s next `num_tokens` tokens (StepShape.of_chunk's, summed
+    in the same order, so the sums are those of adding the chunk's StepShape)."""
+    num, context, pairs, samples = counts
+    start = seq.num_computed_tokens + seq.num_in_flight_tokens
+    if num_tokens == 1:
+        return (num + 1, context + start, pairs, samples + 1)
+    new_pairs = num_tokens * start + num_tokens * (num_tokens + 1) // 2
+    return (num + num_tokens, context, pairs + new_pairs, samples + int(start + num_tokens >= len(seq.token_ids)))

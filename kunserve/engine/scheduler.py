@@ -181,7 +181,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < seq_limit:
             seq = self.running[i]
-            if seq.awaits_token and not (ahead and seq.can_run_ahead and (sampled_by is None or seq in sampled_by)):
+            # (Whether the step in flight samples it is asked first: in a pipeline most are not.)
+            if seq.awaits_token and not (ahead and (sampled_by is None or seq in sampled_by) and seq.can_run_ahead):
                 i += 1
                 continue
             # A decode ahead of its token in flight computes that one token.

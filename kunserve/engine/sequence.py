@@ -76,17 +76,15 @@ class Sequence:
     @property
     def awaits_token(self) -> bool:
         """Its last scheduled chunk samples and has not come back: nothing to schedule."""
-        return self.in_flight and self.num_scheduled_tokens >= len(self.token_ids)
+        in_flight = self.num_in_flight_tokens  # as in_flight and num_scheduled_tokens, read once (hot)
+        return in_flight > 0 and self.num_computed_tokens + in_flight >= len(self.token_ids)
 
     @property
     def can_run_ahead(self) -> bool:
         """Its last scheduled chunk samples, that token is still in flight, and it may get
         another: a step scheduled ahead can decode it with that token taken on the device."""
-        return (
-            self.in_flight
-            and self.num_scheduled_tokens == len(self.token_ids)
-            and len(self.token_ids) + 1 < self.max_total_tokens
-        )
+        in_flight, length = self.num_in_flight_tokens, len(self.token_ids)  # read once (hot)
+        return in_flight > 0 and self.num_computed_tokens + in_flight == length and length + 1 < self.max_total_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:

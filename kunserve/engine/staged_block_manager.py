@@ -78,6 +78,13 @@ class StagedBlockManager(BlockAccounting):
         bs = self.block_size
         return table[block_tables], table[slot_mapping // bs] * bs + slot_mapping % bs
 
+    def translate_stages(self, block_tables: np.ndarray, slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`translate` for every stage at once: [stage, ...] arrays."""
+        # np.take, not physical[:, ids]: its stage rows come out contiguous, as the kernels want.
+        bs = self.block_size
+        tables = np.take(self.physical, block_tables, axis=1)
+        return tables, np.take(self.physical, slot_mapping // bs, axis=1) * bs + slot_mapping % bs
+
     def stage_blocks(self, stage: int, block_ids: np.ndarray) -> np.ndarray:
         """Logical block ids as stage `stage`'s physical sub-blocks."""
         return self.physical[stage][block_ids]

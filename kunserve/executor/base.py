@@ -174,6 +174,10 @@ class StageBlockMap(Protocol):
         """A step's logical block tables and KV slots as stage `stage`'s physical ones."""
         ...
 
+    def translate_stages(self, block_tables: np.ndarray, slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`translate` for every stage at once: [stage, ...] arrays."""
+        ...
+
     def stage_blocks(self, stage: int, block_ids: np.ndarray) -> np.ndarray:
         """Logical block ids as stage `stage`'s physical sub-blocks."""
         ...

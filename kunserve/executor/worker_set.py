@@ -11,7 +11,6 @@ step, and a device call goes to all of a stage's ranks as one (executor/tensor_p
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from collections import defaultdict, deque
 from typing import Any
@@ -40,9 +39,6 @@ def stage_assignments(config: EngineConfig, model: ResolvedModel, world: WorkerW
         for stage, layers in enumerate(stage_ranges(model.spec.num_layers, num_stages))
         for tp_rank in range(t)
     ]
-
-
-_NO_BLOCKS = np.empty(0, dtype=np.int64)  # in a group's shared step: each stage gets its own blocks
 
 
 def step_message(step: StepInput) -> bytes:
@@ -180,13 +176,13 @@ class WorkerGroupExecutor(FusedGroupExecutor):
             # A step that swaps (rare: memory ran out) goes whole to each stage, in its ids.
             messages = [step_message(self.stage_step(stage, step)) for stage in range(len(self.members))]
         else:
-            # Pickled once (without its blocks) for every stage: a group's host time per
+            # Pickled once, with every stage's blocks as raw bytes, for all stages (each takes its
+            # own row: kunserve/worker/worker_process.py's staged_step): a group's host time per
             # micro-batch stays near a replica's per step.
-            shared = pickle.dumps(dataclasses.replace(step, batch=dataclasses.replace(
-                step.batch, block_tables=_NO_BLOCKS, slot_mapping=_NO_BLOCKS)), protocol=pickle.HIGHEST_PROTOCOL)
-            messages = [pickle.dumps((Command.EXECUTE_STAGED, (shared, *self.blocks.translate(
-                stage, step.batch.block_tables, step.batch.slot_mapping))), protocol=pickle.HIGHEST_PROTOCOL)
-                for stage in range(len(self.members))]
+            tables, slots = self.blocks.translate_stages(step.batch.block_tables, step.batch.slot_mapping)
+            shared = pickle.dumps((step, tables.tobytes(), slots.tobytes()), protocol=pickle.HIGHEST_PROTOCOL)
+            messages = [pickle.dumps((Command.EXECUTE_STAGED, (stage, shared)), protocol=pickle.HIGHEST_PROTOCOL)
+                        for stage in range(len(self.members))]
         for stage, message in enumerate(messages):
             for worker in self.workers.stage_workers(stage):
                 self.workers.send(worker, message)

@@ -158,8 +158,8 @@ class Command:
     """What the driver sends a worker over its channel: (command, argument)."""
 
     EXECUTE = "execute"  # a StepInput; the last stage replies SAMPLED
-    # A group's step: (the StepInput pickled once for every stage, this stage's block tables,
-    # its KV slots); as EXECUTE otherwise
+    # A group's step: (this stage's index, the same bytes for every stage: the StepInput and
+    # every stage's block tables and KV slots, pickled once); as EXECUTE otherwise
     EXECUTE_STAGED = "execute_staged"
     CALL = "call"  # (DeviceCalls method name, args, kwargs); replies RETURNED
     TAKE_BUSY_S = "take_busy_s"  # replies BUSY_S: seconds computed since the last take

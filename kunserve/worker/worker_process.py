@@ -140,11 +140,21 @@ def _serve(handler: CommandHandler, conn: Connection) -> None:
             conn.send(reply)
 
 
-def staged_step(shared: bytes, block_tables: np.ndarray, slot_mapping: np.ndarray) -> StepInput:
-    """A group's step as one stage runs it: the step all stages share, with this stage's blocks."""
-    step: StepInput = pickle.loads(shared)
-    step.batch.block_tables, step.batch.slot_mapping = block_tables, slot_mapping
+def staged_step(stage: int, shared: bytes) -> StepInput:
+    """A group's step as stage `stage` runs it: the step all stages share, its logical block
+    tables and KV slots replaced by this stage's row of every stage's physical ones."""
+    step: StepInput
+    step, block_tables, slot_mapping = pickle.loads(shared)
+    batch = step.batch
+    batch.block_tables = stage_row(block_tables, stage, batch.block_tables)
+    batch.slot_mapping = stage_row(slot_mapping, stage, batch.slot_mapping)
     return step
+
+
+def stage_row(rows: bytes, stage: int, like: np.ndarray) -> np.ndarray:
+    """Row `stage` of a [stage, *like.shape] array of `like`'s dtype, sent as its raw bytes
+    (pickling a small array costs the driver more than copying it)."""
+    return np.frombuffer(rows, like.dtype, like.size, stage * like.nbytes).reshape(like.shape).copy()
 
 
 class CommandHandler:
