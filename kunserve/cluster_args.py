@@ -38,6 +38,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, default_replicas: int
                              "(doubled per drop-restore-drop cycle; also for a group formed by POST /v1/cluster/drop)")
     parser.add_argument("--check-interval-s", type=float, default=DEFAULTS.check_interval_s,
                         help="how often the coordinator looks at the replicas")
+    parser.add_argument("--overlap-exchange", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS.overlap_exchange,
+                        help="a drop's group starts at once and moves the running requests' KV in layer-sized "
+                             "chunks between its steps, each running request waiting for its own KV (default: off, "
+                             "the exchange completes inside the drop)")
 
 
 def coordinator_config(args: argparse.Namespace, overload_policy: str | None = None) -> CoordinatorConfig:
@@ -49,4 +54,5 @@ def coordinator_config(args: argparse.Namespace, overload_policy: str | None = N
         check_interval_s=args.check_interval_s,
         drop_after_s=args.drop_after_s,
         restore_after_s=args.restore_after_s,
+        overlap_exchange=args.overlap_exchange,
     )

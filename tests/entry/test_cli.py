@@ -14,12 +14,13 @@ from kunserve import cli
 from kunserve.arch.spec import ModelSpec
 from kunserve.cli import build_parser, main, serve_model
 from kunserve.cluster.cluster import Cluster
+from kunserve.cluster_args import coordinator_config
 from kunserve.config import EngineConfig, GiB
 from kunserve.engine_args import engine_config
 
 # What kunserve/cluster_args.py defines, once for serve, bench and simulate.
 CLUSTER_DESTS = ("replicas", "dispatch_policy", "overload_policy", "max_group_size", "drop_after_s",
-                 "restore_after_s", "check_interval_s")
+                 "restore_after_s", "check_interval_s", "overlap_exchange")
 
 
 def test_make_tiny_model_writes_a_loadable_directory(tmp_path: Path) -> None:
@@ -119,6 +120,12 @@ def test_serve_bench_and_simulate_share_the_cluster_flags() -> None:
 
     assert cluster_flags("serve") == cluster_flags("bench") == cluster_flags("simulate")
     assert len(cluster_flags("serve")) == len(CLUSTER_DESTS)
+
+
+@pytest.mark.parametrize("command", ["serve", "bench", "simulate"])
+def test_the_overlapped_exchange_is_off_unless_asked_for(command: str) -> None:
+    assert not coordinator_config(parse(command)).overlap_exchange
+    assert coordinator_config(parse(command, "--overlap-exchange")).overlap_exchange
 
 
 def test_serve_defaults_to_one_replica_and_comparisons_to_two() -> None:
