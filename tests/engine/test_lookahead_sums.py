@@ -1,8 +1,9 @@
 """The lookahead's sums per candidate, from counts (kunserve/engine/lookahead.py), against their
 plain definition: a StepShape per chunk, added up, and the cost model asked of each sum. On
 varied cost models (tensor parallel, the decode straggler), sequences (prefills, decodes,
-chunks in flight, decodes ahead of their token) and targets, the budget grants the same
-tokens, ends with the same shape, and the cycle target is the same number, to the bit."""
+chunks in flight, decodes ahead of their token) and targets, a prediction from counts is the
+cost model's of their shape, the budget's sums are its chunks' shapes added up, and the cycle
+target is the same number, to the bit."""
 
 from __future__ import annotations
 
@@ -29,45 +30,6 @@ Predictor = Callable[[StepShape], float]
 def plain_chunk(seq: Sequence, num_tokens: int) -> StepShape:
     start = seq.num_scheduled_tokens
     return StepShape.of_chunk(start, num_tokens, start + num_tokens >= len(seq))
-
-
-class PlainBudget:
-    """LookaheadBudget as first written: the micro-batch's StepShape, plus each chunk's."""
-
-    def __init__(self, predict: Predictor, target_s: float, min_chunk_tokens: int) -> None:
-        self.predict, self.target_s, self.min_chunk_tokens = predict, target_s, min_chunk_tokens
-        self.shape = StepShape()
-
-    def grant(self, seq: Sequence, wanted: int) -> int:
-        if self._fits(seq, wanted):
-            return wanted
-        if wanted <= self.min_chunk_tokens and self._closer_with(seq, wanted):
-            return wanted
-        floor = min(wanted, self.min_chunk_tokens)
-        if self.shape.num_tokens == 0:
-            granted = floor
-        elif wanted == 1 or not self._fits(seq, floor):
-            return 0
-        else:
-            granted = floor
-        low, high = granted, wanted - 1
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self._fits(seq, middle):
-                low = middle
-            else:
-                high = middle - 1
-        return low
-
-    def commit(self, seq: Sequence, num_tokens: int) -> None:
-        self.shape += plain_chunk(seq, num_tokens)
-
-    def _fits(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.predict(self.shape + plain_chunk(seq, num_tokens)) <= self.target_s
-
-    def _closer_with(self, seq: Sequence, num_tokens: int) -> bool:
-        over = self.predict(self.shape + plain_chunk(seq, num_tokens)) - self.target_s
-        return over < self.target_s - self.predict(self.shape)
 
 
 def plain_cycle_target_s(predict: Predictor, in_flight: Iterable[StepShape], running: Iterable[Sequence],
@@ -133,23 +95,22 @@ def test_a_stage_predictor_of_counts_is_the_cost_model_of_their_shape(
 @EXAMPLES
 @given(stage_predictors(), st.lists(st.tuples(sequences(), st.integers(1, 600), st.integers(0, 600)), max_size=24),
        shapes, st.floats(0.0, 2.0), st.integers(1, 64))
-def test_the_budget_grants_as_its_plain_definition(
+def test_the_budgets_shape_is_the_sum_of_its_committed_chunks_shapes(
     predict: StagePredictor, candidates: list[tuple[Sequence, int, int]], reference: StepShape, share: float,
     min_chunk: int,
 ) -> None:
-    """Granted tokens and the final shape, candidate by candidate, committing what was granted
-    (or, now and then, another count than the one tried last)."""
-    target = predict(reference) * share
-    budget, plain = LookaheadBudget(predict, target, min_chunk), PlainBudget(predict, target, min_chunk)
+    """Candidate by candidate, committing what was granted (the sum the grant tried last) or,
+    now and then, another count; so every grant is decided on the plain sum's prediction."""
+    budget = LookaheadBudget(predict, predict(reference) * share, min_chunk)
+    plain = StepShape()
     for seq, wanted_draw, other in candidates:
         wanted = max(1, min(wanted_draw, len(seq) - seq.num_scheduled_tokens))
         granted = budget.grant(seq, wanted)
-        assert granted == plain.grant(seq, wanted)
         committed = other if other and other <= wanted else granted
         if committed:
             budget.commit(seq, committed)
-            plain.commit(seq, committed)
-    assert budget.shape == plain.shape
+            plain += plain_chunk(seq, committed)
+        assert budget.shape == plain
 
 
 @EXAMPLES
@@ -161,23 +122,3 @@ def test_the_cycle_target_is_its_plain_definition(
 ) -> None:
     expected = plain_cycle_target_s(predict, in_flight, running, waiting, num_stages, token_budget)
     assert cycle_target_s(predict, in_flight, running, waiting, num_stages, token_budget) == expected
-
-
-@EXAMPLES
-@given(st.lists(sequences(), max_size=12), st.floats(0.0, 400.0), st.integers(1, 16))
-def test_a_plain_predictor_budget_grants_as_its_plain_definition(
-    candidates: list[Sequence], target: float, min_chunk: int
-) -> None:
-    """Any Predictor (not a StagePredictor) is asked of each sum's StepShape."""
-    def predict(shape: StepShape) -> float:
-        return 1.0 + shape.num_tokens + 1e-3 * shape.decode_context + 1e-6 * shape.prefill_pairs
-
-    budget, plain = LookaheadBudget(predict, target, min_chunk), PlainBudget(predict, target, min_chunk)
-    for seq in candidates:
-        wanted = max(1, len(seq) - seq.num_scheduled_tokens)
-        granted = budget.grant(seq, wanted)
-        assert granted == plain.grant(seq, wanted)
-        if granted:
-            budget.commit(seq, granted)
-            plain.commit(seq, granted)
-    assert budget.shape == plain.shape
