@@ -74,16 +74,20 @@ class StagedBlockManager(BlockAccounting):
 
     def translate(self, stage: int, block_tables: np.ndarray, slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A step's logical block tables and KV slots as stage `stage`'s physical ones."""
-        table = self.physical[stage]
-        bs = self.block_size
-        return table[block_tables], table[slot_mapping // bs] * bs + slot_mapping % bs
+        return self._through(self.physical[stage], block_tables, slot_mapping)
 
     def translate_stages(self, block_tables: np.ndarray, slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`translate` for every stage at once: [stage, ...] arrays."""
-        # np.take, not physical[:, ids]: its stage rows come out contiguous, as the kernels want.
+        return self._through(self.physical, block_tables, slot_mapping)
+
+    def _through(self, table: np.ndarray, block_tables: np.ndarray, slot_mapping: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Block tables and KV slots through `table` (logical id -> physical, on its last axis).
+        np.take, not table[:, ids]: a [stage, ...] result's stage rows come out contiguous, as
+        the kernels want."""
         bs = self.block_size
-        tables = np.take(self.physical, block_tables, axis=1)
-        return tables, np.take(self.physical, slot_mapping // bs, axis=1) * bs + slot_mapping % bs
+        physical_tables = np.take(table, block_tables, axis=-1)
+        return physical_tables, np.take(table, slot_mapping // bs, axis=-1) * bs + slot_mapping % bs
 
     def stage_blocks(self, stage: int, block_ids: np.ndarray) -> np.ndarray:
         """Logical block ids as stage `stage`'s physical sub-blocks."""
