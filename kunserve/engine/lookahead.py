@@ -105,19 +105,30 @@ def cycle_target_s(
     rest of every running sequence not waiting for its token, and the waiting prompts;
     together at most g micro-batches' token budget (a prompt's chunks may fill them all)."""
     cycle_tokens = num_stages * max_num_batched_tokens
-    flying = StepShape()
+    # Summed field by field in StepShape.__add__'s order (a StepShape per sum costs more than it).
+    tokens, context, pairs, samples, longest = 0, 0, 0, 0, 0
     for step in in_flight:
-        flying += step
-    counts: Counts = (flying.num_tokens, flying.decode_context, flying.prefill_pairs, flying.num_samples)
+        tokens, context, pairs = tokens + step.num_tokens, context + step.decode_context, pairs + step.prefill_pairs
+        samples, longest = samples + step.num_samples, max(longest, step.longest_decode_context)
+    # Each chunk summed as `_with_chunk` sums (inlined: this runs over every running sequence).
     for seq in itertools.chain(running, waiting):
-        if counts[0] >= cycle_tokens:
+        if tokens >= cycle_tokens:
             break
-        if seq.awaits_token:
+        in_flight = seq.num_in_flight_tokens
+        start = seq.num_computed_tokens + in_flight
+        length = len(seq.token_ids)
+        if in_flight > 0 and start >= length:  # it awaits its token (Sequence.awaits_token)
             continue
-        remaining = len(seq) - seq.num_scheduled_tokens
-        counts = _with_chunk(counts, seq, min(remaining, cycle_tokens - counts[0]))
-    # A chunk's longest decode is not known: the cycle's is the steps in flight's.
-    return predict(StepShape(*counts, flying.longest_decode_context).scaled(1 / num_stages))
+        n = min(length - start, cycle_tokens - tokens)
+        if n == 1:
+            tokens, context, samples = tokens + 1, context + start, samples + 1
+        else:
+            tokens, pairs = tokens + n, pairs + (n * start + n * (n + 1) // 2)
+            samples += int(start + n >= length)
+    # A chunk's longest decode is not known: the cycle's is the steps in flight's. Its 1/g
+    # share as StepShape.scaled makes it.
+    share = 1 / num_stages
+    return predict(StepShape(tokens * share, context * share, pairs * share, samples * share, longest))
 
 
 def _count_predictor(predict: Predictor) -> CountPredictor:
@@ -131,8 +142,8 @@ def _with_chunk(counts: Counts, seq: Sequence, num_tokens: int) -> Counts:
     """`counts` plus those of `seq`'s next `num_tokens` tokens (StepShape.of_chunk's, summed
     in the same order, so the sums are those of adding the chunk's StepShape)."""
     num, context, pairs, samples = counts
-    start = seq.num_scheduled_tokens
+    start = seq.num_computed_tokens + seq.num_in_flight_tokens
     if num_tokens == 1:
         return (num + 1, context + start, pairs, samples + 1)
     new_pairs = num_tokens * start + num_tokens * (num_tokens + 1) // 2
-    return (num + num_tokens, context, pairs + new_pairs, samples + int(start + num_tokens >= len(seq)))
+    return (num + num_tokens, context, pairs + new_pairs, samples + int(start + num_tokens >= len(seq.token_ids)))
