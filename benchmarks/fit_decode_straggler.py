@@ -11,6 +11,7 @@ chosen to minimize the mean relative error of the step times.
 
     python benchmarks/fit_decode_straggler.py docs/results/longgen_h200_2026-12-02/steps_recompute_async.json \\
         --num-sms 132 --profile kunserve/engine/profiles/llama-3-8b.json
+    python benchmarks/fit_decode_straggler.py docs/results/longgen_qwen32b_h200_2026-12-03/steps_qwen32b_async.json
 """
 
 from __future__ import annotations
@@ -70,18 +71,25 @@ def fit(cost: CostModel, records: list[dict], layers: int, width: int, max_split
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("steps", type=Path, help="a benchmarks/host_overhead.py --out JSON (scheduling ahead on)")
-    parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--profile", type=Path, default=None, help="the cost profile to update (default: packaged)")
+    parser.add_argument("--model", default=None,
+                        help="the measured model (default: the steps file's, else the --profile's)")
+    parser.add_argument("--profile", type=Path, default=None, help="the cost profile to update (default: the model's packaged one)")
     parser.add_argument("--num-sms", type=int, default=H200_SMS, help="the measured GPU's SMs")
     parser.add_argument("--check", type=Path, nargs="*", default=[],
                         help="other steps JSONs to report the fitted model's error on")
     parser.add_argument("--dry-run", action="store_true", help="print, do not write the profile")
     args = parser.parse_args()
-    path = args.profile or profile_path(args.model)
+    measured = json.loads(args.steps.read_text())
+    model = args.model or measured.get("model") or (CostModel.load(args.profile).model if args.profile else None)
+    if model is None:
+        raise SystemExit(f"{args.steps}: names no model; say --model")
+    path = args.profile or profile_path(model)
     cost = CostModel.load(path)
-    spec = resolve_model(args.model).spec
+    if cost.model != model:
+        raise SystemExit(f"{path} is {cost.model!r}'s profile, but the steps are of {model!r}")
+    spec = resolve_model(model).spec
     width = args.num_sms * _DECODE_PROGRAMS_PER_SM // spec.num_kv_heads
-    records = decode_steps(json.loads(args.steps.read_text())["steps"])
+    records = decode_steps(measured["steps"])
     layers = spec.num_layers
     before = mean_relative_error(cost, records, layers)
     coefficient, after = fit(cost, records, layers, width, _MAX_DECODE_SPLITS)

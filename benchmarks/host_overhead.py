@@ -185,7 +185,7 @@ def main() -> None:
     report(records, step_s, seq_s, token_s)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"host_step_s": step_s, "host_seq_s": seq_s, "host_token_s": token_s,
+        Path(args.out).write_text(json.dumps({"model": args.model, "host_step_s": step_s, "host_seq_s": seq_s, "host_token_s": token_s,
                                               "steps": records}, indent=1))
 
 
