@@ -8,6 +8,7 @@ block: 20 ms + 4 ms a block out and back. Short victims recompute, long ones swa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,3 +183,14 @@ def test_outputs_through_swaps_and_recomputes_equal_an_unloaded_run(runs: Runs, 
 def test_auto_runs_one_step_at_a_time_even_with_async_scheduling_on(runs: Runs) -> None:
     _, scheduler = runs.auto["on"]
     assert scheduler.num_steps_ahead == 0  # a step may swap: its copies ride side streams
+
+
+def test_auto_without_a_host_link_to_price_swaps_swaps_as_swap_does_and_says_so(
+        llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    profile = tmp_path / "no_host_link.json"
+    CostModel("tiny", "test", crossover_cost_model().step, {}).save(profile)
+    with caplog.at_level(logging.WARNING, logger="kunserve.engine.llm_engine"):
+        engines = [LLM(str(llama_dir), preemption_mode="auto", cost_profile=str(profile), **SMALL_KV).engine
+                   for _ in range(2)]
+    assert all(e.scheduler.swap_pool is not None and e.scheduler.swap_or_recompute is None for e in engines)
+    assert sum("preemption_mode='auto'" in record.getMessage() for record in caplog.records) == 1
