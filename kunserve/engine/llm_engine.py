@@ -126,12 +126,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, swap_pool,
                                    choice)
         # Asynchronous scheduling: one step scheduled ahead of the one on the device (of a
-        # pipeline's oldest micro-batch). Swaps copy blocks on side streams, off the step's
-        # stream order, so an engine that may swap ("swap", "auto") runs one step at a time.
-        self._schedules_ahead = (
-            self.executor.runs_ahead and swap_pool is None
-            and config.resolve_async_scheduling(config.resolve_device())
-        )
+        # pipeline's oldest micro-batch), while swaps allow it (swaps_allow_ahead).
+        self._schedules_ahead = self.executor.runs_ahead and config.resolve_async_scheduling(config.resolve_device())
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._finished_ids: list[str] = []
@@ -399,7 +395,7 @@ class LLMEngine:
 
     def _fill_pipeline(self, stats: StepStats | None) -> None:
         depth = self.executor.max_in_flight
-        while len(self._in_flight) < depth + self._schedules_ahead:
+        while len(self._in_flight) < depth + (self._schedules_ahead and self.swaps_allow_ahead()):
             # Full (every stage has a micro-batch): the next is scheduled ahead of the oldest.
             ahead = len(self._in_flight) >= depth
             output = self.scheduler.schedule(*self._micro_batch_limits(depth), ahead=ahead,
@@ -419,6 +415,15 @@ class LLMEngine:
             if not self._in_flight:
                 self._in_flight_since = now
             self._in_flight.append(output)
+
+    def swaps_allow_ahead(self) -> bool:
+        """Whether swapping lets the next step be scheduled while the one before runs. Swaps
+        copy blocks on side streams, off the steps' stream order, so a step that swaps runs
+        alone: under "swap" no step is scheduled ahead (any may swap); under "auto" none while
+        a request is swapped out or a step in flight swaps (a step ahead never preempts, so
+        then it swaps nothing either)."""
+        scheduler = self.scheduler
+        return scheduler.swap_pool is None or (self.config.preemption_mode == "auto" and not scheduler.swaps_pending)
 
     def _micro_batch_limits(self, depth: int) -> tuple[int | None, LookaheadBudget | None]:
         """(max sequences, time budget) of the next step: one device takes what the token

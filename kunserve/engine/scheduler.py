@@ -109,6 +109,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self.parked)
 
+    @property
+    def swaps_pending(self) -> bool:
+        """Whether a request is swapped out or a step in flight copies KV to or from host memory."""
+        return bool(self.swapped or self.num_swap_out_in_flight or self.num_swap_in_in_flight)
+
     def park(self, seqs: list[Sequence]) -> None:
         """Take running `seqs` out of scheduling until `unpark` (their KV is on its way)."""
         for seq in seqs:
