@@ -153,9 +153,28 @@ def _mid_crossover_profile(path: Path, llm: LLM) -> Path:
 
 
 @dataclass
+class AutoRun:
+    tokens: list[list[int]]
+    scheduler: Scheduler  # after the run
+    ahead_while_swapping: int  # steps scheduled ahead while a request was swapped out or a swap in flight
+
+
+@dataclass
 class Runs:
     unloaded: list[list[int]]
-    auto: dict[str, tuple[list[list[int]], Scheduler]]  # by async_scheduling: tokens, scheduler after
+    auto: dict[str, AutoRun]  # by async_scheduling
+
+
+def _run_watching_steps_ahead(llm: LLM, prompts: list[list[int]]) -> AutoRun:
+    scheduler = llm.engine.scheduler
+    schedule, watched = scheduler.schedule, []
+
+    def schedule_watched(*args: object, **kwargs: object) -> SchedulerOutput:
+        watched.append(bool(kwargs.get("ahead")) and scheduler.swaps_pending)
+        return schedule(*args, **kwargs)
+
+    scheduler.schedule = schedule_watched
+    return AutoRun(_tokens(llm, prompts), scheduler, sum(watched))
 
 
 @pytest.fixture(scope="module")
@@ -167,21 +186,25 @@ def runs(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     for async_scheduling in ASYNC_SCHEDULING:
         llm = LLM(str(llama_dir), preemption_mode="auto", cost_profile=str(profile), async_scheduling=async_scheduling,
                   **SMALL_KV)
-        auto[async_scheduling] = (_tokens(llm, prompts), llm.engine.scheduler)
+        auto[async_scheduling] = _run_watching_steps_ahead(llm, prompts)
     return Runs(_tokens(unloaded, prompts), auto)
 
 
 @pytest.mark.parametrize("async_scheduling", ASYNC_SCHEDULING)
 def test_outputs_through_swaps_and_recomputes_equal_an_unloaded_run(runs: Runs, async_scheduling: str) -> None:
-    tokens, scheduler = runs.auto[async_scheduling]
-    assert tokens == runs.unloaded
+    run = runs.auto[async_scheduling]
+    scheduler = run.scheduler
+    assert run.tokens == runs.unloaded
     assert 0 < scheduler.num_swap_outs < scheduler.num_preemptions  # both kinds happened
     assert scheduler.swap_pool.num_free_blocks == scheduler.swap_pool.num_total_blocks
 
 
 def test_auto_schedules_ahead_while_nothing_is_swapped(runs: Runs) -> None:
-    _, scheduler = runs.auto["on"]
-    assert scheduler.num_steps_ahead > 0
+    assert runs.auto["on"].scheduler.num_steps_ahead > 0
+
+
+def test_auto_schedules_nothing_ahead_while_a_swap_is_pending(runs: Runs) -> None:
+    assert runs.auto["on"].ahead_while_swapping == 0
 
 
 def test_auto_without_a_host_link_to_price_swaps_swaps_as_swap_does_and_says_so(
