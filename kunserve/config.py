@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 GiB = 1 << 30
-PREEMPTION_MODES = ("recompute", "swap")
+PREEMPTION_MODES = ("recompute", "swap", "auto")
+SWAPPING_MODES = frozenset({"swap", "auto"})  # the preemption modes that keep a host swap pool
 ASYNC_SCHEDULING = ("auto", "on", "off")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
@@ -46,7 +47,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
     # What a preempted request loses: "recompute" frees its KV (recomputed when it runs again),
-    # "swap" copies its KV to host memory and back (swap_space_bytes per device, pinned on GPUs).
+    # "swap" copies its KV to host memory and back (swap_space_bytes per device, pinned on GPUs);
+    # "auto" chooses per request: swap where copying its KV out and back over the host link
+    # costs less time than recomputing it, else recompute (kunserve/engine/preemption.py).
     preemption_mode: str = "recompute"
     # Schedule and stage a step while the previous one runs, so the host's work overlaps the
     # device's (one device, recompute preemption): "auto" = on CUDA devices, "on" | "off".
@@ -133,6 +136,11 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def can_swap(self) -> bool:
+        """Whether preemption may swap: the devices then keep a host swap pool."""
+        return self.preemption_mode in SWAPPING_MODES
 
     @property
     def devices_per_replica(self) -> int:

@@ -70,9 +70,10 @@ HELP = {
     "max_model_len": "longest prompt + output in tokens (default: the model's max_position_embeddings)",
     "max_num_seqs": "most requests in one step",
     "max_num_batched_tokens": "tokens per step; longer prompts are prefilled in chunks",
-    "preemption_mode": "what a preempted request loses: recompute frees its KV, swap copies it to host memory",
+    "preemption_mode": "what a preempted request loses: recompute frees its KV, swap copies it to host memory, "
+                       "auto swaps where that costs less time than recomputing (by the cost model)",
     "async_scheduling": "schedule the next step while this one runs (auto: on CUDA)",
-    "swap_space_bytes": "GiB of host memory per device for swapped-out KV (--preemption-mode swap), as vLLM's",
+    "swap_space_bytes": "GiB of host memory per device for swapped-out KV (--preemption-mode swap or auto), as vLLM's",
     "lookahead_batching": "pipelines: balance micro-batches by predicted step time (else by count)",
     "lookahead_min_chunk_tokens": "shortest prefill chunk a balanced micro-batch cuts",
     "cost_profile": "cost-model file (benchmarks/profile_steps.py) (default: the packaged one, else an estimate)",

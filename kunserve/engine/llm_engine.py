@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from kunserve.engine.block_manager import BlockAccounting, BlockManager
 from kunserve.engine.cost_model import CostModel, StagePredictor, resolve_cost_model
 from kunserve.engine.lookahead import LookaheadBudget, cycle_target_s
 from kunserve.engine.output_processor import OutputProcessor
+from kunserve.engine.preemption import SwapOrRecompute
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence
 from kunserve.engine.stats import FinishedRequestStats, PipelineBusy, StatsListener, StepStats
@@ -120,14 +122,12 @@ class LLMEngine:
         self.block_manager = block_manager
         swap_blocks = self.executor.num_swap_blocks
         swap_pool = BlockManager(config.block_size, range(swap_blocks)) if swap_blocks else None
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, swap_pool)
+        choice = self._swap_or_recompute() if swap_pool is not None and config.preemption_mode == "auto" else None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, swap_pool,
+                                   choice)
         # Asynchronous scheduling: one step scheduled ahead of the one on the device (of a
-        # pipeline's oldest micro-batch). Swaps copy blocks on side streams, off the step's
-        # stream order, so they run one at a time.
-        self._schedules_ahead = (
-            self.executor.runs_ahead and swap_pool is None
-            and config.resolve_async_scheduling(config.resolve_device())
-        )
+        # pipeline's oldest micro-batch), while swaps allow it (swaps_allow_ahead).
+        self._schedules_ahead = self.executor.runs_ahead and config.resolve_async_scheduling(config.resolve_device())
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._finished_ids: list[str] = []
@@ -144,6 +144,19 @@ class LLMEngine:
         self._bubble_window_start = self.clock()
         if self.executor.max_in_flight > 1:
             self.executor.take_busy_seconds()  # start the stages' clocks from here
+
+    def _swap_or_recompute(self) -> SwapOrRecompute | None:
+        """Preemption_mode "auto"'s choice, priced for one stage (a pipeline's stages each copy
+        and recompute their own layers' part); None, swapping whenever the host pool has room
+        (as "swap"), where the cost model cannot price a swap."""
+        layout = self.executor.layout
+        layers = self.spec.num_layers // self.executor.max_in_flight
+        stage_block_bytes = layout.block_bytes // layout.num_layers * layers
+        try:
+            return SwapOrRecompute(self.cost_model, layers, stage_block_bytes, self.config.max_num_batched_tokens)
+        except ValueError as error:
+            _warn_unpriced(str(error))
+            return None
 
     def _load_tokenizer(self, model: ResolvedModel) -> PreTrainedTokenizerBase | None:
         if self.config.skip_tokenizer_init:
@@ -382,7 +395,7 @@ class LLMEngine:
 
     def _fill_pipeline(self, stats: StepStats | None) -> None:
         depth = self.executor.max_in_flight
-        while len(self._in_flight) < depth + self._schedules_ahead:
+        while len(self._in_flight) < depth + (self._schedules_ahead and self.swaps_allow_ahead()):
             # Full (every stage has a micro-batch): the next is scheduled ahead of the oldest.
             ahead = len(self._in_flight) >= depth
             output = self.scheduler.schedule(*self._micro_batch_limits(depth), ahead=ahead,
@@ -402,6 +415,15 @@ class LLMEngine:
             if not self._in_flight:
                 self._in_flight_since = now
             self._in_flight.append(output)
+
+    def swaps_allow_ahead(self) -> bool:
+        """Whether swapping lets the next step be scheduled while the one before runs. Swaps
+        copy blocks on side streams, off the steps' stream order, so a step that swaps runs
+        alone: under "swap" no step is scheduled ahead (any may swap); under "auto" none while
+        a request is swapped out or a step in flight swaps (a step ahead never preempts, so
+        then it swaps nothing either)."""
+        scheduler = self.scheduler
+        return scheduler.swap_pool is None or (self.config.preemption_mode == "auto" and not scheduler.swaps_pending)
 
     def _micro_batch_limits(self, depth: int) -> tuple[int | None, LookaheadBudget | None]:
         """(max sequences, time budget) of the next step: one device takes what the token
@@ -470,3 +492,9 @@ class LLMEngine:
         while any of its blocks holds KV."""
         self.block_manager.remove_blocks(self.executor.layout.released_blocks(layer))
         self.executor.reclaim_layer(layer)
+
+
+@functools.cache
+def _warn_unpriced(reason: str) -> None:
+    """Once per reason: preemption_mode "auto" swaps as "swap" does (its cost model cannot say)."""
+    logger.warning("preemption_mode='auto' swaps whenever host memory has room, as 'swap': %s", reason)

@@ -6,7 +6,9 @@ chunk for an unfinished prefill), then waiting sequences in FCFS order while the
 recently admitted running sequence is preempted: its blocks are freed and its tokens
 recomputed later (vLLM's default), or, given a host swap pool, its KV is copied to host
 memory and back when blocks free up (InferCept-like swapping; the copies ride on the step,
-see kunserve/worker/swap.py). Swapped sequences come back before new ones are admitted. The
+see kunserve/worker/swap.py), or, given a `SwapOrRecompute` too (preemption_mode "auto"), by
+whichever of the two costs less time (kunserve/engine/preemption.py). Swapped sequences come
+back before new ones are admitted. The
 oldest running sequence is therefore never preempted by a younger one and, since no
 admitted sequence needs more blocks than the pool holds, always makes progress: no livelock.
 
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from kunserve.engine.block_manager import BlockAccounting, BlockManager
 from kunserve.engine.cost_model import StepShape
 from kunserve.engine.lookahead import LookaheadBudget
+from kunserve.engine.preemption import HostLinkLoad, SwapOrRecompute
 from kunserve.engine.sequence import Sequence, SequenceStatus
 
 # Why queued requests stayed queued in a step (`Scheduler.stalls` counts steps by it): no
@@ -73,12 +76,18 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         swap_pool: BlockManager | None = None,
+        swap_or_recompute: SwapOrRecompute | None = None,
     ) -> None:
-        """`swap_pool`: host blocks for preempted sequences' KV; None preempts by recompute."""
+        """`swap_pool`: host blocks for preempted sequences' KV; None preempts by recompute.
+        `swap_or_recompute`: with a pool, chooses per victim (None: swap whenever it has room)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.swap_pool = swap_pool
+        self.swap_or_recompute = swap_or_recompute
+        # Blocks the steps in flight copy out to and in from host memory (the host link's load).
+        self.num_swap_out_in_flight = 0
+        self.num_swap_in_in_flight = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()  # preempted with their KV in host memory, oldest first
@@ -99,6 +108,11 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self.parked)
+
+    @property
+    def swaps_pending(self) -> bool:
+        """Whether a request is swapped out or a step in flight copies KV to or from host memory."""
+        return bool(self.swapped or self.num_swap_out_in_flight or self.num_swap_in_in_flight)
 
     def park(self, seqs: list[Sequence]) -> None:
         """Take running `seqs` out of scheduling until `unpark` (their KV is on its way)."""
@@ -298,6 +312,8 @@ class Scheduler:
         """Mark the step's tokens in flight (after its input is built: see build_step_input)."""
         for seq, n in output.scheduled:
             seq.num_in_flight_tokens += n
+        self.num_swap_out_in_flight += len(output.swap_out)
+        self.num_swap_in_in_flight += len(output.swap_in)
 
     def update(self, output: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         """Advance the scheduled sequences; append the sampled tokens (one per sequence that
@@ -305,6 +321,8 @@ class Scheduler:
         finished (was aborted) while its step was in flight is skipped, its token dropped."""
         advanced: list[Sequence] = []
         tokens = iter(sampled)
+        self.num_swap_out_in_flight -= len(output.swap_out)
+        self.num_swap_in_in_flight -= len(output.swap_in)
         for seq, n in output.scheduled:
             seq.num_in_flight_tokens -= n
             reached_end = seq.num_computed_tokens + n == len(seq.token_ids)
@@ -340,13 +358,16 @@ class Scheduler:
         seq.finish_reason = reason
 
     def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
-        """Swap `seq` out when the host pool has room for its blocks, else recompute it later."""
+        """Swap `seq` out when the host pool has room for its blocks (and, choosing, swapping
+        costs less than recomputing), else recompute it later."""
         self.running.remove(seq)
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.num_waiting_blocks += self.block_manager.blocks_for(len(seq))
         pool = self.swap_pool
-        if pool is not None and seq.num_computed_tokens and len(seq.block_ids) <= pool.num_free_blocks:
+        if pool is not None and seq.num_computed_tokens and len(seq.block_ids) <= pool.num_free_blocks and (
+            self.swap_or_recompute is None or self.swap_or_recompute.swaps(seq, self._host_link_load(output))
+        ):
             seq.host_block_ids = pool.take(len(seq.block_ids))
             output.swap_out.extend(zip(seq.block_ids, seq.host_block_ids))
             self.block_manager.free(seq)
@@ -358,6 +379,13 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _host_link_load(self, output: SchedulerOutput) -> HostLinkLoad:
+        """The swap traffic ahead of a swap-out in `output` (the step being formed)."""
+        assert self.swap_pool is not None
+        held = self.swap_pool.num_total_blocks - self.swap_pool.num_free_blocks
+        return HostLinkLoad(len(output.swap_out) + self.num_swap_out_in_flight,
+                            held + len(output.swap_in) + self.num_swap_in_in_flight)
 
     def _recompute_swapped(self, seq: Sequence) -> Sequence:
         """Swapped-out `seq` gives its host blocks up and waits to be recomputed."""

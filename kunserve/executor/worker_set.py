@@ -77,8 +77,8 @@ class WorkerSetExecutor(WorkerExecutor):
             self.shutdown()
             raise RuntimeError("the tensor-parallel ranks of a stage built different arena layouts")
         self._layout = layouts[0]
-        swaps = config.preemption_mode == "swap"
-        self._num_swap_blocks = min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts) if swaps else 0
+        self._num_swap_blocks = (min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts)
+                                 if config.can_swap else 0)
         if num_stages == 1:
             self._kv_block_ids = layouts[0].initial_kv_blocks()
         else:

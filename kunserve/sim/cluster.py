@@ -159,7 +159,7 @@ class SimulatedCluster:
         for i in range(num_replicas):
             layouts = [arena_layout(spec, config, layers, elem_bytes, budget) for layers in stage_ranges(spec.num_layers, g)]
             swap_blocks = (min(layout.swap_blocks(config.swap_space_bytes) for layout in layouts)
-                           if config.preemption_mode == "swap" else 0)
+                           if config.can_swap else 0)
             executor = SimulatedExecutor(layouts[0], self.cost, self.clock, self.settings, spec.num_layers,
                                          i * config.devices_per_replica, g, swap_blocks, self.fabric, t)
             self.engines.append(LLMEngine(config, executor=executor, clock=self.clock))

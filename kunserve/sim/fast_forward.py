@@ -61,11 +61,12 @@ def decode_ahead(engine: LLMEngine, until: float) -> int:
 
 def schedules_ahead(engine: LLMEngine) -> bool:
     """Whether `engine`'s next step would be scheduled while the one before runs, on a GPU:
-    a replica or pipeline that does not swap (every GPU executor runs ahead: a pipeline's
-    first stage takes the last stage's sampled tokens), with asynchronous scheduling on, and
-    free blocks for every running sequence (kunserve/engine/scheduler.py)."""
+    a replica or pipeline whose swaps allow it (LLMEngine.swaps_allow_ahead; every GPU
+    executor runs ahead: a pipeline's first stage takes the last stage's sampled tokens),
+    with asynchronous scheduling on, and free blocks for every running sequence
+    (kunserve/engine/scheduler.py)."""
     config = engine.config
-    return (engine.scheduler.swap_pool is None and config.resolve_async_scheduling(config.resolve_device())
+    return (engine.swaps_allow_ahead() and config.resolve_async_scheduling(config.resolve_device())
             and engine.scheduler.can_schedule_ahead())
 
 

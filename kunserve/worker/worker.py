@@ -116,9 +116,9 @@ class Worker(DeviceCalls):
         )
         self.config, self.max_model_len = config, max_model_len
         self.runner = ModelRunner(self.model, device, self.decode_graphs(self.model, lazy=False))
-        # Host memory for swapped-out KV: only for the swap preemption mode.
+        # Host memory for swapped-out KV: only for the preemption modes that swap.
         self.swap_space = (SwapSpace(self.arena.kv_cache, layout.swap_blocks(config.swap_space_bytes))
-                           if config.preemption_mode == "swap" else None)
+                           if config.can_swap else None)
         # While this device is a stage of a drop's group: (stage, group size).
         self.group: tuple[int, int] | None = None
         # Global ranks of the neighbour stages (None: none, this stage embeds / samples).
@@ -225,7 +225,7 @@ class Worker(DeviceCalls):
         if not len(step.swap_out) and not len(step.swap_in):
             return
         if self.swap_space is None:
-            raise RuntimeError("the step swaps KV, but this worker has no swap space (preemption_mode='swap')")
+            raise RuntimeError("the step swaps KV, but this worker has no swap space (preemption_mode='swap' or 'auto')")
         written = np.unique(step.batch.slot_mapping // self.layout.block_size)
         self.swap_space.apply(step.swap_out, step.swap_in, written)
 

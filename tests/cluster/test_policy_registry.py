@@ -63,3 +63,16 @@ def test_an_unknown_policy_is_refused_naming_the_field() -> None:
 def test_the_registry_names_every_built_in_policy() -> None:
     assert set(registry.OVERLOAD_POLICIES) == {"kunserve", "kunserve-swap", "recompute", "swap", "migrate"}
     assert all(registry.policy_class(name).name == name for name in registry.OVERLOAD_POLICIES)
+
+
+@pytest.mark.parametrize(("policy", "mode"), [("kunserve", "auto"), ("kunserve-swap", "swap"), ("recompute", "recompute"),
+                                              ("swap", "swap"), ("migrate", "recompute")])
+def test_each_built_in_policys_engines_preempt_by_its_mode(policy: str, mode: str) -> None:
+    cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", num_kv_blocks=12), 2, CoordinatorConfig(policy))
+    assert all(engine.config.preemption_mode == mode for engine in cluster.engines)
+
+
+def test_kunserves_engines_choose_per_victim_between_swap_and_recompute() -> None:
+    cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", num_kv_blocks=12), 2, CoordinatorConfig("kunserve"))
+    schedulers = [engine.scheduler for engine in cluster.engines]
+    assert all(s.swap_pool is not None and s.swap_or_recompute is not None for s in schedulers)

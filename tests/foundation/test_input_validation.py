@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kunserve import LLM, SamplingParams
+from kunserve import LLM, EngineConfig, SamplingParams
+from kunserve.config import PREEMPTION_MODES
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,18 @@ def test_text_prompt_without_a_tokenizer(llama_dir: Path) -> None:
 def test_unknown_dtype(llama_dir: Path) -> None:
     with pytest.raises(ValueError, match="dtype"):
         LLM(str(llama_dir), dtype="float8", num_kv_blocks=64, max_model_len=128)
+
+
+def test_an_unknown_preemption_mode_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="preemption_mode"):
+        EngineConfig(preemption_mode="sometimes")
+
+
+@pytest.mark.parametrize("mode", PREEMPTION_MODES)
+def test_every_preemption_mode_is_accepted(mode: str) -> None:
+    assert EngineConfig(preemption_mode=mode).preemption_mode == mode
+
+
+def test_swap_and_auto_keep_a_host_swap_pool_and_recompute_does_not() -> None:
+    assert {mode: EngineConfig(preemption_mode=mode).can_swap for mode in PREEMPTION_MODES} == {
+        "recompute": False, "swap": True, "auto": True}

@@ -11,7 +11,10 @@ decode throughput (Planner.drop_gain: a compute-bound pair would only slow down)
 planned at one check run side by side. A group whose requests still wait for memory that
 long grows: each of its stages splits with further replicas (2 -> 4 -> 8,
 kunserve/cluster/growth.py), as far as `max_group_size` and the free replicas allow; where no
-larger group is possible it serves on, preempting as a replica does.
+larger group is possible it serves on, preempting as a replica does. Its engines preempt by
+preemption_mode "auto": each victim's KV is swapped to host memory where that costs less time
+than recomputing it, the host link's load counted (kunserve/engine/preemption.py), so where
+drops cannot help it falls back to the better of swap and recompute.
 
 A restore is due when the group's forecast demand fits in `restore_fill` of its members'
 replica capacity (blocks and sequence slots) for the calm time: `restore_after_s`, doubled
@@ -47,6 +50,7 @@ RESTORE, SHRINK = "restore", "shrink"
 
 class KunServePolicy(OverloadPolicy):
     name = "kunserve"
+    preemption_mode = "auto"
 
     def __init__(self, config: CoordinatorConfig, cluster: ClusterView, runner: TransitionRunner) -> None:
         super().__init__(config, cluster, runner)
