@@ -5,7 +5,7 @@ preempted by swapping give the tokens of an unloaded run, and swapping costs wha
    requests swap equal those with a large cache (recompute too, for comparison).
 2. Dummy Llama-3-8B in bf16, 64 requests of 1k-token prompts and 256 output tokens on a KV
    cache for about half of them: wall time, swap-outs and preemptions for swap vs recompute,
-   and how many requests' tokens equal those without pressure (in bf16 a request that runs in
+   (and auto), and how many requests' tokens equal those without pressure (in bf16 a request that runs in
    other batches may see other GEMM kernels and flip a near-tie: counted, not required).
 
     python benchmarks/check_swap_gpu.py --out $OUT/check_swap.json
@@ -32,6 +32,8 @@ TINY_LENGTHS = (1, 5, 17, 40, 100, 200, 300, 64)
 TINY_SMALL_KV = 30  # blocks of 16 tokens: the 8 tiny requests take turns
 LARGE_REQUESTS, LARGE_PROMPT, LARGE_OUTPUT = 64, 1024, 256
 LARGE_KV_BLOCKS = 2400  # about half of what the 64 requests grow to (64 x 80 blocks)
+# auto: swap or recompute per victim by the cost model, scheduling ahead while nothing is swapped.
+MODES = ("swap", "auto", "recompute")
 
 
 def tokens(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
@@ -47,7 +49,7 @@ def check_tiny(root: Path) -> dict:
     prompts = make_prompts(256, TINY_LENGTHS)
     reference, _ = tokens(LLM(str(model_dir), num_kv_blocks=256, max_model_len=400), prompts, 32)
     row = {}
-    for mode in ("swap", "recompute"):
+    for mode in MODES:
         llm = LLM(str(model_dir), num_kv_blocks=TINY_SMALL_KV, max_model_len=400, preemption_mode=mode)
         got, _ = tokens(llm, prompts, 32)
         scheduler = llm.engine.scheduler
@@ -62,7 +64,7 @@ def check_large(model: str) -> dict:
     reference, unloaded_s = tokens(LLM(model, **common), prompts, LARGE_OUTPUT)
     torch.cuda.empty_cache()
     row: dict = {"unloaded_s": unloaded_s}
-    for mode in ("swap", "recompute"):
+    for mode in MODES:
         llm = LLM(model, num_kv_blocks=LARGE_KV_BLOCKS, preemption_mode=mode, **common)
         got, seconds = tokens(llm, prompts, LARGE_OUTPUT)
         scheduler = llm.engine.scheduler
@@ -88,12 +90,12 @@ def main() -> None:
     print(f"\n{report['device']}")
     print(f"{'model':<12} {'mode':<10} {'identical':>10} {'preemptions':>12} {'swap-outs':>10} {'seconds':>8}")
     for name in ("tiny", "large"):
-        for mode in ("swap", "recompute"):
+        for mode in MODES:
             r = report[name][mode]
             print(f"{name:<12} {mode:<10} {r['identical']:>7}/{r['prompts']} {r['preemptions']:>12} "
                   f"{r['swap_outs']:>10} {r.get('seconds', float('nan')):>8.2f}")
     print(f"large, unloaded: {report['large']['unloaded_s']:.2f} s")
-    ok = all(report["tiny"][mode]["identical"] == report["tiny"][mode]["prompts"] for mode in ("swap", "recompute"))
+    ok = all(report["tiny"][mode]["identical"] == report["tiny"][mode]["prompts"] for mode in MODES)
     sys.exit(0 if ok else 1)
 
 
