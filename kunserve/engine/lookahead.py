@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 
-from kunserve.engine.cost_model import StagePredictor, StepShape
+from kunserve.engine.cost_model import CountPredictor, StagePredictor, StepShape
 from kunserve.engine.sequence import Sequence
 
 Predictor = Callable[[StepShape], float]  # predicted seconds of a micro-batch on one stage
@@ -27,7 +27,6 @@ Predictor = Callable[[StepShape], float]  # predicted seconds of a micro-batch o
 # longest decode is never known). The budget sums these per candidate instead of building a
 # StepShape each time: a micro-batch's host cost is mostly these sums.
 Counts = tuple[float, float, float, float]
-CountPredictor = Callable[[float, float, float, float], float]
 
 
 class LookaheadBudget:
