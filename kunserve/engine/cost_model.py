@@ -180,6 +180,13 @@ class StepCoefficients:
         per_layer = sharded / shards + (self.layer_prefill_s if prefill_pairs else 0.0)
         return self.step_s + layers * per_layer + (self.sample_s * num_samples if samples else 0.0)
 
+    def grows_with_counts(self) -> bool:
+        """Whether `predict_counts` never falls as a count grows: every rate finite and not
+        negative (each operation then rounds monotonically, so this holds of the floats too)."""
+        rates = (self.step_s, self.layer_s, self.layer_token_s, self.layer_context_s, self.layer_attention_s,
+                 self.sample_s, self.layer_prefill_s)
+        return all(math.isfinite(rate) and rate >= 0 for rate in rates)
+
     def lookahead_predictor(self, layers: int, shards: int) -> CountPredictor:
         """`predict_counts` of a sampling shape whose longest decode is not known, as a function
         of its counts with the coefficients read once: the lookahead predicts once per candidate
@@ -265,6 +272,15 @@ class CostModel:
             return predicted
         all_reduce = self.all_reduce_time(num_tokens * self.activation_bytes_per_token)
         return predicted + layers * ALL_REDUCES_PER_LAYER * all_reduce
+
+    def grows_with_counts(self) -> bool:
+        """Whether a step's predicted time never falls as one of its counts grows (its
+        coefficients', and with tensor parallelism its all-reduce link's, say so)."""
+        if self.tensor_parallel_size == 1:
+            return self.step.grows_with_counts()
+        link = self.links.get(ALL_REDUCE_LINK) or Link(*NOMINAL_LINKS[ALL_REDUCE_LINK])
+        return (self.step.grows_with_counts() and self.activation_bytes_per_token >= 0 and math.isfinite(link.latency_s)
+                and math.isfinite(link.bandwidth_bytes_s) and link.bandwidth_bytes_s > 0)
 
     def lookahead_predictor(self, layers: int) -> CountPredictor:
         """`step_time_of_counts` of a lookahead shape (no longest decode known, sampling) on
@@ -360,14 +376,15 @@ class StagePredictor:
     lookahead's predictor (kunserve/engine/lookahead.py), which also predicts from a shape's
     counts without building it (`of_counts(num_tokens, decode_context, prefill_pairs,
     num_samples)`: as called on their shape with no longest decode known; its sums per
-    candidate sequence)."""
+    candidate sequence). `grows_with_counts`: no count's growth makes it predict less."""
 
-    __slots__ = ("cost_model", "layers", "of_counts")
+    __slots__ = ("cost_model", "grows_with_counts", "layers", "of_counts")
 
     def __init__(self, cost_model: CostModel, layers: int) -> None:
         self.cost_model = cost_model
         self.layers = layers
         self.of_counts: CountPredictor = cost_model.lookahead_predictor(layers)
+        self.grows_with_counts = cost_model.grows_with_counts()
 
     def __call__(self, shape: StepShape) -> float:
         return self.cost_model.step_time(shape, self.layers)
