@@ -48,7 +48,7 @@ class LookaheadBudget:
         # prediction never falls as a count grows, a chunk whose counts stay within them fits
         # without a prediction of its own. A decode that finds none tries to prove counts
         # `_reach` decodes ahead of it (twice as far after a proof, half after a miss; 0: no
-        # more tries), so a micro-batch of b decodes costs O(log b) predictions, not b.
+        # more tries), so a micro-batch of b decodes of like contexts costs O(log b) predictions.
         self._cover: Counts | None = None
         self._reach = 1 if isinstance(predict, StagePredictor) and predict.grows_with_counts else 0
 
