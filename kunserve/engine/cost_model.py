@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -72,6 +72,9 @@ NOMINAL_LINKS = {
     ALL_REDUCE_LINK: (370e9, 20e-6),
 }
 ALL_REDUCES_PER_LAYER = 2  # after attention's o projection and after the MLP's down projection
+# Predicted seconds of a lookahead shape from its counts: num_tokens, decode_context,
+# prefill_pairs, num_samples (its longest decode is never known).
+CountPredictor = Callable[[float, float, float, float], float]
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,30 @@ class StepCoefficients:
         per_layer = sharded / shards + (self.layer_prefill_s if prefill_pairs else 0.0)
         return self.step_s + layers * per_layer + (self.sample_s * num_samples if samples else 0.0)
 
+    def grows_with_counts(self) -> bool:
+        """Whether `predict_counts` never falls as a count grows: every rate finite and not
+        negative (each operation then rounds monotonically, so this holds of the floats too)."""
+        rates = (self.step_s, self.layer_s, self.layer_token_s, self.layer_context_s, self.layer_attention_s,
+                 self.sample_s, self.layer_prefill_s)
+        return all(math.isfinite(rate) and rate >= 0 for rate in rates)
+
+    def lookahead_predictor(self, layers: int, shards: int) -> CountPredictor:
+        """`predict_counts` of a sampling shape whose longest decode is not known, as a function
+        of its counts with the coefficients read once: the lookahead predicts once per candidate
+        sequence, where the calls and attribute reads cost more than the arithmetic. The same
+        operations in the same order (tests/engine/test_lookahead_sums.py: to the bit)."""
+        step_s, layer_s, knee_tokens, layer_token_s = self.step_s, self.layer_s, self.knee_tokens, self.layer_token_s
+        layer_context_s, layer_attention_s = self.layer_context_s, self.layer_attention_s
+        layer_prefill_s, sample_s = self.layer_prefill_s, self.sample_s
+
+        def predict(num_tokens: float, decode_context: float, prefill_pairs: float, num_samples: float) -> float:
+            sharded = (layer_s + layer_token_s * max(0, num_tokens - knee_tokens) + layer_context_s * decode_context
+                       + layer_attention_s * prefill_pairs)
+            per_layer = sharded / shards + (layer_prefill_s if prefill_pairs else 0.0)
+            return step_s + layers * per_layer + sample_s * num_samples
+
+        return predict
+
 
 @dataclass(frozen=True)
 class Link:
@@ -245,6 +272,31 @@ class CostModel:
             return predicted
         all_reduce = self.all_reduce_time(num_tokens * self.activation_bytes_per_token)
         return predicted + layers * ALL_REDUCES_PER_LAYER * all_reduce
+
+    def grows_with_counts(self) -> bool:
+        """Whether a step's predicted time never falls as one of its counts grows (its
+        coefficients', and with tensor parallelism its all-reduce link's, say so)."""
+        if self.tensor_parallel_size == 1:
+            return self.step.grows_with_counts()
+        link = self.links.get(ALL_REDUCE_LINK) or Link(*NOMINAL_LINKS[ALL_REDUCE_LINK])
+        return (self.step.grows_with_counts() and self.activation_bytes_per_token >= 0 and math.isfinite(link.latency_s)
+                and math.isfinite(link.bandwidth_bytes_s) and link.bandwidth_bytes_s > 0)
+
+    def lookahead_predictor(self, layers: int) -> CountPredictor:
+        """`step_time_of_counts` of a lookahead shape (no longest decode known, sampling) on
+        `layers` layers, from its counts (StepCoefficients.lookahead_predictor)."""
+        t = self.tensor_parallel_size
+        predict = self.step.lookahead_predictor(layers, t)
+        if t == 1:
+            return predict
+        per_token_bytes = self.activation_bytes_per_token
+
+        def with_all_reduces(num_tokens: float, decode_context: float, prefill_pairs: float,
+                             num_samples: float) -> float:
+            predicted = predict(num_tokens, decode_context, prefill_pairs, num_samples)
+            return predicted + layers * ALL_REDUCES_PER_LAYER * self.all_reduce_time(num_tokens * per_token_bytes)
+
+        return with_all_reduces
 
     def all_reduce_time(self, num_bytes: float) -> float:
         """A ring all-reduce of `num_bytes` on each of the stage's t ranks: each sends (and
@@ -322,21 +374,20 @@ class CostModel:
 class StagePredictor:
     """A micro-batch's predicted seconds on one stage of `layers` of `cost_model`'s layers: the
     lookahead's predictor (kunserve/engine/lookahead.py), which also predicts from a shape's
-    counts without building it (`of_counts`, its sums per candidate sequence)."""
+    counts without building it (`of_counts(num_tokens, decode_context, prefill_pairs,
+    num_samples)`: as called on their shape with no longest decode known; its sums per
+    candidate sequence). `grows_with_counts`: no count's growth makes it predict less."""
 
-    __slots__ = ("cost_model", "layers")
+    __slots__ = ("cost_model", "grows_with_counts", "layers", "of_counts")
 
     def __init__(self, cost_model: CostModel, layers: int) -> None:
         self.cost_model = cost_model
         self.layers = layers
+        self.of_counts: CountPredictor = cost_model.lookahead_predictor(layers)
+        self.grows_with_counts = cost_model.grows_with_counts()
 
     def __call__(self, shape: StepShape) -> float:
         return self.cost_model.step_time(shape, self.layers)
-
-    def of_counts(self, num_tokens: float, decode_context: float, prefill_pairs: float, num_samples: float) -> float:
-        """As called on the shape of these counts and no longest decode known (a lookahead shape)."""
-        return self.cost_model.step_time_of_counts(num_tokens, decode_context, prefill_pairs, num_samples, 0,
-                                                   self.layers)
 
 
 def profile_path(model_name: str) -> Path:

@@ -137,6 +137,7 @@ class LLMEngine:
         self.recent_output_lens: deque[int] = deque(maxlen=RECENT_OUTPUTS)  # of requests that ran to their end
         self.num_recent_outputs = 0  # appended to recent_output_lens so far
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted steps, oldest first
+        self._lookahead_predictor: StagePredictor | None = None  # built at the first micro-batch
         self.between_steps: BetweenSteps | None = None
         # The pipeline bubble: time with steps in flight, against the stages' busy clocks.
         self._in_flight_s = 0.0
@@ -433,13 +434,22 @@ class LLMEngine:
             return None, None
         scheduler, config = self.scheduler, self.config
         if config.lookahead_batching:
-            predict = StagePredictor(self.cost_model, self.spec.num_layers // depth)
+            predict = self._stage_predictor(depth)
             in_flight = (step.shape for step in self._in_flight if step.shape is not None)
             target = cycle_target_s(predict, in_flight, scheduler.running, scheduler.waiting, depth,
                                     config.max_num_batched_tokens)
             return None, LookaheadBudget(predict, target, config.lookahead_min_chunk_tokens)
         demand = len(scheduler.running) + len(scheduler.waiting)
         return max(1, math.ceil(demand / depth)), None
+
+    def _stage_predictor(self, depth: int) -> StagePredictor:
+        """The lookahead's predictor of one stage of a `depth`-stage pipeline, built once (it
+        binds the cost model's coefficients) and rebuilt only if the depth changes."""
+        layers = self.spec.num_layers // depth
+        predictor = self._lookahead_predictor
+        if predictor is None or predictor.layers != layers:
+            predictor = self._lookahead_predictor = StagePredictor(self.cost_model, layers)
+        return predictor
 
     def _record_token_time(self, seq: Sequence, now: float, stats: StepStats | None) -> None:
         m = seq.metrics

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 
-from kunserve.engine.cost_model import StagePredictor, StepShape
+from kunserve.engine.cost_model import CountPredictor, StagePredictor, StepShape
 from kunserve.engine.sequence import Sequence
 
 Predictor = Callable[[StepShape], float]  # predicted seconds of a micro-batch on one stage
@@ -27,7 +27,9 @@ Predictor = Callable[[StepShape], float]  # predicted seconds of a micro-batch o
 # longest decode is never known). The budget sums these per candidate instead of building a
 # StepShape each time: a micro-batch's host cost is mostly these sums.
 Counts = tuple[float, float, float, float]
-CountPredictor = Callable[[float, float, float, float], float]
+# How much longer than the decode that proves a cover the decodes it covers may be: a
+# micro-batch's decodes have contexts of a like size, more or less (a longer one predicts).
+COVER_CONTEXT_FACTOR = 2
 
 
 class LookaheadBudget:
@@ -42,6 +44,13 @@ class LookaheadBudget:
         # The counts with the last chunk tried, which `commit` usually takes (one sum per
         # candidate, not two).
         self._tried: tuple[Sequence, int, Counts] | None = None
+        # Counts known to fit (predicted within the target) ahead of the micro-batch's: where the
+        # prediction never falls as a count grows, a chunk whose counts stay within them fits
+        # without a prediction of its own. A decode that finds none tries to prove counts
+        # `_reach` decodes ahead of it (twice as far after a proof, half after a miss; 0: no
+        # more tries), so a micro-batch of b decodes of like contexts costs O(log b) predictions.
+        self._cover: Counts | None = None
+        self._reach = 1 if isinstance(predict, StagePredictor) and predict.grows_with_counts else 0
 
     @property
     def shape(self) -> StepShape:
@@ -86,7 +95,25 @@ class LookaheadBudget:
     def _fits(self, seq: Sequence, num_tokens: int) -> bool:
         with_chunk = _with_chunk(self._counts, seq, num_tokens)
         self._tried = (seq, num_tokens, with_chunk)
+        cover = self._cover
+        if (cover is not None and with_chunk[0] <= cover[0] and with_chunk[1] <= cover[1]
+                and with_chunk[2] <= cover[2] and with_chunk[3] <= cover[3]):
+            return True
+        if num_tokens == 1 and self._reach and self._proves_cover(with_chunk, with_chunk[1] - self._counts[1]):
+            return True
         return self._predict_counts(*with_chunk) <= self.target_s
+
+    def _proves_cover(self, with_decode: Counts, context: float) -> bool:
+        """Whether the counts `_reach` decodes past `with_decode` (each of up to
+        COVER_CONTEXT_FACTOR times this decode's `context`) fit; if so they become the cover."""
+        reach = self._reach
+        num, decode_context, pairs, samples = with_decode
+        cover = (num + reach, decode_context + reach * COVER_CONTEXT_FACTOR * context, pairs, samples + reach)
+        if self._predict_counts(*cover) <= self.target_s:
+            self._cover, self._reach = cover, 2 * reach
+            return True
+        self._reach = reach // 2
+        return False
 
     def _closer_with(self, seq: Sequence, num_tokens: int) -> bool:
         over = self._predict_counts(*_with_chunk(self._counts, seq, num_tokens)) - self.target_s

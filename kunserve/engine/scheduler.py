@@ -188,7 +188,7 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         output = SchedulerOutput(scheduled, preempted)
-        if ahead and self.block_manager.num_free_blocks < self._ahead_reserve_blocks(budget):
+        if ahead and not self._has_ahead_reserve(budget):
             return output
 
         sampled_by = None if ahead_of is None else _sampled_sequences(ahead_of)
@@ -299,14 +299,18 @@ class Scheduler:
     def can_schedule_ahead(self) -> bool:
         """Whether the next step, if scheduled ahead, would find blocks for every running
         sequence (else scheduling falls back to one step at a time)."""
-        return self.block_manager.num_free_blocks >= self._ahead_reserve_blocks(self.max_num_batched_tokens)
+        return self._has_ahead_reserve(self.max_num_batched_tokens)
 
-    def _ahead_reserve_blocks(self, budget: int) -> int:
-        """Free blocks that surely cover a step's running sequences: each may start one new
-        block, and their prompt chunks fill at most (the budget or what is left of their
-        prompts) / block_size more."""
+    def _has_ahead_reserve(self, budget: int) -> bool:
+        """Whether the free blocks surely cover a step's running sequences: each may start one
+        new block, and their prompt chunks fill at most (the budget or what is left of their
+        prompts) / block_size more. What is left of the prompts is summed (a pass over the
+        running sequences) only when blocks for a whole budget's chunks are not free."""
+        free, block_size = self.block_manager.num_free_blocks, self.block_manager.block_size
+        if free >= len(self.running) + -(-budget // block_size):
+            return True
         chunks = sum(len(s.token_ids) - s.num_scheduled_tokens for s in self.running if not s.awaits_token)
-        return len(self.running) + -(-min(chunks, budget) // self.block_manager.block_size)
+        return free >= len(self.running) + -(-min(chunks, budget) // block_size)
 
     def launch(self, output: SchedulerOutput) -> None:
         """Mark the step's tokens in flight (after its input is built: see build_step_input)."""

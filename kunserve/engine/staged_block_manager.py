@@ -16,7 +16,10 @@ class StagedBlockManager(BlockAccounting):
     def __init__(self, block_size: int, stages: list[BlockManager]) -> None:
         super().__init__(block_size)
         self.stages = stages  # per stage: its device's physical sub-blocks
-        self.physical = np.zeros((len(stages), 0), dtype=np.int64)  # [stage, logical id]
+        # [stage, logical id], its columns past the ids made so far spare room for more: grown by
+        # doubling, so a decode's new block does not copy the whole table.
+        self.physical = np.zeros((len(stages), 0), dtype=np.int64)
+        self._num_ids = 0  # logical ids made so far (bound, or free to bind again)
         self._unbound: list[int] = []  # logical ids free to bind again
         # Logical ids freed since the last step was scheduled: a swap-out in that step names
         # them, and the devices translate them when it is submitted, so they are not rebound
@@ -64,13 +67,22 @@ class StagedBlockManager(BlockAccounting):
         long, already taken from the stages' pools) are given."""
         count = len(physical[0])
         ids = [self._unbound.pop() for _ in range(min(count, len(self._unbound)))]
-        start = self.physical.shape[1]
-        grow = count - len(ids)
-        if grow:
-            self.physical = np.concatenate([self.physical, np.zeros((len(self.stages), grow), np.int64)], axis=1)
-            ids.extend(range(start, start + grow))
-        self.physical[:, ids] = np.asarray(physical, dtype=np.int64)
+        start = self._num_ids
+        self._num_ids += count - len(ids)
+        ids.extend(range(start, self._num_ids))
+        if self._num_ids > self.physical.shape[1]:
+            self._grow(self._num_ids)
+        if count == 1:  # a decode's next block: element by element costs a third of an array's setitem
+            for stage, row in enumerate(physical):
+                self.physical[stage, ids[0]] = row[0]
+        else:
+            self.physical[:, ids] = np.asarray(physical, dtype=np.int64)
         return ids
+
+    def _grow(self, num_ids: int) -> None:
+        """Room for at least `num_ids` logical ids: twice what there was, or `num_ids`."""
+        spare = max(num_ids, 2 * self.physical.shape[1]) - self.physical.shape[1]
+        self.physical = np.concatenate([self.physical, np.zeros((len(self.stages), spare), np.int64)], axis=1)
 
     def translate(self, stage: int, block_tables: np.ndarray, slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A step's logical block tables and KV slots as stage `stage`'s physical ones."""

@@ -46,6 +46,16 @@ def step_message(step: StepInput) -> bytes:
     return pickle.dumps((Command.EXECUTE, step), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def staged_step_messages(step: StepInput, blocks: StageBlockMap, num_stages: int) -> list[bytes]:
+    """A group's step command for each of its stages: pickled once, with every stage's blocks
+    as raw bytes, for all stages (each takes its own row: kunserve/worker/worker_process.py's
+    staged_step), so a group's host time per micro-batch stays near a replica's per step."""
+    tables, slots = blocks.translate_stages(step.batch.block_tables, step.batch.slot_mapping)
+    shared = pickle.dumps((step, tables.tobytes(), slots.tobytes()), protocol=pickle.HIGHEST_PROTOCOL)
+    return [pickle.dumps((Command.EXECUTE_STAGED, (stage, shared)), protocol=pickle.HIGHEST_PROTOCOL)
+            for stage in range(num_stages)]
+
+
 class WorkerSetExecutor(WorkerExecutor):
     workers: WorkerSet
 
@@ -176,13 +186,7 @@ class WorkerGroupExecutor(FusedGroupExecutor):
             # A step that swaps (rare: memory ran out) goes whole to each stage, in its ids.
             messages = [step_message(self.stage_step(stage, step)) for stage in range(len(self.members))]
         else:
-            # Pickled once, with every stage's blocks as raw bytes, for all stages (each takes its
-            # own row: kunserve/worker/worker_process.py's staged_step): a group's host time per
-            # micro-batch stays near a replica's per step.
-            tables, slots = self.blocks.translate_stages(step.batch.block_tables, step.batch.slot_mapping)
-            shared = pickle.dumps((step, tables.tobytes(), slots.tobytes()), protocol=pickle.HIGHEST_PROTOCOL)
-            messages = [pickle.dumps((Command.EXECUTE_STAGED, (stage, shared)), protocol=pickle.HIGHEST_PROTOCOL)
-                        for stage in range(len(self.members))]
+            messages = staged_step_messages(step, self.blocks, len(self.members))
         for stage, message in enumerate(messages):
             for worker in self.workers.stage_workers(stage):
                 self.workers.send(worker, message)

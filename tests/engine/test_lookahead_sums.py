@@ -2,8 +2,10 @@
 plain definition: a StepShape per chunk, added up, and the cost model asked of each sum. On
 varied cost models (tensor parallel, the decode straggler), sequences (prefills, decodes,
 chunks in flight, decodes ahead of their token) and targets, a prediction from counts is the
-cost model's of their shape, the budget's sums are its chunks' shapes added up, and the cycle
-target is the same number, to the bit."""
+cost model's of their shape, the budget's sums are its chunks' shapes added up, its grants are
+those of the plain rules on those sums (though it predicts most decodes' fit from one proven
+point ahead: the prediction never falls as a count grows), and the cycle target is the same
+number, to the bit."""
 
 from __future__ import annotations
 
@@ -48,6 +50,22 @@ def plain_cycle_target_s(predict: Predictor, in_flight: Iterable[StepShape], run
     return predict(shape.scaled(1 / num_stages))
 
 
+def plain_grant(predict: Predictor, target_s: float, min_chunk: int, shape: StepShape, seq: Sequence,
+                wanted: int) -> int:
+    """LookaheadBudget.grant's rules, each chunk's fit predicted on its own shape."""
+    def predicted(num_tokens: int) -> float:
+        return predict(shape + plain_chunk(seq, num_tokens))
+
+    if predicted(wanted) <= target_s:
+        return wanted
+    if wanted <= min_chunk and predicted(wanted) - target_s < target_s - predict(shape):
+        return wanted
+    floor = min(wanted, min_chunk)
+    if shape.num_tokens and (wanted == 1 or predicted(floor) > target_s):
+        return 0
+    return max((n for n in range(floor, wanted) if predicted(n) <= target_s), default=floor)
+
+
 # ---- what is drawn ---------------------------------------------------------------------------------
 
 rate = st.one_of(st.just(0.0), st.floats(1e-12, 1e-3))
@@ -73,6 +91,15 @@ def sequences(draw: st.DrawFn) -> Sequence:
     seq = Sequence("s", list(range(length)), SamplingParams(max_tokens=4), length + 4)
     seq.num_computed_tokens = draw(st.integers(0, length))
     seq.num_in_flight_tokens = draw(st.integers(0, length - seq.num_computed_tokens))
+    return seq
+
+
+@st.composite
+def decodes(draw: st.DrawFn) -> Sequence:
+    """A sequence whose next token is a decode (its context drawn), most of a micro-batch."""
+    context = draw(st.integers(0, 4000))
+    seq = Sequence("d", list(range(context + 1)), SamplingParams(max_tokens=4), context + 5)
+    seq.num_computed_tokens = context
     return seq
 
 
@@ -122,3 +149,42 @@ def test_the_cycle_target_is_its_plain_definition(
 ) -> None:
     expected = plain_cycle_target_s(predict, in_flight, running, waiting, num_stages, token_budget)
     assert cycle_target_s(predict, in_flight, running, waiting, num_stages, token_budget) == expected
+
+
+@EXAMPLES
+@given(stage_predictors(), st.lists(st.integers(0, 4000), min_size=8, max_size=8),
+       st.lists(st.integers(0, 4000), min_size=4, max_size=4))
+def test_a_predictor_that_grows_with_counts_never_predicts_less_for_more(
+    predict: StagePredictor, low: list[int], more: list[int]
+) -> None:
+    low_counts, high_counts = low[:4], [a + b for a, b in zip(low[:4], more, strict=True)]
+    assert predict.grows_with_counts
+    assert predict.of_counts(*low_counts) <= predict.of_counts(*high_counts)
+
+
+@given(stage_predictors(), st.sampled_from(["step_s", "layer_s", "layer_token_s", "layer_context_s",
+                                            "layer_attention_s", "sample_s", "layer_prefill_s"]),
+       st.sampled_from([-1e-6, float("nan"), float("inf")]))
+def test_a_negative_or_unbounded_rate_is_not_trusted_to_grow(predict: StagePredictor, rate: str, value: float) -> None:
+    cost = predict.cost_model
+    assert not StagePredictor(replace(cost, step=replace(cost.step, **{rate: value})), predict.layers).grows_with_counts
+
+
+@EXAMPLES
+@given(stage_predictors(), st.lists(st.one_of(decodes(), decodes(), decodes(), sequences()), max_size=48),
+       shapes, st.floats(0.0, 2.0), st.integers(1, 64))
+def test_the_budgets_grants_are_the_plain_rules_on_its_sums(
+    predict: StagePredictor, candidates: list[Sequence], reference: StepShape, share: float, min_chunk: int,
+) -> None:
+    """Mostly decodes, which the budget predicts from a point proven ahead of them; every grant
+    committed, as the scheduler does."""
+    target_s = predict(reference) * share
+    budget = LookaheadBudget(predict, target_s, min_chunk)
+    plain = StepShape()
+    for seq in candidates:
+        wanted = max(1, len(seq) - seq.num_scheduled_tokens)
+        granted = budget.grant(seq, wanted)
+        assert granted == plain_grant(predict, target_s, min_chunk, plain, seq, wanted)
+        if granted:
+            budget.commit(seq, granted)
+            plain += plain_chunk(seq, granted)
