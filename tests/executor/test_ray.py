@@ -59,6 +59,10 @@ def two_nodes() -> Iterator[None]:
         cluster.add_node(num_cpus=CPUS_PER_NODE)
     ray.init(address=cluster.address)
     yield
+    # A replica restarting when its server stopped finishes that attempt on its own thread (its
+    # worker may still be starting); Ray goes down after it, or that thread would reconnect.
+    wait_until(lambda: not any(t.name == "kunserve-recovery" and t.is_alive() for t in threading.enumerate()),
+               "restarts under way at shutdown to end")
     ray.shutdown()
     cluster.shutdown()
 
