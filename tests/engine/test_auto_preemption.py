@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_prompts
+from engine_steps import complete_step, make_sequence
 
 from kunserve import LLM
 from kunserve.engine.block_manager import BlockManager
@@ -44,26 +45,16 @@ def pricer() -> SwapOrRecompute:
     return SwapOrRecompute(crossover_cost_model(), layers=1, block_bytes=BLOCK_BYTES, chunk_tokens=1000)
 
 
-def _seq(name: str, prompt_len: int) -> Sequence:
-    return Sequence(name, list(range(prompt_len)), SamplingParams(max_tokens=50), max_total_tokens=prompt_len + 50)
-
-
-def _complete(scheduler: Scheduler, out: SchedulerOutput) -> None:
-    sampled = [7 for seq, n in out.scheduled if seq.num_computed_tokens + n == len(seq)]
-    scheduler.launch(out)
-    scheduler.update(out, sampled)
-
-
 def _full_pool_with_victim(victim_tokens: int, host_blocks: int = HOST_BLOCKS) -> tuple[Scheduler, Sequence]:
     """An old 4-token prompt and a younger victim prefilled into a pool they fill exactly: the
     old one's next token needs a block, so the victim is preempted at the next step."""
     device_blocks = 1 + victim_tokens // BLOCK
     scheduler = Scheduler(BlockManager(BLOCK, range(device_blocks)), max_num_seqs=8, max_num_batched_tokens=1000,
                           swap_pool=BlockManager(BLOCK, range(host_blocks)), swap_or_recompute=pricer())
-    old, victim = _seq("old", BLOCK), _seq("victim", victim_tokens)
+    old, victim = make_sequence("old", BLOCK), make_sequence("victim", victim_tokens)
     scheduler.add(old)
     scheduler.add(victim)
-    _complete(scheduler, scheduler.schedule())
+    complete_step(scheduler, scheduler.schedule())
     return scheduler, victim
 
 

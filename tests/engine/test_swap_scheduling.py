@@ -4,33 +4,24 @@ computed tokens are kept (nothing recomputed); without host room it falls back t
 
 from __future__ import annotations
 
+from engine_steps import complete_step, make_sequence
+
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.scheduler import Scheduler, SchedulerOutput
 from kunserve.engine.sequence import Sequence, SequenceStatus
 from kunserve.engine.step_builder import build_step_input
-from kunserve.sampling_params import SamplingParams
 
 BLOCK = 4
-
-
-def _seq(name: str, prompt_len: int) -> Sequence:
-    return Sequence(name, list(range(prompt_len)), SamplingParams(max_tokens=50), max_total_tokens=prompt_len + 50)
-
-
-def _complete(scheduler: Scheduler, out: SchedulerOutput) -> None:
-    sampled = [7 for seq, n in out.scheduled if seq.num_computed_tokens + n == len(seq)]
-    scheduler.launch(out)
-    scheduler.update(out, sampled)
 
 
 def _two_full_sequences(host_blocks: int) -> tuple[Scheduler, Sequence, Sequence]:
     """Two 4-token prompts prefilled into a 2-block pool: each now needs a second block."""
     scheduler = Scheduler(BlockManager(BLOCK, range(2)), max_num_seqs=8, max_num_batched_tokens=100,
                           swap_pool=BlockManager(BLOCK, range(host_blocks)))
-    old, young = _seq("old", 4), _seq("young", 4)
+    old, young = make_sequence("old", 4), make_sequence("young", 4)
     scheduler.add(old)
     scheduler.add(young)
-    _complete(scheduler, scheduler.schedule())
+    complete_step(scheduler, scheduler.schedule())
     return scheduler, old, young
 
 
@@ -46,7 +37,7 @@ def test_the_youngest_is_swapped_out_with_its_computed_tokens_kept() -> None:
 
 def test_a_swapped_sequence_comes_back_with_its_kv_copied_in() -> None:
     scheduler, old, young = _two_full_sequences(host_blocks=4)
-    _complete(scheduler, scheduler.schedule())
+    complete_step(scheduler, scheduler.schedule())
     host = list(young.host_block_ids)
     scheduler.finish(old, "stop")
     out = scheduler.schedule()
@@ -57,9 +48,9 @@ def test_a_swapped_sequence_comes_back_with_its_kv_copied_in() -> None:
 
 def test_swapped_sequences_come_back_before_new_ones_are_admitted() -> None:
     scheduler, old, _ = _two_full_sequences(host_blocks=4)
-    _complete(scheduler, scheduler.schedule())
+    complete_step(scheduler, scheduler.schedule())
     scheduler.finish(old, "stop")
-    scheduler.add(_seq("new", 2))
+    scheduler.add(make_sequence("new", 2))
     out = scheduler.schedule()
     assert [seq.request_id for seq, _ in out.scheduled] == ["young"]
 
@@ -72,7 +63,7 @@ def test_without_room_in_host_memory_preemption_recomputes() -> None:
 
 def test_an_aborted_swapped_sequence_gives_its_host_blocks_back() -> None:
     scheduler, _, young = _two_full_sequences(host_blocks=4)
-    _complete(scheduler, scheduler.schedule())
+    complete_step(scheduler, scheduler.schedule())
     scheduler.finish(young, "abort")
     assert scheduler.swap_pool.num_free_blocks == 4 and not scheduler.swapped and scheduler.num_waiting_blocks == 0
 
@@ -85,8 +76,8 @@ def test_a_step_of_swaps_alone_is_still_sent() -> None:
 
 def test_swapped_sequences_are_handed_over_first_in_line_to_be_recomputed() -> None:
     scheduler, old, young = _two_full_sequences(host_blocks=4)
-    _complete(scheduler, scheduler.schedule())
-    scheduler.add(_seq("new", 2))
+    complete_step(scheduler, scheduler.schedule())
+    scheduler.add(make_sequence("new", 2))
     running, waiting = scheduler.release_all()
     assert running == [old] and [seq.request_id for seq in waiting] == ["young", "new"]
     assert young.status is SequenceStatus.WAITING and young.num_computed_tokens == 0 and young.host_block_ids == []
