@@ -38,8 +38,10 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import time
-from dataclasses import dataclass
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -194,6 +196,32 @@ def run_policy(setup: Setup, workload: Workload, rate_scale: float | None, polic
     return record
 
 
+@dataclass(frozen=True)
+class Run:
+    """One simulated run to make: run_policy's arguments."""
+    setup: Setup
+    workload: Workload
+    rate_scale: float | None
+    policy: str
+    cost_profile: str | None
+    overrides: dict = field(default_factory=dict)
+
+    def __call__(self) -> dict:
+        return run_policy(self.setup, self.workload, self.rate_scale, self.policy, self.cost_profile,
+                          **self.overrides)
+
+
+_POOL: Executor | None = None  # --jobs > 1: independent runs go to these processes
+
+
+def run_all(runs: list[Run]) -> list[dict]:
+    """Each run's record, in order: in the pool's processes when there is one (every run is
+    independent and deterministic, so the figures do not depend on --jobs)."""
+    if _POOL is None:
+        return [run() for run in runs]
+    return list(_POOL.map(Run.__call__, runs))
+
+
 def mean_demand(record: dict) -> float:
     """Time-averaged KV demand (blocks in use plus queued) over the cluster's KV blocks, over
     the window the requests arrived in."""
@@ -219,6 +247,18 @@ def calibrate(setup: Setup, workload: Workload, rounds: int, cost_profile: str |
     if (setup, workload) not in _CALIBRATIONS:
         _CALIBRATIONS[(setup, workload)] = _calibrate(setup, workload, rounds, cost_profile)
     return _CALIBRATIONS[(setup, workload)]
+
+
+def calibrate_all(pairs: list[tuple[Setup, Workload]], rounds: int, profiles: dict[str, str | None]
+                  ) -> list[Calibration]:
+    """Each setup and workload's calibration; those not made yet side by side with --jobs
+    (each one's search is serial)."""
+    missing = list(dict.fromkeys(pair for pair in pairs if pair not in _CALIBRATIONS))
+    searches = [(setup, workload, rounds, profiles.get(setup.model)) for setup, workload in missing]
+    made = (_POOL.map(_calibrate, *zip(*searches)) if _POOL is not None and searches
+            else (_calibrate(*search) for search in searches))
+    _CALIBRATIONS.update(zip(missing, made))
+    return [_CALIBRATIONS[pair] for pair in pairs]
 
 
 def _calibrate(setup: Setup, workload: Workload, rounds: int, cost_profile: str | None) -> Calibration:
@@ -317,13 +357,27 @@ def compare(runs: list[dict]) -> dict | None:
 # ---- figures --------------------------------------------------------------------------------
 
 
-def scenario(setup: Setup, workload: Workload, policies: tuple[str, ...], cost_profile: str | None,
-             calibration: Calibration, load: float = 1.0) -> dict:
-    """Every policy on one setup and workload, at `load` times the calibrated load."""
+def scenario_runs(setup: Setup, workload: Workload, policies: tuple[str, ...], cost_profile: str | None,
+                  calibration: Calibration, load: float = 1.0) -> list[Run | dict]:
+    """The runs of every policy on one setup and workload at `load` times the calibrated load:
+    the calibration's own recompute record where it is one of them."""
     scale = None if calibration.rate_scale is None else calibration.rate_scale * load
-    records = [calibration.recompute if policy == "recompute" and load == 1.0
-               else run_policy(setup, workload, scale, policy, cost_profile)
-               for policy in policies if policy != STATIC_PIPELINE or setup.gpus % 2 == 0]
+    return [calibration.recompute if policy == "recompute" and load == 1.0
+            else Run(setup, workload, scale, policy, cost_profile)
+            for policy in policies if policy != STATIC_PIPELINE or setup.gpus % 2 == 0]
+
+
+def run_scenarios(scenarios: list[list[Run | dict]]) -> list[list[dict]]:
+    """Every scenario's records, all their runs made at once (in parallel with --jobs)."""
+    pending = [item for runs in scenarios for item in runs if isinstance(item, Run)]
+    made = iter(run_all(pending))
+    return [[next(made) if isinstance(item, Run) else item for item in runs] for runs in scenarios]
+
+
+def scenario(setup: Setup, workload: Workload, calibration: Calibration, records: list[dict],
+             load: float = 1.0) -> dict:
+    """One setup and workload's figures from its policies' records at `load`."""
+    scale = None if calibration.rate_scale is None else calibration.rate_scale * load
     runs = [summarize(record, workload.duration_s) for record in records]
     attain(runs, records, workload.slo_factor)
     for run in runs:
@@ -335,9 +389,11 @@ def scenario(setup: Setup, workload: Workload, policies: tuple[str, ...], cost_p
 
 
 def e2e(the_plan: Plan, profiles: dict[str, str | None]) -> list[dict]:
-    return [scenario(setup, workload, POLICIES, profiles.get(setup.model),
-                     calibrate(setup, workload, the_plan.calibration_rounds, profiles.get(setup.model)))
-            for setup, workload in the_plan.e2e]
+    calibrations = calibrate_all(the_plan.e2e, the_plan.calibration_rounds, profiles)
+    records = run_scenarios([scenario_runs(setup, workload, POLICIES, profiles.get(setup.model), calibration)
+                             for (setup, workload), calibration in zip(the_plan.e2e, calibrations)])
+    return [scenario(setup, workload, calibration, scenario_records)
+            for (setup, workload), calibration, scenario_records in zip(the_plan.e2e, calibrations, records)]
 
 
 def scenario_name(setup: Setup, workload: Workload) -> str:
@@ -357,9 +413,10 @@ def ablation(the_plan: Plan, profiles: dict[str, str | None]) -> dict:
         "never restore": {"restore_after_s": math.inf},
     }
     runs = [summarize(calibration.recompute, workload.duration_s)]
-    for name, overrides in variants.items():
-        run = summarize(run_policy(setup, workload, calibration.rate_scale, KUNSERVE, profile, **overrides),
-                        workload.duration_s)
+    records = run_all([Run(setup, workload, calibration.rate_scale, KUNSERVE, profile, overrides)
+                       for overrides in variants.values()])
+    for name, record in zip(variants, records):
+        run = summarize(record, workload.duration_s)
         run["variant"] = name
         runs.append(run)
         print(f"  ablation: {name:<50} TTFT P99 {run['ttft_ms']['p99']:>8.0f} ms, TPOT P50 "
@@ -372,8 +429,10 @@ def sweep(the_plan: Plan, profiles: dict[str, str | None]) -> dict:
     setup, workload = the_plan.sweep
     profile = profiles.get(setup.model)
     calibration = calibrate(setup, workload, the_plan.calibration_rounds, profile)
-    points = [scenario(setup, workload, the_plan.sweep_policies, profile, calibration, load)
-              for load in the_plan.sweep_loads]
+    records = run_scenarios([scenario_runs(setup, workload, the_plan.sweep_policies, profile, calibration, load)
+                             for load in the_plan.sweep_loads])
+    points = [scenario(setup, workload, calibration, load_records, load)
+              for load, load_records in zip(the_plan.sweep_loads, records)]
     return {"setup": dataclasses.asdict(setup), "workload": dataclasses.asdict(workload),
             "rate_scale": calibration.rate_scale, "calibrated_demand": calibration.demand, "points": points}
 
@@ -394,9 +453,10 @@ def group_factor(the_plan: Plan, profiles: dict[str, str | None]) -> dict:
                      + [(measured, f"{measured:.2f} (measured, eager stages, 2x H200)"),
                         (bound, f"{bound:.2f} (graphed-stage lower bound, 1x H200)")])
     runs = []
-    for factor, label in factors:
-        run = summarize(run_policy(setup, workload, calibration.rate_scale, KUNSERVE, profile,
-                                   sim_group_stage_factor=factor), workload.duration_s)
+    records = run_all([Run(setup, workload, calibration.rate_scale, KUNSERVE, profile,
+                           {"sim_group_stage_factor": factor}) for factor, _ in factors])
+    for (_, label), record in zip(factors, records):
+        run = summarize(record, workload.duration_s)
         run["group_stage_factor"] = label
         runs.append(run)
     return {"setup": dataclasses.asdict(setup), "workload": dataclasses.asdict(workload),
@@ -510,6 +570,11 @@ def derived_profiles(out_dir: Path) -> dict[str, str | None]:
     return {"qwen2.5-14b": str(path)}
 
 
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    logger.setLevel(logging.INFO)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run of every figure (CPU, minutes)")
@@ -519,9 +584,13 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=None, metavar="SUBSTRING",
                         help="e2e: only the scenarios whose name (model/Ngpu/memory/workload, e.g. "
                              "llama-3-8b/2gpu/44gib/reasoning) contains one of these (to split the full run)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes for independent runs (a scenario's policies, the sweep's points); the "
+                             "calibrations stay serial. The figures do not depend on it")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    logger.setLevel(logging.INFO)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    configure_logging()
     for trace in (CODE_TRACE, CONV_TRACE):
         if not Path(trace).is_file():
             raise SystemExit(f"{trace}: not found; run from the repository root (the traces are in data/traces/)")
@@ -532,6 +601,10 @@ def main() -> None:
                                                                  for part in args.scenarios)]
         the_plan = dataclasses.replace(the_plan, e2e=kept)
     profiles = derived_profiles(args.out_dir)
+    global _POOL
+    if args.jobs > 1:  # spawned, not forked: a fresh interpreter per process, logging set the same
+        _POOL = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=configure_logging)
     start = time.perf_counter()
     figures: dict = {}
     builders = {"e2e": e2e, "ablation": ablation, "sweep": sweep, "group_factor": group_factor}
@@ -555,6 +628,8 @@ def main() -> None:
     (args.out_dir / "paper.json").write_text(json.dumps({"quick": args.quick, "figures": figures,
                                                          "wall_s": time.perf_counter() - start}, indent=1))
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.0f} s")
+    if _POOL is not None:
+        _POOL.shutdown()
 
 
 if __name__ == "__main__":
