@@ -169,13 +169,13 @@ class Cluster:
             target.adopt_unstarted([seq])
         self.recovery.replica_failed(self.replicas.index(loop), error)
 
-    def new_engine(self, index: int) -> LLMEngine:
+    def new_engine(self, index: int, stop: threading.Event | None = None) -> LLMEngine:
         """Replica `index`'s engine on new workers (its old ones failed): the same config and
-        model, weights loaded again, new global ranks."""
+        model, weights loaded again, new global ranks; StartCancelled once `stop` is set."""
         failed = self.engines[index]
         config = failed.config
         world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica, index)
-        return LLMEngine.replacing(failed, build_executor(config, failed.model, world))
+        return LLMEngine.replacing(failed, build_executor(config, failed.model, world, stop))
 
     def revive(self, engines: dict[int, LLMEngine]) -> bool:
         """Put these replicas (by index, held by the caller, their loops down) back in service

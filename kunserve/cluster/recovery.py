@@ -37,7 +37,7 @@ from kunserve.cluster.view import ClusterView, ReplicaLoop
 from kunserve.engine.async_engine import STOP_GRACE_S
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.executor.base import WorkerExecutor
-from kunserve.executor.workers import WorkerDiedError
+from kunserve.executor.workers import StartCancelled, WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class RestartableCluster(ClusterView, Protocol):
 
     coordinator: Coordinator
 
-    def new_engine(self, index: int) -> LLMEngine:
-        """Replica `index`'s engine on new workers."""
+    def new_engine(self, index: int, stop: threading.Event | None = None) -> LLMEngine:
+        """Replica `index`'s engine on new workers; StartCancelled once `stop` is set."""
         ...
 
     def revive(self, engines: dict[int, LLMEngine]) -> bool:
@@ -74,10 +74,14 @@ class Recovery:
         self._stop.set()
 
     def join(self) -> None:
-        """Wait for a restart under way, a bounded time (a new worker may still be loading; it
-        is stopped as soon as it is up, or ends with this process)."""
+        """Wait for a restart under way, a bounded time: the start of its new workers is called
+        off once a stop is requested (StartCancelled), and they are stopped."""
         if self._thread is not None:
             self._thread.join(STOP_GRACE_S)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def replica_failed(self, replica: int, error: BaseException) -> None:
         """Replica `replica`'s loop went down with `error`: restart it (any thread)."""
@@ -166,14 +170,15 @@ class Recovery:
         self._close_stale_links(exclude=set(members))
         logger.info("restarting replica(s) %s on new workers", members)
         with ThreadPoolExecutor(len(members), thread_name_prefix="kunserve-restart") as pool:
-            futures = {m: pool.submit(cluster.new_engine, m) for m in members}
+            # Called off when the cluster stops: a start may take up to worker_start_timeout_s.
+            futures = {m: pool.submit(cluster.new_engine, m, self._stop) for m in members}
         failures = [failure for future in futures.values() if (failure := future.exception()) is not None]
         engines: dict[int, LLMEngine] = {m: f.result() for m, f in futures.items() if f.exception() is None}
         if failures or not cluster.revive(engines):
             for engine in engines.values():
                 engine.shutdown()
-            if failures:
-                raise failures[0]
+            if failures and not all(isinstance(failure, StartCancelled) for failure in failures):
+                raise next(f for f in failures if not isinstance(f, StartCancelled))
             return False
         logger.info("replica(s) %s serve again", members)
         return True

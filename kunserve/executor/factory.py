@@ -3,6 +3,8 @@ sees only `Executor` (in-process for one device, worker processes, or Ray actors
 
 from __future__ import annotations
 
+import threading
+
 from kunserve.config import EngineConfig
 from kunserve.executor.base import Executor
 from kunserve.executor.in_process import InProcessExecutor
@@ -13,17 +15,19 @@ from kunserve.worker.protocol import WorkerWorld
 from kunserve.worker.worker import build_worker
 
 
-def build_executor(config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> Executor:
+def build_executor(config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None,
+                   stop: threading.Event | None = None) -> Executor:
     """The executor `config.distributed_executor_backend` names; `world`: its place among a
-    cluster's workers (cluster_rendezvous), None for an engine alone."""
+    cluster's workers (cluster_rendezvous), None for an engine alone; `stop`: once set, a start
+    of worker processes is called off (StartCancelled)."""
     backend = config.resolve_executor_backend()
     if backend == "uni":
         return InProcessExecutor(build_worker(config, model, (0, model.spec.num_layers), config.resolve_device()))
     if backend == "ray":
         from kunserve.executor.ray_executor import RayExecutor  # ray: an optional extra
 
-        return RayExecutor(config, model, world)
-    return MultiprocExecutor(config, model, world)
+        return RayExecutor(config, model, world, stop)
+    return MultiprocExecutor(config, model, world, stop)
 
 
 def cluster_rendezvous(config: EngineConfig) -> Rendezvous:

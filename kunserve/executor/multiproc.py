@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import pickle
+import threading
 import weakref
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from kunserve.config import EngineConfig
 from kunserve.executor.rendezvous import Rendezvous
 from kunserve.executor.worker_set import WorkerSetExecutor, stage_assignments
-from kunserve.executor.workers import WorkerHandle, WorkerSet
+from kunserve.executor.workers import StartCancelled, WorkerHandle, WorkerSet
 from kunserve.model.presets import ResolvedModel
 from kunserve.worker import process_entry
 from kunserve.worker.protocol import WorkerWorld
@@ -30,10 +31,13 @@ logger = logging.getLogger(__name__)
 class MultiprocExecutor(WorkerSetExecutor):
     """The stages (their tensor-parallel ranks) as worker processes of this host."""
 
-    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
+    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None,
+                 stop: threading.Event | None = None) -> None:
         """`world`: this executor's place among a cluster's workers; None: its devices link only
-        to each other."""
+        to each other. `stop`: once set, the start is called off (StartCancelled)."""
         super().__init__()
+        if stop is not None and stop.is_set():
+            raise StartCancelled("called off before its workers started")
         context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         if world is None and config.devices_per_replica > 1:
             # The devices meet at a store of their own, which lives as long as this executor.
@@ -55,7 +59,7 @@ class MultiprocExecutor(WorkerSetExecutor):
         # Stop the processes (and free their devices) once nothing holds this executor any
         # more, e.g. a deleted LLM's; an explicit shutdown() before makes this a no-op.
         weakref.finalize(self, self.workers.shutdown)
-        self._await_ready(config)
+        self._await_ready(config, stop)
         logger.info("%d worker process(es) ready, pids %s", len(handles), self.worker_pids)
 
     @property

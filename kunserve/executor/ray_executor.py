@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from kunserve.config import EngineConfig
 from kunserve.executor.rendezvous import Rendezvous
 from kunserve.executor.worker_set import WorkerSetExecutor, stage_assignments
-from kunserve.executor.workers import SHUTDOWN_GRACE_S, WorkerSet
+from kunserve.executor.workers import SHUTDOWN_GRACE_S, StartCancelled, WorkerSet
 from kunserve.model.presets import ResolvedModel
 from kunserve.worker.protocol import Command, WorkerWorld
 from kunserve.worker.ray_worker import RayWorker
@@ -139,10 +140,13 @@ class RayWorkerSet(WorkerSet):
 
 
 class RayExecutor(WorkerSetExecutor):
-    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None) -> None:
+    def __init__(self, config: EngineConfig, model: ResolvedModel, world: WorkerWorld | None = None,
+                 stop: threading.Event | None = None) -> None:
         """`world`: this executor's place among a cluster's workers; None: its devices link only
-        to each other."""
+        to each other. `stop`: once set, the start is called off (StartCancelled)."""
         super().__init__()
+        if stop is not None and stop.is_set():  # before connecting: Ray may be shut down already
+            raise StartCancelled("called off before its workers started")
         connect(config.ray_address)
         if world is None and config.devices_per_replica > 1:
             # The stages meet at a store of their own, which lives as long as this executor.
@@ -165,7 +169,7 @@ class RayExecutor(WorkerSetExecutor):
         self.workers = RayWorkerSet(handles, config.worker_timeout_s, config.tensor_parallel_size)
         for rank in range(len(handles)):
             self.workers.call_actor(rank, "ready")
-        self._await_ready(config)
+        self._await_ready(config, stop)
         for handle, (node_id, pid) in zip(handles, ray.get([h.actor.identity.remote() for h in handles])):
             handle.node_id, handle.pid = node_id, pid
         logger.info("%d Ray worker(s) ready: %s", len(handles), ", ".join(h.name for h in handles))

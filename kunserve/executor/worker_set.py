@@ -12,6 +12,7 @@ step, and a device call goes to all of a stage's ranks as one (executor/tensor_p
 from __future__ import annotations
 
 import pickle
+import threading
 from collections import defaultdict, deque
 from typing import Any
 
@@ -65,9 +66,9 @@ class WorkerSetExecutor(WorkerExecutor):
         # the start's deadline (takes_start_deadline).
         self._calls_posted: defaultdict[int, deque[tuple[str, bool]]] = defaultdict(deque)
 
-    def _await_ready(self, config: EngineConfig) -> None:
+    def _await_ready(self, config: EngineConfig, stop: threading.Event | None) -> None:
         """Take every worker's READY (its arena layout), each within the start deadline; on any
-        failure stop them all."""
+        failure, or once `stop` is set (StartCancelled), stop them all."""
         num_stages = self.workers.num_stages
         self.max_in_flight = num_stages
         # Its workers read the next step while the driver processes this one's tokens, and
@@ -76,7 +77,7 @@ class WorkerSetExecutor(WorkerExecutor):
         self.runs_ahead = True
         self._start_timeout_s = config.worker_start_timeout_s
         try:
-            every: list[ArenaLayout] = [self.workers.receive(i, Reply.READY, config.worker_start_timeout_s)
+            every: list[ArenaLayout] = [self.workers.receive(i, Reply.READY, config.worker_start_timeout_s, stop)
                                         for i in range(len(self.workers))]
         except BaseException:
             self.shutdown()

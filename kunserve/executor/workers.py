@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ from kunserve.worker.protocol import Command, Reply
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0  # how long a worker may take to exit before it is terminated
+STOP_POLL_S = 0.1  # how often a wait that may be called off (a worker start) looks whether it was
+
+
+class StartCancelled(RuntimeError):
+    """A worker start was called off (the cluster is stopping); its workers are stopped."""
 
 
 class WorkerDiedError(RuntimeError):
@@ -78,19 +84,25 @@ class WorkerSet:
     def post(self, index: int, command: str, argument: Any) -> None:
         self.send(index, pickle.dumps((command, argument), protocol=pickle.HIGHEST_PROTOCOL))
 
-    def receive(self, index: int, expected: str, timeout_s: float | None = None) -> Any:
+    def receive(self, index: int, expected: str, timeout_s: float | None = None,
+                stop: threading.Event | None = None) -> Any:
         """The next message of kind `expected` from worker `index`, watching every worker of
         the set: one that dies or reports an error fails the call at once instead of leaving it
         waiting, and worker `index` is killed as hung unless it answers within `timeout_s`
-        (None: the set's). Messages of one kind come in order; a device call's reply may pass a
-        step's (a drop's KV exchange runs between a group's steps in flight:
-        kunserve/cluster/exchange.py)."""
+        (None: the set's). StartCancelled once `stop` is set. Messages of one kind come in
+        order; a device call's reply may pass a step's (a drop's KV exchange runs between a
+        group's steps in flight: kunserve/cluster/exchange.py)."""
         self._raise_if_failed()
         handle = self.handles[index]
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while (position := _first_of(handle.inbox, expected)) is None:
-            if not self._read_any(deadline - time.monotonic()):
+            left_s = deadline - time.monotonic()
+            if self._read_any(left_s if stop is None else min(left_s, STOP_POLL_S)):
+                continue
+            if stop is not None and stop.is_set():
+                raise StartCancelled(f"{handle.name}: called off while it started")
+            if time.monotonic() >= deadline:
                 self.fail(f"{handle.name} did not answer within {timeout_s:g} s (worker_timeout_s): "
                           "killed as hung")
         _, payload = handle.inbox[position]

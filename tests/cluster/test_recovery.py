@@ -10,7 +10,8 @@ of a replica killed fails that replica's requests alone: the replica restarts (a
 while the other serves its own to the end. A hung worker (SIGSTOP) is killed at
 --worker-timeout-s: its requests fail within that plus FAULT_S, while the other replica
 serves and an operator drop is refused instead of pausing it. A drop the layers cannot split
-into is refused with 400 and the cluster serves on. Shutdown never waits on a hung worker, and
+into is refused with 400 and the cluster serves on. Shutdown never waits on a hung worker, calls
+off a restart whose new worker is still starting (no restart outlives it, no worker is left), and
 every process of a server killed outright exits.
 
 FAULT_S and RECOVERY_S are the issue's bounds: liveness (a death is seen at once, a hang at
@@ -19,6 +20,8 @@ its deadline; nothing waits on a longer timeout), not speed."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import multiprocessing.process
 import os
 import re
 import signal
@@ -384,6 +387,29 @@ def test_shutdown_ends_the_requests_and_does_not_wait_for_a_hung_worker(llama_di
     ended = traffic.join()
     assert [e.status for e in ended] == [500, 500] and all("shutting down" in e.message for e in ended)
     assert all(process_gone(pid) for pid in servers.pids)
+
+
+def test_shutdown_calls_off_a_restart_whose_new_worker_is_still_starting(llama_dir: Path, servers: Servers) -> None:
+    server = servers.start(llama_dir, ServerConfig(num_replicas=2, dispatch_policy="round_robin"))
+    first = set(worker_pids(server))
+    os.kill(worker_pids(server)[0], signal.SIGKILL)  # idle replica: the health check sees it, a restart begins
+    wait_until(lambda: new_worker(first) is not None, "the restart's new worker process")
+    starting = new_worker(first)
+    assert starting is not None and starting.pid is not None
+    os.kill(starting.pid, signal.SIGSTOP)  # it never reports ready (the start's deadline is 900 s off)
+    servers.pids.add(starting.pid)
+    stopping = threading.Thread(target=server.cluster.shutdown)
+    stopping.start()
+    stopping.join(WAIT_S)
+    assert not stopping.is_alive()
+    assert not server.cluster.recovery.is_alive, "the restart outlived the shutdown"
+    assert process_gone(starting.pid)
+
+
+def new_worker(known: set[int]) -> multiprocessing.process.BaseProcess | None:
+    """A worker process of this test's that is not one of `known`."""
+    return next((p for p in multiprocessing.active_children()
+                 if p.name.startswith("kunserve-worker") and p.pid not in known), None)
 
 
 # ---- an operator's mistake --------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Specified: a worker that exits fails the set with its exit code; after that every call on
 the set raises the same failure at once instead of waiting on processes that are gone; a
-worker that does not answer within the deadline is killed and fails the set as hung; calls
+worker that does not answer within the deadline is killed and fails the set as hung; a wait
+given a stop event ends with StartCancelled once it is set (a cluster stopping during a
+restart), its deadline kept otherwise; calls
 that redo a start's work (weights read from the checkpoint, the arena moved into shared memory,
 stage models built) wait as long as a start, the others a step's deadline; a worker whose
 driver is gone exits even while its main thread is blocked."""
@@ -14,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import pytest
 from server_harness import process_gone
 
-from kunserve.executor.workers import WorkerDiedError, WorkerHandle, WorkerSet
+from kunserve.executor.workers import StartCancelled, WorkerDiedError, WorkerHandle, WorkerSet
 from kunserve.worker.protocol import Command, DeviceCalls, takes_start_deadline
 from kunserve.worker.worker_process import watch_driver
 
@@ -80,6 +83,22 @@ def test_a_wait_may_be_given_a_longer_deadline_than_the_sets() -> None:
     workers = worker_set(silent_worker, (2 * DEADLINE_S,), timeout_s=DEADLINE_S)
     with pytest.raises(WorkerDiedError, match="exited with code 0"):
         workers.receive(0, "ready", timeout_s=LIVENESS_S)
+
+
+def test_a_wait_that_may_be_called_off_ends_once_it_is_and_leaves_the_worker_alone() -> None:
+    workers = worker_set(silent_worker, (LIVENESS_S,))
+    stop = threading.Event()
+    threading.Timer(DEADLINE_S, stop.set).start()
+    with pytest.raises(StartCancelled):
+        workers.receive(0, "ready", stop=stop)  # its deadline (LIVENESS_S) is far off
+    assert workers.handles[0].process.is_alive() and workers.failure is None  # stopping it is the caller's
+    workers.shutdown()
+
+
+def test_a_wait_that_may_be_called_off_still_has_its_deadline() -> None:
+    workers = worker_set(silent_worker, (LIVENESS_S,), timeout_s=DEADLINE_S)
+    with pytest.raises(WorkerDiedError, match="did not answer within 0.5 s"):
+        workers.receive(0, "ready", stop=threading.Event())
 
 
 def test_calls_that_redo_a_starts_work_have_the_starts_deadline_and_the_others_a_steps() -> None:
