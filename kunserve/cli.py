@@ -102,12 +102,17 @@ def _bench(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kunserve", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"kunserve {kunserve.__version__}")
-    parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, type=str.upper, choices=LOG_LEVELS,
-                        help="DEBUG also shows the traceback of an error")
+    log_help = "DEBUG also shows the traceback of an error"
+    parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, type=str.upper, choices=LOG_LEVELS, help=log_help)
+    # Also after the command, as vLLM takes it; unset there, the value before it stands.
+    after_command = argparse.ArgumentParser(add_help=False)
+    after_command.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS,
+                               help=f"{log_help} (default: {DEFAULT_LOG_LEVEL})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                              parents=[after_command])
 
     tiny = command("make-tiny-model", "write a tiny random model with a locally trained tokenizer")
     tiny.add_argument("dir", help="the directory to write")

@@ -55,6 +55,13 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"kunserve {kunserve.__version__}"
 
 
+@pytest.mark.parametrize("argv, level", [(["generate"], "INFO"), (["--log-level", "debug", "generate"], "DEBUG"),
+                                         (["generate", "--log-level", "warning"], "WARNING"),
+                                         (["--log-level", "debug", "serve", "--log-level", "error"], "ERROR")])
+def test_the_log_level_is_taken_before_or_after_the_command(argv: list[str], level: str) -> None:
+    assert build_parser().parse_args(argv).log_level == level
+
+
 @pytest.mark.parametrize("command", ["make-tiny-model", "generate", "serve", "bench", "simulate"])
 def test_every_option_of_every_command_shows_its_default(command: str) -> None:
     parser = subcommands()[command]
