@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 import kunserve
@@ -162,7 +165,34 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _add_error_handlers(app)
+    _document_request_bodies(app)
     return app
+
+
+# The bodies `parsed` reads (within the size limit, off the event loop): FastAPI documents only
+# the bodies it parses itself, so their schemas are added to /openapi.json here.
+REQUEST_BODIES: dict[str, tuple[type[BaseModel], bool]] = {  # path -> (its body, required)
+    "/v1/completions": (CompletionRequest, True),
+    "/v1/chat/completions": (ChatCompletionRequest, True),
+    "/v1/cluster/drop": (DropRequest, False),
+    "/v1/cluster/restore": (RestoreRequest, False),
+}
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            refs, definitions = models_json_schema([(model, "validation") for model, _ in REQUEST_BODIES.values()],
+                                                   ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+            for path, (model, required) in REQUEST_BODIES.items():
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": required, "content": {"application/json": {"schema": refs[(model, "validation")]}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -3,13 +3,14 @@ plain httpx where a client must misbehave: malformed JSON, no key, a dropped con
 
 Specified: completions and chat answer what the offline engine answers; streams carry one
 token per event and end in `[DONE]`; every bad input gets OpenAI's error shape with the
-right status; /metrics parses and moves; a client that leaves has its request aborted and
+right status; /openapi.json documents every request body; /metrics parses and moves; a client that leaves has its request aborted and
 its blocks freed; `kunserve bench` agrees with the server's own histograms."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,22 @@ def test_chat_applies_the_tokenizer_chat_template(client: openai.OpenAI, offline
 
 def test_models_lists_every_served_name(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL, "alias"]
+
+
+@pytest.mark.parametrize("path, body, field", [("/v1/completions", "CompletionRequest", "prompt"),
+                                               ("/v1/chat/completions", "ChatCompletionRequest", "messages"),
+                                               ("/v1/cluster/drop", "DropRequest", "replicas")])
+def test_openapi_documents_each_request_body(server: RunningServer, path: str, body: str, field: str) -> None:
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    content = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+    assert content["schema"] == {"$ref": f"#/components/schemas/{body}"}
+    assert field in document["components"]["schemas"][body]["properties"]
+
+
+def test_every_reference_in_the_openapi_document_resolves(server: RunningServer) -> None:
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document))
+    assert "ChatMessage" in refs and set(refs) <= set(document["components"]["schemas"])
 
 
 def test_health_is_ok_while_the_engine_runs(server: RunningServer) -> None:
