@@ -40,7 +40,7 @@ import logging
 import math
 import multiprocessing
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,7 +219,13 @@ def run_all(runs: list[Run]) -> list[dict]:
     independent and deterministic, so the figures do not depend on --jobs)."""
     if _POOL is None:
         return [run() for run in runs]
-    return list(_POOL.map(Run.__call__, runs))
+    futures = {_POOL.submit(run): i for i, run in enumerate(runs)}
+    records: list[dict] = [{}] * len(runs)
+    for done, future in enumerate(as_completed(futures), 1):
+        run, records[futures[future]] = runs[futures[future]], future.result()
+        logger.info("%d of %d runs done: %s / %s, %s, rate scale %s (%.0f s)", done, len(runs), run.setup.label,
+                    run.workload.name, run.policy, run.rate_scale, records[futures[future]]["wall_s"])
+    return records
 
 
 def mean_demand(record: dict) -> float:
