@@ -147,8 +147,8 @@ class Cluster:
         drop or migration copies device to device at once (kunserve/cluster/links.py), and
         prepare every stage they may become (stage models, CUDA graphs captured), so a drop
         finds them ready. A transition opens those it needs (those of a restarted replica's new
-        workers, whose stages it then makes as it drops). The replicas' engine loops must be
-        paused (or not started)."""
+        workers, whose stages `new_engine` prepared). The replicas' engine loops must be paused
+        (or not started)."""
         indices = list(range(len(self.engines))) if members is None else members
         self.links.open({i: self.engines[i].executor for i in indices})
         sizes = self.coordinator.runner.group_sizes(len(indices))
@@ -171,11 +171,20 @@ class Cluster:
 
     def new_engine(self, index: int, stop: threading.Event | None = None) -> LLMEngine:
         """Replica `index`'s engine on new workers (its old ones failed): the same config and
-        model, weights loaded again, new global ranks; StartCancelled once `stop` is set."""
+        model, weights loaded again, new global ranks, every stage it may become prepared (its
+        links open at the next transition that needs them); StartCancelled once `stop` is set."""
         failed = self.engines[index]
         config = failed.config
         world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica, index)
-        return LLMEngine.replacing(failed, build_executor(config, failed.model, world, stop))
+        executor = build_executor(config, failed.model, world, stop)
+        if self.can_link():  # its stages ready before it serves, as at launch: a drop never builds them
+            sizes = self.coordinator.runner.group_sizes(len(self.engines))
+            try:
+                replica_device(executor, "restart").call(0, DeviceCalls.prepare_stages, sizes)
+            except BaseException:
+                executor.shutdown()
+                raise
+        return LLMEngine.replacing(failed, executor)
 
     def revive(self, engines: dict[int, LLMEngine]) -> bool:
         """Put these replicas (by index, held by the caller, their loops down) back in service

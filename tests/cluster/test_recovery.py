@@ -3,7 +3,8 @@
 Specified: a worker killed in replica mode, in a pipeline group, or during a drop or restore
 ends the requests whose state it held within FAULT_S, and no request hangs; its replica (every
 member of its group) restarts on new workers, and within RECOVERY_S the cluster serves the
-tokens of an uninterrupted greedy run again, on every replica; the dead workers leave no
+tokens of an uninterrupted greedy run again, on every replica, each restarted one with every
+stage it may become prepared before it serves (as at launch); the dead workers leave no
 process behind, and the other replicas no link to them. A group's member killed while the
 others hold its arena mapped fails the group's requests, none hangs. One tensor-parallel rank
 of a replica killed fails that replica's requests alone: the replica restarts (all its ranks)
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from server_harness import MAX_MODEL_LEN, WAIT_S, RunningServer, process_gone, s
 from kunserve import LLM, SamplingParams
 from kunserve.cluster import runner as runner_module
 from kunserve.cluster.config import CoordinatorConfig
+from kunserve.executor.base import WorkerExecutor
 from kunserve.executor.multiproc import MultiprocExecutor
 from kunserve.server.api_server import ServerConfig
 from kunserve.worker.protocol import StageAssignment, WorkerWorld
@@ -198,6 +200,26 @@ def test_a_worker_killed_in_replica_mode_ends_its_requests_and_its_replica_resta
     assert scrape(server)["kunserve:replica_restarts_total{}"] == 1
     assert scrape(server)["kunserve:restores_total{}"] == 0
     assert not cluster.links.has_stale(1)  # the survivor let go of the dead worker's arena and link
+
+
+def test_a_restarted_replica_has_every_stage_it_may_become_prepared_before_it_serves(
+    llama_dir: Path, servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[WorkerExecutor, str, tuple]] = []
+    original = WorkerExecutor.call
+
+    def noting(executor: WorkerExecutor, rank: int, call: Callable, *args: object, **kwargs: object) -> object:
+        calls.append((executor, call.__name__, args))
+        return original(executor, rank, call, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerExecutor, "call", noting)
+    server = servers.start(llama_dir, ServerConfig(num_replicas=2, dispatch_policy="round_robin"))
+    old = server.cluster.engines[0].executor
+    os.kill(worker_pids(server)[0], signal.SIGKILL)  # idle: the health check sees it
+    wait_until(lambda: server.cluster.engines[0].executor is not old and server.cluster.num_alive == 2,
+               "replica 0 to serve again")
+    new = server.cluster.engines[0].executor
+    assert [(name, args) for executor, name, args in calls if executor is new] == [("prepare_stages", ([2],))]
 
 
 def test_a_worker_killed_in_a_group_ends_the_groups_requests_and_every_member_restarts(
