@@ -214,6 +214,21 @@ class Run:
 _POOL: Executor | None = None  # --jobs > 1: independent runs go to these processes
 
 
+def start_pool(jobs: int) -> None:
+    """Independent runs go to `jobs` processes from now on (none for 1): spawned, not forked,
+    a fresh interpreter each, logging set the same."""
+    global _POOL
+    if jobs > 1:
+        _POOL = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=configure_logging)
+
+
+def stop_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown()
+        _POOL = None
+
+
 def run_all(runs: list[Run]) -> list[dict]:
     """Each run's record, in order: in the pool's processes when there is one (every run is
     independent and deterministic, so the figures do not depend on --jobs)."""
@@ -472,7 +487,7 @@ def group_factor(the_plan: Plan, profiles: dict[str, str | None]) -> dict:
 # ---- tables and plots -----------------------------------------------------------------------
 
 
-def _ms(value: float | None) -> str:
+def ms_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
@@ -480,7 +495,7 @@ def run_cells(run: dict) -> list[str]:
     ttft, tpot = run["ttft_ms"], run["tpot_ms"]
     slo = run.get("slo", {}).get("attainment")
     transitions = ", ".join(f"{k} {v}" for k, v in run["transitions"].items()) or "-"
-    return [*(_ms(ttft[f"p{q:g}"]) for q in PERCENTILES), *(_ms(tpot[f"p{q:g}"]) for q in PERCENTILES),
+    return [*(ms_text(ttft[f"p{q:g}"]) for q in PERCENTILES), *(ms_text(tpot[f"p{q:g}"]) for q in PERCENTILES),
             f"{run['output_tok_s']:.0f}", "-" if slo is None else f"{slo * 100:.1f}", str(run["preemptions"]),
             transitions, str(run["cycles"])]
 
@@ -516,7 +531,7 @@ def variants_table(figure: dict, key: str) -> str:
 
 def sweep_table(figure: dict) -> str:
     policies = [run["policy"] for run in figure["points"][0]["runs"]]
-    rows = [[f"{point['load']:g}x", *(_ms(run["ttft_ms"]["p99"]) for run in point["runs"])]
+    rows = [[f"{point['load']:g}x", *(ms_text(run["ttft_ms"]["p99"]) for run in point["runs"])]
             for point in figure["points"]]
     return table(["load", *(f"{p} P99 TTFT (ms)" for p in policies)], rows)
 
@@ -607,10 +622,7 @@ def main() -> None:
                                                                  for part in args.scenarios)]
         the_plan = dataclasses.replace(the_plan, e2e=kept)
     profiles = derived_profiles(args.out_dir)
-    global _POOL
-    if args.jobs > 1:  # spawned, not forked: a fresh interpreter per process, logging set the same
-        _POOL = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=configure_logging)
+    start_pool(args.jobs)
     start = time.perf_counter()
     figures: dict = {}
     builders = {"e2e": e2e, "ablation": ablation, "sweep": sweep, "group_factor": group_factor}
@@ -634,8 +646,7 @@ def main() -> None:
     (args.out_dir / "paper.json").write_text(json.dumps({"quick": args.quick, "figures": figures,
                                                          "wall_s": time.perf_counter() - start}, indent=1))
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.0f} s")
-    if _POOL is not None:
-        _POOL.shutdown()
+    stop_pool()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, default_replicas: int
     parser.add_argument("--restore-after-s", type=float, default=DEFAULTS.restore_after_s,
                         help="kunserve: forecast demand fitting half the group's replicas this long triggers a restore "
                              "(doubled per drop-restore-drop cycle; also for a group formed by POST /v1/cluster/drop)")
+    parser.add_argument("--min-drop-gain", type=float, default=DEFAULTS.min_drop_gain,
+                        help="kunserve: a drop is made only when the group's predicted decode throughput, with the "
+                             "queue it admits, is at least this share of its members' as replicas")
     parser.add_argument("--check-interval-s", type=float, default=DEFAULTS.check_interval_s,
                         help="how often the coordinator looks at the replicas")
     parser.add_argument("--overlap-exchange", action=argparse.BooleanOptionalAction,
@@ -54,5 +57,6 @@ def coordinator_config(args: argparse.Namespace, overload_policy: str | None = N
         check_interval_s=args.check_interval_s,
         drop_after_s=args.drop_after_s,
         restore_after_s=args.restore_after_s,
+        min_drop_gain=args.min_drop_gain,
         overlap_exchange=args.overlap_exchange,
     )

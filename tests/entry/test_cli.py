@@ -14,13 +14,14 @@ from kunserve import cli
 from kunserve.arch.spec import ModelSpec
 from kunserve.cli import build_parser, main, serve_model
 from kunserve.cluster.cluster import Cluster
+from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster_args import coordinator_config
 from kunserve.config import EngineConfig, GiB
 from kunserve.engine_args import engine_config
 
 # What kunserve/cluster_args.py defines, once for serve, bench and simulate.
 CLUSTER_DESTS = ("replicas", "dispatch_policy", "overload_policy", "max_group_size", "drop_after_s",
-                 "restore_after_s", "check_interval_s", "overlap_exchange")
+                 "restore_after_s", "min_drop_gain", "check_interval_s", "overlap_exchange")
 
 
 def test_make_tiny_model_writes_a_loadable_directory(tmp_path: Path) -> None:
@@ -133,6 +134,12 @@ def test_serve_bench_and_simulate_share_the_cluster_flags() -> None:
 def test_the_overlapped_exchange_is_off_unless_asked_for(command: str) -> None:
     assert not coordinator_config(parse(command)).overlap_exchange
     assert coordinator_config(parse(command, "--overlap-exchange")).overlap_exchange
+
+
+@pytest.mark.parametrize("command", ["serve", "bench", "simulate"])
+def test_the_drops_throughput_floor_is_the_coordinators_default_unless_given(command: str) -> None:
+    assert coordinator_config(parse(command)).min_drop_gain == CoordinatorConfig().min_drop_gain
+    assert coordinator_config(parse(command, "--min-drop-gain", "1.1")).min_drop_gain == 1.1
 
 
 def test_serve_defaults_to_one_replica_and_comparisons_to_two() -> None:
