@@ -28,7 +28,7 @@ from kunserve.config import EngineConfig
 from kunserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from kunserve.engine.llm_engine import Clock, LLMEngine, PromptInput
 from kunserve.engine.sequence import Sequence
-from kunserve.executor.base import WorkerExecutor
+from kunserve.executor.base import Executor, WorkerExecutor
 from kunserve.executor.factory import build_executor, cluster_rendezvous
 from kunserve.executor.rendezvous import Rendezvous
 from kunserve.model.presets import resolve_model
@@ -151,9 +151,13 @@ class Cluster:
         (or not started)."""
         indices = list(range(len(self.engines))) if members is None else members
         self.links.open({i: self.engines[i].executor for i in indices})
-        sizes = self.coordinator.runner.group_sizes(len(indices))
         for i in indices:
-            replica_device(self.engines[i].executor, "open_links").call(0, DeviceCalls.prepare_stages, sizes)
+            self._prepare_stages(self.engines[i].executor, len(indices), "open_links")
+
+    def _prepare_stages(self, executor: Executor, num_replicas: int, purpose: str) -> None:
+        """Have a replica's device build every stage it may become in groups of `num_replicas`."""
+        sizes = self.coordinator.runner.group_sizes(num_replicas)
+        replica_device(executor, purpose).call(0, DeviceCalls.prepare_stages, sizes)
 
     # ---- failures --------------------------------------------------------------------------
 
@@ -178,9 +182,8 @@ class Cluster:
         world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica, index)
         executor = build_executor(config, failed.model, world, stop)
         if self.can_link():  # its stages ready before it serves, as at launch: a drop never builds them
-            sizes = self.coordinator.runner.group_sizes(len(self.engines))
             try:
-                replica_device(executor, "restart").call(0, DeviceCalls.prepare_stages, sizes)
+                self._prepare_stages(executor, len(self.engines), "restart")
             except BaseException:
                 executor.shutdown()
                 raise

@@ -177,8 +177,9 @@ class Recovery:
         if failures or not cluster.revive(engines):
             for engine in engines.values():
                 engine.shutdown()
-            if failures and not all(isinstance(failure, StartCancelled) for failure in failures):
-                raise next(f for f in failures if not isinstance(f, StartCancelled))
+            errors = [failure for failure in failures if not isinstance(failure, StartCancelled)]
+            if errors:
+                raise errors[0]
             return False
         logger.info("replica(s) %s serve again", members)
         return True
