@@ -237,9 +237,10 @@ def run_all(runs: list[Run]) -> list[dict]:
     futures = {_POOL.submit(run): i for i, run in enumerate(runs)}
     records: list[dict] = [{}] * len(runs)
     for done, future in enumerate(as_completed(futures), 1):
-        run, records[futures[future]] = runs[futures[future]], future.result()
-        logger.info("%d of %d runs done: %s / %s, %s, rate scale %s (%.0f s)", done, len(runs), run.setup.label,
-                    run.workload.name, run.policy, run.rate_scale, records[futures[future]]["wall_s"])
+        i = futures[future]
+        records[i] = future.result()
+        logger.info("%d of %d runs done: %s / %s, %s, rate scale %s (%.0f s)", done, len(runs), runs[i].setup.label,
+                    runs[i].workload.name, runs[i].policy, runs[i].rate_scale, records[i]["wall_s"])
     return records
 
 
@@ -265,9 +266,7 @@ _CALIBRATIONS: dict[tuple[Setup, Workload], Calibration] = {}  # one per setup a
 
 
 def calibrate(setup: Setup, workload: Workload, rounds: int, cost_profile: str | None) -> Calibration:
-    if (setup, workload) not in _CALIBRATIONS:
-        _CALIBRATIONS[(setup, workload)] = _calibrate(setup, workload, rounds, cost_profile)
-    return _CALIBRATIONS[(setup, workload)]
+    return calibrate_all([(setup, workload)], rounds, {setup.model: cost_profile})[0]
 
 
 def calibrate_all(pairs: list[tuple[Setup, Workload]], rounds: int, profiles: dict[str, str | None]
