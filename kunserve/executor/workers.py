@@ -24,6 +24,9 @@ from kunserve.worker.protocol import Command, Reply
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0  # how long a worker may take to exit before it is terminated
+# How long a worker's error waits for another worker's exit to show: a peer's death often reaches
+# the driver first as a link error of the worker that shares a collective with it.
+PEER_EXIT_GRACE_S = 0.5
 STOP_POLL_S = 0.1  # how often a wait that may be called off (a worker start) looks whether it was
 
 
@@ -136,13 +139,23 @@ class WorkerSet:
             if other.conn in ready:
                 kind, payload = self._recv(other)
                 if kind == Reply.ERROR:
-                    self.fail(f"{other.name} failed:\n{payload}")
+                    self.fail(self._exited_besides(other) or f"{other.name} failed:\n{payload}")
                 other.inbox.append((kind, payload))
         for sentinel, other in sentinels.items():
             if sentinel in ready:
                 other.process.join(SHUTDOWN_GRACE_S)  # it is gone: this only collects its exit code
                 self.fail(f"{other.name} exited with code {other.process.exitcode}")
         return bool(ready)
+
+    def _exited_besides(self, reporting: WorkerHandle) -> str | None:
+        """Another worker than `reporting` that has exited, waited for up to PEER_EXIT_GRACE_S
+        (its death, not the error it caused, is the failure to name)."""
+        others = {h.process.sentinel: h for h in self.handles if h is not reporting}
+        for sentinel in wait(list(others), timeout=PEER_EXIT_GRACE_S) if others else []:
+            gone = others[sentinel]
+            gone.process.join(SHUTDOWN_GRACE_S)  # it is gone: this only collects its exit code
+            return f"{gone.name} exited with code {gone.process.exitcode}"
+        return None
 
     def exited(self) -> str | None:
         """Which worker has exited, if any, seen without waiting (and without reading replies,

@@ -1,6 +1,7 @@
 """The control channel to worker processes.
 
-Specified: a worker that exits fails the set with its exit code; after that every call on
+Specified: a worker that exits fails the set with its exit code, even when another worker's error
+(its link to the dead one) reaches the driver first; after that every call on
 the set raises the same failure at once instead of waiting on processes that are gone; a
 worker that does not answer within the deadline is killed and fails the set as hung; a wait
 given a stop event ends with StartCancelled once it is set (a cluster stopping during a
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,23 @@ DEADLINE_S = 0.5  # the set's deadline in the hang test
 def silent_worker(conn: Connection, seconds: float) -> None:
     """Holds its end of the pipe and answers nothing for `seconds`, then exits."""
     time.sleep(seconds)
+
+
+def failing_worker(conn: Connection, started: EventType, reported: EventType) -> None:
+    """Once its peer runs, reports an error (as a worker whose collective lost its peer does),
+    then lets the peer exit."""
+    started.wait(LIVENESS_S)
+    conn.send(("error", "Connection closed by peer"))
+    reported.set()
+    time.sleep(LIVENESS_S)
+
+
+def exiting_worker(conn: Connection, started: EventType, reported: EventType) -> None:
+    """Dies (no interpreter teardown, as when killed) just after the other worker's error is on
+    its way: the driver may see that first."""
+    started.set()
+    reported.wait(LIVENESS_S)
+    os._exit(3)
 
 
 def worker_set(target: object, args: tuple, timeout_s: float = LIVENESS_S) -> WorkerSet:
@@ -59,6 +78,21 @@ def test_a_worker_that_exits_fails_the_wait_with_its_exit_code() -> None:
     workers = exited_worker_set()
     with pytest.raises(WorkerDiedError, match="exited with code 3"):
         workers.receive(0, "returned")
+
+
+def test_a_peers_exit_seen_just_after_another_workers_error_is_named_as_the_failure() -> None:
+    context = mp.get_context("spawn")
+    started, reported = context.Event(), context.Event()
+    handles = []
+    for rank, target in enumerate([exiting_worker, failing_worker]):
+        parent, child = context.Pipe()
+        process = context.Process(target=target, args=(child, started, reported), daemon=True)
+        process.start()
+        child.close()
+        handles.append(WorkerHandle(process, parent, global_rank=rank))
+    workers = WorkerSet(handles, LIVENESS_S)
+    with pytest.raises(WorkerDiedError, match="worker 0 .* exited with code 3"):
+        workers.receive(1, "returned")
 
 
 def test_a_failed_set_refuses_later_calls_at_once() -> None:
