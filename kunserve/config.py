@@ -54,6 +54,12 @@ class EngineConfig:
     # Schedule and stage a step while the previous one runs, so the host's work overlaps the
     # device's (one device, recompute preemption): "auto" = on CUDA devices, "on" | "off".
     async_scheduling: str = "auto"
+    # A replica scheduling ahead forms the next step just before the running one's predicted
+    # end, so that it takes the requests arriving meanwhile: this fraction of the running
+    # step's time before it, beyond the driver's own time to form a step (a margin for the
+    # prediction's error and the worker's time to start the step). 1: as soon as the running
+    # step starts (a request arriving during a step then waits a step more).
+    ahead_slack: float = 0.25
     swap_space_bytes: int = 4 * GiB
     # Pipelines: balance micro-batches by predicted step time (kunserve/engine/lookahead.py);
     # False splits the sequences evenly by count.
@@ -102,6 +108,8 @@ class EngineConfig:
             raise ValueError(f"preemption_mode: expected one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if self.async_scheduling not in ASYNC_SCHEDULING:
             raise ValueError(f"async_scheduling: expected one of {ASYNC_SCHEDULING}, got {self.async_scheduling!r}")
+        if not 0 <= self.ahead_slack <= 1:
+            raise ValueError(f"ahead_slack: must be in [0, 1], got {self.ahead_slack}")
         if self.swap_space_bytes < 0:
             raise ValueError(f"swap_space_bytes: must be >= 0, got {self.swap_space_bytes}")
         if self.lookahead_min_chunk_tokens < 1:

@@ -73,6 +73,8 @@ HELP = {
     "preemption_mode": "what a preempted request loses: recompute frees its KV, swap copies it to host memory, "
                        "auto swaps where that costs less time than recomputing (by the cost model)",
     "async_scheduling": "schedule the next step while this one runs (auto: on CUDA)",
+    "ahead_slack": "a replica scheduling ahead forms the next step this fraction of the running step's "
+                   "predicted time before its end, beyond the driver's time to form it (1: as the running one starts)",
     "swap_space_bytes": "GiB of host memory per device for swapped-out KV (--preemption-mode swap or auto), as vLLM's",
     "lookahead_batching": "pipelines: balance micro-batches by predicted step time (else by count)",
     "lookahead_min_chunk_tokens": "shortest prefill chunk a balanced micro-batch cuts",

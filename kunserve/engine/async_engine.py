@@ -111,6 +111,7 @@ class AsyncEngine:
         self.peers: list[AsyncEngine] = []  # a cluster's loops, this one included
         self._wake = threading.Event()
         self._stopping = False
+        self._stop_requested = threading.Event()  # ends a wait for the step ahead's time
         self._streams: dict[str, RequestStream] = {} if streams is None else streams  # event loop only
         # Held by the loop around each step; a drop or restore holds it to change the engine.
         self._step_lock = threading.Lock()
@@ -132,6 +133,7 @@ class AsyncEngine:
     def request_stop(self) -> None:
         """Make the loop thread exit after its current step, without waiting for it."""
         self._stopping = True
+        self._stop_requested.set()
         self._wake.set()
 
     def join(self) -> None:
@@ -332,13 +334,23 @@ class AsyncEngine:
                         logger.exception("engine step failed; failing the requests it ran")
                         self.fail(error)
                     continue
+                due = self.engine.next_step_due_at()
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
+            self._wait_until(due)
         if not self._down and self.forward_to is None:  # no client waits on a loop that is gone
             lost = self.engine.unfinished_request_ids()
             while not self._adds.empty():
                 lost.append(self._next_handed().request_id)
             self._end_from_thread(lost, EngineDeadError("the engine was stopped (the server is shutting down)"))
+
+    def _wait_until(self, due: float | None) -> None:
+        """Until the step ahead is due (the engine's clock), between steps: requests arriving
+        meanwhile join it, and a transition may pause the loop. A stop ends the wait."""
+        if due is not None:
+            delay = due - self.engine.clock()
+            if delay > 0:
+                self._stop_requested.wait(delay)
 
     def fail(self, error: BaseException) -> None:
         """Go down: the engine's workers are stopped; every request whose state was on them

@@ -14,8 +14,9 @@ from typing import Protocol
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kunserve.config import EngineConfig
+from kunserve.engine.ahead_timer import AheadTimer
 from kunserve.engine.block_manager import BlockAccounting, BlockManager
-from kunserve.engine.cost_model import CostModel, StagePredictor, resolve_cost_model
+from kunserve.engine.cost_model import CostModel, StagePredictor, StepShape, resolve_cost_model
 from kunserve.engine.lookahead import LookaheadBudget, cycle_target_s
 from kunserve.engine.output_processor import OutputProcessor
 from kunserve.engine.preemption import SwapOrRecompute
@@ -128,6 +129,9 @@ class LLMEngine:
         # Asynchronous scheduling: one step scheduled ahead of the one on the device (of a
         # pipeline's oldest micro-batch), while swaps allow it (swaps_allow_ahead).
         self._schedules_ahead = self.executor.runs_ahead and config.resolve_async_scheduling(config.resolve_device())
+        # A replica forms its step ahead just before the running one ends (kunserve/engine/ahead_timer.py).
+        self._ahead_timer = (AheadTimer(config.ahead_slack)
+                             if self._schedules_ahead and self.executor.max_in_flight == 1 else None)
         self.output_processor = OutputProcessor(self.tokenizer, self.spec.eos_token_ids)
         self._sequences: dict[str, Sequence] = {}
         self._finished_ids: list[str] = []
@@ -303,6 +307,12 @@ class LLMEngine:
         """Steps submitted to the executor and not yet collected."""
         return len(self._in_flight)
 
+    def next_step_due_at(self) -> float | None:
+        """When the step scheduled ahead of the running one is best formed (this engine's
+        clock): just before the running step ends, so that it takes the requests arriving
+        meanwhile. None: at once (not a replica scheduling ahead, or no step runs alone)."""
+        return None if self._ahead_timer is None else self._ahead_timer.due_at()
+
     def has_unfinished_requests(self) -> bool:
         """Requests to run, steps in flight, or work between steps (which a loop must keep
         stepping for: an exchange holds the blocks of requests aborted while their KV moved)."""
@@ -355,6 +365,8 @@ class LLMEngine:
         output = self._in_flight.popleft()
         sampled = self.executor.collect()
         now = self.clock()
+        if self._ahead_timer is not None:
+            self._ahead_timer.collected(now)
         if not self._in_flight and self._in_flight_since is not None:
             self._in_flight_s += now - self._in_flight_since
             self._in_flight_since = None
@@ -399,6 +411,7 @@ class LLMEngine:
         while len(self._in_flight) < depth + (self._schedules_ahead and self.swaps_allow_ahead()):
             # Full (every stage has a micro-batch): the next is scheduled ahead of the oldest.
             ahead = len(self._in_flight) >= depth
+            form_start = time.perf_counter()
             output = self.scheduler.schedule(*self._micro_batch_limits(depth), ahead=ahead,
                                              ahead_of=self._in_flight[0] if ahead else None)
             if stats is not None:
@@ -409,8 +422,13 @@ class LLMEngine:
             for seq, _ in output.scheduled:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
-            self.executor.submit(build_step_input(output.scheduled, self.config.block_size, self._finished_ids,
-                                                  output.swap_out, output.swap_in, len(self._in_flight)))
+            step = build_step_input(output.scheduled, self.config.block_size, self._finished_ids, output.swap_out,
+                                    output.swap_in, len(self._in_flight))
+            self.executor.submit(step)
+            if self._ahead_timer is not None:
+                predicted_s = self.cost_model.step_time(StepShape.of_batch(
+                    step.batch.query_lens, step.batch.context_lens, len(step.sample_rows)), self.spec.num_layers)
+                self._ahead_timer.submitted(self.clock(), predicted_s, time.perf_counter() - form_start)
             self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:

@@ -6,9 +6,10 @@ Events: request arrivals, replica steps and coordinator checks, in time order. A
 step runs whole when its event comes (the engine's `step()`, whose executor moves the clock
 to the step's end) and the replica's next step is due then; a request arriving meanwhile
 waits in the engine's queue for that step, as it waits in a live replica's inbox. A replica
-that schedules ahead (as GPU replicas do: fast_forward.schedules_ahead) scheduled its next
-step while this one ran, so a request arriving meanwhile is held for the step after that (it
-counts toward the replica's load meanwhile). A
+that schedules ahead (as GPU replicas do: fast_forward.schedules_ahead) formed its next step
+while this one ran (a replica just before this one's end, kunserve/engine/ahead_timer.py; a
+pipeline as it started), so a request arriving after that is held for the step after the
+next (it counts toward the replica's load meanwhile). A
 coordinator check sees the replicas as of their last completed steps; a transition waits for
 its members' running steps to end (as a live one pauses their loops) and holds them for
 its simulated duration.
@@ -31,6 +32,7 @@ from kunserve.cluster.dispatcher import Dispatcher
 from kunserve.cluster.links import Links
 from kunserve.cluster.policies.registry import policy_class
 from kunserve.config import EngineConfig
+from kunserve.engine.ahead_timer import lead_s
 from kunserve.engine.cost_model import CostModel, resolve_cost_model
 from kunserve.engine.llm_engine import LLMEngine
 from kunserve.engine.sequence import Sequence
@@ -41,6 +43,7 @@ from kunserve.sampling_params import SamplingParams
 from kunserve.sim.executor import (
     SimulatedExecutor,
     SimulatedGroupExecutor,
+    ahead_form_time,
     resolve_group_stage_factor,
     resolve_host_time,
 )
@@ -264,9 +267,9 @@ class SimulatedCluster:
         ahead = False
         if isinstance(engine.executor, SimulatedExecutor | SimulatedGroupExecutor):
             ahead = engine.executor.overlaps_host = self.settings.schedule_ahead and schedules_ahead(engine)
-        # Scheduled ahead, this step was scheduled as the one before started: it takes the
-        # held requests that had arrived by then, the others wait for the next.
-        replica.release_held(replica.step_started if ahead else math.inf)
+        # Scheduled ahead, this step was formed while the one before ran: it takes the held
+        # requests that had arrived by then, the others wait for the next.
+        replica.release_held(self._ahead_formed_at(replica, before) if ahead else math.inf)
         replica.schedules_ahead, replica.step_started = ahead, before
         if replica.held:
             until = before  # no steady decodes past the held requests' step
@@ -279,6 +282,17 @@ class SimulatedCluster:
             self.clock.advance_to(before + self.settings.idle_step_s)
         replica.busy_until = self.clock()
         replica.deliver_from_thread(outputs)
+
+    def _ahead_formed_at(self, replica: SimulatedReplica, start: float) -> float:
+        """When a live engine formed the step scheduled ahead that starts at `start`: a
+        replica just before the step before it ended (kunserve/engine/ahead_timer.py, its
+        prediction taken as exact here), a pipeline as its oldest micro-batch started."""
+        executor = replica.engine.executor
+        if not isinstance(executor, SimulatedExecutor) or executor.num_stages > 1:
+            return replica.step_started
+        _, device_s = executor.last_step
+        form_s = ahead_form_time(self.settings, len(replica.engine.scheduler.running))
+        return max(replica.step_started, start - lead_s(device_s, form_s, replica.engine.config.ahead_slack))
 
     def _schedule_steps(self) -> None:
         for replica in self.replicas:

@@ -330,5 +330,10 @@ def overlapped_host_time(settings: SimulatorConfig, num_seqs: int, num_tokens: i
     end, device_s = last_step
     if not (overlaps and now == end):
         return host_s
-    hidden = settings.ahead_hidden_step_s + settings.ahead_hidden_seq_s * num_seqs
-    return host_s - min(hidden, device_s, host_s)
+    return host_s - min(ahead_form_time(settings, num_seqs), device_s, host_s)
+
+
+def ahead_form_time(settings: SimulatorConfig, num_seqs: int) -> float:
+    """The driver's time to form and send a step of `num_seqs` sequences scheduled ahead: the
+    part of its host time that scheduling ahead hides."""
+    return settings.ahead_hidden_step_s + settings.ahead_hidden_seq_s * num_seqs

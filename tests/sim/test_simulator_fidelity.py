@@ -2,7 +2,8 @@
 measured or stated source: copies between devices of a host share both devices' NVLink ports
 (the KV exchange's measured both-ways rate); swaps share a host link; the first drop of a
 pair opens its links when a simulation does not open them at start; replicas and groups that
-schedule ahead hide their host time behind the step before, and hold a request arriving during a step for the step after the next;
+schedule ahead hide their host time behind the step before, and hold a request arriving after the
+next step was formed (a replica: just before the running one's end) for the step after it;
 a group's stages run `group_stage_factor` times the cost model."""
 
 from __future__ import annotations
@@ -166,28 +167,58 @@ def test_a_groups_stages_swap_their_own_layers_each_over_its_host_link() -> None
     assert replica > 0 and pair == pytest.approx(replica / 2)  # each stage moves half the bytes, side by side
 
 
-def late_request_steps(schedule_ahead: bool) -> int:
-    """Eight requests decoding on one replica, a ninth arriving among their steps: how many
-    steps start after it arrives and before it is first scheduled."""
-    cluster = cluster_of(1, SimulatorConfig(schedule_ahead=schedule_ahead), device="cuda", async_scheduling="on")
-    engine = cluster.engines[0]
+def decode_step_starts(**config: object) -> list[float]:
+    """When the steps of eight requests decoding on one replica scheduling ahead start."""
+    cluster = cluster_of(1, device="cuda", async_scheduling="on", **config)
     starts: list[float] = []
-    step = engine.step
+    step = cluster.engines[0].step
 
     def recorded() -> list:
         starts.append(cluster.clock())
         return step()
 
-    engine.step = recorded  # type: ignore[method-assign]
-    outputs = cluster.run([0.0] * 8 + [0.05], [[0] * 64] * 9, [request_params(40)] * 9, fast_forward=False)
+    cluster.engines[0].step = recorded  # type: ignore[method-assign]
+    cluster.run([0.0] * 8, [[0] * 64] * 8, [request_params(40)] * 8, fast_forward=False)
+    return starts
+
+
+def steps_before_scheduled(arrival: float, schedule_ahead: bool = True, **config: object) -> int:
+    """The eight requests of `decode_step_starts`, a ninth arriving at `arrival`: how many
+    steps start after it arrives and before it is first scheduled."""
+    cluster = cluster_of(1, SimulatorConfig(schedule_ahead=schedule_ahead), device="cuda", async_scheduling="on",
+                         **config)
+    starts: list[float] = []
+    step = cluster.engines[0].step
+
+    def recorded() -> list:
+        starts.append(cluster.clock())
+        return step()
+
+    cluster.engines[0].step = recorded  # type: ignore[method-assign]
+    outputs = cluster.run([0.0] * 8 + [arrival], [[0] * 64] * 9, [request_params(40)] * 9, fast_forward=False)
     metrics = outputs["8"].metrics
     assert metrics is not None and metrics.first_scheduled_time is not None
     return sum(metrics.arrival_time < t < metrics.first_scheduled_time for t in starts)
 
 
-def test_a_request_arriving_while_a_replica_scheduling_ahead_runs_a_step_waits_for_the_step_after_the_next() -> None:
-    assert late_request_steps(schedule_ahead=False) == 0
-    assert late_request_steps(schedule_ahead=True) == 1
+def test_a_request_arriving_early_in_a_replicas_step_joins_the_step_formed_just_before_its_end() -> None:
+    starts = decode_step_starts()
+    assert steps_before_scheduled(starts[10] + 0.1 * (starts[11] - starts[10])) == 0
+
+
+def test_a_request_arriving_just_before_a_replicas_step_ends_waits_for_the_step_after_the_next() -> None:
+    starts = decode_step_starts()
+    assert steps_before_scheduled(starts[11] - 0.01 * (starts[11] - starts[10])) == 1
+
+
+def test_a_replica_forming_its_step_ahead_as_the_one_before_starts_makes_every_arrival_wait_a_step() -> None:
+    starts = decode_step_starts(ahead_slack=1.0)
+    assert steps_before_scheduled(starts[10] + 0.1 * (starts[11] - starts[10]), ahead_slack=1.0) == 1
+
+
+def test_a_replica_not_scheduling_ahead_schedules_an_arrival_in_its_next_step() -> None:
+    starts = decode_step_starts()
+    assert steps_before_scheduled(starts[11] - 0.01 * (starts[11] - starts[10]), schedule_ahead=False) == 0
 
 
 def test_a_held_request_counts_toward_its_replicas_load() -> None:
