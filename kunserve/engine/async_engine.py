@@ -111,7 +111,6 @@ class AsyncEngine:
         self.peers: list[AsyncEngine] = []  # a cluster's loops, this one included
         self._wake = threading.Event()
         self._stopping = False
-        self._stop_requested = threading.Event()  # ends a wait for the step ahead's time
         self._streams: dict[str, RequestStream] = {} if streams is None else streams  # event loop only
         # Held by the loop around each step; a drop or restore holds it to change the engine.
         self._step_lock = threading.Lock()
@@ -133,7 +132,6 @@ class AsyncEngine:
     def request_stop(self) -> None:
         """Make the loop thread exit after its current step, without waiting for it."""
         self._stopping = True
-        self._stop_requested.set()
         self._wake.set()
 
     def join(self) -> None:
@@ -345,12 +343,14 @@ class AsyncEngine:
             self._end_from_thread(lost, EngineDeadError("the engine was stopped (the server is shutting down)"))
 
     def _wait_until(self, due: float | None) -> None:
-        """Until the step ahead is due (the engine's clock), between steps: requests arriving
-        meanwhile join it, and a transition may pause the loop. A stop ends the wait."""
+        """Until the step ahead is due (the engine's clock), between steps, so that it takes
+        the requests arriving meanwhile; a transition may pause the loop meanwhile. An arrival
+        (an abort, a stop) ends the wait at once: the step formed then takes it, and the device
+        runs the step before for the rest of the wait, time to start a new request's prefill."""
         if due is not None:
             delay = due - self.engine.clock()
             if delay > 0:
-                self._stop_requested.wait(delay)
+                self._wake.wait(delay)
 
     def fail(self, error: BaseException) -> None:
         """Go down: the engine's workers are stopped; every request whose state was on them

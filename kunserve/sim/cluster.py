@@ -7,9 +7,9 @@ step runs whole when its event comes (the engine's `step()`, whose executor move
 to the step's end) and the replica's next step is due then; a request arriving meanwhile
 waits in the engine's queue for that step, as it waits in a live replica's inbox. A replica
 that schedules ahead (as GPU replicas do: fast_forward.schedules_ahead) formed its next step
-while this one ran (a replica just before this one's end, kunserve/engine/ahead_timer.py; a
-pipeline as it started), so a request arriving after that is held for the step after the
-next (it counts toward the replica's load meanwhile). A
+while this one ran (a replica as a request arrived, else just before this one's end:
+kunserve/engine/ahead_timer.py; a pipeline as it started), so a request arriving after that
+is held for the step after the next (it counts toward the replica's load meanwhile). A
 coordinator check sees the replicas as of their last completed steps; a transition waits for
 its members' running steps to end (as a live one pauses their loops) and holds them for
 its simulated duration.
@@ -285,14 +285,17 @@ class SimulatedCluster:
 
     def _ahead_formed_at(self, replica: SimulatedReplica, start: float) -> float:
         """When a live engine formed the step scheduled ahead that starts at `start`: a
-        replica just before the step before it ended (kunserve/engine/ahead_timer.py, its
-        prediction taken as exact here), a pipeline as its oldest micro-batch started."""
+        replica when the first request arrived after the step before it began, or else just
+        before that step ended (kunserve/engine/ahead_timer.py; its prediction taken as exact
+        here); a pipeline as its oldest micro-batch started."""
         executor = replica.engine.executor
         if not isinstance(executor, SimulatedExecutor) or executor.num_stages > 1:
             return replica.step_started
         _, device_s = executor.last_step
         form_s = ahead_form_time(self.settings, len(replica.engine.scheduler.running))
-        return max(replica.step_started, start - lead_s(device_s, form_s, replica.engine.config.ahead_slack))
+        due = max(replica.step_started, start - lead_s(device_s, form_s, replica.engine.config.ahead_slack))
+        arrivals = [seq.metrics.arrival_time for seq in replica.held if seq.metrics.arrival_time > replica.step_started]
+        return min([due, *arrivals])
 
     def _schedule_steps(self) -> None:
         for replica in self.replicas:

@@ -3,7 +3,8 @@ forms it shortly before the running step's predicted end (its driver's forming t
 slack of the prediction before it), from the cost model's prediction scaled by what steps
 took; nothing is due later while nothing has been observed, while no step runs, or when a
 step is already queued behind the running one. The engine loop waits for that time between
-steps, a stop or a transition not held up by the wait."""
+steps; an arrival ends the wait (the step formed then takes it), and neither a stop nor a
+transition is held up by it."""
 
 from __future__ import annotations
 
@@ -214,6 +215,27 @@ def test_a_stop_ends_the_engine_loops_wait_for_the_next_step(llama_dir: Path) ->
 
     run_loop(engine, body)
     assert stopped.is_set() and len(recorder.step_times) == 1
+
+
+def test_an_arrival_ends_the_engine_loops_wait_and_joins_the_step_formed_then(llama_dir: Path) -> None:
+    engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=128))
+    recorder = DueLater(engine, wait_s=3600.0)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    scheduled_late: list[bool] = []
+
+    def body(loop: AsyncEngine) -> None:
+        loop.adopt_unstarted([engine.make_sequence("first", [1, 2, 3], params)])
+        while not recorder.due_times:
+            time.sleep(0.01)
+        late = engine.make_sequence("late", [4, 5, 6], params)
+        loop.adopt_unstarted([late])
+        deadline = time.monotonic() + 30
+        while late.metrics.first_scheduled_time is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        scheduled_late.append(late.metrics.first_scheduled_time is not None)
+
+    run_loop(engine, body)
+    assert scheduled_late == [True] and len(recorder.step_times) == 2
 
 
 def test_a_transition_pauses_the_engine_loop_while_it_waits_for_the_next_step(llama_dir: Path) -> None:
