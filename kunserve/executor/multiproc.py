@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import threading
 import weakref
@@ -27,6 +28,21 @@ from kunserve.worker.protocol import WorkerWorld
 
 logger = logging.getLogger(__name__)
 
+# What every worker imports first, and what takes seconds to: imported once, by the process
+# that workers fork from (below), not again by each worker.
+WORKER_PRELOAD = ["torch", "triton"]
+
+
+def worker_context() -> mp.context.ForkServerContext:
+    """Where worker processes come from: forked from a server process that imported
+    WORKER_PRELOAD and nothing else (multiprocessing's forkserver), so that a worker starts
+    without the seconds of importing torch, and is never a fork of the driver, whose threads
+    and CUDA state a fork would copy. The worker's own modules it imports itself, under the
+    environment it is given (process_entry)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
+
 
 class MultiprocExecutor(WorkerSetExecutor):
     """The stages (their tensor-parallel ranks) as worker processes of this host."""
@@ -38,7 +54,7 @@ class MultiprocExecutor(WorkerSetExecutor):
         super().__init__()
         if stop is not None and stop.is_set():
             raise StartCancelled("called off before its workers started")
-        context = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        context = worker_context()
         if world is None and config.devices_per_replica > 1:
             # The devices meet at a store of their own, which lives as long as this executor.
             self._rendezvous = Rendezvous(config.worker_timeout_s)
@@ -49,7 +65,7 @@ class MultiprocExecutor(WorkerSetExecutor):
         for stage in stages:
             parent, child = context.Pipe()
             arguments = pickle.dumps((config, model, stage), protocol=pickle.HIGHEST_PROTOCOL)
-            process = context.Process(target=process_entry.run, args=(arguments, child),
+            process = context.Process(target=process_entry.run, args=(arguments, dict(os.environ), child),
                                       name=f"kunserve-worker{stage.global_rank}", daemon=True)
             process.start()
             child.close()
