@@ -31,6 +31,7 @@ from kunserve.engine.sequence import Sequence
 from kunserve.executor.base import Executor, WorkerExecutor
 from kunserve.executor.factory import build_executor, cluster_rendezvous
 from kunserve.executor.rendezvous import Rendezvous
+from kunserve.executor.workers import StartCancelled
 from kunserve.model.presets import resolve_model
 from kunserve.sampling_params import SamplingParams
 from kunserve.worker.protocol import DeviceCalls
@@ -92,6 +93,7 @@ class Cluster:
         self.recovery = Recovery(self)
         self._stopping = False
         self._engines_lock = threading.Lock()  # a restart's new engines against a shutdown
+        self._starting: set[Executor] = set()  # a restart's new executors, preparing their stages
 
     @classmethod
     def launch(
@@ -182,12 +184,27 @@ class Cluster:
         world = None if self.rendezvous is None else self.rendezvous.world(config.devices_per_replica, index)
         executor = build_executor(config, failed.model, world, stop)
         if self.can_link():  # its stages ready before it serves, as at launch: a drop never builds them
-            try:
-                self._prepare_stages(executor, len(self.engines), "restart")
-            except BaseException:
-                executor.shutdown()
-                raise
+            self._prepare_new_stages(executor)
         return LLMEngine.replacing(failed, executor)
+
+    def _prepare_new_stages(self, executor: Executor) -> None:
+        """`_prepare_stages` of a restart's new executor, which a shutdown meanwhile stops
+        (StartCancelled): preparing takes seconds on a GPU (graph capture)."""
+        with self._engines_lock:
+            if not self._stopping:
+                self._starting.add(executor)
+        try:
+            if self._stopping:
+                raise StartCancelled("called off before its stages were prepared")
+            self._prepare_stages(executor, len(self.engines), "restart")
+        except BaseException as error:
+            executor.shutdown()
+            if self._stopping and not isinstance(error, StartCancelled):
+                raise StartCancelled("called off while its stages were prepared") from error
+            raise
+        finally:
+            with self._engines_lock:
+                self._starting.discard(executor)
 
     def revive(self, engines: dict[int, LLMEngine]) -> bool:
         """Put these replicas (by index, held by the caller, their loops down) back in service
@@ -243,14 +260,17 @@ class Cluster:
         them; only then are the threads joined."""
         with self._engines_lock:
             self._stopping = True
+            starting = list(self._starting)
         self.recovery.request_stop()
         self.coordinator.request_stop()
         for replica in self.replicas:
             replica.request_stop()
-        for engine in self.engines:  # all workers at once
-            engine.executor.request_shutdown()
+        for executor in [engine.executor for engine in self.engines] + starting:  # all workers at once
+            executor.request_shutdown()
         for engine in self.engines:
             engine.shutdown()
+        for executor in starting:
+            executor.shutdown()
         for replica in self.replicas:
             replica.join()
         self.coordinator.stop()

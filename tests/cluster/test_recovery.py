@@ -428,6 +428,33 @@ def test_shutdown_calls_off_a_restart_whose_new_worker_is_still_starting(llama_d
     assert process_gone(starting.pid)
 
 
+def test_shutdown_calls_off_a_restart_whose_new_worker_is_preparing_its_stages(
+    llama_dir: Path, servers: Servers
+) -> None:
+    server = servers.start(llama_dir, ServerConfig(num_replicas=2, dispatch_policy="round_robin"))
+    cluster = server.cluster
+    preparing: list[int] = []
+    prepare = cluster._prepare_stages
+
+    def hung_when_restarting(executor: WorkerExecutor, num_replicas: int, purpose: str) -> None:
+        if purpose == "restart":  # the new worker stops answering (the call's deadline is minutes off)
+            preparing.extend(pid for pid in executor.worker_pids if pid is not None)
+            for pid in preparing:
+                os.kill(pid, signal.SIGSTOP)
+        prepare(executor, num_replicas, purpose)
+
+    cluster._prepare_stages = hung_when_restarting  # type: ignore[method-assign]
+    os.kill(worker_pids(server)[0], signal.SIGKILL)  # idle replica: the health check sees it, a restart begins
+    wait_until(lambda: bool(preparing), "the restart's new worker preparing its stages")
+    servers.pids.update(preparing)
+    stopping = threading.Thread(target=cluster.shutdown)
+    stopping.start()
+    stopping.join(WAIT_S)
+    assert not stopping.is_alive()
+    assert not cluster.recovery.is_alive, "the restart outlived the shutdown"
+    assert all(process_gone(pid) for pid in preparing)
+
+
 def new_worker(known: set[int]) -> multiprocessing.process.BaseProcess | None:
     """A worker process of this test's that is not one of `known`."""
     return next((p for p in multiprocessing.active_children()
