@@ -492,7 +492,9 @@ def test_every_process_of_a_server_killed_after_a_worker_exits(llama_dir: Path) 
         traffic.start()
         wait_until(lambda: httpx.get(f"{url}/v1/cluster").json()["groups"][0]["running"] == 1, "the group stepping")
         descendants = _descendants(server.pid)
-        workers = sorted(pid for pid in descendants if "spawn_main" in _cmdline(pid))
+        # Workers are forked from the server's forkserver (kunserve/executor/multiproc.py).
+        forkservers = [pid for pid in _children(server.pid) if "forkserver" in _cmdline(pid)]
+        workers = sorted(pid for forkserver in forkservers for pid in _children(forkserver))
         assert len(workers) == 2
         # The case: a worker dies (the first started: likely stage 0, which the other
         # stage waits on), then the server is killed.
@@ -532,9 +534,13 @@ def _post_until_killed(url: str) -> None:
         httpx.post(url, json=LONG, timeout=WAIT_S)
 
 
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+
+
 def _descendants(pid: int) -> list[int]:
-    children = [int(child) for task in os.listdir(f"/proc/{pid}/task")
-                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    children = _children(pid)
     return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
