@@ -1,5 +1,5 @@
 """Logging for the `kunserve` command and the worker processes it starts: one format, one
-level (workers read it from KUNSERVE_LOG_LEVEL, which a spawned process inherits), each
+level (workers read it from KUNSERVE_LOG_LEVEL, in the driver's environment that a worker takes at its start), each
 worker's lines named by its replica, stage and rank, and chatty libraries kept quiet."""
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Every stage (every rank) gets every step command, so each knows the batch's shap
 of kunserve/worker/ray_worker.py, whose commands arrive as actor calls instead.
 
 A worker never outlives its driver: it exits when the pipe closes, and a watchdog thread ends
-it when the driver is gone while it is busy (e.g. waiting on a peer).
+it when its parent is gone while it is busy (e.g. waiting on a peer): the forkserver it was
+forked from (kunserve/executor/multiproc.py), which exits when the driver does.
 """
 
 from __future__ import annotations
@@ -113,12 +114,13 @@ def worker_main(config: EngineConfig, model: ResolvedModel, stage: StageAssignme
         raise
 
 
-def watch_driver(driver_pid: int) -> None:
-    """End this process as soon as the driver is gone (this process is then re-parented),
-    whatever its main thread waits on: a worker must never be left behind."""
+def watch_driver(parent_pid: int) -> None:
+    """End this process as soon as its parent is gone (the driver, or the driver's forkserver,
+    which exits with it; this process is then re-parented), whatever its main thread waits
+    on: a worker must never be left behind."""
 
     def watch() -> None:
-        while os.getppid() == driver_pid:
+        while os.getppid() == parent_pid:
             threading.Event().wait(ORPHAN_CHECK_S)
         os._exit(ORPHAN_EXIT_CODE)  # at once: the main thread may be blocked in native code
 
