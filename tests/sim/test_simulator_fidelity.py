@@ -185,6 +185,11 @@ def decode_step_starts(**config: object) -> list[float]:
 def steps_before_scheduled(arrival: float, schedule_ahead: bool = True, **config: object) -> int:
     """The eight requests of `decode_step_starts`, a ninth arriving at `arrival`: how many
     steps start after it arrives and before it is first scheduled."""
+    return late_requests_steps([arrival], schedule_ahead, **config)[0]
+
+
+def late_requests_steps(arrivals: list[float], schedule_ahead: bool = True, **config: object) -> list[int]:
+    """`steps_before_scheduled` of requests arriving at `arrivals`, all in one run."""
     cluster = cluster_of(1, SimulatorConfig(schedule_ahead=schedule_ahead), device="cuda", async_scheduling="on",
                          **config)
     starts: list[float] = []
@@ -195,10 +200,14 @@ def steps_before_scheduled(arrival: float, schedule_ahead: bool = True, **config
         return step()
 
     cluster.engines[0].step = recorded  # type: ignore[method-assign]
-    outputs = cluster.run([0.0] * 8 + [arrival], [[0] * 64] * 9, [request_params(40)] * 9, fast_forward=False)
-    metrics = outputs["8"].metrics
-    assert metrics is not None and metrics.first_scheduled_time is not None
-    return sum(metrics.arrival_time < t < metrics.first_scheduled_time for t in starts)
+    count = 8 + len(arrivals)
+    outputs = cluster.run([0.0] * 8 + arrivals, [[0] * 64] * count, [request_params(40)] * count, fast_forward=False)
+    steps = []
+    for i in range(8, count):
+        metrics = outputs[str(i)].metrics
+        assert metrics is not None and metrics.first_scheduled_time is not None
+        steps.append(sum(metrics.arrival_time < t < metrics.first_scheduled_time for t in starts))
+    return steps
 
 
 def test_a_request_arriving_early_in_a_replicas_step_joins_the_step_formed_just_before_its_end() -> None:
@@ -209,6 +218,12 @@ def test_a_request_arriving_early_in_a_replicas_step_joins_the_step_formed_just_
 def test_a_request_arriving_just_before_a_replicas_step_ends_waits_for_the_step_after_the_next() -> None:
     starts = decode_step_starts()
     assert steps_before_scheduled(starts[11] - 0.01 * (starts[11] - starts[10])) == 1
+
+
+def test_an_arrival_forms_the_replicas_step_ahead_at_once_and_a_second_one_waits_for_the_next() -> None:
+    starts = decode_step_starts()
+    step_s = starts[11] - starts[10]
+    assert late_requests_steps([starts[10] + 0.1 * step_s, starts[10] + 0.2 * step_s]) == [0, 1]
 
 
 def test_a_replica_forming_its_step_ahead_as_the_one_before_starts_makes_every_arrival_wait_a_step() -> None:
