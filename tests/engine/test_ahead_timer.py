@@ -23,6 +23,7 @@ from kunserve.engine.async_engine import AsyncEngine
 
 FORM_S = 0.001
 SLACK = 0.25
+PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)  # the loop tests' requests
 
 
 def observed_timer(step_s: float, predicted_s: float) -> AheadTimer:
@@ -186,10 +187,9 @@ def run_loop(engine: LLMEngine, body: Callable[[AsyncEngine], None]) -> None:
 def test_the_engine_loop_waits_between_steps_until_the_next_step_is_due(llama_dir: Path) -> None:
     engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=128))
     recorder = DueLater(engine, wait_s=0.05)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
     def body(loop: AsyncEngine) -> None:
-        loop.adopt_unstarted([engine.make_sequence("r", [1, 2, 3], params)])
+        loop.adopt_unstarted([engine.make_sequence("r", [1, 2, 3], PARAMS)])
         deadline = time.monotonic() + 60
         while engine.has_unfinished_requests() or not recorder.step_times:
             assert time.monotonic() < deadline
@@ -200,16 +200,25 @@ def test_the_engine_loop_waits_between_steps_until_the_next_step_is_due(llama_di
     assert len(pairs) >= 5 and all(step >= due for due, step in pairs)
 
 
-def test_a_stop_ends_the_engine_loops_wait_for_the_next_step(llama_dir: Path) -> None:
+def waiting_an_hour(llama_dir: Path) -> tuple[LLMEngine, DueLater]:
+    """An engine whose every next step is due an hour after the one before."""
     engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=128))
-    recorder = DueLater(engine, wait_s=3600.0)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    return engine, DueLater(engine, wait_s=3600.0)
+
+
+def start_waiting(loop: AsyncEngine, engine: LLMEngine, recorder: DueLater) -> None:
+    """Give the loop a request and return once it ran a step and waits for the next."""
+    loop.adopt_unstarted([engine.make_sequence("first", [1, 2, 3], PARAMS)])
+    while not recorder.due_times:
+        time.sleep(0.01)
+
+
+def test_a_stop_ends_the_engine_loops_wait_for_the_next_step(llama_dir: Path) -> None:
+    engine, recorder = waiting_an_hour(llama_dir)
     stopped = threading.Event()
 
     def body(loop: AsyncEngine) -> None:
-        loop.adopt_unstarted([engine.make_sequence("r", [1, 2, 3], params)])
-        while not recorder.due_times:
-            time.sleep(0.01)
+        start_waiting(loop, engine, recorder)
         loop.stop()  # joins the loop thread (a bounded wait: it warns and leaves it otherwise)
         stopped.set()
 
@@ -218,16 +227,12 @@ def test_a_stop_ends_the_engine_loops_wait_for_the_next_step(llama_dir: Path) ->
 
 
 def test_an_arrival_ends_the_engine_loops_wait_and_joins_the_step_formed_then(llama_dir: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=128))
-    recorder = DueLater(engine, wait_s=3600.0)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine, recorder = waiting_an_hour(llama_dir)
     scheduled_late: list[bool] = []
 
     def body(loop: AsyncEngine) -> None:
-        loop.adopt_unstarted([engine.make_sequence("first", [1, 2, 3], params)])
-        while not recorder.due_times:
-            time.sleep(0.01)
-        late = engine.make_sequence("late", [4, 5, 6], params)
+        start_waiting(loop, engine, recorder)
+        late = engine.make_sequence("late", [4, 5, 6], PARAMS)
         loop.adopt_unstarted([late])
         deadline = time.monotonic() + 30
         while late.metrics.first_scheduled_time is None and time.monotonic() < deadline:
@@ -239,15 +244,11 @@ def test_an_arrival_ends_the_engine_loops_wait_and_joins_the_step_formed_then(ll
 
 
 def test_a_transition_pauses_the_engine_loop_while_it_waits_for_the_next_step(llama_dir: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=128))
-    recorder = DueLater(engine, wait_s=3600.0)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine, recorder = waiting_an_hour(llama_dir)
     paused = threading.Event()
 
     def body(loop: AsyncEngine) -> None:
-        loop.adopt_unstarted([engine.make_sequence("r", [1, 2, 3], params)])
-        while not recorder.due_times:
-            time.sleep(0.01)
+        start_waiting(loop, engine, recorder)
         pauser = threading.Thread(target=lambda: (loop.pause(), paused.set(), loop.resume()), daemon=True)
         pauser.start()
         pauser.join(30)

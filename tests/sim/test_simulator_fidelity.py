@@ -167,9 +167,8 @@ def test_a_groups_stages_swap_their_own_layers_each_over_its_host_link() -> None
     assert replica > 0 and pair == pytest.approx(replica / 2)  # each stage moves half the bytes, side by side
 
 
-def decode_step_starts(**config: object) -> list[float]:
-    """When the steps of eight requests decoding on one replica scheduling ahead start."""
-    cluster = cluster_of(1, device="cuda", async_scheduling="on", **config)
+def recorded_step_starts(cluster: SimulatedCluster) -> list[float]:
+    """The times at which the cluster's first engine's steps start, filled as it runs."""
     starts: list[float] = []
     step = cluster.engines[0].step
 
@@ -178,6 +177,13 @@ def decode_step_starts(**config: object) -> list[float]:
         return step()
 
     cluster.engines[0].step = recorded  # type: ignore[method-assign]
+    return starts
+
+
+def decode_step_starts(**config: object) -> list[float]:
+    """When the steps of eight requests decoding on one replica scheduling ahead start."""
+    cluster = cluster_of(1, device="cuda", async_scheduling="on", **config)
+    starts = recorded_step_starts(cluster)
     cluster.run([0.0] * 8, [[0] * 64] * 8, [request_params(40)] * 8, fast_forward=False)
     return starts
 
@@ -192,14 +198,7 @@ def late_requests_steps(arrivals: list[float], schedule_ahead: bool = True, **co
     """`steps_before_scheduled` of requests arriving at `arrivals`, all in one run."""
     cluster = cluster_of(1, SimulatorConfig(schedule_ahead=schedule_ahead), device="cuda", async_scheduling="on",
                          **config)
-    starts: list[float] = []
-    step = cluster.engines[0].step
-
-    def recorded() -> list:
-        starts.append(cluster.clock())
-        return step()
-
-    cluster.engines[0].step = recorded  # type: ignore[method-assign]
+    starts = recorded_step_starts(cluster)
     count = 8 + len(arrivals)
     outputs = cluster.run([0.0] * 8 + arrivals, [[0] * 64] * count, [request_params(40)] * count, fast_forward=False)
     steps = []
