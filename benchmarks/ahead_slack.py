@@ -63,6 +63,11 @@ def row(name: str, records: list[dict]) -> list[str]:
     return cells
 
 
+def write(out: Path, bench_args: list[str], records: dict[str, list[dict]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"bench_args": bench_args, "variants": records}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON: every variant's bench records, one per round")
@@ -80,12 +85,11 @@ def main() -> None:
         for round_index in range(args.repeats):
             for index, (name, extra) in enumerate(runs.items()):
                 records[name].append(run_variant(extra, bench_args, Path(scratch) / f"{round_index}_{index}.json"))
+            write(args.out, bench_args, records)  # each round kept, should a later one not finish
     header = ["variant", *(column for column, _, _ in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row(name, record)) + " |" for name, record in records.items()]
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"bench_args": bench_args, "variants": records}, indent=1))
 
 
 if __name__ == "__main__":

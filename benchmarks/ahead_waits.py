@@ -1,7 +1,9 @@
 """What the just-in-time step ahead does in a live run: how often and how long a replica's
 engine loop waits for the step ahead to be due, and the timer's inputs (each step's observed
 time from its start on the device to its tokens back, the cost model's prediction, their
-ratio, and the driver's time to form a step). It runs `kunserve bench --launch` in this process
+ratio, and the driver's time to form a step, with the part of it the executor's submit took: on one
+device the launch of the step's kernels), and the interpreter's garbage-collection pauses in the
+driver. It runs `kunserve bench --launch` in this process
 with those points recorded (kunserve/engine/ahead_timer.py, AsyncEngine._wait_until); the
 table gives percentiles (1, 10, 50, 90, 99) in milliseconds.
 
@@ -15,7 +17,9 @@ Everything after `--` goes to `kunserve bench --launch`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ import numpy as np
 from kunserve.cli import main as kunserve_main
 from kunserve.engine.ahead_timer import AheadTimer
 from kunserve.engine.async_engine import AsyncEngine
+from kunserve.executor.in_process import InProcessExecutor
+from kunserve.step import StepInput
 
 PERCENTILES = (1, 10, 50, 90, 99)
 
@@ -35,10 +41,28 @@ class Recorder:
         self.observed_s: list[float] = []
         self.predicted_s: list[float] = []
         self.form_s: list[float] = []
+        self.submit_s: list[float] = []
+        self.gc_pauses: list[tuple[int, float, float]] = []  # (generation, start, seconds)
+        self._gc_start = 0.0
+        self._first_submit = self._last_collect = 0.0  # the serving window: pauses outside are not the loop's
 
     def install(self) -> None:
         wait_until, collected, submitted = AsyncEngine._wait_until, AheadTimer.collected, AheadTimer.submitted
+        submit = InProcessExecutor.submit
         recorder = self
+
+        def recorded_executor_submit(executor: InProcessExecutor, step: StepInput) -> None:
+            start = time.perf_counter()
+            recorder._first_submit = recorder._first_submit or start
+            submit(executor, step)
+            recorder.submit_s.append(time.perf_counter() - start)
+
+        def recorded_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                recorder._gc_start = time.perf_counter()
+            else:
+                start = recorder._gc_start
+                recorder.gc_pauses.append((info["generation"], start, time.perf_counter() - start))
 
         def recorded_wait(loop: AsyncEngine, due: float | None) -> None:
             if due is not None:
@@ -46,6 +70,7 @@ class Recorder:
             wait_until(loop, due)
 
         def recorded_collect(timer: AheadTimer, now: float) -> None:
+            recorder._last_collect = time.perf_counter()
             if timer._running is not None:
                 start, predicted_s = timer._running
                 recorder.observed_s.append(now - start)
@@ -59,16 +84,25 @@ class Recorder:
         AsyncEngine._wait_until = recorded_wait  # type: ignore[method-assign]
         AheadTimer.collected = recorded_collect  # type: ignore[method-assign]
         AheadTimer.submitted = recorded_submit  # type: ignore[method-assign]
+        InProcessExecutor.submit = recorded_executor_submit  # type: ignore[method-assign]
+        gc.callbacks.append(recorded_gc)
 
     def summary(self) -> dict:
         waits = np.array(self.waits_s)
         observed, predicted = np.array(self.observed_s), np.array(self.predicted_s)
+        serving = [(gen, seconds) for gen, start, seconds in self.gc_pauses
+                   if self._first_submit <= start <= self._last_collect]
         return {
             "loop_iterations_with_a_due_time": len(waits), "waited": int((waits > 0).sum()),
             "wait_ms": percentiles(waits[waits > 0] * 1e3), "observed_step_ms": percentiles(observed * 1e3),
             "predicted_step_ms": percentiles(predicted * 1e3),
             "observed_over_predicted": percentiles(observed / np.maximum(predicted, 1e-12)),
             "form_ms": percentiles(np.array(self.form_s) * 1e3),
+            "submit_ms": percentiles(np.array(self.submit_s) * 1e3),
+            **{f"gc_gen{generation}_pause_ms": percentiles(np.array(
+                [seconds for gen, seconds in serving if gen == generation]) * 1e3) for generation in range(3)},
+            "gc_collections_by_generation": [sum(gen == g for gen, _ in serving) for g in range(3)],
+            "gc_pause_max_ms": max((seconds for _, seconds in serving), default=0.0) * 1e3,
         }
 
 
@@ -89,8 +123,12 @@ def main() -> None:
     print(f"loop looked {summary['loop_iterations_with_a_due_time']} times with a due time, waited {summary['waited']}")
     print("| ms (ratio: observed/predicted) | " + " | ".join(f"P{p}" for p in PERCENTILES) + " |")
     print("|" + " --- |" * (len(PERCENTILES) + 1))
-    for key in ("wait_ms", "observed_step_ms", "predicted_step_ms", "observed_over_predicted", "form_ms"):
+    keys = ("wait_ms", "observed_step_ms", "predicted_step_ms", "observed_over_predicted", "form_ms", "submit_ms",
+            "gc_gen0_pause_ms", "gc_gen1_pause_ms", "gc_gen2_pause_ms")
+    for key in keys:
         print(f"| {key} | " + " | ".join(f"{v:.3f}" for v in summary[key]) + " |")
+    print(f"while serving: garbage collections by generation {summary['gc_collections_by_generation']}, "
+          f"longest pause {summary['gc_pause_max_ms']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"bench_args": bench_args, **summary}, indent=1))
 
