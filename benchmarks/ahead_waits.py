@@ -1,7 +1,7 @@
 """What the just-in-time step ahead does in a live run: how often and how long a replica's
-engine loop waits for the step ahead to be due, and the timer's inputs (each step's observed
-time from its start on the device to its tokens back, the cost model's prediction, their
-ratio, and the driver's time to form a step, with the part of it the executor's submit took: on one
+engine loop waits for the step ahead to be due, and the timer's inputs (each decode step's
+observed time from its start on the device to its tokens back, the cost model's prediction,
+their ratio, and the driver's time to form a step, with the part of it the executor's submit took: on one
 device the launch of the step's kernels), and the interpreter's garbage-collection pauses in the
 driver. It runs `kunserve bench --launch` in this process
 with those points recorded (kunserve/engine/ahead_timer.py, AsyncEngine._wait_until); the
@@ -71,15 +71,16 @@ class Recorder:
 
         def recorded_collect(timer: AheadTimer, now: float) -> None:
             recorder._last_collect = time.perf_counter()
-            if timer._running is not None:
+            if timer._running is not None and timer._running[1] is not None:  # a decode step: timed
                 start, predicted_s = timer._running
                 recorder.observed_s.append(now - start)
                 recorder.predicted_s.append(predicted_s)
             collected(timer, now)
 
-        def recorded_submit(timer: AheadTimer, now: float, predicted_s: float, form_s: float) -> None:
+        def recorded_submit(timer: AheadTimer, now: float, predicted_s: float, form_s: float,
+                            decode_only: bool) -> None:
             recorder.form_s.append(form_s)
-            submitted(timer, now, predicted_s, form_s)
+            submitted(timer, now, predicted_s, form_s, decode_only=decode_only)
 
         AsyncEngine._wait_until = recorded_wait  # type: ignore[method-assign]
         AheadTimer.collected = recorded_collect  # type: ignore[method-assign]

@@ -7,7 +7,8 @@ This runs an engine on the GPU (scheduling ahead, graphs as configured): `--deco
 decoding throughout and, every `--prompt-every` steps, a new `--prompt-tokens` prompt. Every
 launch runs under torch's sync debug mode ("warn"): each synchronizing call is counted by the
 Python line that made it. The table gives the launch time (the
-executor's submit) of decode-only steps and of steps with a prompt chunk, and each sync site.
+executor's submit) of decode-only steps and of steps with a prompt chunk, and each sync site;
+`--profile N`, where the prompt steps' launches spend their time.
 
     python benchmarks/launch_syncs.py --model llama-3-8b --memory-budget 40 --out /tmp/launch_syncs.json
 """
@@ -15,7 +16,10 @@ executor's submit) of decode-only steps and of steps with a prompt chunk, and ea
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 import warnings
@@ -37,9 +41,10 @@ GIB = 1 << 30
 class LaunchRecorder:
     """Each submit's time and kind, and the sync sites its launch hit."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: bool) -> None:
         self.launch_s: dict[str, list[float]] = {"decode": [], "prompt": []}
         self.sites: Counter[str] = Counter()
+        self.profile = cProfile.Profile() if profile else None  # of the prompt steps' launches
 
     def install(self) -> None:
         submit = InProcessExecutor.submit
@@ -50,10 +55,15 @@ class LaunchRecorder:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
+                profile = recorder.profile if kind == "prompt" else None
                 start = time.perf_counter()
                 try:
+                    if profile is not None:
+                        profile.enable()
                     submit(executor, step)
                 finally:
+                    if profile is not None:
+                        profile.disable()
                     elapsed = time.perf_counter() - start
                     torch.cuda.set_sync_debug_mode("default")
             recorder.launch_s[kind].append(elapsed)
@@ -76,6 +86,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1700)
     parser.add_argument("--prompt-every", type=int, default=20)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--profile", type=int, default=0,
+                        help="print the N functions of most own time in the prompt steps' launches (cProfile)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -89,7 +101,7 @@ def main() -> None:
         engine.add_request(f"d{i}", rng.integers(0, vocab, 64).tolist(), long_output)
     for _ in range(10):  # untimed: the decodes' prompts, the first launches
         engine.step()
-    recorder = LaunchRecorder()
+    recorder = LaunchRecorder(profile=args.profile > 0)
     recorder.install()
     for step in range(args.steps):
         if step % args.prompt_every == 0:
@@ -107,6 +119,11 @@ def main() -> None:
         cells = " / ".join(f"{v:.2f}" for v in summary[kind]["launch_ms_p10_p50_p90_p99"])
         print(f"| {kind} | {summary[kind]['steps']} | {cells} |")
     print("synchronizing calls during launches:", summary["sync_sites"] or "none")
+    if recorder.profile is not None:
+        text = io.StringIO()
+        pstats.Stats(recorder.profile, stream=text).sort_stats("tottime").print_stats(args.profile)
+        summary["prompt_launch_profile"] = text.getvalue()
+        print(summary["prompt_launch_profile"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, **summary}, indent=1))
 

@@ -13,6 +13,13 @@ ratio of a step's observed time (from its start on the device to its tokens back
 prediction among the last few. The smallest errs early, which costs only what scheduling
 ahead cost before; late would idle the device. A step formed late is observed to take as long
 as the wait plus its own forming, so the ratios that follow fall: the timing corrects itself.
+
+Only decode steps are timed. Their predictions hold within a few percent, while a step with a
+prompt chunk can take half its prediction or three times it (measured on an H200,
+docs/benchmarks.md): waiting on such a prediction could leave the device idle for tens of
+milliseconds, and its ratio would throw the decode steps' timing off. So the step ahead of a
+step with a prompt chunk is formed at once, and such steps' ratios and forming times are not
+kept.
 """
 
 from __future__ import annotations
@@ -35,35 +42,42 @@ class AheadTimer:
 
     def __init__(self, slack: float) -> None:
         self.slack = slack
-        self._running: tuple[float, float] | None = None  # (start, predicted seconds) of the step on the device
-        self._queued_s: float | None = None  # predicted seconds of the step submitted behind it
+        # (start, predicted seconds or None where not timed) of the step on the device
+        self._running: tuple[float, float | None] | None = None
+        self._queued_s: float | None = None  # the same prediction of the step submitted behind it
+        self._queued = False
         self._ratios: deque[float] = deque(maxlen=RECENT_STEPS)
         self._form_s: deque[float] = deque(maxlen=RECENT_STEPS)
 
-    def submitted(self, now: float, predicted_s: float, form_s: float) -> None:
+    def submitted(self, now: float, predicted_s: float, form_s: float, decode_only: bool) -> None:
         """A step predicted to take `predicted_s` was sent at `now` after `form_s` of the
-        driver's time: it runs at once on an idle device, else after the running step."""
-        self._form_s.append(form_s)
+        driver's time: it runs at once on an idle device, else after the running step.
+        `decode_only`: every sequence in it computes one token (only those are timed)."""
+        timed_s = predicted_s if decode_only else None
+        if decode_only:
+            self._form_s.append(form_s)
         if self._running is None:
-            self._running = (now, predicted_s)
+            self._running = (now, timed_s)
         else:
-            self._queued_s = predicted_s
+            self._queued, self._queued_s = True, timed_s
 
     def collected(self, now: float) -> None:
         """The running step's tokens came back at `now`; the queued step (if any) starts."""
         if self._running is None:
             return
         start, predicted_s = self._running
-        if predicted_s > 0:
+        if predicted_s is not None and predicted_s > 0:
             self._ratios.append((now - start) / predicted_s)
-        self._running = None if self._queued_s is None else (now, self._queued_s)
-        self._queued_s = None
+        self._running = (now, self._queued_s) if self._queued else None
+        self._queued, self._queued_s = False, None
 
     def due_at(self) -> float | None:
         """When to form the next step (the clock of `submitted`); None: at once (no step runs
-        alone on the device, or nothing has been observed yet)."""
-        if self._running is None or self._queued_s is not None or not self._ratios:
+        alone on the device, the running one is not timed, or nothing has been observed yet)."""
+        if self._running is None or self._queued or not self._ratios:
             return None
         start, predicted_s = self._running
+        if predicted_s is None:
+            return None
         expected_s = min(self._ratios) * predicted_s
         return start + expected_s - lead_s(expected_s, max(self._form_s), self.slack)

@@ -428,7 +428,8 @@ class LLMEngine:
             if self._ahead_timer is not None:
                 predicted_s = self.cost_model.step_time(StepShape.of_batch(
                     step.batch.query_lens, step.batch.context_lens, len(step.sample_rows)), self.spec.num_layers)
-                self._ahead_timer.submitted(self.clock(), predicted_s, time.perf_counter() - form_start)
+                self._ahead_timer.submitted(self.clock(), predicted_s, time.perf_counter() - form_start,
+                                            decode_only=step.num_tokens == len(step.batch.query_lens))
             self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:

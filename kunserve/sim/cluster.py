@@ -287,9 +287,9 @@ class SimulatedCluster:
         """When a live engine formed the step scheduled ahead that starts at `start`: a
         replica when the first request arrived after the step before it began, or else just
         before that step ended (kunserve/engine/ahead_timer.py; its prediction taken as exact
-        here); a pipeline as its oldest micro-batch started."""
+        here), if that step was a decode step; else, and in a pipeline, as it started."""
         executor = replica.engine.executor
-        if not isinstance(executor, SimulatedExecutor) or executor.num_stages > 1:
+        if not isinstance(executor, SimulatedExecutor) or executor.num_stages > 1 or not executor.last_step_decode_only:
             return replica.step_started
         _, device_s = executor.last_step
         form_s = ahead_form_time(self.settings, len(replica.engine.scheduler.running))

@@ -129,12 +129,18 @@ class SimulatedExecutor(WorkerExecutor):
         """The last collected step's end and device seconds."""
         return self._steps.last_collected
 
+    @property
+    def last_step_decode_only(self) -> bool:
+        """Whether every sequence of the last collected step computed one token."""
+        return self._steps.last_decode_only
+
     def record_steps(self, end: float, compute_s: float, last_compute_s: float) -> None:
         """Steps applied without `submit` (kunserve/sim/fast_forward.py) kept the device busy
         until `end`, computing for `compute_s`, the last of them for `last_compute_s`."""
         self._steps.pipeline.free_at[0] = end
         self._steps.pipeline.busy_s[0] += compute_s
         self._steps.last_collected = (end, last_compute_s)
+        self._steps.last_decode_only = True
 
     def release_layer(self, layer: int) -> range:
         return self.devices[0].release_layer(layer)
@@ -231,9 +237,11 @@ class StepQueue:
         self.pipeline = StagePipeline(num_stages, clock)
         self.clock = clock
         self.settings = settings
-        # (done at, device seconds, sampled) per step in flight; the last collected's end and device seconds.
-        self._results: deque[tuple[float, float, np.ndarray]] = deque()
+        # (done at, device seconds, sampled, decode only) per step in flight; the last collected's
+        # end and device seconds, and whether every sequence in it computed one token.
+        self._results: deque[tuple[float, float, np.ndarray, bool]] = deque()
         self.last_collected = (0.0, 0.0)
+        self.last_decode_only = True
 
     def host_time(self, step: StepInput, overlaps: bool) -> float:
         """The driver's time for `step`, scheduled ahead (`overlaps`) or not."""
@@ -247,13 +255,14 @@ class StepQueue:
         self.clock.advance_to(self.clock() + host_s)
         sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
         end = self.pipeline.run(self.clock(), stage_s, not_before)
-        self._results.append((end, sum(stage_s), sampled))
+        self._results.append((end, sum(stage_s), sampled, step.num_tokens == len(step.batch.query_lens)))
         return end
 
     def collect(self) -> np.ndarray:
-        done_at, device_s, sampled = self._results.popleft()
+        done_at, device_s, sampled, decode_only = self._results.popleft()
         self.clock.advance_to(done_at)
         self.last_collected = (done_at, device_s)
+        self.last_decode_only = decode_only
         return sampled
 
 

@@ -225,6 +225,11 @@ def test_an_arrival_forms_the_replicas_step_ahead_at_once_and_a_second_one_waits
     assert late_requests_steps([starts[10] + 0.1 * step_s, starts[10] + 0.2 * step_s]) == [0, 1]
 
 
+def test_a_request_arriving_early_in_a_replicas_prompt_step_waits_for_the_step_after_the_next() -> None:
+    starts = decode_step_starts()  # the first step computes the eight prompts; the step ahead is formed as it starts
+    assert steps_before_scheduled(starts[0] + 0.1 * (starts[1] - starts[0])) == 1
+
+
 def test_a_replica_forming_its_step_ahead_as_the_one_before_starts_makes_every_arrival_wait_a_step() -> None:
     starts = decode_step_starts(ahead_slack=1.0)
     assert steps_before_scheduled(starts[10] + 0.1 * (starts[11] - starts[10]), ahead_slack=1.0) == 1
