@@ -159,6 +159,18 @@ def test_a_replica_scheduling_ahead_is_due_within_the_running_steps_observed_tim
     assert due is not None and start + 10.0 * (1 - SLACK) - 1.0 < due < start + 10.0
 
 
+def test_a_replica_forms_the_step_behind_a_prompt_step_at_once(llama_dir: Path) -> None:
+    clock = SteppedClock()
+    engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=128, async_scheduling="on"), clock=clock)
+    engine.add_request("r", [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    for _ in range(RECENT_STEPS + 4):
+        engine.step()
+    assert engine.next_step_due_at() is not None  # decodes alone: timed
+    engine.add_request("late", list(range(1, 21)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.step()  # submits the step with the new prompt, completes the decode step before it
+    assert engine.next_step_due_at() is None
+
+
 def test_a_replica_not_scheduling_ahead_forms_its_steps_at_once(llama_dir: Path) -> None:
     engine = LLMEngine(EngineConfig(model=str(llama_dir), max_model_len=128, async_scheduling="off"))
     engine.add_request("r", [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
