@@ -51,7 +51,7 @@ class LaunchRecorder:
         recorder = self
 
         def recorded_submit(executor: InProcessExecutor, step: StepInput) -> None:
-            kind = "prompt" if int(np.max(step.batch.query_lens, initial=0)) > 1 else "decode"
+            kind = "decode" if step.decodes_only else "prompt"
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")

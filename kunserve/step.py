@@ -62,3 +62,8 @@ class StepInput:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def decodes_only(self) -> bool:
+        """Whether every sequence in it computes one token (no prompt chunk)."""
+        return self.num_tokens == len(self.batch.query_lens)

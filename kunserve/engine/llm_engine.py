@@ -429,7 +429,7 @@ class LLMEngine:
                 predicted_s = self.cost_model.step_time(StepShape.of_batch(
                     step.batch.query_lens, step.batch.context_lens, len(step.sample_rows)), self.spec.num_layers)
                 self._ahead_timer.submitted(self.clock(), predicted_s, time.perf_counter() - form_start,
-                                            decode_only=step.num_tokens == len(step.batch.query_lens))
+                                            decode_only=step.decodes_only)
             self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:

@@ -255,7 +255,7 @@ class StepQueue:
         self.clock.advance_to(self.clock() + host_s)
         sampled = np.full(len(step.sample_rows), SIMULATED_TOKEN, dtype=np.int64)
         end = self.pipeline.run(self.clock(), stage_s, not_before)
-        self._results.append((end, sum(stage_s), sampled, step.num_tokens == len(step.batch.query_lens)))
+        self._results.append((end, sum(stage_s), sampled, step.decodes_only))
         return end
 
     def collect(self) -> np.ndarray:
