@@ -22,6 +22,7 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    num_swap_outs: int = 0  # of its preemptions, those that kept its KV in host memory
 
 
 @dataclass

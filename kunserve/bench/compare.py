@@ -92,11 +92,17 @@ def _row(run: dict) -> list[str]:
         _ms(summary["output_throughput"]),
         "-" if attainment is None else f"{attainment * PERCENT:.1f}",
         f"{_ms(summary['slo_ttft_ms'])} / {_ms(summary['slo_tpot_ms'])}",
-        str(summary["preemptions"]),
+        _preemptions_cell(summary),
         _kind_cell(kinds.get(DROP)),
         _kind_cell(kinds.get(RESTORE)),
         ", ".join(others) or "-",
     ]
+
+
+def _preemptions_cell(summary: dict) -> str:
+    """Preemptions, with how many swapped out where some did (records before the count: none)."""
+    swapped = summary.get("swap_outs", 0)
+    return f"{summary['preemptions']} ({swapped} swapped)" if swapped else str(summary["preemptions"])
 
 
 def _kind_cell(stats: dict | None) -> str:

@@ -30,6 +30,12 @@ ITL_NOT_MEASURED = "not measured: the in-process replay sees each request's fina
 class InProcessResult(RequestResult):
     queue_s: float | None = None  # arrival to first scheduled
     num_preemptions: int = 0
+    num_swap_outs: int = 0  # of its preemptions, those that swapped its KV out (the others recomputed)
+
+
+def preemption_counts(results: list[InProcessResult]) -> dict[str, int]:
+    """A run's preemptions, and how many of them swapped the request's KV out."""
+    return {"preemptions": sum(r.num_preemptions for r in results), "swap_outs": sum(r.num_swap_outs for r in results)}
 
 
 def request_params(output_len: int) -> SamplingParams:
@@ -57,7 +63,7 @@ def result_from_output(output: RequestOutput, prompt_len: int, output_len: int, 
     result.e2e_s = metrics.finished_time - metrics.arrival_time
     if metrics.first_scheduled_time is not None:
         result.queue_s = metrics.first_scheduled_time - metrics.arrival_time
-    result.num_preemptions = metrics.num_preemptions
+    result.num_preemptions, result.num_swap_outs = metrics.num_preemptions, metrics.num_swap_outs
     result.prompt_tokens = len(output.prompt_token_ids)
     result.output_tokens = len(completion.token_ids)
     return result

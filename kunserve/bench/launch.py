@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kunserve.bench.compare import comparison_table, transition_lines, ttft_p99_ratio
-from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, replay, send_one
+from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, preemption_counts, replay, send_one
 from kunserve.bench.plots import plot_timeline, plot_ttft_cdf
 from kunserve.bench.report import MS_PER_S, format_table, latency_stats, summarize
 from kunserve.bench.run import build_workload, json_args, log_failures
@@ -226,7 +226,7 @@ async def _measure(
 
     summary = summarize(results, duration, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
     summary["queue_ms"] = latency_stats([r.queue_s for r in results if r.error is None and r.queue_s is not None])
-    summary["preemptions"] = sum(r.num_preemptions for r in results)
+    summary.update(preemption_counts(results))
     summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
     transitions = recorder.records()

@@ -377,6 +377,7 @@ class Scheduler:
             self.block_manager.free(seq)
             seq.status = SequenceStatus.SWAPPED
             self.swapped.append(seq)
+            seq.metrics.num_swap_outs += 1
             self.num_swap_outs += 1
             return
         self.block_manager.free(seq)

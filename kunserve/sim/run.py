@@ -22,7 +22,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kunserve.bench.compare import comparison_table, transition_lines, ttft_p99_ratio
-from kunserve.bench.in_process import ITL_NOT_MEASURED, InProcessResult, request_params, result_from_output
+from kunserve.bench.in_process import (
+    ITL_NOT_MEASURED,
+    InProcessResult,
+    preemption_counts,
+    request_params,
+    result_from_output,
+)
 from kunserve.bench.launch import (
     DEFAULT_REPLICAS,
     SKIPPED_ENGINE_FLAGS,
@@ -133,7 +139,7 @@ def simulate_policy(config: EngineConfig, args: argparse.Namespace, policy: str,
     duration = max((r.sent_at + r.e2e_s for r in done), default=0.0) - min((s.arrival_s for s in specs), default=0.0)
     summary = summarize(results, duration, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
     summary["queue_ms"] = latency_stats([r.queue_s for r in done if r.queue_s is not None])
-    summary["preemptions"] = sum(r.num_preemptions for r in results)
+    summary.update(preemption_counts(results))
     summary["peak_waiting"] = peak_waiting(samples)
     summary["itl_note"] = ITL_NOT_MEASURED
     summary["simulated_s"] = simulated.clock()

@@ -91,6 +91,12 @@ def test_a_table_row_shows_the_policy_figures() -> None:
                         "20.0 / 3.0", "7", "0"]
 
 
+def test_a_table_row_says_how_many_preemptions_swapped_out() -> None:
+    swapping = run("auto", 400.0)
+    swapping["summary"]["swap_outs"] = 5
+    assert table_row(comparison_table([swapping]), "auto")[11] == "7 (5 swapped)"
+
+
 def test_slos_scale_the_unloaded_latency() -> None:
     slo = derive_slo(UnloadedReference(8, 4, 3, ttft_s=0.01, tpot_s=0.002))
     assert (slo.ttft_s, slo.tpot_s) == pytest.approx((0.01 * SLO_TTFT_FACTOR, 0.002 * SLO_TPOT_FACTOR))
@@ -115,7 +121,7 @@ def test_the_reference_shape_is_the_median_request() -> None:
 
 def output(finish_reason: str = "length", error: str | None = None) -> RequestOutput:
     metrics = RequestMetrics(arrival_time=100.0, first_scheduled_time=100.5, first_token_time=101.0,
-                             last_token_time=102.0, finished_time=102.0, num_preemptions=2)
+                             last_token_time=102.0, finished_time=102.0, num_preemptions=2, num_swap_outs=1)
     completion = CompletionOutput(0, "", [5, 6, 7], finish_reason)
     return RequestOutput("r", None, [1, 2], [completion], True, metrics, error)
 
@@ -124,6 +130,7 @@ def test_a_result_takes_its_latencies_from_the_engine_metrics() -> None:
     result = result_from_output(output(), prompt_len=2, output_len=3, sent_at=0.0)
     assert (result.queue_s, result.ttft_s, result.e2e_s) == (0.5, 1.0, 2.0)
     assert (result.prompt_tokens, result.output_tokens, result.num_preemptions, result.itls_s) == (2, 3, 2, [])
+    assert result.num_swap_outs == 1
     assert result.error is None
 
 

@@ -89,6 +89,10 @@ def test_the_burst_preempts_under_recompute(runs: dict[str, dict]) -> None:
     assert runs["recompute"]["summary"]["preemptions"] > 0
 
 
+def test_recomputed_preemptions_count_no_swap_out(runs: dict[str, dict]) -> None:
+    assert runs["recompute"]["summary"]["swap_outs"] == 0
+
+
 def test_kunserve_drops_and_restores_and_recompute_does_not(runs: dict[str, dict]) -> None:
     kinds = [t["kind"] for t in runs["kunserve"]["transitions"]]
     assert kinds[:2] == ["drop", "restore"]

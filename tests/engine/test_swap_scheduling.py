@@ -35,6 +35,18 @@ def test_the_youngest_is_swapped_out_with_its_computed_tokens_kept() -> None:
     assert [seq for seq, _ in out.scheduled] == [old]
 
 
+def test_a_requests_metrics_count_its_swap_outs_among_its_preemptions() -> None:
+    scheduler, _, young = _two_full_sequences(host_blocks=4)
+    scheduler.schedule()
+    assert (young.metrics.num_preemptions, young.metrics.num_swap_outs) == (1, 1)
+
+
+def test_a_recomputed_preemption_is_no_swap_out() -> None:
+    scheduler, _, young = _two_full_sequences(host_blocks=0)
+    scheduler.schedule()
+    assert (young.metrics.num_preemptions, young.metrics.num_swap_outs) == (1, 0)
+
+
 def test_a_swapped_sequence_comes_back_with_its_kv_copied_in() -> None:
     scheduler, old, young = _two_full_sequences(host_blocks=4)
     complete_step(scheduler, scheduler.schedule())

@@ -6,6 +6,7 @@ runs in a short form; `benchmarks/readme_commands.py` runs every command as writ
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -107,3 +108,5 @@ def test_the_simulate_example_runs_in_a_short_form_and_the_policies_differ(
     assert set(rows) == {"recompute", "swap", "migrate", "kunserve"}
     assert rows["kunserve"] != rows["recompute"]  # P99 TTFT
     assert "kunserve: drop of replicas" in printed
+    summaries = {run["policy"]: run["summary"] for run in json.loads((tmp_path / "sim" / "results.json").read_text())["runs"]}
+    assert summaries["swap"]["swap_outs"] > 0 and summaries["recompute"]["swap_outs"] == 0
