@@ -77,10 +77,9 @@ class Recorder:
                 recorder.predicted_s.append(predicted_s)
             collected(timer, now)
 
-        def recorded_submit(timer: AheadTimer, now: float, predicted_s: float, form_s: float,
-                            decode_only: bool) -> None:
+        def recorded_submit(timer: AheadTimer, now: float, predicted_s: float | None, form_s: float) -> None:
             recorder.form_s.append(form_s)
-            submitted(timer, now, predicted_s, form_s, decode_only=decode_only)
+            submitted(timer, now, predicted_s, form_s)
 
         AsyncEngine._wait_until = recorded_wait  # type: ignore[method-assign]
         AheadTimer.collected = recorded_collect  # type: ignore[method-assign]

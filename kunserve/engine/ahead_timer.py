@@ -44,22 +44,21 @@ class AheadTimer:
         self.slack = slack
         # (start, predicted seconds or None where not timed) of the step on the device
         self._running: tuple[float, float | None] | None = None
-        self._queued_s: float | None = None  # the same prediction of the step submitted behind it
-        self._queued = False
+        self._queued = False  # a step was submitted behind it
+        self._queued_s: float | None = None  # its predicted seconds (None: not timed)
         self._ratios: deque[float] = deque(maxlen=RECENT_STEPS)
         self._form_s: deque[float] = deque(maxlen=RECENT_STEPS)
 
-    def submitted(self, now: float, predicted_s: float, form_s: float, decode_only: bool) -> None:
-        """A step predicted to take `predicted_s` was sent at `now` after `form_s` of the
-        driver's time: it runs at once on an idle device, else after the running step.
-        `decode_only`: every sequence in it computes one token (only those are timed)."""
-        timed_s = predicted_s if decode_only else None
-        if decode_only:
+    def submitted(self, now: float, predicted_s: float | None, form_s: float) -> None:
+        """A step predicted to take `predicted_s` (None: a step with a prompt chunk, not timed)
+        was sent at `now` after `form_s` of the driver's time: it runs at once on an idle
+        device, else after the running step."""
+        if predicted_s is not None:
             self._form_s.append(form_s)
         if self._running is None:
-            self._running = (now, timed_s)
+            self._running = (now, predicted_s)
         else:
-            self._queued, self._queued_s = True, timed_s
+            self._queued, self._queued_s = True, predicted_s
 
     def collected(self, now: float) -> None:
         """The running step's tokens came back at `now`; the queued step (if any) starts."""

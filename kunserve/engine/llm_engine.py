@@ -29,6 +29,7 @@ from kunserve.executor.factory import build_executor
 from kunserve.model.presets import ResolvedModel, resolve_model
 from kunserve.outputs import CompletionOutput, RequestOutput
 from kunserve.sampling_params import SamplingParams
+from kunserve.step import StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -426,15 +427,20 @@ class LLMEngine:
                                     output.swap_in, len(self._in_flight))
             self.executor.submit(step)
             if self._ahead_timer is not None:
-                predicted_s = self.cost_model.step_time(StepShape.of_batch(
-                    step.batch.query_lens, step.batch.context_lens, len(step.sample_rows)), self.spec.num_layers)
-                self._ahead_timer.submitted(self.clock(), predicted_s, time.perf_counter() - form_start,
-                                            decode_only=step.decodes_only)
+                self._ahead_timer.submitted(self.clock(), self._timed_prediction(step), time.perf_counter() - form_start)
             self.scheduler.launch(output)
             self._finished_ids = []
             if not self._in_flight:
                 self._in_flight_since = now
             self._in_flight.append(output)
+
+    def _timed_prediction(self, step: StepInput) -> float | None:
+        """The cost model's time of a decode step, which the ahead timer times; None for a step
+        with a prompt chunk (kunserve/engine/ahead_timer.py)."""
+        if not step.decodes_only:
+            return None
+        shape = StepShape.of_batch(step.batch.query_lens, step.batch.context_lens, len(step.sample_rows))
+        return self.cost_model.step_time(shape, self.spec.num_layers)
 
     def swaps_allow_ahead(self) -> bool:
         """Whether swapping lets the next step be scheduled while the one before runs. Swaps

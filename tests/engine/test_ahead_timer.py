@@ -31,15 +31,15 @@ def observed_timer(step_s: float, predicted_s: float) -> AheadTimer:
     """A timer that saw one step of `predicted_s` take `step_s`, with the next submitted
     behind it, and has just collected that one (the next now runs alone)."""
     timer = AheadTimer(SLACK)
-    timer.submitted(0.0, predicted_s, FORM_S, decode_only=True)
-    timer.submitted(0.0, predicted_s, FORM_S, decode_only=True)
+    timer.submitted(0.0, predicted_s, FORM_S)
+    timer.submitted(0.0, predicted_s, FORM_S)
     timer.collected(step_s)
     return timer
 
 
 def test_nothing_is_due_later_before_a_step_was_observed() -> None:
     timer = AheadTimer(SLACK)
-    timer.submitted(0.0, 0.01, FORM_S, decode_only=True)
+    timer.submitted(0.0, 0.01, FORM_S)
     assert timer.due_at() is None
 
 
@@ -51,11 +51,11 @@ def test_the_next_step_is_due_the_lead_before_the_running_steps_expected_end() -
 
 def test_the_smallest_recent_ratio_of_observed_to_predicted_scales_the_prediction() -> None:
     timer = observed_timer(step_s=0.03, predicted_s=0.01)
-    timer.submitted(0.03, 0.01, FORM_S, decode_only=True)
+    timer.submitted(0.03, 0.01, FORM_S)
     timer.collected(0.04)  # this one took its prediction: ratio 1, the smallest
-    timer.submitted(0.04, 0.01, FORM_S, decode_only=True)
+    timer.submitted(0.04, 0.01, FORM_S)
     timer.collected(0.045)
-    timer.submitted(0.045, 0.01, FORM_S, decode_only=True)
+    timer.submitted(0.045, 0.01, FORM_S)
     assert timer.due_at() is None  # queued behind the running step: nothing to form
     timer.collected(0.05)
     # The smallest of the ratios 3, 1, 0.5 and 0.5 (0.045 - 0.04 = 0.005 over 0.01).
@@ -65,16 +65,16 @@ def test_the_smallest_recent_ratio_of_observed_to_predicted_scales_the_predictio
 def test_the_step_ahead_of_a_step_with_a_prompt_chunk_is_formed_at_once() -> None:
     timer = observed_timer(step_s=0.01, predicted_s=0.01)
     timer.collected(0.02)
-    timer.submitted(0.02, 0.04, FORM_S, decode_only=False)
+    timer.submitted(0.02, None, FORM_S)
     assert timer.due_at() is None
 
 
 def test_a_step_with_a_prompt_chunk_leaves_the_decode_steps_timing_alone() -> None:
     timer = observed_timer(step_s=0.01, predicted_s=0.01)
     timer.collected(0.02)
-    timer.submitted(0.02, 0.04, 0.03, decode_only=False)  # slow to form, and half its prediction
+    timer.submitted(0.02, None, 0.03)  # a prompt step, slow to form: neither its time nor its forming kept
     timer.collected(0.04)
-    timer.submitted(0.04, 0.01, FORM_S, decode_only=True)
+    timer.submitted(0.04, 0.01, FORM_S)
     assert timer.due_at() == pytest.approx(0.04 + 0.01 - lead_s(0.01, FORM_S, SLACK))
 
 
@@ -86,8 +86,8 @@ def test_nothing_is_due_later_when_no_step_runs() -> None:
 
 def test_a_slack_of_one_forms_the_next_step_as_the_running_one_starts() -> None:
     timer = AheadTimer(1.0)
-    timer.submitted(0.0, 0.01, FORM_S, decode_only=True)
-    timer.submitted(0.0, 0.01, FORM_S, decode_only=True)
+    timer.submitted(0.0, 0.01, FORM_S)
+    timer.submitted(0.0, 0.01, FORM_S)
     timer.collected(0.02)
     due = timer.due_at()
     assert due is not None and due <= 0.02
@@ -95,18 +95,18 @@ def test_a_slack_of_one_forms_the_next_step_as_the_running_one_starts() -> None:
 
 def formation_lateness(true_s: list[float], predicted_s: float) -> list[float]:
     """A replica's loop forming each step ahead when the timer says (each forming taking
-    FORM_S, decode_only=True), on a device whose steps take `true_s` (one per step) against a prediction of
+    FORM_S), on a device whose steps take `true_s` (one per step) against a prediction of
     `predicted_s` each: per step, how late the next step reached the device after the running
     one ended (<= 0: in time)."""
     timer = AheadTimer(SLACK)
     now = 0.0
-    timer.submitted(now, predicted_s, FORM_S, decode_only=True)
+    timer.submitted(now, predicted_s, FORM_S)
     running_end = now + true_s[0]
     lateness = []
     for step_s in true_s[1:]:
         due = timer.due_at()
         now = max(now, due if due is not None else now) + FORM_S
-        timer.submitted(now, predicted_s, FORM_S, decode_only=True)  # queued behind the running step, or on an idle device
+        timer.submitted(now, predicted_s, FORM_S)  # queued behind the running step, or on an idle device
         lateness.append(now - running_end)
         now = max(now, running_end)
         timer.collected(now)
