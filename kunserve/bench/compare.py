@@ -100,8 +100,8 @@ def _row(run: dict) -> list[str]:
 
 
 def _preemptions_cell(summary: dict) -> str:
-    """Preemptions, with how many swapped out where some did (records before the count: none)."""
-    swapped = summary.get("swap_outs", 0)
+    """Preemptions, with how many swapped out where some did."""
+    swapped = summary["swap_outs"]
     return f"{summary['preemptions']} ({swapped} swapped)" if swapped else str(summary["preemptions"])
 
 

@@ -39,7 +39,7 @@ def run(policy: str, ttft_p99_ms: float, transitions: list[dict] | None = None) 
     summary = {
         "completed": 10, "failed": 0, "ttft_ms": stats(10.0, ttft_p99_ms), "tpot_ms": stats(2.0, 3.0),
         "e2e_ms": stats(50.0, 90.0), "output_throughput": 123.4, "slo_attainment": 0.5, "slo_ttft_ms": 20.0,
-        "slo_tpot_ms": 3.0, "preemptions": 7,
+        "slo_tpot_ms": 3.0, "preemptions": 7, "swap_outs": 0,
     }  # fmt: skip
     return {"policy": policy, "summary": summary, "transitions": transitions or []}
 
