@@ -4,7 +4,7 @@ benchmarks/group_host_time.py measures the live driver beside its worker process
 machine of few cores a group's busy stages slow the driver's every part (the same step built
 from the same sequences takes longer there). This runs only the driver's part of a step on
 tiny-llama's nominal cost model: schedule (a group: the cycle target and the lookahead budget
-too), build the step input, pickle the message(s) as the executors do (a group: translate every
+too, or with lookahead batching off 1/g of the demand by count, as the engine then splits), build the step input, pickle the message(s) as the executors do (a group: translate every
 stage's blocks), mark it in flight, and take back the oldest step's tokens. All sequences
 decode from 32-token prompts, as in group_host_time.py.
 
@@ -14,6 +14,7 @@ decode from 32-token prompts, as in group_host_time.py.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections import deque
@@ -40,8 +41,9 @@ WARMUP_STEPS_PER_STAGE = 3  # untimed: every sequence prefilled and the pipeline
 SAMPLED_TOKEN = 7
 
 
-def driver_seconds_per_step(group_size: int, batch: int, steps: int) -> float:
-    """Median seconds of the driver's work per step (per micro-batch for a group)."""
+def driver_seconds_per_step(group_size: int, batch: int, steps: int, lookahead: bool = True) -> float:
+    """Median seconds of the driver's work per step (per micro-batch for a group); `lookahead`:
+    a group's micro-batches balanced by the lookahead budget, else split by count."""
     spec = resolve_model("tiny-llama").spec
     if group_size == 1:
         blocks = BlockManager(BLOCK_SIZE, range(NUM_BLOCKS))
@@ -61,6 +63,9 @@ def driver_seconds_per_step(group_size: int, batch: int, steps: int) -> float:
         start = time.perf_counter()
         if group_size == 1:
             output = scheduler.schedule()
+        elif not lookahead:  # LLMEngine._micro_batch_limits with lookahead_batching off
+            demand = len(scheduler.running) + len(scheduler.waiting)
+            output = scheduler.schedule(max(1, math.ceil(demand / group_size)))
         else:
             shapes = (step.shape for step in in_flight if step.shape is not None)
             target = cycle_target_s(predict, shapes, scheduler.running, scheduler.waiting, group_size,
@@ -92,12 +97,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64], help="running requests per member")
     parser.add_argument("--steps", type=int, default=400, help="timed steps of each")
     args = parser.parse_args()
-    print("| batch / member | replica (us) | group per member (us) | group / replica |")
-    print("| ---: | ---: | ---: | ---: |")
+    print("| batch / member | replica (us) | group per member (us) | group / replica "
+          "| group, lookahead off (us) | its / replica |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for batch in args.batches:
         replica = driver_seconds_per_step(1, batch, args.steps)
         group = driver_seconds_per_step(args.group_size, batch, args.steps)
-        print(f"| {batch} | {replica * 1e6:.0f} | {group * 1e6:.0f} | {group / replica:.2f} |", flush=True)
+        by_count = driver_seconds_per_step(args.group_size, batch, args.steps, lookahead=False)
+        print(f"| {batch} | {replica * 1e6:.0f} | {group * 1e6:.0f} | {group / replica:.2f} "
+              f"| {by_count * 1e6:.0f} | {by_count / replica:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
