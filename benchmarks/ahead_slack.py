@@ -45,6 +45,9 @@ def run_variant(extra: list[str], bench_args: list[str], out: Path) -> dict:
 COLUMNS = [
     ("completed", lambda s: s["completed"], 0), ("TTFT P50 (ms)", lambda s: s["ttft_ms"]["p50"], 1),
     ("P90", lambda s: s["ttft_ms"]["p90"], 1), ("P99", lambda s: s["ttft_ms"]["p99"], 1),
+    # Arrival to first scheduled: what the forming time moves directly (TTFT also holds the
+    # prompt step's launch and compute, which vary more from run to run than the step saved).
+    ("queue P50 (ms)", lambda s: s["queue_ms"]["p50"], 1),
     ("TPOT P50 (ms)", lambda s: s["tpot_ms"]["p50"], 2), ("P99", lambda s: s["tpot_ms"]["p99"], 2),
     ("out tok/s", lambda s: s["output_throughput"], 0),
 ]
