@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 HISTORY_LENGTH = 32  # transitions kept for GET /v1/cluster
 
 
+class TransitionConflict(ValueError):
+    """A transition the cluster's state refuses now, not the request itself: its replicas are
+    grouped, down or held by another transition, or there is no such group (the server's 409)."""
+
+
 @dataclass
 class Group:
     members: list[int]  # replica indices; member r is stage r
@@ -93,7 +98,7 @@ class TransitionRunner:
         free = self.replicas_in_replica_mode()
         sizes = self.group_sizes(len(free))
         if not sizes:
-            raise ValueError(f"replicas: the {len(free)} replica(s) in replica mode can form no group")
+            raise TransitionConflict(f"replicas: the {len(free)} replica(s) in replica mode can form no group")
         return free[: sizes[-1]]
 
     def hold(self, replicas: list[int], wait_s: float = 0.0) -> bool:
@@ -112,9 +117,9 @@ class TransitionRunner:
 
     @contextlib.contextmanager
     def holding(self, replicas: list[int]) -> Iterator[None]:
-        """Hold these replicas for one transition; refused (ValueError) while another holds any."""
+        """Hold these replicas for one transition; refused (TransitionConflict) while another holds any."""
         if not self.hold(replicas):
-            raise ValueError(f"replicas: {sorted(self._held & set(replicas))} are in another transition")
+            raise TransitionConflict(f"replicas: {sorted(self._held & set(replicas))} are in another transition")
         try:
             yield
         finally:
@@ -156,10 +161,14 @@ class TransitionRunner:
             return self._record("drop", members, stats, reason, cluster.clock() - paused_at)
 
     def _check_drop(self, members: list[int]) -> None:
-        """Refuse (ValueError) a drop no group can be made of, before any device is touched."""
+        """Refuse a drop no group can be made of (ValueError; TransitionConflict where the replicas'
+        state is why), before any device is touched."""
         free = self.replicas_in_replica_mode()
-        if len(members) < 2 or len(set(members)) != len(members) or not set(members) <= set(free):
+        if len(members) < 2 or len(set(members)) != len(members):
             raise ValueError(f"replicas: {members} must be two or more distinct replicas in replica mode {free}")
+        if not set(members) <= set(free):
+            raise TransitionConflict(f"replicas: {sorted(set(members) - set(free))} are not in replica mode now "
+                                     f"(in replica mode: {free})")
         num_layers = self.cluster.engines[members[0]].spec.num_layers
         if num_layers % len(members):
             sizes = group_sizes(num_layers, len(free), None)
@@ -214,7 +223,7 @@ class TransitionRunner:
         k = size // g
         free = self.replicas_in_replica_mode()
         if any(group not in self.groups for group in groups):
-            raise ValueError(f"groups: {[group.members for group in groups]} are not all groups now")
+            raise TransitionConflict(f"groups: {[group.members for group in groups]} are not all groups now")
         grouped = {m for group in groups for m in group.members}
         joining = [m for m in members if m not in grouped]
         if not set(joining) <= set(free) or len(set(members)) != size or not grouped <= set(members):
@@ -236,7 +245,7 @@ class TransitionRunner:
         cluster = self.cluster
         with self.holding(group.members):
             if group not in self.groups:
-                raise ValueError(f"group: {group.members} is not a group now")
+                raise TransitionConflict(f"group: {group.members} is not a group now")
             loops = [cluster.replicas[i] for i in group.members]
             paused_at = cluster.clock()
             for loop in loops:
@@ -271,17 +280,17 @@ class TransitionRunner:
     def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
         """Split a group back into its replicas."""
         if not self.groups:
-            raise ValueError("group: there is no pipeline group to restore (a group restores itself once its demand "
+            raise TransitionConflict("group: there is no pipeline group to restore (a group restores itself once its demand "
                              "fits its replicas for --restore-after-s)")
         if not 0 <= group_index < len(self.groups):
-            raise ValueError(f"group: {group_index} is not one of the {len(self.groups)} groups")
+            raise TransitionConflict(f"group: {group_index} is not one of the {len(self.groups)} groups")
         return self.restore_group(self.groups[group_index], reason)
 
     def restore_group(self, group: Group, reason: str) -> Transition:
         cluster = self.cluster
         with self.holding(group.members):
             if group not in self.groups:
-                raise ValueError(f"replicas: the group of {group.members} is gone (its workers failed)")
+                raise TransitionConflict(f"replicas: the group of {group.members} is gone (its workers failed)")
             loops = [cluster.replicas[i] for i in group.members]
             paused_at = cluster.clock()
             for loop in loops:
@@ -380,10 +389,10 @@ def _run_group(loops: list[ReplicaLoop], group_engine: LLMEngine) -> None:
 
 
 def _check_serving(replicas: list[int], loops: list[ReplicaLoop]) -> None:
-    """Refuse (ValueError) a transition on replicas that went down meanwhile (they restart)."""
+    """Refuse (TransitionConflict) a transition on replicas that went down meanwhile (they restart)."""
     down = [i for i, loop in zip(replicas, loops) if not loop.is_alive]
     if down:
-        raise ValueError(f"replicas: {down} are not serving (their workers failed; they restart)")
+        raise TransitionConflict(f"replicas: {down} are not serving (their workers failed; they restart)")
 
 
 def _fail_loops(loops: list[ReplicaLoop], error: Exception, kind: str) -> None:

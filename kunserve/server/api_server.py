@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 import kunserve
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
+from kunserve.cluster.runner import TransitionConflict
 from kunserve.config import EngineConfig
 from kunserve.server.limits import DEFAULT_MAX_REQUEST_BYTES
 from kunserve.server.metrics import ServerMetrics
@@ -137,6 +138,8 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
         try:
             members = body.replicas or cluster.coordinator.runner.default_drop_members()
             transition = await asyncio.to_thread(cluster.coordinator.runner.drop, members, "operator")
+        except TransitionConflict as error:
+            raise APIError(409, str(error), "replicas") from None
         except ValueError as error:
             raise APIError(400, str(error), "replicas") from None
         return dataclasses.asdict(transition)
@@ -146,6 +149,8 @@ def build_app(cluster: Cluster, config: ServerConfig) -> FastAPI:
         body = await parsed(request, RestoreRequest, empty_means_defaults=True)
         try:
             transition = await asyncio.to_thread(cluster.coordinator.runner.restore, body.group, "operator")
+        except TransitionConflict as error:
+            raise APIError(409, str(error), "group") from None
         except ValueError as error:
             raise APIError(400, str(error), "group") from None
         except RuntimeError as error:

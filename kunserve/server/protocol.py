@@ -18,7 +18,7 @@ class APIError(Exception):
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
-        413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError",
+        409: "ConflictError", 413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError",
     }
 
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):

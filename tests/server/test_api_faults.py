@@ -292,6 +292,18 @@ def test_a_bad_restore_body_is_400_before_the_coordinator(
     assert coordinator_calls == []
 
 
+def test_a_drop_the_clusters_state_refuses_now_is_a_409_conflict(app: InProcessServer) -> None:
+    response = post(app, "/v1/cluster/drop", {})  # one replica: no group can be formed of it
+    assert_openai_error(response, 409, "replicas")
+    assert response.json()["error"]["type"] == "ConflictError" and "can form no group" in response.text
+
+
+def test_a_drop_of_fewer_than_two_replicas_is_a_400_of_the_request(app: InProcessServer) -> None:
+    response = post(app, "/v1/cluster/drop", {"replicas": [0]})
+    assert_openai_error(response, 400, "replicas")
+    assert "two or more" in response.text
+
+
 def test_an_empty_operator_body_means_the_defaults(app: InProcessServer, coordinator_calls: list[tuple]) -> None:
     assert post(app, "/v1/cluster/restore", content=b"").status_code == 200
     assert coordinator_calls == [("restore", 0, "operator")]

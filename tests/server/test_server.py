@@ -194,10 +194,10 @@ def test_a_prompt_over_max_model_len_is_400(client: openai.OpenAI) -> None:
     assert raised.value.body["param"] == "prompt" and "max_model_len" in raised.value.body["message"]
 
 
-def test_restoring_with_no_group_says_groups_restore_themselves(server: RunningServer) -> None:
+def test_restoring_with_no_group_is_a_conflict_saying_groups_restore_themselves(server: RunningServer) -> None:
     response = httpx.post(f"{server.url}/v1/cluster/restore", json={"group": 0},
                           headers={"Authorization": f"Bearer {API_KEY}"})
-    assert response.status_code == 400
+    assert response.status_code == 409 and response.json()["error"]["type"] == "ConflictError"
     assert "no pipeline group" in response.json()["error"]["message"]
     assert "--restore-after-s" in response.json()["error"]["message"]
 

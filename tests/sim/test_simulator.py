@@ -18,6 +18,7 @@ from kunserve.bench.workload import load_trace
 from kunserve.cluster.cluster import Cluster
 from kunserve.cluster.config import CoordinatorConfig
 from kunserve.cluster.exchange import OverlappedExchange
+from kunserve.cluster.runner import TransitionConflict
 from kunserve.cluster.transitions import fuse
 from kunserve.engine.block_manager import BlockManager
 from kunserve.engine.cost_model import StepShape
@@ -171,7 +172,7 @@ def test_drops_of_disjoint_replicas_due_at_one_check_run_side_by_side() -> None:
 
 def test_a_transition_is_refused_on_a_replica_another_transition_holds() -> None:
     cluster = SimulatedCluster(EngineConfig(model="llama-3-8b", num_kv_blocks=12), 3, CoordinatorConfig("kunserve"))
-    with cluster.coordinator.runner.holding([1]), pytest.raises(ValueError, match="in another transition"):
+    with cluster.coordinator.runner.holding([1]), pytest.raises(TransitionConflict, match="in another transition"):
         cluster.coordinator.runner.drop([0, 1])
     assert not cluster.coordinator.runner.groups
 
