@@ -50,7 +50,14 @@ class LookaheadBudget:
         # `_reach` decodes ahead of it (twice as far after a proof, half after a miss; 0: no
         # more tries), so a micro-batch of b decodes of like contexts costs O(log b) predictions.
         self._cover: Counts | None = None
-        self._reach = 1 if isinstance(predict, StagePredictor) and predict.grows_with_counts else 0
+        grows = isinstance(predict, StagePredictor) and predict.grows_with_counts
+        self._reach = 1 if grows else 0
+        # Where the prediction grows with the counts, a one-token chunk refused at start s is a
+        # refusal of every one starting at s or later until the counts change: once a micro-batch
+        # is full, the rest of the running sequences are refused without the three predictions
+        # a refusal costs. None: nothing refused since the last commit (or not monotone).
+        self._remembers_refusals = grows
+        self._refused_from: int | None = None
 
     @property
     def shape(self) -> StepShape:
@@ -63,6 +70,9 @@ class LookaheadBudget:
         minimum) goes in if that brings the micro-batch closer to the target than leaving it
         out, so a micro-batch is not one decode short of its share. An empty micro-batch
         always gets something, so every step makes progress."""
+        refused_from = self._refused_from
+        if wanted == 1 and refused_from is not None and seq.num_scheduled_tokens >= refused_from:
+            return 0
         if self._fits(seq, wanted):
             return wanted
         if wanted <= self.min_chunk_tokens and self._closer_with(seq, wanted):
@@ -70,7 +80,11 @@ class LookaheadBudget:
         floor = min(wanted, self.min_chunk_tokens)
         if self._counts[0] == 0:
             granted = floor
-        elif wanted == 1 or not self._fits(seq, floor):
+        elif wanted == 1:
+            if self._remembers_refusals:
+                self._refused_from = seq.num_scheduled_tokens
+            return 0
+        elif not self._fits(seq, floor):
             return 0
         else:
             granted = floor
@@ -91,6 +105,7 @@ class LookaheadBudget:
         else:
             self._counts = _with_chunk(self._counts, seq, num_tokens)
         self._tried = None
+        self._refused_from = None
 
     def _fits(self, seq: Sequence, num_tokens: int) -> bool:
         with_chunk = _with_chunk(self._counts, seq, num_tokens)

@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kunserve.engine.cost_model import CostModel, StagePredictor, StepCoefficients, StepShape
@@ -94,13 +94,17 @@ def sequences(draw: st.DrawFn) -> Sequence:
     return seq
 
 
-@st.composite
-def decodes(draw: st.DrawFn) -> Sequence:
-    """A sequence whose next token is a decode (its context drawn), most of a micro-batch."""
-    context = draw(st.integers(0, 4000))
+def decode_at(context: int) -> Sequence:
+    """A sequence whose next token is a decode at `context`."""
     seq = Sequence("d", list(range(context + 1)), SamplingParams(max_tokens=4), context + 5)
     seq.num_computed_tokens = context
     return seq
+
+
+@st.composite
+def decodes(draw: st.DrawFn) -> Sequence:
+    """A sequence whose next token is a decode (its context drawn), most of a micro-batch."""
+    return decode_at(draw(st.integers(0, 4000)))
 
 
 shapes = st.builds(StepShape, st.integers(0, 2000), st.integers(0, 10**6), st.integers(0, 10**7),
@@ -188,3 +192,31 @@ def test_the_budgets_grants_are_the_plain_rules_on_its_sums(
         if granted:
             budget.commit(seq, granted)
             plain += plain_chunk(seq, granted)
+
+
+@EXAMPLES
+@given(stage_predictors(), st.lists(decodes(), min_size=1, max_size=16), shapes, st.floats(0.0, 2.0))
+def test_a_refused_decode_refuses_no_shorter_one_the_plain_rules_take(
+    predict: StagePredictor, committed: list[Sequence], reference: StepShape, share: float,
+) -> None:
+    """The budget remembers a refusal for the decodes after it (it costs three predictions each):
+    at the context where the plain rules start refusing, one shorter still goes in."""
+    target_s = predict(reference) * share
+    budget = LookaheadBudget(predict, target_s, 1)
+    plain = StepShape()
+    for seq in committed:
+        if granted := budget.grant(seq, 1):
+            budget.commit(seq, granted)
+            plain += plain_chunk(seq, granted)
+
+    def refused(context: int) -> bool:
+        return plain_grant(predict, target_s, 1, plain, decode_at(context), 1) == 0
+
+    low, high = 0, 8000  # the shortest refused context: the rules refuse every longer one
+    assume(refused(high))
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if refused(middle) else (middle + 1, high)
+    assert budget.grant(decode_at(low), 1) == 0
+    if low:
+        assert budget.grant(decode_at(low - 1), 1) == 1
