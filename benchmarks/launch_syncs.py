@@ -87,12 +87,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--profile", type=int, default=0,
                         help="print the N functions of most own time in the prompt steps' launches (cProfile)")
+    parser.add_argument("--prompt-graph-max-tokens", type=int, default=0,
+                        help="EngineConfig.prompt_graph_max_tokens (0: prompt steps eager)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("launch_syncs.py needs a GPU: on CPU nothing synchronizes")
     engine = LLMEngine(EngineConfig(model=args.model, load_format="dummy", async_scheduling="on",
-                                    memory_budget_bytes=int(args.memory_budget * GIB), max_model_len=8192))
+                                    memory_budget_bytes=int(args.memory_budget * GIB), max_model_len=8192,
+                                    prompt_graph_max_tokens=args.prompt_graph_max_tokens))
     rng = np.random.default_rng(0)
     vocab = engine.spec.vocab_size
     long_output = SamplingParams(max_tokens=args.steps + 64, ignore_eos=True)

@@ -35,6 +35,9 @@ class EngineConfig:
     linear_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     max_graph_batch_size: int = 256  # largest decode batch replayed from a CUDA graph
+    # Steps with prompt tokens, up to this many tokens, replayed from CUDA graphs piecewise
+    # around attention (kunserve/worker/prompt_graphs.py); 0: such steps run eagerly.
+    prompt_graph_max_tokens: int = 0
     seed: int = 0
     # Memory: the arena (decoder-layer parameters + KV blocks) is sized from the first of these set.
     num_kv_blocks: int | None = None  # exact KV block count (tests, experiments)
@@ -92,6 +95,8 @@ class EngineConfig:
             raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.prompt_graph_max_tokens < 0:
+            raise ValueError(f"prompt_graph_max_tokens: must be >= 0, got {self.prompt_graph_max_tokens}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
         if not 0 < self.gpu_memory_utilization <= 1:

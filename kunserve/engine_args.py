@@ -60,6 +60,8 @@ HELP = {
                       "of the weights (faster float32 GEMMs on CPU)",
     "enforce_eager": "no CUDA graphs for decode steps",
     "max_graph_batch_size": "largest decode batch replayed from a CUDA graph",
+    "prompt_graph_max_tokens": "steps with prompt tokens, up to this many tokens, replayed from CUDA graphs "
+                               "piecewise around attention (0: eager)",
     "seed": "seed of sampling and of dummy weights",
     "num_kv_blocks": "exactly this many KV blocks (overrides the memory settings)",
     "memory_budget_bytes": "GiB of device memory for all of this engine (weights, KV cache, activations) "

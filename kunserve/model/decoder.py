@@ -98,14 +98,14 @@ class DecoderStage:
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, attn_meta: object) -> torch.Tensor:
         """inputs: token ids [T] on the first stage, else hidden states [T, hidden]."""
-        h = self.tp.embed(inputs, self.stage.embed) if self.is_first else inputs
+        h = self.embed(inputs) if self.is_first else inputs
         residual = None
-        for local, weights in enumerate(self.layers):
-            window = self.spec.sliding_windows[self.start + local]
-            h, residual = self._layer(
-                h, residual, self.start + local, weights, self.kv_layers[local], positions, attn_meta, window
-            )
+        for local in range(len(self.layers)):
+            h, residual = self._layer(local, h, residual, positions, attn_meta)
         return h + residual
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.tp.embed(token_ids, self.stage.embed)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given rows of the last stage's output."""
@@ -116,33 +116,45 @@ class DecoderStage:
         return self.tp.gather_columns(logits)[:, : self.spec.vocab_size]
 
     def _layer(
-        self,
-        h: torch.Tensor,
-        residual: torch.Tensor | None,
-        layer: int,
-        w: LayerWeights,
-        kv_layer: torch.Tensor,
-        positions: torch.Tensor,
-        attn_meta: object,
-        window: int | None,
+        self, local: int, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, attn_meta: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer on the residual stream. `h` is the previous layer's MLP output, added to
-        `residual` by the fused add + norm (the stage's input when `residual` is None); returns
-        this layer's MLP output and the residual stream before it is added."""
-        eps, linear, tp = self.spec.rms_norm_eps, self.linear, self.tp
-        tokens = h.shape[0]
+        """Local layer `local` on the residual stream. `h` is the previous layer's MLP output,
+        added to `residual` by the fused add + norm (the stage's input when `residual` is None);
+        returns this layer's MLP output and the residual stream before it is added."""
+        qkv, residual = self.attention_inputs(local, h, residual, positions)
+        q, k, v = self.split_qkv(qkv)
+        kv_layer = self.kv_layers[local]
+        self.backend.write_kv(kv_layer, k, v, attn_meta)
+        attn = self.backend.attend(q, kv_layer, attn_meta, self.spec.sliding_windows[self.start + local])
+        return self.attention_output(local, attn, residual)
+
+    def attention_inputs(
+        self, local: int, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first half of local layer `local`, up to attention: its qkv [T, q + 2 kv heads,
+        head_dim] (q and k rotated to `positions`) and the residual stream."""
+        w, layer, eps = self.layers[local], self.start + local, self.spec.rms_norm_eps
         if residual is None:
             x, residual = rms_norm(h, w.input_norm, eps), h
         else:
             x, residual = add_rms_norm(h, residual, w.input_norm, eps)
-        heads = self.heads
-        qkv = linear(x, w.qkv, w.qkv_bias, (layer, "qkv")).view(tokens, sum(heads), self.spec.head_dim)
-        q, k, v = qkv.split(heads, dim=1)
-        q, k = rotary_qk(q, k, self.cos_sin, positions)  # in place, inside qkv
-        self.backend.write_kv(kv_layer, k, v, attn_meta)
-        attn = self.backend.attend(q, kv_layer, attn_meta, window)
+        qkv = self.linear(x, w.qkv, w.qkv_bias, (layer, "qkv")).view(h.shape[0], sum(self.heads), self.spec.head_dim)
+        q, k, _ = self.split_qkv(qkv)
+        rotary_qk(q, k, self.cos_sin, positions)  # in place, inside qkv
+        return qkv, residual
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = qkv.split(self.heads, dim=1)
+        return q, k, v
+
+    def attention_output(
+        self, local: int, attn: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second half of local layer `local`, from attention's output [T, q heads,
+        head_dim]: the MLP's output and the residual stream before it is added."""
+        w, layer, eps, linear, tp = self.layers[local], self.start + local, self.spec.rms_norm_eps, self.linear, self.tp
         o_bias = w.o_bias if self.adds_o_bias else None
-        o = tp.all_reduce(linear(attn.reshape(tokens, self.q_size), w.o, o_bias, (layer, "o")))
+        o = tp.all_reduce(linear(attn.reshape(attn.shape[0], self.q_size), w.o, o_bias, (layer, "o")))
         x, residual = add_rms_norm(o, residual, w.post_attention_norm, eps)
         mlp = linear(silu_mul(linear(x, w.gate_up, None, (layer, "gate_up"))), w.down, None, (layer, "down"))
         return tp.all_reduce(mlp), residual

@@ -12,6 +12,7 @@ from kunserve.model.decoder import DecoderStage
 from kunserve.model.parallel import TensorParallel
 from kunserve.step import StepInput
 from kunserve.worker.cuda_graphs import DecodeGraphs, fill_ahead_tokens
+from kunserve.worker.prompt_graphs import PromptGraphs
 from kunserve.worker.sampler import Sampler
 
 
@@ -29,10 +30,12 @@ class PendingTokens:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderStage, device: torch.device, graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, model: DecoderStage, device: torch.device, graphs: DecodeGraphs | None = None,
+                 prompt_graphs: PromptGraphs | None = None) -> None:
         self.model = model
         self.device = device
         self.graphs = graphs
+        self.prompt_graphs = prompt_graphs
         self.sampler = Sampler(device)
         # The last launched step's sampled tokens, on the device: the inputs of decodes that
         # the next step runs ahead of them.
@@ -65,6 +68,8 @@ class ModelRunner:
         (None on the first stage, which embeds the step's token ids)."""
         if self.graphs is not None and self.graphs.can_run(step):
             return self.graphs.run(step, hidden_in, self.last_sampled)
+        if self.prompt_graphs is not None and self.prompt_graphs.can_run(step):
+            return self.prompt_graphs.run(step, hidden_in, self.last_sampled)
         if hidden_in is None:
             inputs = to_device(step.token_ids, self.device)
             fill_ahead_tokens(inputs, step, self.last_sampled)

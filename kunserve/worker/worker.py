@@ -30,6 +30,7 @@ from kunserve.worker.busy_clock import BusyClock
 from kunserve.worker.cuda_graphs import DecodeGraphs
 from kunserve.worker.model_runner import ModelRunner, PendingTokens
 from kunserve.worker.peers import PeerLinks, digest
+from kunserve.worker.prompt_graphs import PromptGraphs
 from kunserve.worker.protocol import DeviceCalls, SamplerStates
 from kunserve.worker.swap import SwapSpace
 
@@ -115,7 +116,8 @@ class Worker(DeviceCalls):
             tp,
         )
         self.config, self.max_model_len = config, max_model_len
-        self.runner = ModelRunner(self.model, device, self.decode_graphs(self.model, lazy=False))
+        self.runner = ModelRunner(self.model, device, self.decode_graphs(self.model, lazy=False),
+                                  self.prompt_graphs(self.model))
         # Host memory for swapped-out KV: only for the preemption modes that swap.
         self.swap_space = (SwapSpace(self.arena.kv_cache, layout.swap_blocks(config.swap_space_bytes))
                            if config.can_swap else None)
@@ -146,6 +148,15 @@ class Worker(DeviceCalls):
         if buffers is None:
             return None
         return DecodeGraphs(model, buffers, max_batch, max_blocks, self.device, lazy)
+
+    def prompt_graphs(self, model: DecoderStage) -> PromptGraphs | None:
+        """Piecewise CUDA graphs for this device's steps with prompt tokens (None: eager, as
+        under tensor parallelism and in the stages a drop makes; on a CPU their static buffers
+        run eagerly, the twin that tests exercise)."""
+        max_tokens = min(self.config.prompt_graph_max_tokens, self.config.max_num_batched_tokens)
+        if self.config.enforce_eager or max_tokens == 0 or model.tp.size != 1:
+            return None
+        return PromptGraphs(model, max_tokens, self.device)
 
     @property
     def layout(self) -> ArenaLayout:
