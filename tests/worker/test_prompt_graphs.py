@@ -50,3 +50,14 @@ def test_prompt_steps_with_the_triton_kernels_match_eager(llama_dir: Path) -> No
     prompts = make_prompts(256, (3, 17))
     assert generate(llama_dir, 32, prompts, attention_backend="triton") == generate(
         llama_dir, 0, prompts, attention_backend="triton")
+
+
+def test_a_later_pipeline_stage_takes_its_hidden_input_through_the_static_buffers(llama_dir: Path) -> None:
+    prompts = make_prompts(256, (3, 20, 9, 31))
+
+    def pipeline_tokens(prompt_graph_max_tokens: int) -> list[list[int]]:
+        with LLM(str(llama_dir), pipeline_parallel_size=2, worker_threads=1, num_kv_blocks=64, max_model_len=96,
+                 max_num_seqs=8, prompt_graph_max_tokens=prompt_graph_max_tokens) as llm:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+    assert pipeline_tokens(64) == pipeline_tokens(0)
