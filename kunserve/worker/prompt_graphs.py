@@ -14,6 +14,9 @@ tests.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
 
@@ -21,6 +24,8 @@ from kunserve.kernels.staging import to_device
 from kunserve.model.decoder import DecoderStage
 from kunserve.step import StepInput
 from kunserve.worker.cuda_graphs import fill_ahead_tokens
+
+logger = logging.getLogger(__name__)
 
 SMALLEST_SIZE = 16  # captured token counts: powers of two from this up to the largest
 
@@ -54,9 +59,12 @@ class PromptGraphs:
         # Per size, per local layer: (the half before attention, the half after).
         self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]]] = {}
         if device.type == "cuda":
+            started = time.perf_counter()
             pool = torch.cuda.graph_pool_handle()
             for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
                 self._graphs[size] = self._capture(size, pool)
+            logger.info("prompt graphs: %d layer halves for each of %s tokens captured in %.1f s",
+                        2 * len(model.layers), self.sizes, time.perf_counter() - started)
 
     def can_run(self, step: StepInput) -> bool:
         return 0 < step.num_tokens <= self.max_tokens
