@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
-from kunserve.kernels.staging import to_device
+from kunserve.kernels.staging import PinnedRing
 from kunserve.model.decoder import DecoderStage
 from kunserve.step import StepInput
 from kunserve.worker.cuda_graphs import fill_ahead_tokens
@@ -50,8 +49,8 @@ class PromptGraphs:
         self.device = device
         self.sizes = prompt_graph_sizes(max_tokens)
         spec, dtype = model.spec, model.layers[0].qkv.dtype
-        self._token_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self._positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self._staging = PinnedRing(lambda: torch.zeros((2, max_tokens), dtype=torch.int64), device)
+        self._inputs = self._staging.buffers[0].to(device)  # row 0: token ids, row 1: positions
         self._hidden = torch.zeros((max_tokens, spec.hidden_size), dtype=dtype, device=device)
         self._residual = torch.zeros_like(self._hidden)
         self._qkv = torch.zeros((max_tokens, sum(model.heads), spec.head_dim), dtype=dtype, device=device)
@@ -75,15 +74,16 @@ class PromptGraphs:
         output on a later stage; `previous_sampled`: for decodes scheduled ahead)."""
         model, n = self.model, step.num_tokens
         size = next(s for s in self.sizes if s >= n)
-        positions = np.zeros(size, dtype=np.int64)
-        positions[:n] = step.positions
-        self._positions[:size].copy_(to_device(positions, self.device))
+        staging = self._staging.acquire()
+        host = staging.numpy()
+        host[0, :n] = step.token_ids
+        host[1, :n] = step.positions
+        host[:, n:size] = 0
+        self._inputs[:, :size].copy_(staging[:, :size], non_blocking=True)
+        self._staging.copied()
         if model.is_first:
-            token_ids = np.zeros(size, dtype=np.int64)
-            token_ids[:n] = step.token_ids
-            self._token_ids[:size].copy_(to_device(token_ids, self.device))
-            fill_ahead_tokens(self._token_ids, step, previous_sampled)
-            self._hidden[:size].copy_(model.embed(self._token_ids[:size]))
+            fill_ahead_tokens(self._inputs[0], step, previous_sampled)
+            self._hidden[:size].copy_(model.embed(self._inputs[0, :size]))
         else:
             assert hidden_in is not None
             self._hidden[:n].copy_(hidden_in)
@@ -107,7 +107,7 @@ class PromptGraphs:
 
     def _before_attention(self, local: int, size: int) -> None:
         residual = None if local == 0 else self._residual[:size]
-        qkv, residual = self.model.attention_inputs(local, self._hidden[:size], residual, self._positions[:size])
+        qkv, residual = self.model.attention_inputs(local, self._hidden[:size], residual, self._inputs[1, :size])
         self._qkv[:size].copy_(qkv)
         self._residual[:size].copy_(residual)
 
