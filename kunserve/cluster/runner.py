@@ -280,8 +280,8 @@ class TransitionRunner:
     def restore(self, group_index: int = 0, reason: str = "requested") -> Transition:
         """Split a group back into its replicas."""
         if not self.groups:
-            raise TransitionConflict("group: there is no pipeline group to restore (a group restores itself once its demand "
-                             "fits its replicas for --restore-after-s)")
+            raise TransitionConflict("group: there is no pipeline group to restore (a group restores itself once its "
+                                     "demand fits its replicas for --restore-after-s)")
         if not 0 <= group_index < len(self.groups):
             raise TransitionConflict(f"group: {group_index} is not one of the {len(self.groups)} groups")
         return self.restore_group(self.groups[group_index], reason)
